@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's test command: lint, then the whole suite (needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/ruff check agent tests bench
+exec .venv/bin/python -m pytest -q "$@"

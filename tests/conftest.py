@@ -1,0 +1,108 @@
+"""Shared fixtures.  Tests need root and the real kernel: namespaces, cgroups, seccomp.
+
+`no_leftovers` is autouse: every test must leave no new mount, cgroup directory under
+the agent's prefix, network namespace, or child process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+TEST_CGROUP_PREFIX = "nanorix-agent-test"
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f}
+
+
+def _cgroup_dirs() -> set[str]:
+    found = set()
+    if not CGROUP_ROOT.exists():
+        return found
+    for ctrl in CGROUP_ROOT.iterdir():
+        for prefix in ctrl.glob("nanorix-agent*"):
+            for dirpath, _dirs, _files in os.walk(prefix):
+                found.add(dirpath)
+    return found
+
+
+def _netns_inodes() -> set[int]:
+    seen = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                seen.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+            except OSError:
+                pass
+    return seen
+
+
+def _descendants() -> set[int]:
+    me = os.getpid()
+    children: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    out, todo = set(), [me]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def snapshot() -> dict[str, set]:
+    return {"mounts": _mounts(), "cgroups": _cgroup_dirs(), "netns": _netns_inodes(),
+            "procs": _descendants()}
+
+
+def leftovers(before: dict[str, set], timeout: float = 5.0) -> dict[str, set]:
+    """What exists now that did not before (waits a little for asynchronous teardown)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = snapshot()
+        diff = {k: now[k] - before[k] for k in now}
+        # zombies of ours that nobody reaped yet are leftovers too
+        if not any(diff.values()) or time.monotonic() > deadline:
+            return {k: v for k, v in diff.items() if v}
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request):
+    """Assert the test left no mount, cgroup, netns or process behind."""
+    if request.node.get_closest_marker("allow_leftovers"):
+        yield
+        return
+    before = snapshot()
+    yield
+    left = leftovers(before)
+    assert not left, f"test left resources behind: {left}"
+
+
+@pytest.fixture
+def agent_dirs(tmp_path):
+    """Temporary state and runtime directories for one agent."""
+    state = tmp_path / "state"
+    runtime = tmp_path / "run"
+    state.mkdir(mode=0o700)
+    runtime.mkdir(mode=0o755)
+    return state, runtime
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_leftovers: skip the no-leftovers check")
+    if os.geteuid() != 0:
+        raise pytest.UsageError("nanorix-agent tests need root (real namespaces and cgroups)")
