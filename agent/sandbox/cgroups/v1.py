@@ -1,0 +1,269 @@
+"""cgroup v1 driver (hybrid hosts like the ones here): memory, pids, cpu and freezer are
+separate v1 hierarchies; a controller-less cgroup2 tree (if mounted) gives `cgroup.kill`
+and `cgroup.events`, so the driver makes a directory there too."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+from agent import log
+
+from .base import (
+    CPU_PERIOD_US,
+    CgroupDriver,
+    CgroupError,
+    CgroupHandle,
+    CgroupLimits,
+    check_name,
+    read_file,
+    read_keyed,
+    read_pids,
+    rmdir_retry,
+    write_file,
+)
+
+CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+
+
+def find_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[dict[str, Path], Path | None]:
+    """Mount points of the v1 controllers we use, and of the cgroup2 tree (or None)."""
+    v1: dict[str, Path] = {}
+    unified = None
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) < 3:
+                continue
+            fstype, opts = rfields[0], rfields[2].split(",")
+            mnt = Path(fields[4].replace("\\040", " "))
+            if fstype == "cgroup":
+                for c in CONTROLLERS:
+                    if c in opts and c not in v1:
+                        v1[c] = mnt
+            elif fstype == "cgroup2" and unified is None and fields[3] == "/":
+                unified = mnt
+    return v1, unified
+
+
+class V1Handle(CgroupHandle):
+    def __init__(self, name: str, dirs: dict[str, Path], unified: Path | None) -> None:
+        self.name = name
+        self.dirs = dirs  # controller -> directory
+        self.unified = unified
+        self.paths = [*dirs.values()] + ([unified] if unified else [])
+        self._efd = -1
+        self._oom_ctl_fd = -1
+
+    # -- membership --------------------------------------------------------------
+    def procs_files(self) -> list[Path]:
+        return [p / "cgroup.procs" for p in self.paths]
+
+    def pids(self) -> list[int]:
+        seen: set[int] = set()
+        for procs in self.procs_files():
+            seen.update(read_pids(procs))
+        return sorted(seen)
+
+    # -- freezer -------------------------------------------------------------------
+    def _state(self) -> str:
+        return read_file(self.dirs["freezer"] / "freezer.state").strip()
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        write_file(self.dirs["freezer"] / "freezer.state", "FROZEN")
+        deadline = time.monotonic() + timeout
+        delay = 0.0002
+        while self._state() != "FROZEN":
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup {self.name} did not freeze within {timeout} s")
+            # re-writing FROZEN retries tasks that were busy in the kernel
+            write_file(self.dirs["freezer"] / "freezer.state", "FROZEN")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def thaw(self) -> None:
+        write_file(self.dirs["freezer"] / "freezer.state", "THAWED")
+
+    def frozen(self) -> bool:
+        return self._state() == "FROZEN"
+
+    # -- killing ---------------------------------------------------------------------
+    def kill_all(self) -> None:
+        was_frozen = self._state() != "THAWED"
+        if self.unified is not None:
+            write_file(self.unified / "cgroup.kill", 1)
+        else:
+            # freeze first so nothing forks between listing and killing
+            if not was_frozen:
+                self.freeze()
+            for _ in range(100):
+                pids = self.pids()
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                if set(self.pids()) <= set(pids):
+                    break
+        # v1-frozen tasks cannot act on SIGKILL until thawed
+        self.thaw()
+
+    def empty(self) -> bool:
+        if self.unified is not None:
+            try:
+                return read_keyed(self.unified / "cgroup.events").get("populated", 1) == 0
+            except FileNotFoundError:
+                return True
+        return not self.pids()
+
+    # -- memory ----------------------------------------------------------------------
+    def memory_usage(self) -> int:
+        return int(read_file(self.dirs["memory"] / "memory.usage_in_bytes"))
+
+    def oom_kills(self) -> int:
+        return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
+
+    def oom_fd(self) -> int:
+        if self._efd < 0:
+            mem = self.dirs["memory"]
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            try:
+                ctl = os.open(mem / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    write_file(mem / "cgroup.event_control", f"{efd} {ctl}")
+                except OSError:
+                    os.close(ctl)
+                    raise
+            except OSError:
+                os.close(efd)
+                raise
+            self._efd, self._oom_ctl_fd = efd, ctl
+        return self._efd
+
+    # -- lifetime --------------------------------------------------------------------
+    def close(self) -> None:
+        for attr in ("_efd", "_oom_ctl_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def remove(self) -> None:
+        if self.dirs.get("freezer") is not None and self.dirs["freezer"].exists():
+            with contextlib.suppress(OSError):
+                if self._state() != "THAWED":
+                    self.thaw()
+        self.close()
+        for p in self.paths:
+            rmdir_retry(p)
+
+
+class V1Driver(CgroupDriver):
+    mode = "v1"
+
+    def __init__(self, prefix: str, *, mounts: dict[str, Path] | None = None,
+                 unified: Path | None | bool = True) -> None:
+        found, found_unified = find_mounts()
+        self.prefix = check_name(prefix)
+        mounts = mounts if mounts is not None else found
+        missing = [c for c in CONTROLLERS if c not in mounts]
+        if missing:
+            raise CgroupError(f"cgroup v1 controllers not mounted: {', '.join(missing)} "
+                              "(mount them under /sys/fs/cgroup/<controller>)")
+        self.roots = {c: mounts[c] / self.prefix for c in CONTROLLERS}
+        if unified is True:
+            unified = found_unified
+        self.unified_root = (unified / self.prefix) if unified else None
+        self._memsw: bool | None = None
+        self._log = log.get().bind(component="cgroups", mode="v1")
+
+    def _ensure_root(self) -> None:
+        for root in [*self.roots.values(), self.unified_root]:
+            if root is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(root, 0o755)
+
+    def _dirs(self, name: str) -> tuple[dict[str, Path], Path | None]:
+        check_name(name)
+        dirs = {c: r / name for c, r in self.roots.items()}
+        return dirs, (self.unified_root / name if self.unified_root else None)
+
+    def create(self, name: str, limits: CgroupLimits) -> CgroupHandle:
+        self._ensure_root()
+        dirs, unified = self._dirs(name)
+        made: list[Path] = []
+        try:
+            for p in [*dirs.values(), unified]:
+                if p is not None:
+                    os.mkdir(p, 0o755)
+                    made.append(p)
+            mem = dirs["memory"]
+            write_file(mem / "memory.limit_in_bytes", limits.memory_bytes)
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                write_file(mem / "memory.memsw.limit_in_bytes", limits.memory_bytes)
+            with contextlib.suppress(OSError):
+                write_file(mem / "memory.swappiness", 0)
+            write_file(dirs["pids"] / "pids.max", limits.pids_max)
+            write_file(dirs["cpu"] / "cpu.cfs_period_us", CPU_PERIOD_US)
+            write_file(dirs["cpu"] / "cpu.cfs_quota_us", limits.cpu_quota_us())
+        except OSError as e:
+            for p in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(p)
+            if e.errno == errno.EEXIST:
+                raise CgroupError(f"cgroup {name} already exists under {self.prefix}") from None
+            raise CgroupError(f"cannot create cgroup {name}: {e}") from None
+        return V1Handle(name, dirs, unified)
+
+    def open(self, name: str) -> CgroupHandle:
+        dirs, unified = self._dirs(name)
+        dirs = {c: p for c, p in dirs.items() if p.is_dir()}
+        if unified is not None and not unified.is_dir():
+            unified = None
+        return _PartialV1Handle(name, dirs, unified)
+
+    def leftovers(self) -> list[str]:
+        names: set[str] = set()
+        for root in [*self.roots.values(), self.unified_root]:
+            if root is not None and root.is_dir():
+                names.update(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
+        return sorted(names)
+
+    def remove_root(self) -> bool:
+        if self.leftovers():
+            return False
+        for root in [*self.roots.values(), self.unified_root]:
+            if root is not None:
+                rmdir_retry(root)
+        return True
+
+
+class _PartialV1Handle(V1Handle):
+    """A handle on what recovery found: some controller directories may be missing."""
+
+    def __init__(self, name: str, dirs: dict[str, Path], unified: Path | None) -> None:
+        super().__init__(name, dirs, unified)
+
+    def _state(self) -> str:
+        if "freezer" not in self.dirs:
+            return "THAWED"
+        return super()._state()
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        if "freezer" in self.dirs:
+            super().freeze(timeout)
+
+    def thaw(self) -> None:
+        if "freezer" in self.dirs:
+            super().thaw()
+
+    def memory_usage(self) -> int:
+        return super().memory_usage() if "memory" in self.dirs else 0
+
+    def oom_kills(self) -> int:
+        return super().oom_kills() if "memory" in self.dirs else 0

@@ -1,0 +1,224 @@
+"""cgroup v2 driver (modern hosts): one directory per session under the agent's delegated
+subtree.  Under systemd (`Delegate=yes`) the agent's own cgroup is the subtree root; the
+"no internal processes" rule means the agent first moves itself into `<prefix>/agent`
+(`enter_leaf()`), then enables controllers for its children."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import time
+from pathlib import Path
+
+from agent import log
+
+from .base import (
+    CPU_PERIOD_US,
+    CgroupDriver,
+    CgroupError,
+    CgroupHandle,
+    CgroupLimits,
+    check_name,
+    read_file,
+    read_keyed,
+    read_pids,
+    rmdir_retry,
+    write_file,
+)
+
+CONTROLLERS = ("memory", "pids", "cpu")
+AGENT_LEAF = "agent"
+_IN_MODIFY = 0x2
+_IN_CLOEXEC = 0o2000000
+_IN_NONBLOCK = 0o4000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def inotify_modify_fd(path: Path) -> int:
+    """An inotify fd that becomes readable when `path` is modified (kernfs notifies)."""
+    fd = _libc.inotify_init1(_IN_CLOEXEC | _IN_NONBLOCK)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, os.strerror(e), str(path))
+    return fd
+
+
+def own_cgroup() -> str:
+    """This process's cgroup2 path ("0::/…" line of /proc/self/cgroup)."""
+    for line in read_file(Path("/proc/self/cgroup")).splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return "/"
+
+
+class V2Handle(CgroupHandle):
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.paths = [path]
+        self._ifd = -1
+
+    def procs_files(self) -> list[Path]:
+        return [self.path / "cgroup.procs"]
+
+    def pids(self) -> list[int]:
+        return read_pids(self.path / "cgroup.procs")
+
+    def _events(self) -> dict[str, int]:
+        return read_keyed(self.path / "cgroup.events")
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        write_file(self.path / "cgroup.freeze", 1)
+        deadline = time.monotonic() + timeout
+        delay = 0.0002
+        while self._events().get("frozen") != 1:
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup {self.name} did not freeze within {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def thaw(self) -> None:
+        write_file(self.path / "cgroup.freeze", 0)
+
+    def frozen(self) -> bool:
+        return self._events().get("frozen") == 1
+
+    def kill_all(self) -> None:
+        # cgroup.kill delivers SIGKILL to frozen tasks too (v2 freezer lets fatal signals in)
+        write_file(self.path / "cgroup.kill", 1)
+
+    def empty(self) -> bool:
+        try:
+            return self._events().get("populated", 1) == 0
+        except FileNotFoundError:
+            return True
+
+    def memory_usage(self) -> int:
+        return int(read_file(self.path / "memory.current"))
+
+    def oom_kills(self) -> int:
+        return read_keyed(self.path / "memory.events").get("oom_kill", 0)
+
+    def oom_fd(self) -> int:
+        if self._ifd < 0:
+            self._ifd = inotify_modify_fd(self.path / "memory.events")
+        return self._ifd
+
+    def close(self) -> None:
+        if self._ifd >= 0:
+            os.close(self._ifd)
+            self._ifd = -1
+
+    def remove(self) -> None:
+        self.close()
+        rmdir_retry(self.path)
+
+
+class V2Driver(CgroupDriver):
+    mode = "v2"
+
+    def __init__(self, prefix: str, root: Path) -> None:
+        """`root` is the delegated subtree (or the cgroup2 mount when the agent runs in "/")."""
+        self.prefix = check_name(prefix)
+        self.root = Path(root)
+        self.tree = self.root / self.prefix
+        self._enabled = False
+        self._log = log.get().bind(component="cgroups", mode="v2")
+
+    # a test seam: the fake cgroupfs populates control files here, as the kernel does
+    def _mkdir(self, path: Path) -> None:
+        os.mkdir(path, 0o755)
+
+    def _available(self, d: Path) -> set[str]:
+        return set(read_file(d / "cgroup.controllers").split())
+
+    def _enable(self, d: Path) -> None:
+        have = self._available(d)
+        missing = [c for c in CONTROLLERS if c not in have]
+        if missing:
+            raise CgroupError(
+                f"cgroup v2 controllers {', '.join(missing)} not available in {d}: run the agent "
+                "with systemd Delegate=yes (or enable them in the parent's cgroup.subtree_control)")
+        on = set(read_file(d / "cgroup.subtree_control").split())
+        want = [c for c in CONTROLLERS if c not in on]
+        if want:
+            try:
+                write_file(d / "cgroup.subtree_control", " ".join("+" + c for c in want))
+            except OSError as e:
+                hint = (" (the directory still holds processes: call enter_leaf() first, the "
+                        "'no internal processes' rule)") if e.errno == errno.EBUSY else ""
+                raise CgroupError(f"cannot enable controllers in {d}: {e.strerror}{hint}") from None
+
+    def _ensure_tree(self) -> None:
+        if self._enabled:
+            return
+        if not self.tree.is_dir():
+            with contextlib.suppress(FileExistsError):
+                self._mkdir(self.tree)
+        self._enable(self.root)
+        self._enable(self.tree)
+        self._enabled = True
+
+    def enter_leaf(self) -> None:
+        """Move this process into `<prefix>/agent` so the subtree root holds no process."""
+        if not self.tree.is_dir():
+            with contextlib.suppress(FileExistsError):
+                self._mkdir(self.tree)
+        leaf = self.tree / AGENT_LEAF
+        if not leaf.is_dir():
+            with contextlib.suppress(FileExistsError):
+                self._mkdir(leaf)
+        write_file(leaf / "cgroup.procs", os.getpid())
+        self._log.info("cgroup_enter_leaf")
+
+    def _dir(self, name: str) -> Path:
+        check_name(name)
+        if name == AGENT_LEAF:
+            raise CgroupError(f"cgroup name {AGENT_LEAF!r} is reserved for the agent's own leaf")
+        return self.tree / name
+
+    def create(self, name: str, limits: CgroupLimits) -> CgroupHandle:
+        path = self._dir(name)
+        self._ensure_tree()
+        try:
+            self._mkdir(path)
+        except FileExistsError:
+            raise CgroupError(f"cgroup {name} already exists under {self.tree}") from None
+        try:
+            write_file(path / "memory.max", limits.memory_bytes)
+            if (path / "memory.swap.max").exists():
+                write_file(path / "memory.swap.max", 0)
+            write_file(path / "memory.oom.group", 1)
+            write_file(path / "pids.max", limits.pids_max)
+            write_file(path / "cpu.max", f"{limits.cpu_quota_us()} {CPU_PERIOD_US}")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+            raise CgroupError(f"cannot set limits on cgroup {name}: {e}") from None
+        return V2Handle(name, path)
+
+    def open(self, name: str) -> CgroupHandle:
+        return V2Handle(name, self._dir(name))
+
+    def leftovers(self) -> list[str]:
+        if not self.tree.is_dir():
+            return []
+        return sorted(e.name for e in os.scandir(self.tree)
+                      if e.is_dir(follow_symlinks=False) and e.name != AGENT_LEAF)
+
+    def remove_root(self) -> bool:
+        if self.leftovers():
+            return False
+        leaf = self.tree / AGENT_LEAF
+        if leaf.is_dir():
+            if read_pids(leaf / "cgroup.procs"):
+                return False  # the agent is still inside its leaf
+            rmdir_retry(leaf)
+        rmdir_retry(self.tree)
+        return True

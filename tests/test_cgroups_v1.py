@@ -1,0 +1,219 @@
+"""cgroup v1 driver against the real v1 hierarchies of this (hybrid) machine.
+
+Every cgroup is created under a `nanorix-agent-test-*` prefix beside (never inside) the
+cgroup the test process sits in, and removed again.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import Config
+from agent.sandbox.cgroups import CgroupBusy, CgroupLimits, detect, detect_mode
+from agent.sandbox.cgroups.v1 import V1Driver
+
+MiB = 1 << 20
+pytestmark = pytest.mark.skipif(detect_mode() != "v1", reason="host has no cgroup v1 hierarchies")
+
+
+@pytest.fixture
+def driver():
+    d = detect(Config(), prefix=f"nanorix-agent-test-{secrets.token_hex(4)}")
+    assert isinstance(d, V1Driver)
+    yield d
+    for name in d.leftovers():
+        h = d.open(name)
+        h.kill_all()
+        h.wait_empty()
+        h.remove()
+    assert d.remove_root()
+
+
+def _waiting_child(code: str) -> subprocess.Popen:
+    """A python child that blocks until it reads one byte from stdin, then runs `code`."""
+    return subprocess.Popen([sys.executable, "-c", f"import sys,os\nsys.stdin.read(1)\n{code}"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def _go(p: subprocess.Popen) -> None:
+    p.stdin.write(b"x")
+    p.stdin.flush()
+
+
+def test_detect_reports_v1_here():
+    """statfs of /sys/fs/cgroup is a tmpfs on this hybrid host, so detection picks v1."""
+    assert detect_mode() == "v1"
+
+
+def test_create_writes_limits_in_our_own_tree(driver):
+    """create() makes one directory per controller under the prefix and writes every limit."""
+    h = driver.create("s1", CgroupLimits(64 * MiB, 32, 20))
+    try:
+        mem, pids, cpu = h.dirs["memory"], h.dirs["pids"], h.dirs["cpu"]
+        assert mem.parent.name == driver.prefix and mem.parent.parent == Path("/sys/fs/cgroup/memory")
+        assert int((mem / "memory.limit_in_bytes").read_text()) == 64 * MiB
+        assert int((mem / "memory.memsw.limit_in_bytes").read_text()) == 64 * MiB
+        assert (pids / "pids.max").read_text().strip() == "32"
+        assert int((cpu / "cpu.cfs_quota_us").read_text()) == 20_000
+        assert int((cpu / "cpu.cfs_period_us").read_text()) == 100_000
+        assert all(p.is_dir() for p in h.paths)
+        assert h.unified is not None and h.unified in h.paths
+        assert sorted(h.procs_files()) == sorted(p / "cgroup.procs" for p in h.paths)
+        assert driver.leftovers() == ["s1"]
+    finally:
+        h.remove()
+    assert not any(p.exists() for p in h.paths)
+
+
+def test_attach_freeze_kill_remove(driver):
+    """A process attached to every hierarchy is listed, freezes, dies by kill_all, and the
+    cgroup is then empty and removable (remove refuses while it is populated)."""
+    h = driver.create("s2", CgroupLimits(128 * MiB, 32, 100))
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        h.attach(p.pid)
+        assert h.pids() == [p.pid]
+        for procs in h.procs_files():
+            assert procs.read_text().split() == [str(p.pid)]
+        assert not h.empty()
+        h.freeze()
+        assert h.frozen()
+        assert open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("D", "S")
+        with pytest.raises(CgroupBusy):
+            h.remove()
+        h.kill_all()
+        assert p.wait(timeout=5) == -9
+        assert h.wait_empty(2)
+        assert not h.frozen()
+    finally:
+        p.kill()
+        p.wait()
+        h.remove()
+
+
+def test_kill_all_without_unified_tree_kills_pid_by_pid():
+    """Without a cgroup2 tree, kill_all freezes, SIGKILLs every pid, and thaws."""
+    d = V1Driver(f"nanorix-agent-test-{secrets.token_hex(4)}", unified=None)
+    h = d.create("s3", CgroupLimits(128 * MiB, 32, 100))
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        for p in procs:
+            h.attach(p.pid)
+        assert len(h.pids()) == 3
+        h.kill_all()
+        assert [p.wait(timeout=5) for p in procs] == [-9, -9, -9]
+        assert h.wait_empty(2)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        h.remove()
+        assert d.remove_root()
+
+
+def test_oom_kill_fires_eventfd_and_counts(driver):
+    """Allocating past the memory cap is OOM-killed, the eventfd wakes, oom_kills() counts it."""
+    h = driver.create("s4", CgroupLimits(32 * MiB, 32, 100))
+    p = _waiting_child("b = b'x' * (200 << 20)\nprint('survived')")
+    try:
+        fd = h.oom_fd()
+        h.attach(p.pid)
+        assert h.oom_kills() == 0
+        _go(p)
+        assert p.wait(timeout=10) == -9
+        assert select.select([fd], [], [], 5)[0] == [fd]
+        assert int.from_bytes(os.read(fd, 8), "little") >= 1
+        assert h.oom_kills() == 1
+    finally:
+        p.kill()
+        p.communicate()
+        h.remove()
+
+
+def test_pids_max_stops_a_fork_bomb(driver):
+    """Forking past pids.max fails with EAGAIN instead of filling the host."""
+    h = driver.create("s5", CgroupLimits(128 * MiB, 8, 100))
+    code = ("import time\nkids=[]\nfails=0\n"
+            "for i in range(20):\n"
+            "    try:\n"
+            "        pid = os.fork()\n"
+            "    except BlockingIOError:\n"
+            "        fails += 1\n"
+            "        continue\n"
+            "    if pid == 0:\n"
+            "        time.sleep(30); os._exit(0)\n"
+            "    kids.append(pid)\n"
+            "print(len(kids), fails, flush=True)\n"
+            "[os.kill(k, 9) for k in kids]; [os.waitpid(k, 0) for k in kids]\n")
+    p = _waiting_child(code)
+    try:
+        h.attach(p.pid)
+        _go(p)
+        out, _ = p.communicate(timeout=20)
+        kids, fails = map(int, out.split())
+        assert kids == 7 and fails == 13
+    finally:
+        p.kill()
+        p.wait()
+        h.wait_empty(2)
+        h.remove()
+
+
+def test_memory_usage_counts_the_session(driver):
+    """memory_usage() reflects memory touched inside the cgroup."""
+    h = driver.create("s6", CgroupLimits(256 * MiB, 32, 100))
+    p = _waiting_child("b = b'x' * (40 << 20)\nprint('ok', flush=True)\nsys.stdin.read(1)")
+    try:
+        h.attach(p.pid)
+        _go(p)
+        assert p.stdout.readline() == b"ok\n"
+        assert h.memory_usage() >= 40 * MiB
+        _go(p)
+        p.wait(timeout=5)
+    finally:
+        p.kill()
+        p.communicate()
+        h.wait_empty(2)
+        h.remove()
+
+
+def test_open_leftovers_and_remove_root(driver):
+    """A crash leftover is listed, can be opened without limits, and blocks remove_root."""
+    h = driver.create("left", CgroupLimits(64 * MiB, 16, 50))
+    h.close()
+    assert driver.leftovers() == ["left"]
+    assert driver.remove_root() is False
+    again = driver.open("left")
+    assert again.empty() and again.memory_usage() == 0
+    again.remove()
+    assert driver.leftovers() == []
+
+
+def test_create_refuses_bad_or_duplicate_names(driver):
+    """Names with slashes or dots, and a name in use, are refused with a clear error."""
+    from agent.sandbox.cgroups import CgroupError
+    for bad in ("../x", "a/b", "..", ""):
+        with pytest.raises(CgroupError, match="invalid cgroup name"):
+            driver.create(bad, CgroupLimits(64 * MiB, 16, 50))
+    h = driver.create("dup", CgroupLimits(64 * MiB, 16, 50))
+    try:
+        with pytest.raises(CgroupError, match="already exists"):
+            driver.create("dup", CgroupLimits(64 * MiB, 16, 50))
+    finally:
+        h.remove()
+
+
+def test_create_and_remove_is_fast(driver):
+    """Creating, limiting and removing a session cgroup takes a few milliseconds at most."""
+    t = time.perf_counter()
+    for i in range(20):
+        driver.create(f"f{i}", CgroupLimits(64 * MiB, 16, 50)).remove()
+    assert (time.perf_counter() - t) / 20 < 0.02
