@@ -1,0 +1,277 @@
+"""Offline verification of proofs (SPEC 6, and SPEC 14 renditions).  Never raises.
+
+`verify(doc)` accepts a bare CDP v1.0, anything wrapping one under `"cdp"` (a destroy
+result, `proof.get`, the shared vector file), a bare AuditProof 2.1 rendition, or a
+wrapper holding one under `"auditproof"`.  When a wrapper holds both, both are checked
+and the rendition's result is nested under `"auditproof"`; `valid` is then true only
+when both are valid.
+
+Result: `{"valid", "format", "checks": {chain_integrity, final_hash, signature,
+step_count, evidence, session_binding, destruction_complete}, "errors": {check: reason}}`.
+`valid` needs every check except `destruction_complete`: an honest proof of an
+incomplete destruction is valid and says `destruction_complete: false`.
+
+Which check a structural fault fails: the document itself (not an object, unknown
+`cdp_version`, a missing or unknown top-level field) fails `chain_integrity`; chain
+entries `chain_integrity`; the attestation block `signature`; evidence `evidence`;
+`session_id`/`created_at`/`destroyed_at` disagreeing with step 8 `session_binding`.
+Stripped evidence (no `evidence` key, or null) passes `evidence` and
+`session_binding` vacuously, as SPEC 6 allows.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.cdp.chain import GENESIS, PREFIX, STEPS, chain_step, evidence_hash, signed_message
+from agent.cdp.document import CDP_VERSION
+
+__all__ = ["CHECKS", "decode_b64", "verify", "verify_cdp"]
+
+CHECKS = ("chain_integrity", "final_hash", "signature", "step_count", "evidence",
+          "session_binding", "destruction_complete")
+TOP_FIELDS = ("cdp_version", "session_id", "created_at", "destroyed_at", "chain", "final_hash",
+              "attestation", "destruction_state", "evidence")
+OPTIONAL_TOP = {"evidence"}
+CHAIN_FIELDS = {"step", "subsystem", "operation", "evidence_hash", "chain_hash"}
+ATTEST_FIELDS = {"algorithm", "public_key", "signature", "key_id"}
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+MAX_REASON = 200
+
+
+class _Fail(Exception):
+    """A check failed with a short reason."""
+
+
+def decode_b64(value: object, nbytes: int, what: str) -> bytes:
+    """Raw bytes of a `base64:…` string of exactly `nbytes`; raises _Fail otherwise."""
+    if not isinstance(value, str):
+        raise _Fail(f"{what} is not a string")
+    if not value.startswith("base64:"):
+        raise _Fail(f"{what} lacks the base64: prefix")
+    if len(value) > 4 * nbytes + 16:
+        raise _Fail(f"{what} is too long")
+    try:
+        raw = base64.b64decode(value[7:], validate=True)
+    except (binascii.Error, ValueError):
+        raise _Fail(f"{what} is not valid base64") from None
+    if len(raw) != nbytes:
+        raise _Fail(f"{what} is {len(raw)} bytes, expected {nbytes}")
+    return raw
+
+
+def _run(result: dict, name: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+        result["checks"][name] = True
+    except _Fail as e:
+        result["checks"][name] = False
+        result["errors"][name] = str(e)[:MAX_REASON]
+    except RecursionError:
+        result["checks"][name] = False
+        result["errors"][name] = "nesting too deep"
+    except Exception as e:  # hostile input must never escape as an exception
+        result["checks"][name] = False
+        result["errors"][name] = f"malformed: {type(e).__name__}"
+
+
+def _new_result(fmt: str) -> dict:
+    return {"valid": False, "format": fmt, "checks": dict.fromkeys(CHECKS, False), "errors": {}}
+
+
+def verify_cdp(cdp: object) -> dict:
+    """Verify one CDP v1.0 document (no unwrapping).  Never raises."""
+    res = _new_result("cdp-1.0")
+    state: dict = {}
+
+    def structure() -> None:
+        if not isinstance(cdp, dict):
+            raise _Fail(f"document is a {type(cdp).__name__}, not an object")
+        if cdp.get("cdp_version") != CDP_VERSION:
+            raise _Fail("cdp_version is not \"1.0\"")
+        missing = [k for k in TOP_FIELDS if k not in cdp and k not in OPTIONAL_TOP]
+        if missing:
+            raise _Fail(f"missing field {missing[0]}")
+        extra = sorted(k for k in cdp if k not in TOP_FIELDS)
+        if extra:
+            raise _Fail(f"unexpected field {str(extra[0])[:40]}")
+        for k in ("session_id", "created_at", "destroyed_at", "destruction_state"):
+            if not isinstance(cdp[k], str):
+                raise _Fail(f"{k} is not a string")
+        if cdp["destruction_state"] not in ("complete", "incomplete"):
+            raise _Fail("destruction_state is neither complete nor incomplete")
+
+    def step_count() -> None:
+        chain = cdp.get("chain") if isinstance(cdp, dict) else None
+        if not isinstance(chain, list):
+            raise _Fail("chain is not a list")
+        if len(chain) != len(STEPS):
+            raise _Fail(f"chain has {len(chain)} steps, expected {len(STEPS)}")
+
+    def chain_integrity() -> None:
+        structure()
+        chain = cdp["chain"]
+        if not isinstance(chain, list):
+            raise _Fail("chain is not a list")
+        if len(chain) != len(STEPS):
+            raise _Fail(f"chain has {len(chain)} steps, expected {len(STEPS)}")
+        prev = GENESIS
+        for i, (entry, (step, subsystem, operation)) in enumerate(zip(chain, STEPS, strict=True)):
+            if not isinstance(entry, dict) or set(entry) != CHAIN_FIELDS:
+                raise _Fail(f"chain[{i}] does not have exactly the fields {sorted(CHAIN_FIELDS)}")
+            if type(entry["step"]) is not int or entry["step"] != step:
+                raise _Fail(f"chain[{i}].step is not {step}")
+            if entry["subsystem"] != subsystem or entry["operation"] != operation:
+                raise _Fail(f"chain[{i}] is not labelled {subsystem}/{operation}")
+            eh, ch = entry["evidence_hash"], entry["chain_hash"]
+            if not (isinstance(eh, str) and _HASH.match(eh)):
+                raise _Fail(f"chain[{i}].evidence_hash is not sha256:<64 hex>")
+            if not (isinstance(ch, str) and _HASH.match(ch)):
+                raise _Fail(f"chain[{i}].chain_hash is not sha256:<64 hex>")
+            prev = chain_step(prev, step, subsystem, operation, eh[len(PREFIX):])
+            if ch != PREFIX + prev:
+                raise _Fail(f"chain[{i}].chain_hash does not recompute")
+        state["h8"] = PREFIX + prev
+
+    def final_hash() -> None:
+        if not isinstance(cdp, dict):
+            raise _Fail("document is not an object")
+        fh = cdp.get("final_hash")
+        if not (isinstance(fh, str) and _HASH.match(fh)):
+            raise _Fail("final_hash is not sha256:<64 hex>")
+        chain = cdp.get("chain")
+        if not isinstance(chain, list) or len(chain) != len(STEPS) or not isinstance(chain[-1], dict):
+            raise _Fail("no step 8 to compare with")
+        if fh != chain[-1].get("chain_hash"):
+            raise _Fail("final_hash differs from step 8 chain_hash")
+
+    def signature() -> None:
+        if not isinstance(cdp, dict):
+            raise _Fail("document is not an object")
+        att = cdp.get("attestation")
+        if not isinstance(att, dict):
+            raise _Fail("attestation is missing or not an object")
+        if set(att) != ATTEST_FIELDS:
+            raise _Fail(f"attestation does not have exactly the fields {sorted(ATTEST_FIELDS)}")
+        if att["algorithm"] != "Ed25519":
+            raise _Fail("attestation.algorithm is not Ed25519")
+        if not isinstance(att["key_id"], str):
+            raise _Fail("attestation.key_id is not a string")
+        pk = decode_b64(att["public_key"], 32, "public_key")
+        sig = decode_b64(att["signature"], 64, "signature")
+        fh = cdp.get("final_hash")
+        if not (isinstance(fh, str) and _HASH.match(fh)):
+            raise _Fail("final_hash is not sha256:<64 hex>")
+        try:
+            Ed25519PublicKey.from_public_bytes(pk).verify(sig, signed_message(fh))
+        except (InvalidSignature, ValueError):
+            raise _Fail("signature does not verify with the embedded public key") from None
+
+    def evidence() -> None:
+        if not isinstance(cdp, dict):
+            raise _Fail("document is not an object")
+        ev = cdp.get("evidence")
+        if ev is None:
+            return  # stripped for sharing
+        if not isinstance(ev, list):
+            raise _Fail("evidence is not a list")
+        if len(ev) != len(STEPS):
+            raise _Fail(f"evidence has {len(ev)} objects, expected {len(STEPS)}")
+        chain = cdp.get("chain")
+        if not isinstance(chain, list) or len(chain) != len(STEPS):
+            raise _Fail("no 8-step chain to compare with")
+        for i, (obj, entry) in enumerate(zip(ev, chain, strict=True)):
+            if not isinstance(obj, dict):
+                raise _Fail(f"evidence[{i}] is not an object")
+            try:
+                h = evidence_hash(obj)
+            except ValueError as e:  # CanonicalError
+                raise _Fail(f"evidence[{i}]: {e}") from None
+            if not isinstance(entry, dict) or entry.get("evidence_hash") != h:
+                raise _Fail(f"evidence[{i}] does not match chain[{i}].evidence_hash")
+        derived = "complete" if all(o.get("ok") is True for o in ev) else "incomplete"
+        if cdp.get("destruction_state") != derived:
+            raise _Fail(f"destruction_state disagrees with the evidence ({derived})")
+
+    def session_binding() -> None:
+        if not isinstance(cdp, dict):
+            raise _Fail("document is not an object")
+        if not isinstance(cdp.get("session_id"), str):
+            raise _Fail("session_id is not a string")
+        ev = cdp.get("evidence")
+        if ev is None:
+            return
+        if not isinstance(ev, list) or len(ev) != len(STEPS) or not isinstance(ev[-1], dict):
+            raise _Fail("no step 8 evidence to bind to")
+        last = ev[-1]
+        for k in ("session_id", "created_at", "destroyed_at"):
+            if k not in last:
+                raise _Fail(f"step 8 evidence lacks {k}")
+            if last[k] != cdp.get(k):
+                raise _Fail(f"{k} differs from step 8 evidence")
+
+    def destruction_complete() -> None:
+        if not isinstance(cdp, dict) or cdp.get("destruction_state") != "complete":
+            raise _Fail("destruction_state is not complete")
+        ev = cdp.get("evidence")
+        if isinstance(ev, list):
+            bad = [i + 1 for i, o in enumerate(ev) if not (isinstance(o, dict) and o.get("ok") is True)]
+            if bad:
+                raise _Fail(f"step {bad[0]} did not complete")
+
+    _run(res, "chain_integrity", chain_integrity)
+    _run(res, "final_hash", final_hash)
+    _run(res, "signature", signature)
+    _run(res, "step_count", step_count)
+    _run(res, "evidence", evidence)
+    _run(res, "session_binding", session_binding)
+    _run(res, "destruction_complete", destruction_complete)
+    res["valid"] = all(v for k, v in res["checks"].items() if k != "destruction_complete")
+    return res
+
+
+def _is_rendition(doc: object) -> bool:
+    return isinstance(doc, dict) and doc.get("cdp_version") == "2.1"
+
+
+def _verify_rendition(doc: object) -> dict:
+    try:
+        from agent.cdp.auditproof import verify_auditproof
+    except ImportError:  # pragma: no cover - during development only
+        res = _new_result("auditproof-2.1")
+        res["errors"]["chain_integrity"] = "AuditProof 2.1 support unavailable"
+        return res
+    return verify_auditproof(doc)
+
+
+def verify(doc: object) -> dict:
+    """Verify a CDP, an AuditProof 2.1 rendition, or a wrapper of either.  Never raises."""
+    try:
+        if isinstance(doc, dict) and "cdp_version" not in doc and ("cdp" in doc or "auditproof" in doc):
+            if "cdp" in doc:
+                res = verify_cdp(doc["cdp"])
+                wrapper_sid = doc.get("session_id")
+                if isinstance(wrapper_sid, str) and isinstance(doc["cdp"], dict) \
+                        and doc["cdp"].get("session_id") != wrapper_sid:
+                    res["checks"]["session_binding"] = False
+                    res["errors"]["session_binding"] = "wrapper session_id differs from the CDP's"
+                    res["valid"] = False
+                if "auditproof" in doc and doc["auditproof"] is not None:
+                    sub = _verify_rendition(doc["auditproof"])
+                    res["auditproof"] = sub
+                    res["valid"] = bool(res["valid"] and sub["valid"])
+                return res
+            return _verify_rendition(doc["auditproof"])
+        if _is_rendition(doc):
+            return _verify_rendition(doc)
+        return verify_cdp(doc)
+    except Exception as e:  # belt and braces: the checks above already catch everything
+        res = _new_result("unknown")
+        res["errors"]["chain_integrity"] = f"malformed: {type(e).__name__}"
+        return res
