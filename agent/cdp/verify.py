@@ -15,6 +15,8 @@ Which check a structural fault fails: the document itself (not an object, unknow
 `cdp_version`, a missing or unknown top-level field) fails `chain_integrity`; chain
 entries `chain_integrity`; the attestation block `signature`; evidence `evidence`;
 `session_id`/`created_at`/`destroyed_at` disagreeing with step 8 `session_binding`.
+The attestation `key_id` must have the SPEC 7 form and its 8-hex suffix must be the
+fingerprint of the embedded public key (else `signature`); its time part is not bound.
 Stripped evidence (no `evidence` key, or null) passes `evidence` and
 `session_binding` vacuously, as SPEC 6 allows.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Callable
 
@@ -42,6 +45,7 @@ OPTIONAL_TOP = {"evidence"}
 CHAIN_FIELDS = {"step", "subsystem", "operation", "evidence_hash", "chain_hash"}
 ATTEST_FIELDS = {"algorithm", "public_key", "signature", "key_id"}
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_KEY_ID = re.compile(r"^nrx-verify-[0-9]{8}T[0-9]{6}Z-([0-9a-f]{8})\Z")
 MAX_REASON = 200
 
 
@@ -161,9 +165,12 @@ def verify_cdp(cdp: object) -> dict:
             raise _Fail(f"attestation does not have exactly the fields {sorted(ATTEST_FIELDS)}")
         if att["algorithm"] != "Ed25519":
             raise _Fail("attestation.algorithm is not Ed25519")
-        if not isinstance(att["key_id"], str):
-            raise _Fail("attestation.key_id is not a string")
         pk = decode_b64(att["public_key"], 32, "public_key")
+        m = _KEY_ID.match(att["key_id"]) if isinstance(att["key_id"], str) else None
+        if m is None:
+            raise _Fail("attestation.key_id is not nrx-verify-<YYYYMMDDTHHMMSSZ>-<8 hex>")
+        if m.group(1) != hashlib.sha256(pk).hexdigest()[:8]:
+            raise _Fail("attestation.key_id does not name the embedded public key")
         sig = decode_b64(att["signature"], 64, "signature")
         fh = cdp.get("final_hash")
         if not (isinstance(fh, str) and _HASH.match(fh)):
