@@ -1,0 +1,85 @@
+"""The systemd unit (SPEC 11): verifies, keeps its hardening, and its security score holds."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "nanorix-agent.service"
+ANALYZE = shutil.which("systemd-analyze")
+
+
+def _directives() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")):
+            k, _, v = line.partition("=")
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def _testable_copy(tmp_path) -> Path:
+    """The unit with ExecStart pointing at this checkout's entry point (verify checks it exists)."""
+    exe = Path(sys.executable).parent / "nanorix-agent"
+    if not exe.exists():
+        pytest.skip("nanorix-agent entry point not installed in this environment")
+    p = tmp_path / "nanorix-agent.service"
+    p.write_text(UNIT.read_text().replace("/usr/bin/nanorix-agent", str(exe)))
+    return p
+
+
+def test_unit_has_the_required_directives():
+    """Type=notify with a watchdog, delegation, control-group kill, negative OOM score, hardening."""
+    d = _directives()
+    want = {"Type": "notify", "NotifyAccess": "main", "Delegate": "yes",
+            "KillMode": "control-group", "OOMScoreAdjust": "-900", "ProtectSystem": "strict",
+            "ProtectHome": "yes", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
+            "SystemCallArchitectures": "native", "LockPersonality": "yes",
+            "StateDirectory": "nanorix-agent", "RuntimeDirectory": "nanorix-agent"}
+    for k, v in want.items():
+        assert d.get(k) == [v], k
+    assert d["WatchdogSec"] and d["ExecStart"][0].endswith("nanorix-agent serve")
+    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET",
+                                                             "AF_INET6"}
+    # directives that would break sandboxes must stay off (see the comments in the unit)
+    for k in ("ProtectKernelTunables", "ProtectKernelLogs", "ProtectHostname",
+              "MemoryDenyWriteExecute", "RestrictNamespaces", "ProtectControlGroups"):
+        assert k not in d, k
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    """`systemd-analyze verify` accepts the unit without a warning."""
+    p = _testable_copy(tmp_path)
+    r = subprocess.run([ANALYZE, "verify", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert str(p.name) not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+def test_security_exposure_stays_at_or_below_the_documented_score(tmp_path):
+    """`systemd-analyze security --offline=true` gives at most the 4.9 documented in operations.md."""
+    p = _testable_copy(tmp_path)
+    r = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(p)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 4.9
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    assert f"{float(m.group(1)):.1f}" in doc
+
+
+def test_sysusers_and_tmpfiles_snippets():
+    """sysusers creates the socket group; tmpfiles makes the state dir root-only."""
+    su = (ROOT / "systemd" / "sysusers.d" / "nanorix-agent.conf").read_text()
+    assert re.search(r"^g nanorix -$", su, re.M)
+    tf = (ROOT / "systemd" / "tmpfiles.d" / "nanorix-agent.conf").read_text()
+    assert re.search(r"^d /var/lib/nanorix-agent 0700 root root -$", tf, re.M)
+    assert re.search(r"^d /run/nanorix-agent 0755 root root -$", tf, re.M)
