@@ -1,2 +1,248 @@
-/* placeholder: replaced by the sandbox init (issue 2) */
-int main(void) { return 0; }
+/* nrx-init, host side: creates one sandbox and hands its PID 1 to the agent.
+ *
+ * The agent execs this with a SOCK_SEQPACKET socket on fd 3.  Steps, in order:
+ *   1. read the CONFIG message;
+ *   2. join the session cgroups (the sandbox inherits them) and set oom_score_adj;
+ *   3. mount the session tmpfs at the host path (nosuid,nodev, size/inode limits,
+ *      owned by the slot's host root) so the agent keeps a host view of it;
+ *   4. clone the sandbox PID 1 into new user/mnt/uts/ipc/pid/net/cgroup namespaces with
+ *      CLONE_PARENT, so it is the agent's own child (pidfd, reaping);
+ *   5. report its pid, write its uid/gid maps (only a parent may), release it, exit.
+ * The sandbox side is in sandbox.c (setup) and serve.c (PID 1 loop).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "proto.h"
+
+/* ---- protocol helpers (shared with the sandbox side) ------------------------- */
+
+int tlv_next(struct tlv_iter *it, uint32_t *tag, uint32_t *len, const unsigned char **val)
+{
+    if (it->p == it->end)
+        return 0;
+    if (it->end - it->p < 8)
+        return -1;
+    memcpy(tag, it->p, 4);
+    memcpy(len, it->p + 4, 4);
+    if ((size_t)(it->end - it->p - 8) < *len)
+        return -1;
+    *val = it->p + 8;
+    it->p += 8 + *len;
+    return 1;
+}
+
+uint64_t tlv_u64(const unsigned char *val, uint32_t len)
+{
+    uint64_t v = 0;
+    memcpy(&v, val, len < 8 ? len : 8);
+    return v;
+}
+
+char *tlv_str(const unsigned char *val, uint32_t len)
+{
+    char *s = malloc(len + 1);
+    if (!s)
+        return NULL;
+    memcpy(s, val, len);
+    s[len] = 0;
+    return s;
+}
+
+int send_msg(int fd, uint32_t type, const void *body, size_t len)
+{
+    unsigned char buf[4096];
+    if (len > sizeof(buf) - 4)
+        len = sizeof(buf) - 4;
+    memcpy(buf, &type, 4);
+    if (len)
+        memcpy(buf + 4, body, len);
+    ssize_t n;
+    do
+        n = send(fd, buf, len + 4, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n < 0 ? -1 : 0;
+}
+
+int send_ints(int fd, uint32_t type, int32_t a, int32_t b, int n)
+{
+    int32_t v[2] = {a, b};
+    return send_msg(fd, type, v, (size_t)n * 4);
+}
+
+int send_text(int fd, uint32_t type, const char *fmt, ...)
+{
+    char text[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        n = 0;
+    if ((size_t)n >= sizeof(text))
+        n = sizeof(text) - 1;
+    return send_msg(fd, type, text, (size_t)n);
+}
+
+int parse_config(const unsigned char *buf, size_t len, struct config *c)
+{
+    struct tlv_iter it = {buf, buf + len};
+    uint32_t tag, l;
+    const unsigned char *v;
+    int r;
+    memset(c, 0, sizeof(*c));
+    c->sandbox_id = 1000;
+    c->map_size = 65536;
+    c->oom_score = 500;
+    c->nofile = 1024;
+    while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
+        switch (tag) {
+        case T_HOSTNAME: c->hostname = tlv_str(v, l); break;
+        case T_ROOT: c->root = tlv_str(v, l); break;
+        case T_TMPFS_SIZE: c->tmpfs_size = tlv_u64(v, l); break;
+        case T_TMPFS_INODES: c->tmpfs_inodes = tlv_u64(v, l); break;
+        case T_UID_BASE: c->uid_base = (uint32_t)tlv_u64(v, l); break;
+        case T_GID_BASE: c->gid_base = (uint32_t)tlv_u64(v, l); break;
+        case T_MAP_SIZE: c->map_size = (uint32_t)tlv_u64(v, l); break;
+        case T_SANDBOX_ID: c->sandbox_id = (uint32_t)tlv_u64(v, l); break;
+        case T_OOM_SCORE: c->oom_score = (int32_t)tlv_u64(v, l); break;
+        case T_NOFILE: c->nofile = tlv_u64(v, l); break;
+        case T_FSIZE: c->fsize = tlv_u64(v, l); break;
+        case T_RO_BIND:
+            if (c->n_binds < MAX_LIST) c->binds[c->n_binds++] = tlv_str(v, l);
+            break;
+        case T_LINK:
+            if (c->n_links < MAX_LIST) c->links[c->n_links++] = tlv_str(v, l);
+            break;
+        case T_CGROUP_PROCS:
+            if (c->n_cgroups < MAX_LIST) c->cgroups[c->n_cgroups++] = tlv_str(v, l);
+            break;
+        case T_SECCOMP:
+            c->bpf = malloc(l ? l : 1);
+            if (c->bpf) { memcpy(c->bpf, v, l); c->bpf_len = l; }
+            break;
+        default: break; /* unknown tags are ignored: newer agent, older init */
+        }
+    }
+    if (r < 0 || !c->hostname || !c->root || !c->uid_base || !c->gid_base)
+        return -1;
+    return 0;
+}
+
+/* ---- host side ---------------------------------------------------------------- */
+
+static int write_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, text, strlen(text));
+    int e = errno;
+    close(fd);
+    errno = e;
+    return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+#define FAIL(...) do { send_text(CONTROL_FD, MSG_ERROR, __VA_ARGS__); goto fail; } while (0)
+
+int main(void)
+{
+    static unsigned char buf[MAX_MSG];
+    struct config cfg;
+    char text[512];
+    int mounted = 0;
+    pid_t child = -1;
+    int release[2] = {-1, -1};
+
+    /* nothing but fds 0-3 may reach the sandbox, whatever the agent leaked */
+    syscall(SYS_close_range, 4U, ~0U, 0U);
+    signal(SIGPIPE, SIG_IGN);
+    umask(0);
+
+    ssize_t n = recv(CONTROL_FD, buf, sizeof(buf), 0);
+    if (n < 4) {
+        fprintf(stderr, "nrx-init: no config on fd 3 (run by the agent only)\n");
+        return 2;
+    }
+    uint32_t type;
+    memcpy(&type, buf, 4);
+    if (type != MSG_CONFIG || parse_config(buf + 4, (size_t)n - 4, &cfg) < 0) {
+        send_text(CONTROL_FD, MSG_ERROR, "nrx-init: malformed config message");
+        return 2;
+    }
+
+    snprintf(text, sizeof(text), "%d\n", (int)getpid());
+    for (int i = 0; i < cfg.n_cgroups; i++)
+        if (write_file(cfg.cgroups[i], text) < 0)
+            FAIL("joining cgroup %s: %s", cfg.cgroups[i], strerror(errno));
+    snprintf(text, sizeof(text), "%d\n", cfg.oom_score);
+    if (write_file("/proc/self/oom_score_adj", text) < 0)
+        FAIL("setting oom_score_adj: %s", strerror(errno));
+
+    snprintf(text, sizeof(text), "size=%llu,nr_inodes=%llu,mode=0755,uid=%u,gid=%u",
+             (unsigned long long)cfg.tmpfs_size, (unsigned long long)cfg.tmpfs_inodes,
+             cfg.uid_base, cfg.gid_base);
+    if (mount("tmpfs", cfg.root, "tmpfs", MS_NOSUID | MS_NODEV, text) < 0)
+        FAIL("mounting the session tmpfs at %s: %s", cfg.root, strerror(errno));
+    mounted = 1;
+
+    if (pipe2(release, O_CLOEXEC) < 0)
+        FAIL("pipe: %s", strerror(errno));
+
+    /* fork-like clone (no new stack): the child continues below with a copy of memory */
+    child = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
+                           CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP | CLONE_PARENT | SIGCHLD,
+                           NULL, NULL, NULL, 0UL);
+    if (child < 0)
+        FAIL("clone with new namespaces: %s (are user namespaces restricted on this host?)",
+             strerror(errno));
+    if (child == 0) {
+        char c;
+        close(release[1]);
+        ssize_t r;
+        do
+            r = read(release[0], &c, 1);
+        while (r < 0 && errno == EINTR);
+        if (r != 1)
+            _exit(1); /* the helper died before mapping us */
+        close(release[0]);
+        if (setup_sandbox(&cfg) < 0)
+            _exit(1);
+        send_msg(CONTROL_FD, MSG_READY, NULL, 0);
+        serve(&cfg);
+    }
+    close(release[0]);
+    /* the agent learns the pid first, so it can always kill and reap the child */
+    send_ints(CONTROL_FD, MSG_PID, child, 0, 1);
+
+    char path[64];
+    snprintf(text, sizeof(text), "0 %u %u\n", cfg.uid_base, cfg.map_size);
+    snprintf(path, sizeof(path), "/proc/%d/uid_map", (int)child);
+    if (write_file(path, text) < 0)
+        FAIL("writing uid_map: %s", strerror(errno));
+    snprintf(text, sizeof(text), "0 %u %u\n", cfg.gid_base, cfg.map_size);
+    snprintf(path, sizeof(path), "/proc/%d/gid_map", (int)child);
+    if (write_file(path, text) < 0)
+        FAIL("writing gid_map: %s", strerror(errno));
+    if (write(release[1], "1", 1) != 1)
+        FAIL("releasing the sandbox: %s", strerror(errno));
+    return 0;
+
+fail:
+    if (child > 0)
+        kill(child, SIGKILL); /* the agent reaps it: it is the agent's child */
+    if (mounted)
+        umount2(cfg.root, MNT_DETACH);
+    return 1;
+}

@@ -1,0 +1,308 @@
+"""Exec (SPEC 4): one command at a time in a sandbox, through its PID 1.
+
+The agent makes two pipes, sends their write ends to nrx-init with the EXEC request
+and reads the read ends itself: each chunk (<= 64 KiB) goes to the bounded head+tail
+capture and, in order, to `on_output`.  Reading never stops while the command runs.
+When the leader exits, whatever is already in the pipes is drained and the result is
+returned (a background process holding stdout open cannot hold the exec).  At the
+timeout the process group gets SIGTERM, then SIGKILL after the grace.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import signal as _signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from agent import errors, timefmt
+
+from . import initproto
+from .output import Capture
+
+CHUNK = 64 * 1024
+PIPE_SIZE = 1024 * 1024
+DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
+F_SETPIPE_SZ = 1031
+O_PATH = 0o10000000
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+class ExecBusy(errors.Conflict):
+    """Another command is running in this sandbox."""
+
+    def __init__(self) -> None:
+        super().__init__("a command is already running in this session")
+
+
+class SandboxGone(errors.Conflict):
+    """The sandbox's PID 1 is dead (killed, OOM, destroyed)."""
+
+    def __init__(self, why: str = "the sandbox is gone") -> None:
+        super().__init__(why)
+
+
+class ExecFailed(errors.InternalError):
+    """nrx-init could not start the command (a setup step failed)."""
+
+
+@dataclass
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    timed_out: bool
+    signal: int | None
+    oom_killed: bool
+    output_truncated: bool
+    stderr_truncated: bool
+    duration_ms: int
+    started_at: str
+    finished_at: str
+
+
+OnOutput = Callable[[str, bytes], Awaitable[None]]
+
+
+def base_env(home: str = "/work") -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
+            "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+
+
+# -- input ----------------------------------------------------------------------------
+
+def _openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    try:
+        from agent.fsops import openat2  # A2's native wrapper
+    except ImportError:
+        return _openat2_ctypes(dirfd, path, flags, mode)
+    return openat2(dirfd, path, flags, mode)
+
+
+def _openat2_ctypes(dirfd: int, path: str, flags: int, mode: int) -> int:
+    """Stand-in until agent.fsops exists: the same syscall through ctypes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    how = (ctypes.c_uint64 * 3)(flags, mode, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+    fd = libc.syscall(437, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return fd
+
+
+def write_input(root_fd: int, data: bytes, uid: int, gid: int) -> None:
+    """Replace /input/data with `data`: a fresh file next to it (never following a link),
+    owned by root inside, mode 0444, then renamed over `data` — a planted symlink is
+    replaced, not followed."""
+    indir = _openat2(root_fd, "input", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f".data.{secrets.token_hex(8)}"
+        fd = _openat2(indir, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, 0o444)
+            finally:
+                os.close(fd)
+            os.rename(tmp, "data", src_dir_fd=indir, dst_dir_fd=indir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=indir)
+            raise
+    finally:
+        os.close(indir)
+
+
+# -- running --------------------------------------------------------------------------
+
+def decode_status(status: int) -> tuple[int, int | None]:
+    """(exit_code, signal) from a wait status; 128+N for signal N."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return 128 + sig, sig
+    return os.WEXITSTATUS(status), None
+
+
+class _Stream:
+    def __init__(self, name: str, fd: int, cap: int) -> None:
+        self.name, self.fd = name, fd
+        self.capture = Capture(cap)
+        self.eof = False
+
+
+async def _deliver(stream: _Stream, data: bytes, on_output: OnOutput | None) -> None:
+    stream.capture.feed(data)
+    if on_output is not None:
+        with trio.CancelScope(shield=True):  # a chunk is delivered whole or not read
+            await on_output(stream.name, data)
+
+
+async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
+    while not stream.eof:
+        try:
+            data = os.read(stream.fd, CHUNK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(stream.fd)
+            continue
+        if not data:
+            stream.eof = True
+            return
+        await _deliver(stream, data, on_output)
+        await trio.lowlevel.checkpoint()
+
+
+async def _drain(stream: _Stream, on_output: OnOutput | None) -> None:
+    taken = 0
+    while not stream.eof and taken < DRAIN_LIMIT:
+        try:
+            data = os.read(stream.fd, CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            stream.eof = True
+            return
+        taken += len(data)
+        await _deliver(stream, data, on_output)
+
+
+class Control:
+    """The agent's end of the control socket, for one sandbox."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = trio.socket.from_stdlib_socket(sock)
+
+    async def recv(self) -> tuple[int, tuple]:
+        msg = await self.sock.recv(initproto.MAX_MSG)
+        if not msg:
+            raise SandboxGone("the sandbox's init exited")
+        return initproto.decode(msg)
+
+    async def send(self, msg: bytes, fds: list[int] | None = None) -> None:
+        try:
+            if fds:
+                await self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array.array("i", fds))])
+            else:
+                await self.sock.send(msg)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise SandboxGone("the sandbox's init exited") from e
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
+              timeout: float, on_output: OnOutput | None, output_cap: int,
+              kill_grace: float) -> ExecResult:
+    """Run `command` in sandbox `sb` (see Sandbox.exec)."""
+    full_env = base_env()
+    if env:
+        for k, v in env.items():
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise errors.BadRequest(f"invalid environment variable {k!r}", field="env")
+            full_env[k] = v
+    if "\0" in command:
+        raise errors.BadRequest("command contains a NUL byte", field="command")
+    if input_data is not None:
+        write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
+
+    oom_before = _oom_kills(sb)
+    started = time.time()
+    t0 = time.monotonic()
+    streams: list[_Stream] = []
+    wends: list[int] = []
+    try:
+        for name in ("stdout", "stderr"):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            wends.append(w)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
+            os.set_blocking(r, False)
+            streams.append(_Stream(name, r, output_cap))
+        await sb.control.send(initproto.encode_exec(["/bin/sh", "-c", command], full_env,
+                                                    "/work"), wends)
+        for w in wends:
+            os.close(w)
+        wends.clear()
+        kind, fields = await sb.control.recv()
+        if kind == initproto.MSG_EXEC_FAIL:
+            raise ExecFailed(f"the command could not be started: {fields[0]}")
+        if kind != initproto.MSG_STARTED:
+            raise initproto.ProtocolError(f"unexpected reply {kind} to EXEC")
+        pgid = fields[0]
+
+        status = None
+        timed_out = False
+        async with trio.open_nursery() as nursery:
+            readers = trio.CancelScope()
+
+            async def pumps() -> None:
+                with readers:
+                    async with trio.open_nursery() as inner:
+                        for s in streams:
+                            inner.start_soon(_pump, s, on_output)
+
+            nursery.start_soon(pumps)
+
+            async def wait_exit() -> int:
+                while True:
+                    kind, fields = await sb.control.recv()
+                    if kind == initproto.MSG_EXITED and fields[0] == pgid:
+                        return fields[1]
+
+            with trio.move_on_after(max(timeout, 0)):
+                status = await wait_exit()
+            if status is None:
+                timed_out = True
+                await sb.control.send(initproto.encode_signal(pgid, _signal.SIGTERM))
+                with trio.move_on_after(kill_grace):
+                    status = await wait_exit()
+                if status is None:
+                    await sb.control.send(initproto.encode_signal(pgid, _signal.SIGKILL))
+                    with trio.move_on_after(10):
+                        status = await wait_exit()
+                    if status is None:
+                        raise SandboxGone("the command survived SIGKILL")
+            readers.cancel()
+        for s in streams:
+            await _drain(s, on_output)
+    finally:
+        for w in wends:
+            os.close(w)
+        for s in streams:
+            os.close(s.fd)
+
+    finished = time.time()
+    exit_code, sig = decode_status(status)
+    out, err = streams
+    return ExecResult(
+        stdout=out.capture.result(), stderr=err.capture.result(), exit_code=exit_code,
+        timed_out=timed_out, signal=sig, oom_killed=_oom_kills(sb) > oom_before,
+        output_truncated=out.capture.truncated, stderr_truncated=err.capture.truncated,
+        duration_ms=int((time.monotonic() - t0) * 1000),
+        started_at=timefmt.iso_seconds(started), finished_at=timefmt.iso_seconds(finished))
+
+
+def _oom_kills(sb) -> int:
+    try:
+        return sb.cgroup.oom_kills()
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return 0
+        raise

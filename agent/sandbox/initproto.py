@@ -1,0 +1,133 @@
+"""Wire protocol with nrx-init over the SOCK_SEQPACKET control socket (fd 3 on its side).
+
+Mirrors `native/init/proto.h`: every message is a uint32 type; CONFIG and EXEC carry TLV
+records (uint32 tag, uint32 length, value); replies carry int32 fields or text.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+MSG_CONFIG = 1
+MSG_PID = 2
+MSG_READY = 3
+MSG_ERROR = 4
+MSG_EXEC = 5
+MSG_STARTED = 6
+MSG_EXITED = 7
+MSG_SIGNAL = 8
+MSG_EXEC_FAIL = 9
+
+T_HOSTNAME = 1
+T_ROOT = 2
+T_TMPFS_SIZE = 3
+T_TMPFS_INODES = 4
+T_UID_BASE = 5
+T_GID_BASE = 6
+T_MAP_SIZE = 7
+T_RO_BIND = 8
+T_LINK = 9
+T_CGROUP_PROCS = 10
+T_OOM_SCORE = 11
+T_NOFILE = 12
+T_FSIZE = 13
+T_SECCOMP = 14
+T_SANDBOX_ID = 15
+T_ARG = 20
+T_ENV = 21
+T_CWD = 22
+
+MAX_MSG = 1024 * 1024
+
+
+class ProtocolError(RuntimeError):
+    """nrx-init sent something this agent does not understand."""
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    return struct.pack("=II", tag, len(value)) + value
+
+
+def _u64(tag: int, value: int) -> bytes:
+    return _tlv(tag, struct.pack("=q" if value < 0 else "=Q", value))
+
+
+@dataclass
+class InitConfig:
+    """Everything nrx-init needs to build one sandbox."""
+
+    hostname: str
+    root: str  # host path of the session tmpfs mount point
+    tmpfs_size: int
+    tmpfs_inodes: int
+    uid_base: int  # host uid of uid 0 inside
+    gid_base: int
+    map_size: int
+    sandbox_id: int = 1000
+    ro_binds: list[tuple[str, str]] = field(default_factory=list)  # (host src, inside dst)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (name, target)
+    cgroup_procs: list[str] = field(default_factory=list)
+    oom_score_adj: int = 500
+    nofile: int = 1024
+    fsize: int = 0
+    seccomp_bpf: bytes = b""
+
+    def encode(self) -> bytes:
+        parts = [
+            struct.pack("=I", MSG_CONFIG),
+            _tlv(T_HOSTNAME, self.hostname.encode()),
+            _tlv(T_ROOT, self.root.encode()),
+            _u64(T_TMPFS_SIZE, self.tmpfs_size),
+            _u64(T_TMPFS_INODES, self.tmpfs_inodes),
+            _u64(T_UID_BASE, self.uid_base),
+            _u64(T_GID_BASE, self.gid_base),
+            _u64(T_MAP_SIZE, self.map_size),
+            _u64(T_SANDBOX_ID, self.sandbox_id),
+            _u64(T_OOM_SCORE, self.oom_score_adj),
+            _u64(T_NOFILE, self.nofile),
+            _u64(T_FSIZE, self.fsize),
+        ]
+        parts += [_tlv(T_RO_BIND, f"{s}\0{d}".encode()) for s, d in self.ro_binds]
+        parts += [_tlv(T_LINK, f"{n}\0{t}".encode()) for n, t in self.links]
+        parts += [_tlv(T_CGROUP_PROCS, p.encode()) for p in self.cgroup_procs]
+        if self.seccomp_bpf:
+            if len(self.seccomp_bpf) % 8:
+                raise ValueError("seccomp BPF must be a whole number of 8-byte instructions")
+            parts.append(_tlv(T_SECCOMP, self.seccomp_bpf))
+        msg = b"".join(parts)
+        if len(msg) > MAX_MSG:
+            raise ValueError("init config too large")
+        return msg
+
+
+def encode_exec(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+    parts = [struct.pack("=I", MSG_EXEC)]
+    parts += [_tlv(T_ARG, a.encode()) for a in argv]
+    parts += [_tlv(T_ENV, f"{k}={v}".encode()) for k, v in env.items()]
+    parts.append(_tlv(T_CWD, cwd.encode()))
+    msg = b"".join(parts)
+    if len(msg) > MAX_MSG:
+        raise ValueError("command and environment too large")
+    return msg
+
+
+def encode_signal(pgid: int, sig: int) -> bytes:
+    return struct.pack("=Iii", MSG_SIGNAL, pgid, sig)
+
+
+def decode(msg: bytes) -> tuple[int, tuple]:
+    """(type, fields): PID/STARTED -> (pid,), EXITED -> (pid, status), ERROR -> (text,)."""
+    if len(msg) < 4:
+        raise ProtocolError("short message from nrx-init")
+    (kind,) = struct.unpack_from("=I", msg)
+    body = msg[4:]
+    if kind in (MSG_PID, MSG_STARTED):
+        return kind, struct.unpack_from("=i", body)
+    if kind == MSG_EXITED:
+        return kind, struct.unpack_from("=ii", body)
+    if kind in (MSG_ERROR, MSG_EXEC_FAIL):
+        return kind, (body.decode(errors="replace"),)
+    if kind == MSG_READY:
+        return kind, ()
+    raise ProtocolError(f"unknown message type {kind} from nrx-init")

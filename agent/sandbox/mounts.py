@@ -1,0 +1,83 @@
+"""Mount namespace layer (SPEC 3.2): the plan nrx-init applies, and the host side of the
+session tmpfs.
+
+nrx-init mounts the session tmpfs at `<runtime_dir>/sessions/<id>/root` in the host's
+mount namespace (so the agent can wipe it through a root fd), then, inside the new mount
+namespace: read-only binds of the runtime, merged-usr links, /proc, a minimal /dev with
+/dev/shm, generated /etc, /work, /tmp, /input; pivot_root into the tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+from pathlib import Path
+
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def session_dir(runtime_dir: Path, session_id: str) -> Path:
+    return Path(runtime_dir) / "sessions" / session_id
+
+
+def mount_path(runtime_dir: Path, session_id: str) -> Path:
+    return session_dir(runtime_dir, session_id) / "root"
+
+
+def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(ro_binds as (host source, inside target), links as (name, target)).
+
+    Without an image directory the host's runtime paths are bound at the same place and
+    each merged-usr link is made only if the host has `/usr/<name>`.  With
+    `image_dir`, each entry of `ro_binds` is taken from inside the image instead.
+    """
+    image = sandbox_cfg.image_dir
+    binds = []
+    for path in sandbox_cfg.ro_binds:
+        inside = "/" + path.strip("/")
+        src = str(Path(image) / inside.lstrip("/")) if image else inside
+        if os.path.isdir(src):
+            binds.append((src, inside))
+    top = Path(image) if image else Path("/")
+    links = [(name, f"usr/{name}") for name in sandbox_cfg.usr_links
+             if (top / "usr" / name).is_dir()]
+    return binds, links
+
+
+def is_mountpoint(path: Path) -> bool:
+    target = os.fsencode(os.path.abspath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            mp = line.split()[4].replace(b"\\040", b" ")
+            if mp == target:
+                return True
+    return False
+
+
+def detach(path: Path) -> bool:
+    """umount2(path, MNT_DETACH|UMOUNT_NOFOLLOW) until nothing is mounted there; True if
+    something was unmounted.  Idempotent."""
+    done = False
+    for _ in range(8):
+        if _libc.umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
+            e = ctypes.get_errno()
+            if e in (errno.EINVAL, errno.ENOENT):
+                return done
+            raise OSError(e, os.strerror(e), str(path))
+        done = True
+    return done
+
+
+def remove_session_dir(runtime_dir: Path, session_id: str) -> None:
+    """Remove the (now unmounted) session directory; never descends into a mount."""
+    d = session_dir(runtime_dir, session_id)
+    root = d / "root"
+    if root.exists() and is_mountpoint(root):
+        raise OSError(errno.EBUSY, "session tmpfs still mounted", str(root))
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(d)

@@ -1,0 +1,84 @@
+/* Wire protocol between the agent and nrx-init over a SOCK_SEQPACKET socket on fd 3.
+ *
+ * Every message starts with a uint32 type.  CONFIG and EXEC carry TLV records
+ * (uint32 tag, uint32 length, bytes); replies carry fixed int32 fields or text.
+ * Mirrored by agent/sandbox/initproto.py: change both together.
+ */
+#ifndef NRX_PROTO_H
+#define NRX_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONTROL_FD 3
+#define MAX_MSG (1024 * 1024)
+
+enum msg_type {
+    MSG_CONFIG = 1,    /* agent -> helper: TLV config */
+    MSG_PID = 2,       /* helper -> agent: int32 host pid of the sandbox PID 1 */
+    MSG_READY = 3,     /* PID 1 -> agent: setup done, serving */
+    MSG_ERROR = 4,     /* helper or PID 1 -> agent: text; the sender exits */
+    MSG_EXEC = 5,      /* agent -> PID 1: TLV (argv, env, cwd) + SCM_RIGHTS stdout, stderr */
+    MSG_STARTED = 6,   /* PID 1 -> agent: int32 pid (= pgid) of the command */
+    MSG_EXITED = 7,    /* PID 1 -> agent: int32 pid, int32 wait status */
+    MSG_SIGNAL = 8,    /* agent -> PID 1: int32 pgid, int32 signal */
+    MSG_EXEC_FAIL = 9, /* PID 1 -> agent: text (which step failed, errno) */
+};
+
+enum cfg_tag {
+    T_HOSTNAME = 1,     /* string */
+    T_ROOT = 2,         /* string: host path where the session tmpfs is mounted */
+    T_TMPFS_SIZE = 3,   /* u64 */
+    T_TMPFS_INODES = 4, /* u64 */
+    T_UID_BASE = 5,     /* u32 host uid of uid 0 inside */
+    T_GID_BASE = 6,     /* u32 */
+    T_MAP_SIZE = 7,     /* u32 ids mapped */
+    T_RO_BIND = 8,      /* string "src\0dst" (dst inside the sandbox), repeated */
+    T_LINK = 9,         /* string "name\0target", repeated */
+    T_CGROUP_PROCS = 10,/* string path of a cgroup.procs to join, repeated */
+    T_OOM_SCORE = 11,   /* i32 */
+    T_NOFILE = 12,      /* u64 */
+    T_FSIZE = 13,       /* u64 (0 = unlimited) */
+    T_SECCOMP = 14,     /* raw struct sock_filter[] */
+    T_SANDBOX_ID = 15,  /* u32 uid/gid of the sandbox user inside */
+    /* EXEC */
+    T_ARG = 20,         /* string, repeated */
+    T_ENV = 21,         /* string "K=V", repeated */
+    T_CWD = 22,         /* string */
+};
+
+struct tlv_iter {
+    const unsigned char *p, *end;
+};
+
+/* returns 1 and fills tag/len/val, 0 at end, -1 on a malformed record */
+int tlv_next(struct tlv_iter *it, uint32_t *tag, uint32_t *len, const unsigned char **val);
+uint64_t tlv_u64(const unsigned char *val, uint32_t len);
+/* copies a TLV string into a fresh NUL-terminated buffer (the value may hold inner NULs) */
+char *tlv_str(const unsigned char *val, uint32_t len);
+
+int send_msg(int fd, uint32_t type, const void *body, size_t len);
+int send_ints(int fd, uint32_t type, int32_t a, int32_t b, int n);
+int send_text(int fd, uint32_t type, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+#define MAX_LIST 64
+
+struct config {
+    char *hostname, *root;
+    uint64_t tmpfs_size, tmpfs_inodes, nofile, fsize;
+    uint32_t uid_base, gid_base, map_size, sandbox_id;
+    int32_t oom_score;
+    char *binds[MAX_LIST]; int n_binds;       /* "src\0dst" */
+    char *links[MAX_LIST]; int n_links;       /* "name\0target" */
+    char *cgroups[MAX_LIST]; int n_cgroups;
+    unsigned char *bpf; uint32_t bpf_len;
+};
+
+int parse_config(const unsigned char *buf, size_t len, struct config *c);
+
+/* sandbox.c: runs in the cloned child; builds the root, returns 0 or -1 with a message sent */
+int setup_sandbox(struct config *c);
+/* serve.c: PID 1 main loop; never returns */
+void serve(struct config *c) __attribute__((noreturn));
+
+#endif

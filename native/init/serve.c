@@ -1,0 +1,237 @@
+/* nrx-init, PID 1 loop: runs commands on request, reaps every process, dies with the agent.
+ *
+ * fd 3 is the lifeline: when the agent closes its end (or dies), recv() returns 0 and
+ * PID 1 kills everything in the sandbox and exits, which ends the PID namespace.
+ * Each EXEC forks one command in its own process group, drops to the sandbox user with
+ * no capabilities, no_new_privs, rlimits and the seccomp filter, then execs it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "proto.h"
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+static pid_t leader; /* the running command, 0 when idle */
+
+/* child of fork(): report the failing step through `errfd` and exit */
+static void __attribute__((noreturn)) child_fail(int errfd, const char *step)
+{
+    char text[256];
+    int n = snprintf(text, sizeof(text), "%s: %s", step, strerror(errno));
+    if (n > 0 && write(errfd, text, (size_t)n) < 0) {
+        /* nothing left to tell */
+    }
+    _exit(127);
+}
+
+static void __attribute__((noreturn))
+run_command(struct config *c, int out, int err, int errfd, char **argv, char **envp,
+            const char *cwd)
+{
+    unsigned id = c->sandbox_id;
+    sigset_t none;
+
+    if (setpgid(0, 0) < 0)
+        child_fail(errfd, "setpgid");
+    int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
+        child_fail(errfd, "stdio");
+    /* nothing of PID 1 (the control socket above all) survives the execve */
+    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        child_fail(errfd, "close_range");
+
+    struct rlimit core = {0, 0}, nofile = {c->nofile, c->nofile};
+    struct rlimit fsize = {RLIM_INFINITY, RLIM_INFINITY};
+    if (c->fsize)
+        fsize.rlim_cur = fsize.rlim_max = c->fsize;
+    if (setrlimit(RLIMIT_CORE, &core) < 0 || setrlimit(RLIMIT_NOFILE, &nofile) < 0 ||
+        setrlimit(RLIMIT_FSIZE, &fsize) < 0)
+        child_fail(errfd, "setrlimit");
+
+    if (setgroups(0, NULL) < 0)
+        child_fail(errfd, "setgroups");
+    for (int cap = 0; cap <= 63; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            child_fail(errfd, "dropping the bounding set");
+    if (setresgid(id, id, id) < 0 || setresuid(id, id, id) < 0)
+        child_fail(errfd, "switching to the sandbox user");
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        child_fail(errfd, "clearing ambient capabilities");
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof(data));
+    if (syscall(SYS_capset, &hdr, data) < 0)
+        child_fail(errfd, "clearing capabilities");
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        child_fail(errfd, "no_new_privs");
+    if (chdir(cwd) < 0)
+        child_fail(errfd, "chdir");
+
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    for (int s = 1; s < NSIG; s++)
+        signal(s, SIG_DFL);
+
+    if (c->bpf_len) {
+        struct sock_fprog prog = {(unsigned short)(c->bpf_len / sizeof(struct sock_filter)),
+                                  (struct sock_filter *)c->bpf};
+        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
+            child_fail(errfd, "seccomp");
+    }
+    execve(argv[0], argv, envp);
+    child_fail(errfd, "execve");
+}
+
+static void handle_exec(struct config *c, const unsigned char *body, size_t len, int out, int err)
+{
+    char *argv[256], *envp[256], *cwd = NULL;
+    int na = 0, ne = 0;
+    struct tlv_iter it = {body, body + len};
+    uint32_t tag, l;
+    const unsigned char *v;
+    int r;
+    while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
+        if (tag == T_ARG && na < 255) argv[na++] = tlv_str(v, l);
+        else if (tag == T_ENV && ne < 255) envp[ne++] = tlv_str(v, l);
+        else if (tag == T_CWD) cwd = tlv_str(v, l);
+    }
+    argv[na] = NULL;
+    envp[ne] = NULL;
+    if (r < 0 || na == 0 || out < 0 || err < 0 || leader) {
+        send_text(CONTROL_FD, MSG_EXEC_FAIL, r < 0 ? "malformed exec request"
+                  : leader ? "a command is already running" : "exec request without argv/fds");
+        goto out;
+    }
+    int ep[2];
+    if (pipe2(ep, O_CLOEXEC) < 0) {
+        send_text(CONTROL_FD, MSG_EXEC_FAIL, "pipe: %s", strerror(errno));
+        goto out;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(ep[0]);
+        run_command(c, out, err, ep[1], argv, envp, cwd ? cwd : "/work");
+    }
+    close(ep[1]);
+    if (pid < 0) {
+        send_text(CONTROL_FD, MSG_EXEC_FAIL, "fork: %s", strerror(errno));
+        close(ep[0]);
+        goto out;
+    }
+    setpgid(pid, pid); /* both sides, so SIGNAL never races the child's own setpgid */
+    char why[256];
+    ssize_t n;
+    do
+        n = read(ep[0], why, sizeof(why) - 1);
+    while (n < 0 && errno == EINTR);
+    close(ep[0]);
+    if (n > 0) {
+        why[n] = 0;
+        send_text(CONTROL_FD, MSG_EXEC_FAIL, "%s", why);
+        /* the child exits 127; it is reaped by the SIGCHLD path but not reported */
+    } else {
+        leader = pid;
+        send_ints(CONTROL_FD, MSG_STARTED, pid, 0, 1);
+    }
+out:
+    for (int i = 0; i < na; i++) free(argv[i]);
+    for (int i = 0; i < ne; i++) free(envp[i]);
+    free(cwd);
+    if (out >= 0) close(out);
+    if (err >= 0) close(err);
+}
+
+void serve(struct config *c)
+{
+    static unsigned char buf[MAX_MSG];
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0)
+        _exit(1);
+    fcntl(CONTROL_FD, F_SETFD, FD_CLOEXEC);
+
+    for (;;) {
+        struct pollfd p[2] = {{CONTROL_FD, POLLIN, 0}, {sfd, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            _exit(1);
+        }
+        if (p[1].revents) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof(si)) > 0) {
+            }
+            int st;
+            pid_t pid;
+            while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+                if (pid == leader) {
+                    leader = 0;
+                    send_ints(CONTROL_FD, MSG_EXITED, pid, st, 2);
+                }
+            }
+        }
+        if (p[0].revents) {
+            union {
+                struct cmsghdr h;
+                char b[CMSG_SPACE(2 * sizeof(int))];
+            } cm;
+            struct iovec iov = {buf, sizeof(buf)};
+            struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
+                                .msg_control = cm.b, .msg_controllen = sizeof(cm.b)};
+            ssize_t n = recvmsg(CONTROL_FD, &mh, MSG_CMSG_CLOEXEC);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                /* lifeline: the agent is gone; take the whole sandbox down */
+                kill(-1, SIGKILL);
+                _exit(0);
+            }
+            int fds[2] = {-1, -1}, nfds = 0;
+            for (struct cmsghdr *h = CMSG_FIRSTHDR(&mh); h; h = CMSG_NXTHDR(&mh, h)) {
+                if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+                    nfds = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                    if (nfds > 2)
+                        nfds = 2;
+                    memcpy(fds, CMSG_DATA(h), (size_t)nfds * sizeof(int));
+                }
+            }
+            uint32_t type = 0;
+            if (n >= 4)
+                memcpy(&type, buf, 4);
+            if (type == MSG_EXEC) {
+                handle_exec(c, buf + 4, (size_t)n - 4, fds[0], fds[1]);
+                continue;
+            }
+            for (int i = 0; i < nfds; i++)
+                close(fds[i]);
+            if (type == MSG_SIGNAL && n >= 12) {
+                int32_t v[2];
+                memcpy(v, buf + 4, 8);
+                if (v[0] > 1)
+                    kill(-v[0], v[1]);
+            }
+        }
+    }
+}
