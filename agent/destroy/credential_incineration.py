@@ -1,0 +1,69 @@
+"""Step 5 (dire_identity / credential_incineration, method `credential_incineration`).
+
+Scan every thread in /proc for a real/effective/saved/fs uid or gid inside the session's
+host ranges (read from /proc/<init>/uid_map and gid_map in step 1; the slot's host uid/gid
+when those were not readable).  Release the uid slot only when none is found.  Retire the
+hostname: it lived only in the session's UTS namespace, so it is retired when no process
+is left in that namespace (and the engine forgets it, where it keeps a registry).  Then
+`ctx.revoke()` makes every later call on the session id answer as destroyed.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from agent.destroy import residue
+from agent.destroy.context import DestroyContext, DestroyState, StepError
+
+METHOD = "credential_incineration"
+
+
+async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
+    sb = ctx.sandbox
+    errors: list[str] = []
+    host_uid = getattr(sb, "host_uid", None)
+    host_gid = getattr(sb, "host_gid", None)
+    if not st.uid_ranges and host_uid is not None:
+        st.uid_ranges = [(host_uid, host_uid + 1)]
+    if not st.gid_ranges and host_gid is not None:
+        st.gid_ranges = [(host_gid, host_gid + 1)]
+    ev.update({"host_uid": int(host_uid if host_uid is not None else -1),
+               "host_gid": int(host_gid if host_gid is not None else -1),
+               "uid_range_size": sum(hi - lo for lo, hi in st.uid_ranges),
+               "processes_with_ids": 0, "slot_released": False, "hostname_retired": False,
+               "session_revoked": False})
+    if not st.uid_ranges:
+        errors.append("session uid range unknown")
+    n = await trio.to_thread.run_sync(residue.processes_with_ids, st.uid_ranges, st.gid_ranges)
+    ev["processes_with_ids"] = n
+    if n:
+        errors.append("processes still run with session ids")
+    elif sb is not None and hasattr(sb, "release_slot"):
+        try:
+            sb.release_slot()
+            ev["slot_released"] = True
+        except Exception:
+            errors.append("slot release failed")
+    else:
+        errors.append("no slot to release")
+
+    uts = st.namespaces.get("uts")
+    if uts:
+        in_uts, _ = await trio.to_thread.run_sync(residue.processes_in_namespaces, [uts])
+        retire = getattr(sb, "retire_hostname", None)
+        if in_uts == 0 and retire is not None:
+            try:
+                retire()
+            except Exception:
+                in_uts = -1
+        ev["hostname_retired"] = in_uts == 0
+    if not ev["hostname_retired"]:
+        errors.append("hostname not retired")
+
+    try:
+        ctx.revoke()
+        ev["session_revoked"] = True
+    except Exception:
+        errors.append("revoke failed")
+    if errors:
+        raise StepError("; ".join(errors))

@@ -1,0 +1,79 @@
+"""Step 1 (eee_namespace / environment_isolation, method `procfs_verification`).
+
+Freeze every process of the session through its cgroup (v1 freezer, v2 cgroup.freeze),
+wait (bounded) until the kernel reports the cgroup frozen, count the frozen processes,
+re-read the seven namespace inodes from /proc/<init_pid>/ns/* and check that they are the
+ones recorded at creation and that none of them is the agent's own (a namespace shared
+with the host would make the later residue scans meaningless).  Also records the host
+uid/gid ranges from /proc/<init_pid>/{uid,gid}_map for step 5.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from agent.destroy import residue
+from agent.destroy.context import DestroyContext, DestroyState, StepError
+
+METHOD = "procfs_verification"
+
+
+def _freezer_name(cgroup) -> str:
+    mode = getattr(cgroup, "mode", None) or ("v2" if type(cgroup).__name__.startswith("V2")
+                                             else "v1")
+    return "cgroup_v2" if mode == "v2" else "cgroup_v1"
+
+
+async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
+    sb = ctx.sandbox
+    ev.update({"namespaces": {}, "processes_frozen": 0, "freezer": "none"})
+    if sb is None:
+        raise StepError("no sandbox to isolate")
+    recorded = dict(getattr(sb, "namespaces", None) or {})
+    st.namespaces = {k: v for k, v in recorded.items() if k in residue.NAMESPACES}
+    errors = []
+
+    cgroup = getattr(sb, "cgroup", None)
+    if cgroup is None:
+        errors.append("no cgroup")
+    else:
+        ev["freezer"] = _freezer_name(cgroup)
+        try:
+            await trio.to_thread.run_sync(cgroup.freeze, ctx.timeout)
+        except Exception:
+            errors.append("freeze did not complete")
+        frozen = False
+        try:
+            frozen = bool(cgroup.frozen())
+            st.frozen_pids = list(cgroup.pids())
+        except OSError:
+            errors.append("cgroup unreadable")
+        ev["processes_frozen"] = len(st.frozen_pids) if frozen else 0
+        ev["frozen"] = frozen
+        if not frozen:
+            errors.append("cgroup not frozen")
+
+    init_pid = getattr(sb, "init_pid", None)
+    live: dict[str, int] = {}
+    try:
+        live = residue.ns_inodes(init_pid)
+        if init_pid not in st.frozen_pids:
+            errors.append("init not in session cgroup")
+        st.uid_ranges = residue.id_map(init_pid, "uid_map")
+        st.gid_ranges = residue.id_map(init_pid, "gid_map")
+    except (OSError, TypeError):
+        errors.append("init process not readable")
+    if not st.uid_ranges and getattr(sb, "host_uid", None) is not None:
+        st.uid_ranges = [(sb.host_uid, sb.host_uid + 1)]
+        st.gid_ranges = [(sb.host_gid, sb.host_gid + 1)]
+    # evidence keeps the inodes recorded at creation when they are all there, else the live ones
+    ns = {n: int(recorded.get(n) or live.get(n) or 0) for n in residue.NAMESPACES}
+    own = residue.ns_inodes("self")
+    st.namespaces = {n: i for n, i in ns.items() if i and i != own[n]}
+    ev["namespaces"] = ns
+    if live and any(live[n] != ns[n] for n in residue.NAMESPACES):
+        errors.append("namespace inodes differ from creation")
+    if any(ns[n] == own[n] or ns[n] == 0 for n in residue.NAMESPACES):
+        errors.append("namespace not isolated from host")
+    if errors:
+        raise StepError("; ".join(errors))

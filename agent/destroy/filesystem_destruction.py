@@ -1,0 +1,253 @@
+"""Step 2 (eee_tmpfs / filesystem_destruction, method `mountinfo_verification`).
+
+From the session tmpfs root fd pinned at creation (`sandbox.root_fd`, the agent's view),
+walk the tree bottom-up without ever following a link:
+
+* every name is a single component opened relative to its parent directory fd, with
+  `O_NOFOLLOW` (and `O_DIRECTORY` for directories); `fstatat(AT_SYMLINK_NOFOLLOW)` decides
+  what a name is and the opened fd is `fstat`-checked to be that same inode, so a symlink,
+  a rename race or a FIFO swapped in cannot redirect a write anywhere else.  Anything on
+  another device (a mount) is never entered and never unlinked;
+* each regular file inode is overwritten in place once (hard links are counted by inode),
+  only over its allocated ranges (SEEK_DATA/SEEK_HOLE: holes of sparse files stay holes),
+  with the class's passes, and the final zero pass is read back into Merkle leaves;
+* every name is unlinked (directories after their contents); the root is re-listed to
+  confirm nothing is left.
+
+Then `sandbox.detach_root_mount()` and /proc/self/mountinfo is re-read to confirm no
+mount of the tmpfs superblock is left in the agent's namespace (`agent_view_unmounted`).
+Deep trees never hold more than MAX_OPEN_DIRS directory fds: ancestors are closed and
+re-opened through ".." with an identity (st_dev, st_ino) check.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.destroy import residue, wipe
+from agent.destroy.context import DestroyContext, DestroyState, StepError
+
+METHOD = "mountinfo_verification"
+MAX_OPEN_DIRS = 64
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass
+class TreeStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    fifos: int = 0
+    other: int = 0
+    hardlinks: int = 0          # names of an already wiped inode
+    sparse_files: int = 0       # files with at least one hole
+    logical_bytes: int = 0      # sum of st_size of the wiped inodes
+    bytes: int = 0              # bytes overwritten per pass (allocated ranges only)
+    blocks: int = 0
+    nonzero_blocks: int = 0
+    unlinked: int = 0
+    unlink_failed: int = 0
+    mounts_skipped: int = 0
+    races: int = 0              # a name changed between fstatat and open (skipped + counted)
+    loops: int = 0
+    leaves: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class _Dir:
+    fd: int | None
+    ident: tuple[int, int]
+    names: list[str]
+    name_in_parent: str | None
+
+
+def _wipe_file(dfd: int, name: str, lst: os.stat_result, passes: list[str],
+               s: TreeStats) -> None:
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
+            s.races += 1
+            return
+        raise
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (lst.st_dev, lst.st_ino) or not stat.S_ISREG(fst.st_mode):
+            s.races += 1
+            return
+        ranges = wipe.data_ranges(fd, fst.st_size)
+        allocated = sum(n for _, n in ranges)
+        if allocated < fst.st_size:
+            s.sparse_files += 1
+        r = wipe.wipe_ranges(fd, ranges, passes)
+    finally:
+        os.close(fd)
+    s.files += 1
+    s.logical_bytes += fst.st_size
+    s.bytes += r.bytes
+    s.blocks += r.blocks
+    s.nonzero_blocks += r.nonzero_blocks
+    s.leaves.append(r.leaf_digests)
+
+
+def _remove(dfd: int, name: str, is_dir: bool, s: TreeStats) -> None:
+    try:
+        if is_dir:
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+        s.unlinked += 1
+    except OSError:
+        s.unlink_failed += 1
+
+
+def _reopen_parent(child_fd: int, want: tuple[int, int]) -> int:
+    fd = os.open("..", _DIR_FLAGS, dir_fd=child_fd)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != want:
+        os.close(fd)
+        raise StepError("directory moved during destruction")
+    return fd
+
+
+def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
+    """Wipe and unlink everything below `root_fd` (see module doc); returns counts only."""
+    s = TreeStats()
+    rst = os.fstat(root_fd)
+    dev = rst.st_dev
+    top = os.open(".", _DIR_FLAGS, dir_fd=root_fd)
+    stack = [_Dir(top, (rst.st_dev, rst.st_ino), sorted(os.listdir(top), reverse=True), None)]
+    seen_inodes: set[int] = set()
+    seen_dirs: set[int] = {rst.st_ino}
+    try:
+        while stack:
+            cur = stack[-1]
+            if not cur.names:
+                stack.pop()
+                if stack:
+                    parent = stack[-1]
+                    if parent.fd is None:
+                        parent.fd = _reopen_parent(cur.fd, parent.ident)
+                    os.close(cur.fd)
+                    _remove(parent.fd, cur.name_in_parent, True, s)
+                else:
+                    os.close(cur.fd)
+                cur.fd = None
+                continue
+            name = cur.names.pop()
+            try:
+                lst = os.stat(name, dir_fd=cur.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                s.races += 1
+                continue
+            if lst.st_dev != dev:
+                s.mounts_skipped += 1
+                continue
+            mode = lst.st_mode
+            if stat.S_ISDIR(mode):
+                if lst.st_ino in seen_dirs:
+                    s.loops += 1
+                    continue
+                seen_dirs.add(lst.st_ino)
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=cur.fd)
+                except OSError:
+                    s.races += 1
+                    continue
+                fst = os.fstat(fd)
+                if (fst.st_dev, fst.st_ino) != (lst.st_dev, lst.st_ino):
+                    os.close(fd)
+                    s.races += 1
+                    continue
+                s.dirs += 1
+                stack.append(_Dir(fd, (fst.st_dev, fst.st_ino),
+                                  sorted(os.listdir(fd), reverse=True), name))
+                if len(stack) > MAX_OPEN_DIRS:
+                    far = stack[-MAX_OPEN_DIRS - 1]
+                    if far.fd is not None:
+                        os.close(far.fd)
+                        far.fd = None
+                continue
+            if stat.S_ISREG(mode):
+                if lst.st_ino in seen_inodes:
+                    s.hardlinks += 1
+                else:
+                    seen_inodes.add(lst.st_ino)
+                    _wipe_file(cur.fd, name, lst, passes, s)
+            elif stat.S_ISLNK(mode):
+                s.symlinks += 1
+            elif stat.S_ISFIFO(mode):
+                s.fifos += 1
+            else:
+                s.other += 1
+            _remove(cur.fd, name, False, s)
+    finally:
+        for d in stack:
+            if d.fd is not None:
+                os.close(d.fd)
+    return s
+
+
+def _remaining(root_fd: int) -> int:
+    fd = os.open(".", _DIR_FLAGS, dir_fd=root_fd)
+    try:
+        return len(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
+    sb = ctx.sandbox
+    ev.update({"fs_type": "unknown", "size_limit_bytes": 0, "files": 0, "dirs": 0,
+               "symlinks": 0, "bytes": 0, "passes": list(ctx.passes), "readback_blocks": 0,
+               "unlinked": 0, "agent_view_unmounted": False})
+    root_fd = getattr(sb, "root_fd", None) if sb is not None else None
+    if root_fd is None or root_fd < 0:
+        raise StepError("no pinned root fd")
+    rst = os.fstat(root_fd)
+    st.tmpfs_dev_num = rst.st_dev
+    st.tmpfs_dev = residue.dev_str(rst.st_dev)
+    mine = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
+    if mine:
+        ev["fs_type"] = mine[0].fs_type
+    try:
+        vfs = os.fstatvfs(root_fd)
+        ev["size_limit_bytes"] = vfs.f_blocks * vfs.f_frsize
+    except OSError:
+        ev["size_limit_bytes"] = int(getattr(sb, "tmpfs_bytes", 0) or 0)
+    errors = []
+    if ev["fs_type"] != "tmpfs":
+        errors.append("session root is not a mounted tmpfs")
+
+    s = await trio.to_thread.run_sync(destroy_tree, root_fd, list(ctx.passes))
+    st.leaves_fs = [blk for leaves in s.leaves for blk in
+                    (leaves[i:i + 32] for i in range(0, len(leaves), 32))]
+    remaining = await trio.to_thread.run_sync(_remaining, root_fd)
+    ev.update({"files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "fifos": s.fifos,
+               "other": s.other, "hardlinks": s.hardlinks, "sparse_files": s.sparse_files,
+               "logical_bytes": s.logical_bytes, "bytes": s.bytes, "readback_blocks": s.blocks,
+               "nonzero_blocks": s.nonzero_blocks, "unlinked": s.unlinked,
+               "remaining": remaining, "mounts_skipped": s.mounts_skipped, "races": s.races})
+    if s.nonzero_blocks:
+        errors.append("read-back not zero")
+    if s.unlink_failed or remaining:
+        errors.append("entries left after unlink")
+    if s.mounts_skipped or s.races or s.loops:
+        errors.append("tree changed or held foreign mounts during destruction")
+
+    try:
+        sb.detach_root_mount()
+    except Exception:
+        errors.append("detach failed")
+    left = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
+    ev["agent_view_unmounted"] = not left
+    if left:
+        errors.append("agent view still mounted")
+    if errors:
+        raise StepError("; ".join(errors))

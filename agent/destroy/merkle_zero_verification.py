@@ -1,0 +1,69 @@
+"""Step 6 (fgx_forensic / merkle_zero_verification, method `merkle_tree_verification`).
+
+An independent re-scan of the host, trusting nothing the earlier steps reported:
+
+* processes: every thread in /proc whose any namespace (/proc/PID/task/TID/ns/*) is one
+  of the session's seven namespace inodes (step 1);
+* mounts: every mount namespace on the host (each read once through one of its
+  processes' /proc/PID/mountinfo) is searched for a mount whose superblock device
+  (mountinfo field 3, "major:minor", taken from fstat of the pinned root fd) is the
+  session tmpfs, and for nsfs bind mounts pinning one of the session namespaces;
+* cgroups: each of the session's cgroup directories must no longer exist.
+
+Then the Merkle root (SPEC 6) over the read-back leaf digests of step 2 followed by step 3
+must equal the root of the same number of all-zero 4 KiB blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from agent.cdp import merkle
+from agent.destroy import residue
+from agent.destroy.context import DestroyContext, DestroyState, StepError
+
+METHOD = "merkle_tree_verification"
+
+
+def scan(st: DestroyState) -> dict:
+    procs, threads = residue.processes_in_namespaces(st.namespaces.values())
+    mounts, mnt_ns = residue.mounts_of(st.tmpfs_dev, st.namespaces.values())
+    cgroups = sum(1 for p in st.cgroup_paths if os.path.exists(p))
+    return {"processes": procs, "threads": threads, "mounts": mounts, "mnt_ns": mnt_ns,
+            "cgroups": cgroups}
+
+
+async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
+    sb = ctx.sandbox
+    errors: list[str] = []
+    if st.tmpfs_dev is None and sb is not None and getattr(sb, "root_fd", -1) is not None:
+        try:
+            st.tmpfs_dev = residue.dev_str(os.fstat(sb.root_fd).st_dev)
+        except (OSError, TypeError):
+            pass
+    if not st.cgroup_paths and sb is not None and getattr(sb, "cgroup", None) is not None:
+        st.cgroup_paths = [str(p) for p in getattr(sb.cgroup, "paths", [])]
+    leaves = st.leaves_fs + st.leaves_mem
+    blocks = len(leaves)
+    root = await trio.to_thread.run_sync(merkle.merkle_root, leaves)
+    expected = merkle.zero_root(blocks)
+    r = await trio.to_thread.run_sync(scan, st)
+    ev.update({"block_size": merkle.BLOCK_SIZE, "blocks": blocks, "merkle_root": root,
+               "expected_root": expected, "match": root == expected,
+               "residue": {"processes": r["processes"], "mounts": r["mounts"],
+                           "cgroups": r["cgroups"]},
+               "mount_namespaces_scanned": r["mnt_ns"], "mount_identity": "superblock_dev"})
+    if not ev["match"]:
+        errors.append("read-back root is not the zero root")
+    if len(st.namespaces) != len(residue.NAMESPACES):
+        errors.append("session namespaces unknown")
+    if st.tmpfs_dev is None:
+        errors.append("session tmpfs unknown")
+    if not st.cgroup_paths:
+        errors.append("session cgroups unknown")
+    if r["processes"] or r["mounts"] or r["cgroups"]:
+        errors.append("session residue found")
+    if errors:
+        raise StepError("; ".join(errors))

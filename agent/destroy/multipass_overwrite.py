@@ -1,0 +1,203 @@
+"""Step 3 (eee_memory / multipass_overwrite, method `dod_5220_multipass_wipe`).
+
+For every process of the (frozen) session cgroup, nrx-init included, overwrite its
+resident private memory through /proc/PID/mem with the class's passes and read the final
+zero pass back (wipe.present_ranges: present pages only, found through pagemap, so no
+page is faulted in).  Then SIGKILL everything (cgroup kill, which thaws a v1 freezer so
+the kills are delivered, and PID 1 through its pidfd), wait (bounded) until the cgroup is
+empty and its memory usage is 0, and remove the cgroup directories (step 6 verifies that
+they are gone).  Records the swap state as found (/proc/swaps devices, and the cgroup's
+swap limit) and `init_on_free` as the running kernel has it (kernel command line first,
+then the kernel's build config), with the source it was read from.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+
+import trio
+
+from agent.destroy import wipe
+from agent.destroy.context import DestroyContext, DestroyState, StepError
+
+METHOD = "dod_5220_multipass_wipe"
+
+
+def init_on_free(cmdline: str | None = None, config: str | None = None) -> tuple[bool, str]:
+    """(enabled, source): `init_on_free=` on the kernel command line wins, then
+    CONFIG_INIT_ON_FREE_DEFAULT_ON from /proc/config.gz or /boot/config-<release>."""
+    if cmdline is None:
+        try:
+            with open("/proc/cmdline") as f:
+                cmdline = f.read()
+        except OSError:
+            cmdline = ""
+    for tok in cmdline.split():
+        if tok == "--":
+            break  # the rest goes to init, not to the kernel
+        if tok.startswith("init_on_free="):
+            return tok.split("=", 1)[1].lower() in ("1", "on", "y", "yes", "true"), "cmdline"
+    if config is None:
+        try:
+            with gzip.open("/proc/config.gz", "rt") as f:
+                config = f.read()
+        except OSError:
+            try:
+                with open(f"/boot/config-{platform.release()}") as f:
+                    config = f.read()
+            except OSError:
+                config = None
+    if config is not None:
+        for line in config.splitlines():
+            if line.startswith("CONFIG_INIT_ON_FREE_DEFAULT_ON="):
+                return line.split("=", 1)[1].strip() == "y", "kernel_config"
+            if line.strip() == "# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set":
+                return False, "kernel_config"
+    return False, "unknown"
+
+
+def swap_devices() -> int:
+    """Active swap areas in /proc/swaps."""
+    try:
+        with open("/proc/swaps") as f:
+            return max(0, len([ln for ln in f.read().splitlines() if ln.strip()]) - 1)
+    except OSError:
+        return -1
+
+
+def cgroup_swap_limited(cgroup) -> bool:
+    """The session cgroup forbids swap: v2 memory.swap.max == 0, v1 memsw limit == limit."""
+    for p in getattr(cgroup, "paths", []) or []:
+        try:
+            if os.path.exists(os.path.join(p, "memory.swap.max")):
+                with open(os.path.join(p, "memory.swap.max")) as f:
+                    if f.read().strip() == "0":
+                        return True
+            memsw = os.path.join(p, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                with open(memsw) as f, open(os.path.join(p, "memory.limit_in_bytes")) as g:
+                    if int(f.read()) == int(g.read()):
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def wipe_processes(pids: list[int], passes: list[str]) -> dict:
+    """Overwrite the present private memory of each pid; counts and read-back leaves."""
+    out = {"processes": 0, "failed": 0, "bytes": 0, "blocks": 0, "nonzero": 0, "leaves": []}
+    for pid in pids:
+        try:
+            ranges = wipe.present_ranges(pid)
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                r = wipe.wipe_ranges(fd, ranges, passes)
+            finally:
+                os.close(fd)
+        except OSError:
+            out["failed"] += 1
+            continue
+        out["processes"] += 1
+        out["bytes"] += r.bytes
+        out["blocks"] += r.blocks
+        out["nonzero"] += r.nonzero_blocks
+        d = r.leaf_digests
+        out["leaves"].extend(d[i:i + 32] for i in range(0, len(d), 32))
+    return out
+
+
+async def _poll(pred, timeout: float) -> bool:
+    with trio.move_on_after(timeout):
+        delay = 0.0005
+        while True:
+            try:
+                if pred():
+                    return True
+            except OSError:
+                pass
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+    try:
+        return bool(pred())
+    except OSError:
+        return False
+
+
+async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
+    sb = ctx.sandbox
+    on, source = init_on_free()
+    ev.update({"processes": 0, "bytes": 0, "passes": list(ctx.passes), "readback_blocks": 0,
+               "killed": False, "cgroup_empty": False, "memory_after_bytes": -1,
+               "swap_disabled": False, "init_on_free": on, "init_on_free_source": source})
+    if sb is None:
+        raise StepError("no sandbox")
+    errors: list[str] = []
+    cgroup = getattr(sb, "cgroup", None)
+    devices = swap_devices()
+    limited = cgroup_swap_limited(cgroup) if cgroup is not None else False
+    ev.update({"swap_devices": devices, "swap_cgroup_limited": limited,
+               "swap_disabled": devices == 0 or limited})
+
+    pids: list[int] = []
+    if cgroup is not None:
+        try:
+            if not cgroup.frozen():
+                await trio.to_thread.run_sync(cgroup.freeze, ctx.timeout)
+            pids = list(cgroup.pids())
+        except Exception:
+            errors.append("cannot freeze for the memory wipe")
+    init_pid = getattr(sb, "init_pid", None)
+    if init_pid and init_pid not in pids and os.path.exists(f"/proc/{init_pid}"):
+        pids.append(init_pid)
+    ev["processes_found"] = len(pids)
+    w = await trio.to_thread.run_sync(wipe_processes, pids, list(ctx.passes))
+    st.leaves_mem = w["leaves"]
+    ev.update({"processes": w["processes"], "bytes": w["bytes"], "readback_blocks": w["blocks"],
+               "nonzero_blocks": w["nonzero"]})
+    if w["failed"]:
+        errors.append("memory of a process could not be wiped")
+    if w["nonzero"]:
+        errors.append("memory read-back not zero")
+
+    # kill: cgroup-wide kill (thaws), then PID 1 via pidfd (waits until reaped)
+    if cgroup is not None:
+        try:
+            cgroup.kill_all()
+        except Exception:
+            errors.append("cgroup kill failed")
+    kill_init = getattr(sb, "kill_init", None)
+    if kill_init is None:  # partial sandbox (recovery): init is dead or was never found
+        init_dead = not (init_pid and os.path.exists(f"/proc/{init_pid}"))
+    else:
+        try:
+            with trio.move_on_after(ctx.timeout) as cs:
+                await kill_init()
+            init_dead = not cs.cancelled_caught
+        except Exception:
+            init_dead = False
+    if cgroup is not None:
+        ev["cgroup_empty"] = await _poll(cgroup.empty, ctx.timeout)
+        ev["killed"] = init_dead and ev["cgroup_empty"]
+        await _poll(lambda: cgroup.memory_usage() == 0, ctx.timeout)
+        try:
+            ev["memory_after_bytes"] = int(cgroup.memory_usage())
+        except OSError:
+            pass
+        st.cgroup_paths = [str(p) for p in getattr(cgroup, "paths", [])]
+        try:
+            if ev["cgroup_empty"]:
+                cgroup.remove()
+        except Exception:
+            errors.append("cgroup not removable")
+    else:
+        ev["killed"] = init_dead
+    if not ev["killed"]:
+        errors.append("processes survived the kill")
+    if ev["memory_after_bytes"] != 0:
+        errors.append("cgroup memory not released")
+    if not ev["swap_disabled"]:
+        errors.append("swap may hold session pages")
+    if errors:
+        raise StepError("; ".join(errors))

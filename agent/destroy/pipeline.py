@@ -1,0 +1,133 @@
+"""The destruction pipeline (SPEC 5): the eight steps in order, one module each.
+
+Each step module has `METHOD` and `async run(ctx, state, evidence)`, which fills the
+evidence dict in place with what it measured and raises StepError (a short fixed reason)
+when it could not do or verify its work; a module may also have `base_fields(ctx, state)`
+for fields that must be present even when it fails (step 8's identity).  The pipeline
+adds `step`, `ok`, `method`, `error` (on failure), `duration_us` and `completed_at`, seals
+the chain hash h_i of each step as it ends (re-checked in step 7), awaits the test hooks,
+and always runs every step: a failed step never stops the ones after it, so everything is
+still killed and wiped.  Finally `sandbox.teardown()` runs (best effort, shielded from
+cancellation); anything it still had to clean was already reported by step 6.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import trio
+
+from agent import log, timefmt
+from agent.cdp import chain
+from agent.cdp.document import destruction_state
+from agent.destroy import (
+    chain_integrity_seal,
+    credential_incineration,
+    environment_isolation,
+    filesystem_destruction,
+    key_zeroization,
+    lifecycle_completion,
+    merkle_zero_verification,
+    multipass_overwrite,
+)
+from agent.destroy.context import (
+    REASONS,
+    DestroyContext,
+    DestroyOutcome,
+    DestroyState,
+    InjectedFault,
+    StepError,
+)
+
+__all__ = ["MODULES", "run_pipeline"]
+
+MODULES = (environment_isolation, filesystem_destruction, multipass_overwrite,
+           key_zeroization, credential_incineration, merkle_zero_verification,
+           chain_integrity_seal, lifecycle_completion)
+
+
+def _reason_text(e: BaseException) -> str:
+    """A short error for evidence: our own fixed text, or the exception type (+ errno
+    name); never str() of a foreign exception, which may carry a path or data."""
+    if isinstance(e, StepError):
+        return str(e)[:200]
+    if isinstance(e, OSError) and e.errno in errno.errorcode:
+        return f"{type(e).__name__} {errno.errorcode[e.errno]}"
+    return type(e).__name__
+
+
+async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
+    """Run steps 1–8 for one session; returns the evidence and the final status."""
+    if ctx.reason not in REASONS:
+        raise ValueError(f"unknown destroy reason {ctx.reason!r}")
+    st = DestroyState(destroy_started=time.time())
+    t_start = time.perf_counter_ns()
+    logger = log.get().bind(session_id=ctx.session.session_id, reason=ctx.reason)
+    hooks = ctx.hooks
+    hook_error: BaseException | None = None
+    prev = chain.GENESIS
+    try:
+        for (n, subsystem, operation), mod in zip(chain.STEPS, MODULES, strict=True):
+            if n == 8:
+                st.destroyed_at = timefmt.iso_seconds()
+            ev: dict = {"step": n, "ok": True, "method": mod.METHOD}
+            base = getattr(mod, "base_fields", None)
+            if base is not None:
+                ev.update(base(ctx, st))
+            t0 = time.perf_counter_ns()
+            try:
+                if hooks is not None and hooks.fail_step == n:
+                    raise InjectedFault("injected fault")
+                await mod.run(ctx, st, ev)
+            except trio.Cancelled:
+                raise
+            except Exception as e:
+                ev["ok"] = False
+                ev["error"] = _reason_text(e)
+            ev["duration_us"] = (time.perf_counter_ns() - t0) // 1000
+            ev["completed_at"] = timefmt.iso_micro()
+            st.evidence.append(ev)
+            prev = chain.chain_step(prev, n, subsystem, operation,
+                                    chain.evidence_hash(ev)[len(chain.PREFIX):])
+            st.chain_at_step[n] = prev
+            logger.info("destroy.step", step=n, operation=operation, ok=ev["ok"],
+                        error=ev.get("error"), duration_us=ev["duration_us"])
+            if hooks is not None and hooks.after_step is not None:
+                try:
+                    await hooks.after_step(n, ev)
+                except trio.Cancelled:
+                    raise
+                except Exception as e:
+                    hook_error = hook_error or e
+    finally:
+        teardown_ok = await _teardown(ctx, logger)
+    ev8 = st.evidence[7]
+    status = ev8.get("status") if ev8.get("ok") else "expired_unclean"
+    out = DestroyOutcome(
+        session_id=ctx.session.session_id, created_at=ctx.session.created_at,
+        destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,
+        destruction_state=destruction_state(st.evidence), evidence=st.evidence,
+        teardown_ok=teardown_ok, duration_us=(time.perf_counter_ns() - t_start) // 1000)
+    logger.info("destroy.done", status=out.status, destruction_state=out.destruction_state,
+                teardown_ok=teardown_ok, duration_us=out.duration_us)
+    if hook_error is not None:
+        raise hook_error
+    return out
+
+
+async def _teardown(ctx: DestroyContext, logger) -> bool:
+    sb = ctx.sandbox
+    if sb is None or getattr(sb, "teardown", None) is None:
+        return True
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(max(ctx.timeout, 1.0) * 2) as cs:
+            try:
+                await sb.teardown()
+            except Exception as e:
+                logger.warning("destroy.teardown_failed", error=_reason_text(e))
+                return False
+        if cs.cancelled_caught:
+            logger.warning("destroy.teardown_failed", error="timeout")
+            return False
+    return True

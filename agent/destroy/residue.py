@@ -1,0 +1,155 @@
+"""procfs / mountinfo / cgroupfs scans shared by the steps (1, 2, 5, 6).
+
+Everything here reads the running kernel's view and returns counts or inode numbers;
+nothing returns a path inside a sandbox, a command line or a file name.  Processes that
+exit while being scanned are skipped (their absence is the answer we want)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["NAMESPACES", "Mount", "id_map", "list_pids", "list_tasks", "mounts_of",
+           "ns_inodes", "parse_mountinfo", "processes_in_namespaces", "processes_with_ids",
+           "read_mountinfo"]
+
+NAMESPACES = ("user", "mnt", "uts", "ipc", "pid", "net", "cgroup")
+PROC = Path("/proc")
+
+
+def list_pids() -> list[int]:
+    """Every process (thread-group leader) the host's /proc shows."""
+    return [int(n) for n in os.listdir(PROC) if n.isdigit()]
+
+
+def list_tasks() -> list[tuple[int, int]]:
+    """Every (pid, tid) on the host: namespaces and credentials are per thread."""
+    out = []
+    for pid in list_pids():
+        try:
+            tids = os.listdir(PROC / str(pid) / "task")
+        except OSError:
+            continue
+        out.extend((pid, int(t)) for t in tids if t.isdigit())
+    return out
+
+
+def ns_inodes(pid: int | str, names: Iterable[str] = NAMESPACES) -> dict[str, int]:
+    """Inode numbers of the namespaces of /proc/<pid> (`self` allowed); raises OSError."""
+    return {n: os.stat(PROC / str(pid) / "ns" / n).st_ino for n in names}
+
+
+def processes_in_namespaces(inodes: Iterable[int]) -> tuple[int, int]:
+    """(processes, threads) on the host that are in any of the given namespace inodes."""
+    wanted = set(inodes)
+    procs: set[int] = set()
+    threads = 0
+    if not wanted:
+        return 0, 0
+    for pid, tid in list_tasks():
+        base = PROC / str(pid) / "task" / str(tid) / "ns"
+        for n in NAMESPACES:
+            try:
+                ino = os.stat(base / n).st_ino
+            except OSError:
+                continue
+            if ino in wanted:
+                procs.add(pid)
+                threads += 1
+                break
+    return len(procs), threads
+
+
+def _ids(line: str) -> list[int]:
+    return [int(x) for x in line.split()[1:]]
+
+
+def processes_with_ids(uid_ranges: list[tuple[int, int]],
+                       gid_ranges: list[tuple[int, int]]) -> int:
+    """Processes with any thread whose real/effective/saved/fs uid or gid is in a range."""
+
+    def inside(ids: list[int], ranges: list[tuple[int, int]]) -> bool:
+        return any(lo <= i < hi for i in ids for lo, hi in ranges)
+
+    found: set[int] = set()
+    for pid, tid in list_tasks():
+        try:
+            with open(PROC / str(pid) / "task" / str(tid) / "status") as f:
+                uids = gids = []
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uids = _ids(line)
+                    elif line.startswith("Gid:"):
+                        gids = _ids(line)
+                        break
+        except OSError:
+            continue
+        if inside(uids, uid_ranges) or inside(gids, gid_ranges):
+            found.add(pid)
+    return len(found)
+
+
+def id_map(pid: int, which: str) -> list[tuple[int, int]]:
+    """Host ranges [start, end) of /proc/<pid>/uid_map or gid_map (`which`)."""
+    out = []
+    with open(PROC / str(pid) / which) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3:
+                host, count = int(parts[1]), int(parts[2])
+                out.append((host, host + count))
+    return out
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    dev: str          # "major:minor" of the superblock
+    root: str         # root of the mount within its filesystem (nsfs: "net:[inode]")
+    mount_point: str
+    fs_type: str
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        f, r = left.split(), right.split()
+        if not sep or len(f) < 5 or not r:
+            continue
+        out.append(Mount(int(f[0]), f[2], f[3], f[4], r[0]))
+    return out
+
+
+def read_mountinfo(pid: int | str = "self") -> list[Mount]:
+    with open(PROC / str(pid) / "mountinfo") as f:
+        return parse_mountinfo(f.read())
+
+
+def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = ()) -> tuple[int, int]:
+    """(mounts, mount namespaces scanned): mounts in ANY mount namespace on the host whose
+    superblock is `dev`, plus nsfs mounts pinning one of the given namespace inodes.  Each
+    mount namespace is read once (through the first process found in it)."""
+    pinned = {f"{n}:[{i}]" for i in ns_inodes_ for n in NAMESPACES}
+    seen_ns: set[int] = set()
+    count = 0
+    for pid in list_pids():
+        try:
+            mnt_ns = os.stat(PROC / str(pid) / "ns" / "mnt").st_ino
+            if mnt_ns in seen_ns:
+                continue
+            mounts = read_mountinfo(pid)
+        except OSError:
+            continue
+        seen_ns.add(mnt_ns)
+        for m in mounts:
+            if (dev is not None and m.dev == dev) or (m.fs_type == "nsfs" and m.root in pinned):
+                count += 1
+    return count, len(seen_ns)
+
+
+def dev_str(st_dev: int) -> str:
+    """st_dev as mountinfo writes it ("major:minor")."""
+    return f"{os.major(st_dev)}:{os.minor(st_dev)}"
