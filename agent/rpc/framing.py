@@ -1,0 +1,95 @@
+"""MessagePack-RPC wire shapes (SPEC 8): request `[0, msgid, method, [params]]`, response
+`[1, msgid, error, result]`, notification `[2, method, [params]]`.
+
+`Decoder` turns a byte stream into messages with a hard cap on the buffered size (a frame
+over `max_frame_bytes` is a `ProtocolError`); `parse_request` checks a message's shape.
+Anything that is not well-formed is a `ProtocolError`: the server closes that connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+MAX_MSGID = 2**32 - 1
+
+__all__ = ["MAX_MSGID", "NOTIFICATION", "REQUEST", "RESPONSE", "Decoder", "ProtocolError",
+           "Request", "pack", "parse_request", "request", "response", "notification"]
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not valid MessagePack-RPC; the connection is closed."""
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def request(msgid: int, method: str, params: dict) -> bytes:
+    return pack([REQUEST, msgid, method, [params]])
+
+
+def response(msgid: int, error: dict | None, result: Any) -> bytes:
+    return pack([RESPONSE, msgid, error, result])
+
+
+def notification(method: str, params: dict) -> bytes:
+    return pack([NOTIFICATION, method, [params]])
+
+
+class Decoder:
+    """Incremental decoder.  `feed(data)` returns the complete messages now available."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
+                                          strict_map_key=True)
+
+    def feed(self, data: bytes) -> list[Any]:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise ProtocolError("frame larger than the limit") from None
+        out = []
+        try:
+            for msg in self._unpacker:
+                out.append(msg)
+        except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
+            pass
+        except Exception as e:  # FormatError, StackError, ValueError, TypeError …
+            raise ProtocolError(f"malformed msgpack ({type(e).__name__})") from None
+        return out
+
+
+@dataclass
+class Request:
+    msgid: int | None  # None for a client notification
+    method: str
+    params: list
+
+
+def parse_request(msg: Any) -> Request:
+    """Check the envelope of an incoming message; the params list is checked later."""
+    if not isinstance(msg, (list, tuple)) or not msg:
+        raise ProtocolError("message is not an array")
+    kind = msg[0]
+    if kind == REQUEST:
+        if len(msg) != 4:
+            raise ProtocolError("request must have 4 elements")
+        _, msgid, method, params = msg
+        if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid <= MAX_MSGID:
+            raise ProtocolError("msgid must be an unsigned 32-bit integer")
+    elif kind == NOTIFICATION:
+        if len(msg) != 3:
+            raise ProtocolError("notification must have 3 elements")
+        msgid = None
+        _, method, params = msg
+    else:
+        raise ProtocolError("only requests and notifications are accepted")
+    if not isinstance(method, str):
+        raise ProtocolError("method must be a string")
+    if not isinstance(params, (list, tuple)):
+        raise ProtocolError("params must be an array")
+    return Request(msgid, method, list(params))

@@ -1,0 +1,250 @@
+"""The RPC method table (SPEC 8) with exact field names, parameter checks and dispatch.
+
+Each method declares its fields; an unknown field, a missing required field, a wrong type
+or an out-of-range value is `BadRequest` naming the field (`field` in the error map).  A
+nil value for an optional field means "absent".  An unknown method is `BadRequest` naming
+`method`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import CLASSIFICATIONS, JURISDICTIONS
+from agent.errors import BadRequest, NotFound
+from agent.rpc.server import CallContext
+from agent.service.sessions import SESSION_ID_RE, Service
+from agent.timefmt import iso_seconds
+
+__all__ = ["METHODS", "Api"]
+
+MAX_ID_LEN = 256
+MAX_COMMAND_BYTES = 256 * 1024
+MAX_ENV_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class F:
+    """One parameter: its type check and whether it is required."""
+
+    kind: str  # str | id | sid | int | number | bool | bytes | env | map
+    required: bool = False
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+
+
+def _check(name: str, spec: F, v: Any, api: Api) -> Any:
+    k = spec.kind
+    if k in ("str", "id", "sid"):
+        if not isinstance(v, str):
+            raise BadRequest(f"{name} must be a string", field=name)
+        if k == "id" and not 0 < len(v) <= MAX_ID_LEN:
+            raise BadRequest(f"{name} must be 1..{MAX_ID_LEN} characters", field=name)
+        if k == "sid" and not SESSION_ID_RE.match(v):
+            raise BadRequest(f"{name} must be sess_ + 16 lowercase hex", field=name)
+        if spec.choices is not None and v not in spec.choices:
+            raise BadRequest(f"{name} must be one of {', '.join(spec.choices)}", field=name)
+        return v
+    if k in ("int", "number"):
+        ok = (int, float) if k == "number" else (int,)
+        if isinstance(v, bool) or not isinstance(v, ok) or v != v:
+            raise BadRequest(f"{name} must be {'a number' if k == 'number' else 'an integer'}",
+                             field=name)
+        if spec.minimum is not None and v < spec.minimum:
+            raise BadRequest(f"{name} must be >= {spec.minimum:g}", field=name)
+        if v > 10**9:
+            raise BadRequest(f"{name} is out of range", field=name)
+        return v
+    if k == "bool":
+        if not isinstance(v, bool):
+            raise BadRequest(f"{name} must be a boolean", field=name)
+        return v
+    if k == "bytes":
+        if isinstance(v, str):
+            v = v.encode("utf-8")
+        if not isinstance(v, bytes):
+            raise BadRequest(f"{name} must be bytes or a string", field=name)
+        cap = api.service.config.exec.max_input_bytes
+        if len(v) > cap:
+            raise BadRequest(f"{name} is larger than {cap} bytes", field=name)
+        return v
+    if k == "env":
+        if not isinstance(v, dict) or len(v) > MAX_ENV_ENTRIES:
+            raise BadRequest(f"{name} must be a map of at most {MAX_ENV_ENTRIES} strings",
+                             field=name)
+        for key, val in v.items():
+            if (not isinstance(key, str) or not isinstance(val, str) or not key
+                    or "=" in key or "\0" in key or "\0" in val):
+                raise BadRequest(f"{name} must map names (no '=' or NUL) to strings",
+                                 field=name)
+        return dict(v)
+    if k == "map":
+        if not isinstance(v, dict):
+            raise BadRequest(f"{name} must be a map", field=name)
+        return v
+    raise AssertionError(k)  # pragma: no cover
+
+
+Handler = Callable[["Api", dict, CallContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    fields: dict[str, F]
+    handler: Handler
+
+
+class Api:
+    """Binds the method table to a Service; `dispatch` is what the RpcServer calls."""
+
+    def __init__(self, service: Service, health=None) -> None:
+        self.service = service
+        self.health = health  # callable -> dict (agent.health); set by the daemon
+
+    async def dispatch(self, method: str, params: dict, ctx: CallContext) -> Any:
+        m = METHODS.get(method)
+        if m is None:
+            raise BadRequest(f"unknown method {method!r}", field="method")
+        clean = {}
+        for name, value in params.items():
+            spec = m.fields.get(name) if isinstance(name, str) else None
+            if spec is None:
+                raise BadRequest(f"unknown field {name!r} for {method}", field=str(name))
+            if value is None and not spec.required:
+                continue
+            clean[name] = _check(name, spec, value, self)
+        for name, spec in m.fields.items():
+            if spec.required and name not in clean:
+                raise BadRequest(f"{name} is required for {method}", field=name)
+        return await m.handler(self, clean, ctx)
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+async def _create(api: Api, p: dict, ctx: CallContext) -> dict:
+    tier = p["tier"]
+    if tier not in api.service.config.tiers:
+        raise BadRequest(f"tier must be one of {', '.join(api.service.config.tiers)}",
+                         field="tier")
+    return await api.service.create(
+        customer_id=p["customer_id"], tier=tier,
+        data_classification=p.get("data_classification", "general"),
+        jurisdiction=p.get("jurisdiction", "US"), ttl_seconds=p.get("ttl_seconds"),
+        session_id=p.get("session_id"))
+
+
+async def _get(api: Api, p: dict, ctx: CallContext) -> dict:
+    return api.service.get(p["session_id"], p.get("customer_id"))
+
+
+async def _list(api: Api, p: dict, ctx: CallContext) -> list:
+    return api.service.list(p.get("customer_id"))
+
+
+async def _exec(api: Api, p: dict, ctx: CallContext) -> dict:
+    command = p["command"]
+    if not command or len(command.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+        raise BadRequest(f"command must be 1..{MAX_COMMAND_BYTES} bytes", field="command")
+    if "\0" in command:
+        raise BadRequest("command must not contain NUL", field="command")
+    on_output = None
+    if p.get("stream"):
+        chunk = api.service.config.rpc.chunk_bytes
+        msgid = ctx.msgid
+
+        async def on_output(stream: str, data: bytes) -> None:
+            for i in range(0, len(data), chunk):
+                await ctx.notify("exec.output", {"msgid": msgid, "stream": stream,
+                                                 "data": bytes(data[i:i + chunk])})
+    return await api.service.exec(
+        p["session_id"], command, input_data=p.get("input_data"), timeout=p.get("timeout"),
+        env=p.get("env"), on_output=on_output, customer_id=p.get("customer_id"))
+
+
+async def _destroy(api: Api, p: dict, ctx: CallContext) -> dict:
+    return await api.service.destroy(p["session_id"], "requested",
+                                     customer_id=p.get("customer_id"))
+
+
+async def _proof_get(api: Api, p: dict, ctx: CallContext) -> dict:
+    stored = api.service.spool.get(p["session_id"])
+    if stored is None:
+        raise NotFound(f"no pending proof for {p['session_id']}", field="session_id")
+    return stored
+
+
+async def _proof_pending(api: Api, p: dict, ctx: CallContext) -> list:
+    return api.service.spool.pending()
+
+
+async def _proof_ack(api: Api, p: dict, ctx: CallContext) -> dict:
+    acked = api.service.spool.ack(p["session_id"])
+    return {"session_id": p["session_id"], "acked": acked}
+
+
+async def _proof_verify(api: Api, p: dict, ctx: CallContext) -> dict:
+    from agent.cdp.verify import verify
+
+    return verify(p["cdp"])
+
+
+async def _key_get(api: Api, p: dict, ctx: CallContext) -> dict:
+    key_id = p["key_id"]
+    rec = api.service.key_store.get(key_id)
+    if rec is None:
+        raise NotFound(f"key {key_id} not found", field="key_id")
+    return rec
+
+
+async def _health(api: Api, p: dict, ctx: CallContext) -> dict:
+    if api.health is not None:
+        return api.health()
+    return {"status": "unhealthy", "engines": {}, "database": False,
+            "uptime_seconds": int(time.monotonic() - api.service.started_at),
+            "timestamp": iso_seconds()}
+
+
+async def _info(api: Api, p: dict, ctx: CallContext) -> dict:
+    s = api.service
+    cfg = s.config
+    driver = getattr(s.engine, "cgroups", None) or getattr(s.engine, "driver", None)
+    mode = getattr(driver, "mode", None)
+    if mode is None:
+        from agent.sandbox.cgroups import detect_mode
+
+        mode = detect_mode()
+    tiers = {name: {"max_concurrent": t.max_concurrent, "max_ttl_seconds": t.max_ttl_seconds,
+                    "default_ttl_seconds": t.default_ttl_seconds,
+                    "memory_bytes": t.memory_bytes} for name, t in cfg.tiers.items()}
+    return {"version": s.version, "node_id": cfg.node.node_id, "capacity": s.capacity(),
+            "cgroup_mode": mode, "ttl_policy": cfg.node.ttl_policy, "draining": s.draining,
+            "tiers": tiers}
+
+
+_SID = F("sid", required=True)
+_CUST = F("id")
+
+METHODS: dict[str, Method] = {
+    "session.create": Method({
+        "customer_id": F("id", required=True), "tier": F("str", required=True),
+        "data_classification": F("str", choices=CLASSIFICATIONS),
+        "jurisdiction": F("str", choices=JURISDICTIONS),
+        "ttl_seconds": F("int", minimum=0), "session_id": F("sid")}, _create),
+    "session.get": Method({"session_id": _SID, "customer_id": _CUST}, _get),
+    "session.list": Method({"customer_id": _CUST}, _list),
+    "session.exec": Method({
+        "session_id": _SID, "command": F("str", required=True), "input_data": F("bytes"),
+        "timeout": F("number", minimum=0.001), "env": F("env"), "stream": F("bool"),
+        "customer_id": _CUST}, _exec),
+    "session.destroy": Method({"session_id": _SID, "customer_id": _CUST}, _destroy),
+    "proof.get": Method({"session_id": _SID}, _proof_get),
+    "proof.pending": Method({}, _proof_pending),
+    "proof.ack": Method({"session_id": _SID}, _proof_ack),
+    "proof.verify": Method({"cdp": F("map", required=True)}, _proof_verify),
+    "key.get": Method({"key_id": F("id", required=True)}, _key_get),
+    "agent.health": Method({}, _health),
+    "agent.info": Method({}, _info),
+}
