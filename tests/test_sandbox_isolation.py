@@ -172,3 +172,12 @@ async def test_setuid_binary_gains_nothing(sandbox):
     assert lines[0] == "0 -rwsr-xr-x"
     assert lines[1:3] == ["1000", "1000"]
     assert stat.S_ISUID & os.stat("work/id", dir_fd=sandbox.root_fd).st_mode
+
+
+async def test_commands_run_under_the_classs_seccomp_filter(sandbox):
+    """Every command runs with a seccomp filter installed (Seccomp: 2) and at least one
+    filter attached."""
+    r = await sh(sandbox, "grep -E '^Seccomp(_filters)?:' /proc/self/status")
+    fields = dict(line.split(":\t") for line in r.stdout.decode().splitlines())
+    assert fields["Seccomp"] == "2"
+    assert int(fields.get("Seccomp_filters", "1")) >= 1
