@@ -47,9 +47,12 @@ class SessionRecord:
 @dataclass
 class DestroyHooks:
     """Test-only instrumentation: `after_step(n, evidence)` is awaited after step n's
-    evidence is final; `fail_step = n` raises InjectedFault at the start of step n."""
+    evidence is final; `before_kill(pids)` is awaited inside step 3 after the memory wipe
+    and before the kill (the wiped processes still exist, frozen); `fail_step = n` raises
+    InjectedFault at the start of step n."""
 
     after_step: Callable[[int, dict], Awaitable[None]] | None = None
+    before_kill: Callable[[list[int]], Awaitable[None]] | None = None
     fail_step: int | None = None
 
 
@@ -76,6 +79,8 @@ class DestroyState:
     gid_ranges: list[tuple[int, int]] = field(default_factory=list)
     tmpfs_dev: str | None = None       # "major:minor" of the session tmpfs superblock
     tmpfs_dev_num: int | None = None    # st_dev of the same
+    pin_fd: int = -1                    # O_PATH fd keeping the superblock (and so its dev
+                                        # number) alive until step 6 has scanned for it
     frozen_pids: list[int] = field(default_factory=list)
     leaves_fs: list[bytes] = field(default_factory=list)   # read-back digests, step 2
     leaves_mem: list[bytes] = field(default_factory=list)  # read-back digests, step 3

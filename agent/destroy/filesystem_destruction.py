@@ -211,6 +211,8 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if root_fd is None or root_fd < 0:
         raise StepError("no pinned root fd")
     rst = os.fstat(root_fd)
+    if st.pin_fd < 0:
+        st.pin_fd = os.dup(root_fd)
     st.tmpfs_dev_num = rst.st_dev
     st.tmpfs_dev = residue.dev_str(rst.st_dev)
     mine = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]

@@ -7,7 +7,9 @@ An independent re-scan of the host, trusting nothing the earlier steps reported:
 * mounts: every mount namespace on the host (each read once through one of its
   processes' /proc/PID/mountinfo) is searched for a mount whose superblock device
   (mountinfo field 3, "major:minor", taken from fstat of the pinned root fd) is the
-  session tmpfs, and for nsfs bind mounts pinning one of the session namespaces;
+  session tmpfs, and for nsfs bind mounts pinning one of the session namespaces.  Step 2
+  keeps an O_PATH fd on the (emptied, detached) superblock until this scan is done, so
+  its device number cannot be reused by another tmpfs meanwhile;
 * cgroups: each of the session's cgroup directories must no longer exist.
 
 Then the Merkle root (SPEC 6) over the read-back leaf digests of step 2 followed by step 3
@@ -35,6 +37,13 @@ def scan(st: DestroyState) -> dict:
             "cgroups": cgroups}
 
 
+def release_pin(st: DestroyState) -> None:
+    """Drop the step-2 pin on the (empty, detached) tmpfs superblock."""
+    if st.pin_fd >= 0:
+        os.close(st.pin_fd)
+        st.pin_fd = -1
+
+
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     sb = ctx.sandbox
     errors: list[str] = []
@@ -50,11 +59,12 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     root = await trio.to_thread.run_sync(merkle.merkle_root, leaves)
     expected = merkle.zero_root(blocks)
     r = await trio.to_thread.run_sync(scan, st)
+    release_pin(st)
     ev.update({"block_size": merkle.BLOCK_SIZE, "blocks": blocks, "merkle_root": root,
                "expected_root": expected, "match": root == expected,
                "residue": {"processes": r["processes"], "mounts": r["mounts"],
                            "cgroups": r["cgroups"]},
-               "mount_namespaces_scanned": r["mnt_ns"], "mount_identity": "superblock_dev"})
+               "mount_namespaces_scanned": r["mnt_ns"], "mount_identity": "superblock_dev_pinned"})
     if not ev["match"]:
         errors.append("read-back root is not the zero root")
     if len(st.namespaces) != len(residue.NAMESPACES):

@@ -108,6 +108,55 @@ def wipe_processes(pids: list[int], passes: list[str]) -> dict:
     return out
 
 
+def memory_after(cgroup) -> tuple[int, int]:
+    """(user bytes, kernel bytes) still charged to the cgroup.  User bytes are the pages
+    that can hold the session's data: anonymous, file/shmem (tmpfs) and swap (v1
+    memory.stat total_rss + total_cache + total_swap; v2 anon + file + swap).  Kernel
+    bytes (slab objects freed lazily by RCU, per-CPU charge stocks) are reported apart."""
+    for p in getattr(cgroup, "paths", []) or []:
+        path = os.path.join(p, "memory.stat")
+        if not os.path.exists(path):
+            continue
+        stat: dict[str, int] = {}
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if v.strip().isdigit():
+                    stat[k] = int(v)
+        if "total_rss" in stat:  # v1
+            user = stat["total_rss"] + stat["total_cache"] + stat.get("total_swap", 0)
+            try:
+                with open(os.path.join(p, "memory.kmem.usage_in_bytes")) as f:
+                    kernel = int(f.read())
+            except (OSError, ValueError):
+                kernel = max(0, cgroup.memory_usage() - user)
+            return user, kernel
+        if "anon" in stat:  # v2
+            user = stat["anon"] + stat["file"] + stat.get("swap", 0)
+            return user, stat.get("kernel", max(0, cgroup.memory_usage() - user))
+    return cgroup.memory_usage(), 0
+
+
+def _reclaim(cgroup) -> bool:
+    """Ask the kernel to drop what the (empty) cgroup still has charged: per-CPU charge
+    stocks and reclaimable caches (v1 memory.force_empty, v2 memory.reclaim)."""
+    done = False
+    for p in getattr(cgroup, "paths", []) or []:
+        for name, value in (("memory.force_empty", "0"), ("memory.reclaim", str(1 << 30))):
+            path = os.path.join(p, name)
+            if os.path.exists(path):
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.write(fd, value.encode())
+                    finally:
+                        os.close(fd)
+                    done = True
+                except OSError:
+                    pass
+    return done
+
+
 async def _poll(pred, timeout: float) -> bool:
     with trio.move_on_after(timeout):
         delay = 0.0005
@@ -161,6 +210,9 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if w["nonzero"]:
         errors.append("memory read-back not zero")
 
+    if ctx.hooks is not None and ctx.hooks.before_kill is not None:
+        await ctx.hooks.before_kill(list(pids))
+
     # kill: cgroup-wide kill (thaws), then PID 1 via pidfd (waits until reaped)
     if cgroup is not None:
         try:
@@ -180,15 +232,21 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if cgroup is not None:
         ev["cgroup_empty"] = await _poll(cgroup.empty, ctx.timeout)
         ev["killed"] = init_dead and ev["cgroup_empty"]
-        await _poll(lambda: cgroup.memory_usage() == 0, ctx.timeout)
+        if not await _poll(lambda: memory_after(cgroup)[0] == 0, 0.05) and ev["cgroup_empty"]:
+            ev["memory_reclaimed"] = await trio.to_thread.run_sync(_reclaim, cgroup)
+            await _poll(lambda: memory_after(cgroup)[0] == 0, ctx.timeout)
         try:
-            ev["memory_after_bytes"] = int(cgroup.memory_usage())
+            ev["memory_after_bytes"], ev["kernel_memory_after_bytes"] = memory_after(cgroup)
         except OSError:
             pass
         st.cgroup_paths = [str(p) for p in getattr(cgroup, "paths", [])]
         try:
             if ev["cgroup_empty"]:
-                cgroup.remove()
+                remove = getattr(sb, "remove_cgroup", None)
+                if remove is not None:
+                    await remove()  # stops the sandbox's OOM watch first
+                else:
+                    cgroup.remove()
         except Exception:
             errors.append("cgroup not removable")
     else:

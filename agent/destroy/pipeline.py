@@ -80,8 +80,6 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
                 if hooks is not None and hooks.fail_step == n:
                     raise InjectedFault("injected fault")
                 await mod.run(ctx, st, ev)
-            except trio.Cancelled:
-                raise
             except Exception as e:
                 ev["ok"] = False
                 ev["error"] = _reason_text(e)
@@ -96,11 +94,10 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
             if hooks is not None and hooks.after_step is not None:
                 try:
                     await hooks.after_step(n, ev)
-                except trio.Cancelled:
-                    raise
                 except Exception as e:
                     hook_error = hook_error or e
     finally:
+        merkle_zero_verification.release_pin(st)
         teardown_ok = await _teardown(ctx, logger)
     ev8 = st.evidence[7]
     status = ev8.get("status") if ev8.get("ok") else "expired_unclean"
