@@ -51,8 +51,8 @@ def check_name(name: str) -> str:
 
 
 def write_file(path: Path, value: str | int) -> None:
-    """Write one value to a control file (no O_CREAT/O_TRUNC games: cgroupfs semantics)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    """Write one value to an existing control file (never creates one)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
         os.write(fd, str(value).encode())
     finally:
