@@ -162,3 +162,13 @@ def test_merkle_rejects_bad_leaves():
     """A leaf that is not a 32-byte digest is refused."""
     with pytest.raises(ValueError):
         merkle.merkle_root([b"short"])
+
+
+def test_selftests_pass():
+    """The health self-tests (embedded vector constants) pass and agree with the vector file."""
+    from agent.cdp import selftest
+
+    vec = load_vector()
+    assert selftest.chain_vector_ok() and selftest.zero_merkle_ok()
+    assert selftest._EVIDENCE_1 == vec["cdp"]["evidence"][0]
+    assert selftest._ZERO_683 == vec["zero_merkle_root_683_blocks"]
