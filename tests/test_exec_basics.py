@@ -148,3 +148,13 @@ async def test_exec_on_a_killed_sandbox_raises_gone(sandbox):
     await sandbox.kill_init()
     with pytest.raises(SandboxGone):
         await sandbox.exec("true", timeout=10)
+
+
+async def test_input_larger_than_the_limit_is_refused(sandbox):
+    """input_data above exec.max_input_bytes is a BadRequest naming the field."""
+    from agent.errors import BadRequest
+
+    limit = sandbox._engine.cfg.exec.max_input_bytes
+    with pytest.raises(BadRequest) as e:
+        await sandbox.exec("true", input_data=b"x" * (limit + 1), timeout=10)
+    assert e.value.field == "input_data"

@@ -114,7 +114,8 @@ class Sandbox:
             return await _exec.run(self, command, input_data=input_data, env=env,
                                    timeout=timeout, on_output=on_output,
                                    output_cap=cfg.output_cap_bytes,
-                                   kill_grace=cfg.kill_grace_seconds)
+                                   kill_grace=cfg.kill_grace_seconds,
+                                   max_input=cfg.max_input_bytes)
         finally:
             self._busy = False
 
@@ -297,7 +298,7 @@ class SandboxEngine:
                 (os.POSIX_SPAWN_DUP2, 0, 1),
                 (os.POSIX_SPAWN_DUP2, 0, 2),
                 (os.POSIX_SPAWN_DUP2, fd, 3),
-            ])
+            ], setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
         finally:
             theirs.close()
         helper_fd = os.pidfd_open(helper)

@@ -209,7 +209,7 @@ class Control:
 
 async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
               timeout: float, on_output: OnOutput | None, output_cap: int,
-              kill_grace: float) -> ExecResult:
+              kill_grace: float, max_input: int = 8 * 1024 * 1024) -> ExecResult:
     """Run `command` in sandbox `sb` (see Sandbox.exec)."""
     full_env = base_env()
     if env:
@@ -217,6 +217,9 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
             if not k or "=" in k or "\0" in k or "\0" in v:
                 raise errors.BadRequest(f"invalid environment variable {k!r}", field="env")
             full_env[k] = v
+    if input_data is not None and len(input_data) > max_input:
+        raise errors.BadRequest(f"input_data is larger than {max_input} bytes",
+                                field="input_data")
     if "\0" in command:
         raise errors.BadRequest("command contains a NUL byte", field="command")
     if input_data is not None:
