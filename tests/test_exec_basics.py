@@ -158,3 +158,25 @@ async def test_input_larger_than_the_limit_is_refused(sandbox):
     with pytest.raises(BadRequest) as e:
         await sandbox.exec("true", input_data=b"x" * (limit + 1), timeout=10)
     assert e.value.field == "input_data"
+
+
+async def test_cancelled_exec_kills_its_command_and_frees_the_sandbox(sandbox):
+    """Cancelling an exec (caller went away) SIGKILLs the command; the next exec runs."""
+    with trio.move_on_after(0.2):
+        await sandbox.exec("touch /tmp/started; sleep 30; touch /tmp/survived", timeout=60)
+    r = await sandbox.exec("ls /tmp; ps -e -o comm= | grep -c sleep", timeout=10)
+    assert r.stdout.split() == [b"started", b"0"]
+
+
+async def test_killing_the_sandbox_during_an_exec_raises_gone(sandbox):
+    """kill_init while a command runs ends that exec with SandboxGone, promptly."""
+    async def killer() -> None:
+        await trio.sleep(0.1)
+        await sandbox.kill_init()
+
+    t0 = time.monotonic()
+    async with trio.open_nursery() as n:
+        n.start_soon(killer)
+        with pytest.raises(SandboxGone):
+            await sandbox.exec("sleep 30", timeout=60)
+    assert time.monotonic() - t0 < 2

@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 
+import pytest
 import test_sandbox_fixtures as fx
 import trio
 
@@ -181,3 +182,13 @@ async def test_commands_run_under_the_classs_seccomp_filter(sandbox):
     fields = dict(line.split(":\t") for line in r.stdout.decode().splitlines())
     assert fields["Seccomp"] == "2"
     assert int(fields.get("Seccomp_filters", "1")) >= 1
+
+
+async def test_session_id_must_be_a_safe_name(engine):
+    """A session id that could escape the runtime dir is refused before anything is made."""
+    from agent.sandbox import SandboxError
+
+    for bad in ("../x", "a/b", "", "x" * 65):
+        with pytest.raises(SandboxError):
+            await engine.create(bad, tier="tiny", classification="general")
+    assert not engine.slots.in_use()

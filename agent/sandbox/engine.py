@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import time
@@ -31,6 +32,7 @@ from .exec import ExecBusy, ExecResult, SandboxGone
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
 CREATE_TIMEOUT = 10.0
 O_PATH = 0o10000000
+_SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class SandboxError(RuntimeError):
@@ -233,6 +235,8 @@ class SandboxEngine:
     async def create(self, session_id: str, *, tier: str, classification: str,
                      hostname: str | None = None) -> Sandbox:
         cfg, sc = self.cfg, self.cfg.sandbox
+        if not _SESSION_ID_RE.match(session_id):
+            raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
         if session_id in self.live:
             raise SandboxError(f"session {session_id} already has a sandbox")
         t = cfg.tiers[tier]

@@ -188,7 +188,10 @@ class Control:
         self.sock = trio.socket.from_stdlib_socket(sock)
 
     async def recv(self) -> tuple[int, tuple]:
-        msg = await self.sock.recv(initproto.MAX_MSG)
+        try:
+            msg = await self.sock.recv(initproto.MAX_MSG)
+        except (trio.ClosedResourceError, OSError) as e:
+            raise SandboxGone("the sandbox was killed") from e
         if not msg:
             raise SandboxGone("the sandbox's init exited")
         return initproto.decode(msg)
@@ -200,7 +203,7 @@ class Control:
                                                  array.array("i", fds))])
             else:
                 await self.sock.send(msg)
-        except (BrokenPipeError, ConnectionResetError) as e:
+        except (trio.ClosedResourceError, OSError) as e:
             raise SandboxGone("the sandbox's init exited") from e
 
     def close(self) -> None:
@@ -243,46 +246,41 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
         for w in wends:
             os.close(w)
         wends.clear()
-        kind, fields = await sb.control.recv()
-        if kind == initproto.MSG_EXEC_FAIL:
-            raise ExecFailed(f"the command could not be started: {fields[0]}")
-        if kind != initproto.MSG_STARTED:
-            raise initproto.ProtocolError(f"unexpected reply {kind} to EXEC")
-        pgid = fields[0]
-
-        status = None
+        pgid: int | None = None
+        status: int | None = None
         timed_out = False
-        async with trio.open_nursery() as nursery:
-            readers = trio.CancelScope()
+        try:
+            pgid = await _wait_started(sb.control)
+            async with _single_errors(), trio.open_nursery() as nursery:
+                readers = trio.CancelScope()
 
-            async def pumps() -> None:
-                with readers:
-                    async with trio.open_nursery() as inner:
-                        for s in streams:
-                            inner.start_soon(_pump, s, on_output)
+                async def pumps() -> None:
+                    with readers:
+                        async with trio.open_nursery() as inner:
+                            for s in streams:
+                                inner.start_soon(_pump, s, on_output)
 
-            nursery.start_soon(pumps)
-
-            async def wait_exit() -> int:
-                while True:
-                    kind, fields = await sb.control.recv()
-                    if kind == initproto.MSG_EXITED and fields[0] == pgid:
-                        return fields[1]
-
-            with trio.move_on_after(max(timeout, 0)):
-                status = await wait_exit()
-            if status is None:
-                timed_out = True
-                await sb.control.send(initproto.encode_signal(pgid, _signal.SIGTERM))
-                with trio.move_on_after(kill_grace):
-                    status = await wait_exit()
+                nursery.start_soon(pumps)
+                with trio.move_on_after(max(timeout, 0)):
+                    status = await _wait_exit(sb.control, pgid)
                 if status is None:
-                    await sb.control.send(initproto.encode_signal(pgid, _signal.SIGKILL))
-                    with trio.move_on_after(10):
-                        status = await wait_exit()
+                    timed_out = True
+                    await sb.control.send(initproto.encode_signal(pgid, _signal.SIGTERM))
+                    with trio.move_on_after(kill_grace):
+                        status = await _wait_exit(sb.control, pgid)
                     if status is None:
-                        raise SandboxGone("the command survived SIGKILL")
-            readers.cancel()
+                        await sb.control.send(initproto.encode_signal(pgid, _signal.SIGKILL))
+                        with trio.move_on_after(10):
+                            status = await _wait_exit(sb.control, pgid)
+                        if status is None:
+                            raise SandboxGone("the command survived SIGKILL")
+                readers.cancel()
+        except BaseException:
+            # cancelled or failed while the command runs: it must not outlive the exec
+            if status is None:
+                with trio.CancelScope(shield=True):
+                    await _abort(sb.control, pgid)
+            raise
         for s in streams:
             await _drain(s, on_output)
     finally:
@@ -300,6 +298,57 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
         output_truncated=out.capture.truncated, stderr_truncated=err.capture.truncated,
         duration_ms=int((time.monotonic() - t0) * 1000),
         started_at=timefmt.iso_seconds(started), finished_at=timefmt.iso_seconds(finished))
+
+
+@contextlib.asynccontextmanager
+async def _single_errors():
+    """Re-raise a lone exception out of a nursery's ExceptionGroup, so callers can catch
+    ExecBusy/SandboxGone/Cancelled as themselves."""
+    try:
+        yield
+    except BaseExceptionGroup as eg:
+        leaves = list(_leaves(eg))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(eg: BaseExceptionGroup):
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
+
+
+async def _wait_started(control: Control) -> int:
+    """The pgid of the command just requested (stale EXITED replies of an aborted exec are
+    skipped)."""
+    while True:
+        kind, fields = await control.recv()
+        if kind == initproto.MSG_STARTED:
+            return fields[0]
+        if kind == initproto.MSG_EXEC_FAIL:
+            raise ExecFailed(f"the command could not be started: {fields[0]}")
+        if kind != initproto.MSG_EXITED:
+            raise initproto.ProtocolError(f"unexpected reply {kind} to EXEC")
+
+
+async def _wait_exit(control: Control, pgid: int) -> int:
+    while True:
+        kind, fields = await control.recv()
+        if kind == initproto.MSG_EXITED and fields[0] == pgid:
+            return fields[1]
+
+
+async def _abort(control: Control, pgid: int | None) -> None:
+    """SIGKILL the command's process group and wait (bounded) for its exit report."""
+    with contextlib.suppress(SandboxGone, initproto.ProtocolError, ExecFailed, OSError):
+        with trio.move_on_after(5):
+            if pgid is None:
+                pgid = await _wait_started(control)
+            await control.send(initproto.encode_signal(pgid, _signal.SIGKILL))
+            await _wait_exit(control, pgid)
 
 
 def _oom_kills(sb) -> int:
