@@ -243,3 +243,17 @@ def test_wipe_throughput(shm_file, cgroup, capsys):
             print(f"\nwipe {what} {r.bytes >> 20} MiB GiB/s random/ones/zeros/readback: "
                   + " ".join(f"{x:.2f}" for x in r.throughput()))
     assert min(rf.throughput()) > 0.3 and min(rm.throughput()) > 0.2
+
+
+def test_random_pass_generator_is_aes_ctr():
+    """The random pass's AES-NI generator is standard AES-128-CTR (checked against the
+    cryptography package), including a partial last 128-byte group."""
+    from agent._native import ffi, lib
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    key, nonce = secrets.token_bytes(16), 0x0102030405060708
+    for n in (16, 100, 4096 + 7, MiB):
+        buf = ffi.new("unsigned char[]", n)
+        if lib.nrx_aes_ctr_fill(key, nonce, buf, n) == -errno.ENOSYS:
+            pytest.skip("no AES-NI: the random pass uses libsodium's ChaCha20")
+        enc = Cipher(algorithms.AES(key), modes.CTR(nonce.to_bytes(8, "big") + bytes(8)))
+        assert bytes(ffi.buffer(buf, n)) == enc.encryptor().update(bytes(n))

@@ -67,11 +67,87 @@ static int pread_all(int fd, unsigned char *buf, size_t n, uint64_t off, uint64_
     return 0;
 }
 
-/* ChaCha20 keystream keyed from getrandom: the kernel's getrandom alone runs at
- * ~0.6 GiB/s here, libsodium's vectorised ChaCha20 several times faster. */
+/* The random pass is a CSPRNG keystream keyed from getrandom: the kernel's getrandom
+ * alone runs at ~0.6 GiB/s here and libsodium's ChaCha20 at ~2.2 GiB/s, so on x86_64 with
+ * AES-NI we use AES-128-CTR (8 blocks in flight, ~3x faster), else ChaCha20. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define NRX_HAVE_AESNI_CODE 1
+
+__attribute__((target("aes,sse2"))) static __m128i aes_expand(__m128i k, __m128i t)
+{
+    t = _mm_shuffle_epi32(t, 0xff);
+    k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
+    k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
+    k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
+    return _mm_xor_si128(k, t);
+}
+
+#define AES_RK(i, rcon) rk[i] = aes_expand(rk[i - 1], _mm_aeskeygenassist_si128(rk[i - 1], rcon))
+
+/* AES-128-CTR keystream: counter block = nonce (8 bytes, big-endian) || block counter
+ * (8 bytes, big-endian, from 0), i.e. standard CTR with IV nonce||0. */
+__attribute__((target("aes,sse2"))) static void aes_ctr_fill(const unsigned char key[16],
+                                                             uint64_t nonce,
+                                                             unsigned char *out, size_t n)
+{
+    __m128i rk[11];
+    rk[0] = _mm_loadu_si128((const __m128i *)key);
+    AES_RK(1, 0x01); AES_RK(2, 0x02); AES_RK(3, 0x04); AES_RK(4, 0x08); AES_RK(5, 0x10);
+    AES_RK(6, 0x20); AES_RK(7, 0x40); AES_RK(8, 0x80); AES_RK(9, 0x1b); AES_RK(10, 0x36);
+    const long long nbe = (long long)__builtin_bswap64(nonce);
+    uint64_t ctr = 0;
+    size_t off = 0;
+    while (off < n) {
+        __m128i b[8];
+        for (int j = 0; j < 8; j++)
+            b[j] = _mm_xor_si128(_mm_set_epi64x((long long)__builtin_bswap64(ctr + (uint64_t)j), nbe),
+                                 rk[0]);
+        ctr += 8;
+        for (int r = 1; r < 10; r++)
+            for (int j = 0; j < 8; j++)
+                b[j] = _mm_aesenc_si128(b[j], rk[r]);
+        for (int j = 0; j < 8; j++)
+            b[j] = _mm_aesenclast_si128(b[j], rk[10]);
+        if (n - off >= 128) {
+            for (int j = 0; j < 8; j++)
+                _mm_storeu_si128((__m128i *)(out + off + 16 * j), b[j]);
+            off += 128;
+        } else {
+            unsigned char tmp[128];
+            for (int j = 0; j < 8; j++)
+                _mm_storeu_si128((__m128i *)(tmp + 16 * j), b[j]);
+            memcpy(out + off, tmp, n - off);
+            sodium_memzero(tmp, sizeof tmp);
+            off = n;
+        }
+    }
+    sodium_memzero(rk, sizeof rk);
+}
+
+static int have_aesni(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("aes");
+}
+#endif
+
+int nrx_aes_ctr_fill(const unsigned char *key, uint64_t nonce, unsigned char *out, size_t n)
+{
+#ifdef NRX_HAVE_AESNI_CODE
+    if (have_aesni()) {
+        aes_ctr_fill(key, nonce, out, n);
+        return 0;
+    }
+#endif
+    (void)key; (void)nonce; (void)out; (void)n;
+    return -ENOSYS;
+}
+
 struct rng {
-    unsigned char key[crypto_stream_chacha20_KEYBYTES];
+    unsigned char key[crypto_stream_chacha20_KEYBYTES]; /* AES uses the first 16 bytes */
     uint64_t counter;
+    int aes;
 };
 
 static int rng_init(struct rng *r)
@@ -86,11 +162,22 @@ static int rng_init(struct rng *r)
         got += (size_t)n;
     }
     r->counter = 0;
+#ifdef NRX_HAVE_AESNI_CODE
+    r->aes = have_aesni();
+#else
+    r->aes = 0;
+#endif
     return 0;
 }
 
 static void rng_fill(struct rng *r, unsigned char *buf, size_t n)
 {
+#ifdef NRX_HAVE_AESNI_CODE
+    if (r->aes) {
+        aes_ctr_fill(r->key, r->counter++, buf, n);
+        return;
+    }
+#endif
     unsigned char nonce[crypto_stream_chacha20_NONCEBYTES];
     memcpy(nonce, &r->counter, sizeof nonce < sizeof r->counter ? sizeof nonce : sizeof r->counter);
     r->counter++;

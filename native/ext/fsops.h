@@ -28,4 +28,8 @@ int nrx_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint
 int nrx_wipe_ranges(int fd, const uint64_t *starts, const uint64_t *lens, size_t nranges,
                     const int *passes, size_t npasses, unsigned char *digests,
                     struct nrx_wipe_result *res);
+
+/* AES-128-CTR keystream (IV = nonce big-endian || 64-bit block counter from 0) with AES-NI,
+ * the random pass's generator; -ENOSYS without AES-NI.  Exposed for its known-answer test. */
+int nrx_aes_ctr_fill(const unsigned char *key, uint64_t nonce, unsigned char *out, size_t n);
 #endif
