@@ -189,3 +189,42 @@ def test_hostile_renditions(doc):
 def test_v1_vector_unchanged():
     """The v1.0 vector still verifies (the rendition is additive)."""
     assert verify(VEC["cdp"])["valid"] is True
+
+
+def _leaf_paths(obj, prefix=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaf_paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaf_paths(v, (*prefix, i))
+    else:
+        yield prefix
+
+
+def _mutated(v):
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 1
+    return (v + "x") if isinstance(v, str) else "x"
+
+
+BASE_RENDITION = _rendition("PHI", None, region="us-east-1")
+RENDITION_PATHS = list(_leaf_paths(BASE_RENDITION))
+SIGNED_TOP = {"cdp_version", "signing_mode", "hash_algorithm", "signature_algorithm",
+              "capsule_id", "org_id", "jurisdiction", "authority_id", "signing_key_version",
+              "activity", "chain", "destruction_state"}
+
+
+def test_every_leaf_change_invalidates():
+    """Changing any leaf of a rendition makes ours invalid; inside the signed view, the official one too."""
+    for path in RENDITION_PATHS:
+        doc = copy.deepcopy(BASE_RENDITION)
+        t = doc
+        for p in path[:-1]:
+            t = t[p]
+        t[path[-1]] = _mutated(t[path[-1]])
+        assert verify(doc)["valid"] is False, path
+        if path[0] in SIGNED_TOP or path[:2] == ("attestation", "signature"):
+            assert not nv.verify(doc).ok, path
