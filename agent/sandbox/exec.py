@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from agent import errors, timefmt
+from agent.fsops import openat2
 
 from . import initproto
 from .output import Capture
@@ -33,9 +34,6 @@ CHUNK = 64 * 1024
 PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
 F_SETPIPE_SZ = 1031
-O_PATH = 0o10000000
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 
 
 class ExecBusy(errors.Conflict):
@@ -81,35 +79,14 @@ def base_env(home: str = "/work") -> dict[str, str]:
 
 # -- input ----------------------------------------------------------------------------
 
-def _openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
-    try:
-        from agent.fsops import openat2  # A2's native wrapper
-    except ImportError:
-        return _openat2_ctypes(dirfd, path, flags, mode)
-    return openat2(dirfd, path, flags, mode)
-
-
-def _openat2_ctypes(dirfd: int, path: str, flags: int, mode: int) -> int:
-    """Stand-in until agent.fsops exists: the same syscall through ctypes."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    how = (ctypes.c_uint64 * 3)(flags, mode, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
-    fd = libc.syscall(437, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
-    return fd
-
-
 def write_input(root_fd: int, data: bytes, uid: int, gid: int) -> None:
     """Replace /input/data with `data`: a fresh file next to it (never following a link),
     owned by root inside, mode 0444, then renamed over `data` — a planted symlink is
     replaced, not followed."""
-    indir = _openat2(root_fd, "input", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    indir = openat2(root_fd, "input", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         tmp = f".data.{secrets.token_hex(8)}"
-        fd = _openat2(indir, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        fd = openat2(indir, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
         try:
             try:
                 view = memoryview(data)
