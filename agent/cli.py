@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("verify", help="verify CDP files offline", add_help=False)
     sub.add_parser("debug", help="send a command to the debug socket", add_help=False)
 
-    sess = sub.add_parser("session", help="session commands").add_subparsers(
+    sess = sub.add_parser("session", help="session commands (exec: ... -- COMMAND…)").add_subparsers(
         dest="action", required=True)
     p = sess.add_parser("create")
     _session_options(p)
@@ -276,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-data")
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--json", action="store_true", help="print the result instead of streaming")
-    p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_session_exec)
     p = sess.add_parser("get")
     p.add_argument("id")
@@ -300,7 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--cdp-out", default=None, help="default ./<session_id>.cdp.json")
     p.add_argument("--format", choices=("v1", "auditproof"), default="v1")
-    p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_run)
 
     keys = sub.add_parser("keys", help="key records").add_subparsers(dest="action",
@@ -337,9 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         target = {"doctor": ("agent.doctor", "main"), "verify": ("agent.verify_cli", "main"),
                   "debug": ("agent.ops.debug", "client_main")}[rest[0]]
         return _delegate(*target, rest[1:])
+    command: list[str] = []
+    if "--" in argv:  # everything after the first `--` is the sandbox command
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) is not None and args.command[:1] == ["--"]:
-        args.command = args.command[1:]
+    args.command = command
     if args.socket is None:
         from agent.rpc.client import default_socket
 

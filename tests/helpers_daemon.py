@@ -133,7 +133,9 @@ class AgentDaemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode} during start:\n"
                                    + self.log_text()[-4000:])
-            if self.socket.exists():
+            # ready = the daemon logged agent_ready (after recovery and the first health
+            # self-test, when it also tells systemd READY=1) and answers on the socket
+            if self.socket.exists() and '"agent_ready"' in self.log_text():
                 try:
                     self.call("agent.info", timeout=5)
                     return

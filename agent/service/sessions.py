@@ -314,6 +314,8 @@ class Service:
                                                classification=classification)
         except Exception as e:
             key.zeroize()
+            if type(e).__name__ == "SlotsExhausted":  # e.g. a health canary holds a slot
+                raise Unavailable("node is at capacity (no free uid slot)") from None
             _log.exception("sandbox_create_failed", session_id=session_id)
             raise InternalError(f"sandbox creation failed ({type(e).__name__})") from None
         record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
@@ -518,12 +520,18 @@ class Service:
         for ev in outcome.evidence:
             if isinstance(ev, dict) and ev.get("ok") is not True:
                 self._inc("destroy_step_failures_total", step=str(outcome.evidence.index(ev) + 1))
-        result = self.finish_proof(session_id=sid, customer_id=s.record.customer_id,
-                                   classification=s.record.classification,
-                                   jurisdiction=s.record.jurisdiction, outcome=outcome,
-                                   exec_count=s.record.exec_count)
         self.journal.update_session(sid, status=s.status, reason=reason,
                                     exec_count=s.record.exec_count)
+        try:
+            result = self.finish_proof(session_id=sid, customer_id=s.record.customer_id,
+                                       classification=s.record.classification,
+                                       jurisdiction=s.record.jurisdiction, outcome=outcome,
+                                       exec_count=s.record.exec_count)
+        except Exception:
+            _log.exception("proof_failed", session_id=sid, reason=reason)
+            self._inc("destroys_total", reason=reason, status=s.status)
+            raise InternalError("the session was destroyed but its proof could not be "
+                                "built or spooled") from None
         self._inc("destroys_total", reason=reason, status=s.status)
         _log.info("session_destroyed", session_id=sid, reason=reason, status=s.status)
         return result
@@ -538,10 +546,9 @@ class Service:
         signer = self.key_store.current()
         cdp = outcome.build_cdp(signer)
         auditproof = build_auditproof(
-            cdp=cdp, customer_id=customer_id, jurisdiction=jurisdiction,
-            authority_id=self.config.authority_id, region=self.config.auditproof.region,
-            signing_key_version=self.key_store.generation, exec_count=exec_count,
-            signer=signer)
+            signer=signer, customer_id=customer_id, jurisdiction=jurisdiction,
+            authority_id=self.config.authority_id, signing_key_version=signer.generation,
+            exec_count=exec_count, region=self.config.auditproof.region or None, cdp_v1=cdp)
         result = {"session_id": session_id, "status": outcome.status,
                   "reason": outcome.reason, "cdp": cdp,
                   "regulatory_context": regulatory_context(classification, jurisdiction),
