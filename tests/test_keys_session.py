@@ -68,7 +68,7 @@ def test_no_api_exposes_secret():
     assert held == [k.public_key]
     public = {n for n in dir(k) if not n.startswith("_")}
     assert public == {"algorithm", "key_id", "public_key", "sign", "zeroize", "zeroized",
-                      "last_zeroize", "public_record", "generate"}
+                      "last_zeroize", "public_record", "generate", "memory_locked"}
 
 
 def test_concurrent_sign_and_zeroize():
@@ -100,22 +100,36 @@ from agent.keys.session import SessionKey
 import sys
 keys = [SessionKey.generate("sess_0123456789abcdef") for _ in range(int(sys.argv[1]))]
 for k in keys: k.sign(b"x")
-dontdump = 0
+locked = all(k.memory_locked for k in keys)
+dd = lo = 0
 for line in open("/proc/self/smaps"):
     if line.startswith("VmFlags:"):
         flags = line.split()[1:]
-        if "dd" in flags and "lo" in flags:
-            dontdump += 1
-print(dontdump)
+        dd += "dd" in flags
+        lo += "dd" in flags and "lo" in flags
+print(dd, lo, int(locked))
 """
 
 
 def test_secret_pages_locked_and_not_dumpable():
-    """The process holding session keys has mappings that are both mlocked (lo) and MADV_DONTDUMP (dd)."""
-    def count(n: int) -> int:
+    """Session key pages are MADV_DONTDUMP (dd) and, where permitted, mlocked (lo) as memory_locked says."""
+    def count(n: int) -> tuple[int, int, int]:
         out = subprocess.run([sys.executable, "-c", CHILD, str(n)], capture_output=True,
                              text=True, timeout=30, check=True)
-        return int(out.stdout.strip())
+        dd, lo, locked = map(int, out.stdout.split())
+        return dd, lo, locked
 
-    assert count(0) == 0
-    assert count(4) >= 4
+    base_dd, base_lo, _ = count(0)
+    dd, lo, locked = count(4)
+    assert dd >= base_dd + 4  # every key's pages are excluded from core dumps
+    if locked:  # root / CAP_IPC_LOCK: the pages are mlocked too (reported by memory_locked)
+        assert lo >= base_lo + 4
+
+
+def test_memory_locked_as_root():
+    """Running as root (CAP_IPC_LOCK), the secret's page is reported locked."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs CAP_IPC_LOCK")
+    assert SessionKey.generate(SID).memory_locked is True

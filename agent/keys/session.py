@@ -73,6 +73,12 @@ class SessionKey:
     def zeroized(self) -> bool:
         return self._zeroized
 
+    @property
+    def memory_locked(self) -> bool:
+        """True when the secret's page is mlock()ed (false without CAP_IPC_LOCK / memlock
+        rlimit room; the page is MADV_DONTDUMP and guarded either way)."""
+        return bool(lib.nrx_sk_mlocked(self._h))
+
     def sign(self, msg: bytes) -> bytes:
         """64-byte Ed25519 signature of `msg`; raises KeyZeroized after `zeroize()`."""
         sig = ffi.new("unsigned char[64]")

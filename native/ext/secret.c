@@ -8,6 +8,7 @@
 #include "secret.h"
 
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sodium.h>
@@ -16,6 +17,7 @@ struct nrx_sk {
     pthread_mutex_t mu;
     unsigned char *sk;   /* crypto_sign_SECRETKEYBYTES in sodium_malloc memory, or NULL */
     int zeroized;
+    int mlocked;         /* 1 when mlock() of the secret's page succeeded */
 };
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -42,6 +44,10 @@ static nrx_sk *alloc_key(void)
         return NULL;
     }
     pthread_mutex_init(&k->mu, NULL);
+    /* sodium_malloc already tried mlock() (and MADV_DONTDUMP) but ignores failure; ask
+     * again so we can report whether the page is really locked (RLIMIT_MEMLOCK, no
+     * CAP_IPC_LOCK).  Locking an already locked page is a no-op. */
+    k->mlocked = mlock(k->sk, crypto_sign_SECRETKEYBYTES) == 0;
     return k;
 }
 
@@ -116,6 +122,12 @@ int nrx_sk_locked(nrx_sk *k)
     int live = !k->zeroized && k->sk != NULL;
     pthread_mutex_unlock(&k->mu);
     return live;
+}
+
+/* 1 when the secret's memory is mlock()ed. */
+int nrx_sk_mlocked(nrx_sk *k)
+{
+    return k->mlocked;
 }
 
 /* Release the handle; zeroizes first when that has not happened. */
