@@ -116,6 +116,12 @@ def test_canonical_rejects_bad_types():
             canonical_json(bad)
 
 
+def test_canonical_huge_int_is_canonical_error():
+    """An int too long to print is a CanonicalError, not a bare ValueError."""
+    with pytest.raises(CanonicalError):
+        canonical_json({"n": 10**5000})
+
+
 def test_canonical_form_details():
     """Sorted keys, no whitespace, non-ASCII kept, bools/None/ints as JSON, controls escaped."""
     out = canonical_json({"b": [True, None, -3], "a": "é\n", "é": 0})

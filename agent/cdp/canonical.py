@@ -45,7 +45,12 @@ def normalize(obj: object, _depth: int = 0) -> object:
 
 def canonical_json(obj: object) -> bytes:
     """UTF-8 bytes of `obj` as canonical JSON; raises CanonicalError on disallowed values."""
-    text = _ENCODER.encode(normalize(obj))
+    try:
+        text = _ENCODER.encode(normalize(obj))
+    except ValueError as e:  # e.g. an int beyond the interpreter's int->str digit limit
+        if isinstance(e, CanonicalError):
+            raise
+        raise CanonicalError(f"cannot serialise: {e}") from None
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
