@@ -53,3 +53,25 @@ def test_sigterm_destroys_live_sessions_with_reason_operator(tmp_path):
         assert all(verify(p["cdp"])["valid"] for p in pending.values())
     finally:
         d.stop()
+
+
+def test_sigkill_then_start_recovers_sessions(tmp_path):
+    """After a SIGKILL, the next start destroys journaled sessions (agent_recovery) and spools."""
+    d = AgentDaemon(tmp_path)
+    d.start()
+    sids = [d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+            for _ in range(2)]
+    d.call("session.exec", {"session_id": sids[0], "command": "echo x > /work/f"})
+    d.kill()
+    d.start()
+    try:
+        pending = {p["session_id"]: p for p in d.call("proof.pending")}
+        assert set(pending) == set(sids)
+        for p in pending.values():
+            assert p["reason"] == "agent_recovery"
+            assert verify(p["cdp"])["valid"] is True
+        assert d.call("session.get", {"session_id": sids[0]})["status"] in (
+            "expired", "expired_unclean")
+        assert d.call("agent.info")["capacity"]["sessions_live"] == 0
+    finally:
+        assert d.stop() == 0
