@@ -67,6 +67,23 @@ def _exited(pidfd: int) -> bool:
     return bool(p.poll(0))
 
 
+def _late_pid(sock: socket.socket) -> int:
+    """The PID message still queued on the agent's end of the control socket, or -1."""
+    while True:
+        try:
+            msg = sock.recv(initproto.MAX_MSG, socket.MSG_DONTWAIT)
+        except OSError:
+            return -1
+        if not msg:
+            return -1
+        try:
+            kind, fields = initproto.decode(msg)
+        except initproto.ProtocolError:
+            continue
+        if kind == initproto.MSG_PID:
+            return fields[0]
+
+
 class Sandbox:
     """One live session sandbox.  See docs/design.md for the contract."""
 
@@ -182,6 +199,10 @@ class Sandbox:
     async def teardown(self) -> None:
         """Best effort: kill, remove the cgroup, detach the tmpfs, release the slot.
         Errors of one step do not stop the others; the first is raised at the end."""
+        with trio.CancelScope(shield=True):  # cleanup must not stop halfway
+            await self._teardown()
+
+    async def _teardown(self) -> None:
         first: BaseException | None = None
         for step in (self.kill_init, self.remove_cgroup):
             try:
@@ -336,6 +357,13 @@ class SandboxEngine:
                 with trio.move_on_after(CREATE_TIMEOUT):
                     await _reap(helper_fd)
                 os.close(helper_fd)
+                if pidfd < 0:
+                    # aborted before reading it: the helper sent the PID before exiting, so
+                    # the child can still be found (to kill and reap it) in the socket
+                    pid = _late_pid(ours)
+                    if pid > 0:
+                        pidfd = os.pidfd_open(pid)
+                        undo.append(kill_child)
         return pid, pidfd, control
 
     def sweep_leftovers(self) -> dict:

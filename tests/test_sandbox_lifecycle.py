@@ -1,0 +1,88 @@
+"""Sandbox creation and teardown bookkeeping: failures undo exactly what was done, slots
+and hostnames are unique among live sandboxes, teardown pieces are idempotent."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import test_sandbox_fixtures as fx
+import trio
+
+from agent.sandbox import SandboxError, namespaces, userns
+from agent.sandbox.uts import new_hostname
+
+sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
+
+
+async def test_failed_setup_inside_undoes_everything(engine):
+    """A step failing inside nrx-init (bad hostname) raises SandboxError naming it; no slot,
+    cgroup, mount or process is left."""
+    with pytest.raises(SandboxError, match="sethostname"):
+        await engine.create(fx.new_session_id(), tier="tiny", classification="general",
+                            hostname="x" * 100)
+    assert not engine.slots.in_use() and not engine.live
+    assert engine.cgroups.leftovers() == []
+    assert list((engine.runtime_dir / "sessions").iterdir()) == []
+
+
+async def test_cancelled_create_undoes_everything(engine):
+    """Cancelling create() at any point leaves nothing behind (checked at several delays)."""
+    for delay in (0, 0.0005, 0.001, 0.002, 0.004):
+        with trio.move_on_after(delay):
+            sb = await engine.create(fx.new_session_id(), tier="tiny", classification="general")
+            await sb.teardown()
+        assert not engine.slots.in_use() and not engine.live
+        assert engine.cgroups.leftovers() == []
+
+
+async def test_sandbox_exposes_what_destruction_needs(sandbox):
+    """pidfd, init pid + starttime, pinned root fd on the host tmpfs, 7 namespace inodes,
+    cgroup paths, slot ids."""
+    assert sandbox.init_pid in sandbox.cgroup.pids()
+    assert sandbox.init_starttime == namespaces.starttime(sandbox.init_pid)
+    assert set(sandbox.namespaces) == set(namespaces.NAMESPACES)
+    for ns, ino in sandbox.namespaces.items():
+        assert ino != os.stat(f"/proc/self/ns/{ns}").st_ino, ns
+    st = os.stat(".", dir_fd=sandbox.root_fd)
+    assert st.st_dev == os.stat(sandbox.root_mount_path).st_dev
+    assert st.st_uid == sandbox.slot_root_uid
+    r = await sandbox.exec("echo hello > /work/f", timeout=10)
+    assert r.exit_code == 0
+    with open(os.open("work/f", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=sandbox.root_fd)) as f:
+        assert f.read() == "hello\n"
+    assert os.statvfs(sandbox.root_mount_path).f_blocks * 4096 == sandbox.tmpfs_bytes
+
+
+async def test_teardown_pieces_are_idempotent(sandbox):
+    """kill_init, detach_root_mount, release_slot and teardown may each run twice."""
+    await sandbox.kill_init()
+    await sandbox.kill_init()
+    assert not sandbox.alive
+    await sandbox.remove_cgroup()
+    sandbox.detach_root_mount()
+    sandbox.detach_root_mount()
+    sandbox.release_slot()
+    sandbox.release_slot()
+    await sandbox.teardown()
+
+
+def test_slot_allocator_gives_unique_lowest_free_slots():
+    """Slots are unique among live sessions, reused after release, and run out cleanly."""
+    a = userns.SlotAllocator(200000, 65536, 3)
+    s = [a.allocate() for _ in range(3)]
+    assert [x.slot for x in s] == [0, 1, 2]
+    assert s[1].base == 200000 + 65536 and s[1].sandbox_host_id == 200000 + 65536 + 1000
+    with pytest.raises(userns.SlotsExhausted):
+        a.allocate()
+    a.release(1)
+    assert a.allocate().slot == 1
+    with pytest.raises(ValueError):
+        a.reserve(0)
+
+
+def test_hostnames_avoid_taken_names():
+    """new_hostname never returns a name in use."""
+    taken = {new_hostname("nrx-", set()) for _ in range(50)}
+    for _ in range(200):
+        assert new_hostname("nrx-", taken) not in taken
