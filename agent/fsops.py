@@ -12,7 +12,8 @@
 - `present_ranges(pid) -> [(address, length)]`: the memory of a (frozen) process that
   holds its own data: resident pages (pagemap bit 63) of private mappings that are not
   clean page-cache pages (bit 61 clear), plus resident pages of writable shared mappings;
-  adjacent pages coalesced.  Feed it straight to `wipe_ranges` on `/proc/PID/mem`.
+  pages that map the kernel's shared zero page are skipped (no data; writing them would
+  allocate memory in a cgroup at its limit); adjacent pages coalesced.  Feed it straight to `wipe_ranges` on `/proc/PID/mem`.
 """
 
 from __future__ import annotations
@@ -96,9 +97,59 @@ def _maps(pid: int) -> list[tuple[int, int, str, str]]:
     return out
 
 
+_zero_pfns: list[tuple[int, int]] | None = None
+_PFN_MASK = (1 << 55) - 1
+
+
+def _own_pfn(addr: int) -> int:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        e = int.from_bytes(f.read(8), "little")
+    return e & _PFN_MASK if e >> 63 & 1 else 0
+
+
+def _is_zero_page(pfn: int) -> bool:
+    """/proc/kpageflags KPF_ZERO_PAGE (bit 24): never skip a PFN that is not provably zero."""
+    try:
+        fd = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return bool(int.from_bytes(os.pread(fd, 8, pfn * 8), "little") >> 24 & 1)
+    finally:
+        os.close(fd)
+
+
+def zero_pfns() -> list[tuple[int, int]]:
+    """PFN range of the kernel's shared zero page, found by read-faulting a fresh private
+    anonymous page of our own and confirmed with /proc/kpageflags; [] without
+    CAP_SYS_ADMIN (nothing is skipped then).  The THP huge zero page is deliberately not
+    skipped: the kernel frees and reallocates it, so a cached PFN could later name real
+    data (wiping it only costs an allocation)."""
+    global _zero_pfns
+    if _zero_pfns is not None:
+        return _zero_pfns
+    import ctypes
+    import mmap
+    found: list[tuple[int, int]] = []
+    m = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE)
+    try:
+        m[0]  # read fault: maps the zero page
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        pfn = _own_pfn(addr)
+        if pfn and _is_zero_page(pfn):
+            found.append((pfn, pfn + 1))
+    finally:
+        m.close()  # the temporary c_char export is gone: addressof kept only an int
+    _zero_pfns = found
+    return found
+
+
 def present_ranges(pid: int) -> list[tuple[int, int]]:
     """(address, length) of the resident memory holding `pid`'s own data (module doc)."""
     out: list[tuple[int, int]] = []
+    skip = [x for r in zero_pfns() for x in r]
+    cskip = ffi.new("uint64_t[]", skip or [0])
     pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for lo, hi, perms, name in _maps(pid):
@@ -109,24 +160,20 @@ def present_ranges(pid: int) -> list[tuple[int, int]]:
                 continue
             # private: keep present pages that are not page-cache/shared (bit 61 clear);
             # writable shared: keep every present page (its content is the session's)
-            need = (1 << 63) if shared else (1 << 63) | (1 << 61)
-            want = 1 << 63
-            first, npages = lo // PAGE, (hi - lo) // PAGE
-            idx = 0
-            while idx < npages:
-                n = min(npages - idx, 1 << 16)
-                raw = os.pread(pm, n * 8, (first + idx) * 8)
-                got = len(raw) // 8
-                if got == 0:
-                    break
-                for j, e in enumerate(memoryview(raw).cast("Q")):
-                    if e & need == want:
-                        addr = lo + (idx + j) * PAGE
-                        if out and out[-1][0] + out[-1][1] == addr:
-                            out[-1] = (out[-1][0], out[-1][1] + PAGE)
-                        else:
-                            out.append((addr, PAGE))
-                idx += got
+            mask = (1 << 63) if shared else (1 << 63) | (1 << 61)
+            npages = (hi - lo) // PAGE
+            cap = npages // 2 + 1
+            buf = ffi.new("uint64_t[]", 2 * cap)
+            n = lib.nrx_pagemap_runs(pm, lo // PAGE, npages, PAGE, mask, 1 << 63, cskip,
+                                     len(skip) // 2, buf, cap)
+            if n < 0:
+                raise OSError(-n, f"reading /proc/{pid}/pagemap: {os.strerror(-n)}")
+            for i in range(n):
+                addr, length = int(buf[2 * i]), int(buf[2 * i + 1])
+                if out and out[-1][0] + out[-1][1] == addr:
+                    out[-1] = (out[-1][0], out[-1][1] + length)
+                else:
+                    out.append((addr, length))
     finally:
         os.close(pm)
     return out

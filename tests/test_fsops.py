@@ -196,6 +196,36 @@ def test_present_ranges_cover_resident_private_memory():
     del buf
 
 
+ZERO_READER = r"""
+import ctypes, mmap, sys
+m = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE)
+total = sum(m[i] for i in range(0, len(m), 4096))   # read faults only: the zero page
+d = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE)
+d[0:1] = b"x"                                        # one written page
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)),
+      ctypes.addressof(ctypes.c_char.from_buffer(d)), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_present_ranges_skip_the_zero_page():
+    """Pages that only map the kernel's shared zero page (read, never written) are not
+    listed — they hold no data and writing them would allocate — but a written page is."""
+    assert fsops.zero_pfns(), "root should see the zero page's PFN in pagemap"
+    p = subprocess.Popen([sys.executable, "-c", ZERO_READER], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    try:
+        zero, dirty = map(int, p.stdout.readline().split())
+        ranges = fsops.present_ranges(p.pid)
+        assert not any(a < zero + (32 << 20) and zero < a + n for a, n in ranges)
+        assert any(a <= dirty < a + n for a, n in ranges)
+    finally:
+        p.kill()
+        p.wait()
+        p.stdin.close()
+        p.stdout.close()
+
+
 def test_frozen_process_memory_wipe_removes_secret(cgroup):
     """Overwriting the present ranges of a frozen process through /proc/PID/mem with three
     passes leaves zero read-back and no trace of a secret it held; then it is killed."""

@@ -262,3 +262,67 @@ out:
     free(buf);
     return rc;
 }
+
+#define PM_PFN_MASK ((1ull << 55) - 1)
+
+long nrx_pagemap_runs(int pagemap_fd, uint64_t first_page, uint64_t npages, uint64_t page_size,
+                      uint64_t mask, uint64_t want, const uint64_t *skip_pfns, size_t nskip,
+                      uint64_t *out, size_t cap)
+{
+    enum { CHUNK = 1 << 16 };
+    uint64_t *ent = malloc(CHUNK * sizeof *ent);
+    if (!ent)
+        return -ENOMEM;
+    long nruns = 0;
+    int open_run = 0;
+    uint64_t idx = 0;
+    while (idx < npages) {
+        size_t want_n = npages - idx < CHUNK ? (size_t)(npages - idx) : CHUNK;
+        ssize_t r = pread(pagemap_fd, ent, want_n * sizeof *ent,
+                          (off_t)((first_page + idx) * sizeof *ent));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            int e = errno;
+            free(ent);
+            return -e;
+        }
+        size_t got = (size_t)r / sizeof *ent;
+        if (got == 0)
+            break;
+        for (size_t j = 0; j < got; j++) {
+            uint64_t e = ent[j];
+            int keep = (e & mask) == want;
+            if (keep && nskip) {
+                uint64_t pfn = e & PM_PFN_MASK;
+                for (size_t k = 0; k < nskip; k++)
+                    if (pfn >= skip_pfns[2 * k] && pfn < skip_pfns[2 * k + 1]) {
+                        keep = 0;
+                        break;
+                    }
+            }
+            uint64_t addr = (first_page + idx + j) * page_size;
+            if (keep) {
+                if (open_run) {
+                    out[2 * (nruns - 1) + 1] += page_size;
+                } else {
+                    if ((size_t)nruns >= cap) {
+                        free(ent);
+                        return -ENOSPC;
+                    }
+                    out[2 * nruns] = addr;
+                    out[2 * nruns + 1] = page_size;
+                    nruns++;
+                    open_run = 1;
+                }
+            } else {
+                open_run = 0;
+            }
+        }
+        idx += got;
+        if (got < want_n)
+            break;
+    }
+    free(ent);
+    return nruns;
+}

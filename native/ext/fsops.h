@@ -29,6 +29,16 @@ int nrx_wipe_ranges(int fd, const uint64_t *starts, const uint64_t *lens, size_t
                     const int *passes, size_t npasses, unsigned char *digests,
                     struct nrx_wipe_result *res);
 
+/* Scan /proc/PID/pagemap entries for the pages [first_page, first_page + npages) and write
+ * coalesced runs of pages whose entry satisfies (entry & mask) == want and whose PFN is in
+ * none of the nskip [start, end) PFN ranges of skip_pfns (the shared zero pages: they
+ * hold no data, and writing them would allocate) as (address, length) pairs into out
+ * (cap pairs; at most npages/2 + 1 are needed).  Returns the number of pairs or -errno;
+ * a pagemap shorter than asked (end of the address space) just ends the scan. */
+long nrx_pagemap_runs(int pagemap_fd, uint64_t first_page, uint64_t npages, uint64_t page_size,
+                      uint64_t mask, uint64_t want, const uint64_t *skip_pfns, size_t nskip,
+                      uint64_t *out, size_t cap);
+
 /* AES-128-CTR keystream (IV = nonce big-endian || 64-bit block counter from 0) with AES-NI,
  * the random pass's generator; -ENOSYS without AES-NI.  Exposed for its known-answer test. */
 int nrx_aes_ctr_fill(const unsigned char *key, uint64_t nonce, unsigned char *out, size_t n);
