@@ -53,7 +53,8 @@ class Raw:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = AgentDaemon(tmp_path_factory.mktemp("rpc"), config={"rpc": {"max_frame_bytes": 65536}})
+    d = AgentDaemon(tmp_path_factory.mktemp("rpc"), config={
+        "rpc": {"max_frame_bytes": 256 * 1024}, "exec": {"max_input_bytes": 65536}})
     d.start()
     yield d
     d.stop()
@@ -107,6 +108,8 @@ def test_unknown_method_is_bad_request(daemon):
                       "env": {"A": 1}}, "env"),
     ("session.exec", {"session_id": "sess_0000000000000000", "command": "true",
                       "stream": "yes"}, "stream"),
+    ("session.exec", {"session_id": "sess_0000000000000000", "command": "true",
+                      "input_data": b"x" * 70000}, "input_data"),
     ("proof.verify", {"cdp": "not a map"}, "cdp"),
     ("key.get", {}, "key_id"),
 ])
@@ -168,9 +171,9 @@ def test_malformed_input_closes_only_that_connection(daemon, payload):
 
 
 def test_oversized_frame_closes_connection(daemon):
-    """A frame over max_frame_bytes (64 KiB in this test config) closes the connection."""
+    """A frame over max_frame_bytes (256 KiB in this test config) closes the connection."""
     r = Raw(daemon.socket)
-    big = msgpack.packb([0, 1, "proof.verify", [{"cdp": {"x": b"\0" * 200_000}}]],
+    big = msgpack.packb([0, 1, "proof.verify", [{"cdp": {"x": b"\0" * 400_000}}]],
                         use_bin_type=True)
     try:
         r.s.sendall(big)

@@ -128,14 +128,21 @@ class Service:
     async def drain(self, reason: str = "operator") -> None:
         """Refuse new sessions, then destroy every live one (CDPs spooled)."""
         self.draining = True
-        live = [s for s in self.sessions.values() if not s.ending and s.status in LIVE_STATUSES]
-        async with trio.open_nursery() as nursery:
-            for s in live:
-                nursery.start_soon(self._destroy_quiet, s, reason)
-        # wait for destroys that were already running
-        for s in list(self.sessions.values()):
-            if s.ending:
-                await s.done.wait()
+        while True:
+            # creates admitted before draining began finish (they are shielded) and are
+            # destroyed in the next round; destroys already running are waited for
+            live = [s for s in self.sessions.values()
+                    if not s.ending and s.status in LIVE_STATUSES]
+            async with trio.open_nursery() as nursery:
+                for s in live:
+                    nursery.start_soon(self._destroy_quiet, s, reason)
+            for s in list(self.sessions.values()):
+                if s.ending:
+                    await s.done.wait()
+            if not self._reserved and not any(
+                    not s.ending and s.status in LIVE_STATUSES for s in self.sessions.values()):
+                return
+            await trio.sleep(0.01)
 
     async def _destroy_quiet(self, s: _Live, reason: str) -> None:
         try:
