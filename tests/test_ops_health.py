@@ -1,0 +1,105 @@
+"""Health self-tests (SPEC 10) against the real engine, session keys, journal, spool and keys."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from agent.config import Config
+from agent.keys.attestation import AttestationKeyStore
+from agent.ops.health import ENGINES, HealthMonitor
+from agent.sandbox.engine import SandboxEngine
+from agent.service.journal import Journal
+from agent.service.spool import Spool
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def service(agent_dirs):
+    """A service made of the real parts on temp dirs and a private cgroup prefix."""
+    state, runtime = agent_dirs
+    cfg = Config()
+    cfg.paths.state_dir, cfg.paths.runtime_dir = state, runtime
+    cfg.sandbox.cgroup_prefix = f"nanorix-agent-test-health-{secrets.token_hex(4)}"
+    cfg.node.max_sessions = 4
+    cfg.tiers["free"].memory_bytes = 64 * MiB
+    engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
+    journal = Journal(state)
+    svc = SimpleNamespace(config=cfg, engine=engine, journal=journal, spool=Spool(state),
+                          key_store=AttestationKeyStore(state), started_at=None)
+    yield svc
+    await engine.aclose()
+    journal.close()
+
+
+async def test_every_engine_passes_on_a_sound_agent(service):
+    """All five real self-tests pass: status healthy, each with its time and duration."""
+    mon = HealthMonitor(service, service.config)
+    snap = await mon.run_once()
+    assert snap["engines"] == dict.fromkeys(ENGINES, True), mon.details()
+    assert snap["status"] == "healthy" and snap["database"] is True
+    assert set(snap) == {"status", "engines", "database", "uptime_seconds", "timestamp"}
+    d = mon.details()
+    assert all(d[e]["checked_at"] and d[e]["reason"] is None for e in ENGINES)
+    assert not service.engine.live, "the canary sandbox must be gone"
+
+
+async def test_unwritable_spool_degrades_rzl_and_recovers(service):
+    """With the spool directory replaced by a file rzl fails (degraded, reason kept); restored, it heals."""
+    mon = HealthMonitor(service, service.config)
+    spool_dir = service.spool.dir
+    shutil.rmtree(spool_dir)
+    spool_dir.write_text("not a directory")
+    try:
+        snap = await mon.run_once()
+        assert snap["status"] == "degraded"
+        assert snap["engines"]["rzl"] is False
+        assert all(snap["engines"][e] for e in ENGINES if e != "rzl")
+        assert "NotADirectoryError" in mon.details()["rzl"]["reason"]
+    finally:
+        spool_dir.unlink()
+        spool_dir.mkdir(mode=0o700)
+    snap = await mon.run_once()
+    assert snap["status"] == "healthy" and mon.details()["rzl"]["reason"] is None
+
+
+async def test_injected_fault_degrades_one_engine_and_clears(service):
+    """A fault hook on eee makes only eee false with its reason; removing it restores healthy."""
+    mon = HealthMonitor(service, service.config)
+    mon.faults.add("eee")
+    snap = await mon.run_once()
+    assert snap["status"] == "degraded" and snap["engines"]["eee"] is False
+    assert mon.details()["eee"]["reason"] == "fault injected"
+    mon.faults.clear()
+    assert (await mon.run_once())["status"] == "healthy"
+
+
+async def test_broken_journal_makes_the_agent_unhealthy(service):
+    """A journal that cannot do its round trip makes status unhealthy and database false."""
+    mon = HealthMonitor(service, service.config)
+    service.journal.close()
+    snap = await mon.run_once()
+    assert snap["database"] is False and snap["status"] == "unhealthy"
+    assert snap["engines"]["rzl"] is False
+    service.journal = Journal(service.config.paths.state_dir)
+
+
+async def test_self_tests_rerun_every_interval(autojump_clock):
+    """run() repeats the self-tests every health.interval_seconds (fake clock)."""
+    cfg = Config()
+    cfg.health.interval_seconds = 60
+    calls = []
+    checks = {e: (lambda svc, c, e=e: calls.append(e)) for e in ENGINES}
+    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None))
+    mon = HealthMonitor(svc, cfg, checks=checks)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mon.run)
+        await trio.sleep(60 * 3 + 1)
+        nursery.cancel_scope.cancel()
+    assert mon.runs == 3 and calls.count("eee") == 3
+    assert mon.status == "healthy"
