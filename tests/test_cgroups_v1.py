@@ -217,3 +217,16 @@ def test_create_and_remove_is_fast(driver):
     for i in range(20):
         driver.create(f"f{i}", CgroupLimits(64 * MiB, 16, 50)).remove()
     assert (time.perf_counter() - t) / 20 < 0.02
+
+
+def test_set_memory_limit_moves_limit_and_memsw_together(driver):
+    """Raising and lowering the cap keeps memory and memsw limits equal (write order matters)."""
+    h = driver.create("lim", CgroupLimits(64 * MiB, 16, 50))
+    try:
+        mem = h.dirs["memory"]
+        for value in (256 * MiB, 32 * MiB):
+            h.set_memory_limit(value)
+            assert int((mem / "memory.limit_in_bytes").read_text()) == value
+            assert int((mem / "memory.memsw.limit_in_bytes").read_text()) == value
+    finally:
+        h.remove()

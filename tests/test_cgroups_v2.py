@@ -102,6 +102,8 @@ def test_freeze_waits_for_events_and_reads_counters(fake):
     (d / "memory.current").write_text("12345\n")
     (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
     assert h.memory_usage() == 12345 and h.oom_kills() == 2
+    h.set_memory_limit(300 * MiB)
+    assert (d / "memory.max").read_text() == str(300 * MiB)
     h.kill_all()
     assert (d / "cgroup.kill").read_text() == "1"
 

@@ -152,6 +152,11 @@ class CgroupHandle(abc.ABC):
     def memory_usage(self) -> int: ...
 
     @abc.abstractmethod
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        """Change the memory cap (and the v1 memsw cap with it).  Destruction may raise it
+        before overwriting memory: writing a copy-on-write page allocates."""
+
+    @abc.abstractmethod
     def oom_kills(self) -> int: ...
 
     @abc.abstractmethod

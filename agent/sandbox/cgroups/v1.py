@@ -128,6 +128,18 @@ class V1Handle(CgroupHandle):
     def oom_kills(self) -> int:
         return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
 
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        mem = self.dirs["memory"]
+        memsw = mem / "memory.memsw.limit_in_bytes"
+        # the kernel keeps limit <= memsw limit at every step: order the writes
+        if memsw.exists() and limit_bytes > int(read_file(mem / "memory.limit_in_bytes")):
+            write_file(memsw, limit_bytes)
+            write_file(mem / "memory.limit_in_bytes", limit_bytes)
+        else:
+            write_file(mem / "memory.limit_in_bytes", limit_bytes)
+            if memsw.exists():
+                write_file(memsw, limit_bytes)
+
     def oom_fd(self) -> int:
         if self._efd < 0:
             mem = self.dirs["memory"]
@@ -264,6 +276,10 @@ class _PartialV1Handle(V1Handle):
 
     def memory_usage(self) -> int:
         return super().memory_usage() if "memory" in self.dirs else 0
+
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        if "memory" in self.dirs:
+            super().set_memory_limit(limit_bytes)
 
     def oom_kills(self) -> int:
         return super().oom_kills() if "memory" in self.dirs else 0

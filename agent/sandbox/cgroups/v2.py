@@ -105,6 +105,9 @@ class V2Handle(CgroupHandle):
     def oom_kills(self) -> int:
         return read_keyed(self.path / "memory.events").get("oom_kill", 0)
 
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        write_file(self.path / "memory.max", limit_bytes)
+
     def oom_fd(self) -> int:
         if self._ifd < 0:
             self._ifd = inotify_modify_fd(self.path / "memory.events")
