@@ -105,6 +105,7 @@ def rmdir_retry(path: Path, timeout: float = 1.0) -> None:
 class CgroupHandle(abc.ABC):
     """One session's cgroup (one directory per v1 controller, or one v2 directory)."""
 
+    mode: str  # "v1" | "v2", as the driver that made it
     name: str
     paths: list[Path]  # every directory created (journal, recovery)
 

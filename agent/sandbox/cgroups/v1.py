@@ -52,6 +52,8 @@ def find_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[dict[str, Path
 
 
 class V1Handle(CgroupHandle):
+    mode = "v1"
+
     def __init__(self, name: str, dirs: dict[str, Path], unified: Path | None) -> None:
         self.name = name
         self.dirs = dirs  # controller -> directory

@@ -58,6 +58,8 @@ def own_cgroup() -> str:
 
 
 class V2Handle(CgroupHandle):
+    mode = "v2"
+
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
