@@ -85,3 +85,12 @@ def test_errors_and_unreachable_agent(daemon, tmp_path):
     assert r.returncode == 2 and b"cannot reach the agent" in r.stderr
     h = daemon.cli("health")
     assert json.loads(h.stdout)["database"] is True
+
+
+def test_debug_and_doctor_are_dispatched(daemon):
+    """`debug CMD` reaches the daemon's debug socket beside --socket; `doctor` runs its checks."""
+    r = daemon.cli("debug", "status")
+    assert r.returncode == 0, r.stderr
+    assert b"status" in r.stdout or b"healthy" in r.stdout or b"degraded" in r.stdout
+    r = daemon.cli("doctor")
+    assert r.returncode in (0, 1) and r.stdout.strip()
