@@ -87,6 +87,20 @@ def test_enter_leaf_moves_agent_and_is_skipped_by_leftovers(fake):
         fake.create("agent", CgroupLimits(64 * MiB, 16, 100))
 
 
+def test_delegated_root_agent_moves_itself_before_enabling(tmp_path):
+    """Under systemd delegation the agent sits in the subtree root; the first create()
+    moves it into <prefix>/agent before writing the root's subtree_control."""
+    root = tmp_path / "nanorix-agent.service"
+    root.mkdir()
+    for name, content in CORE_FILES.items():
+        (root / name).write_text(content)
+    (root / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    d = FakeCgroupfsDriver("nanorix-agent", root, delegated=True)
+    d.create("s1", CgroupLimits(64 * MiB, 16, 100))
+    assert (root / "nanorix-agent" / "agent" / "cgroup.procs").read_text() == str(os.getpid())
+    assert "+memory" in (root / "cgroup.subtree_control").read_text()
+
+
 def test_freeze_waits_for_events_and_reads_counters(fake):
     """freeze() writes cgroup.freeze and waits for `frozen 1`; counters come from
     memory.events and memory.current; a cgroup that never freezes times out."""

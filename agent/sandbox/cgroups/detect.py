@@ -42,5 +42,5 @@ def detect(cfg, *, prefix: str | None = None) -> CgroupDriver:
         own = own_cgroup()
         # in "/" (no systemd) the mount is ours; under systemd the delegated unit cgroup is
         root = CGROUP_ROOT if own == "/" else CGROUP_ROOT / own.lstrip("/")
-        return V2Driver(prefix, root)
+        return V2Driver(prefix, root, delegated=own != "/")
     return V1Driver(prefix)

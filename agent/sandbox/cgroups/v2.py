@@ -128,10 +128,13 @@ class V2Handle(CgroupHandle):
 class V2Driver(CgroupDriver):
     mode = "v2"
 
-    def __init__(self, prefix: str, root: Path) -> None:
-        """`root` is the delegated subtree (or the cgroup2 mount when the agent runs in "/")."""
+    def __init__(self, prefix: str, root: Path, *, delegated: bool = False) -> None:
+        """`root` is the delegated subtree (or the cgroup2 mount when the agent runs in "/").
+        `delegated`: root is the agent's own cgroup, so before enabling controllers there the
+        agent moves itself into its leaf (the root cgroup is exempt from that rule)."""
         self.prefix = check_name(prefix)
         self.root = Path(root)
+        self.delegated = delegated
         self.tree = self.root / self.prefix
         self._enabled = False
         self._log = log.get().bind(component="cgroups", mode="v2")
@@ -166,6 +169,8 @@ class V2Driver(CgroupDriver):
         if not self.tree.is_dir():
             with contextlib.suppress(FileExistsError):
                 self._mkdir(self.tree)
+        if self.delegated and os.getpid() in read_pids(self.root / "cgroup.procs"):
+            self.enter_leaf()
         self._enable(self.root)
         self._enable(self.tree)
         self._enabled = True
