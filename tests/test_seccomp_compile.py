@@ -204,6 +204,10 @@ syscalls = ["clone3"]
      'value = 1}]\n', "argument index must be 0..5"),
     ('[[rule]]\naction = "allow"\nsyscalls = ["read"]\nbogus = 1\n', "unknown keys"),
     ('[[rule]]\naction = "allow"\nsyscalls = [\n', "not valid TOML"),
+    ('[[rule]]\naction = "errno:EPERM"\nsyscalls = ["read"]\nargs = [{index = 0, op = "eq", '
+     'value = 1}]\n', "has the default action"),
+    ('[[rule]]\naction = "allow"\nsyscalls = ["read"]\nargs = [{index = 0, op = "ne32", '
+     'value = 0x100000000}]\n', "low 32 bits"),
 ])
 def test_bad_profiles_are_refused_with_clear_errors(tmp_path, extra, message):
     """Unsafe, contradictory or malformed profiles raise ProfileError naming the problem."""

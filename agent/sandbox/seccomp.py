@@ -219,6 +219,11 @@ def validate(prof: Profile) -> Profile:
             raise ProfileError(f"profile {prof.name}: syscall {r.syscall!r} has two "
                                "unconditional rules with different actions")
         uncond[r.syscall] = r.action
+    for r in prof.rules:
+        if r.conds and r.action == prof.default_action:
+            raise ProfileError(
+                f"profile {prof.name}: a conditional rule for {r.syscall!r} has the default "
+                "action; libseccomp refuses it — allow the complement instead (see ne32)")
     if prof.default_action == ACT_ALLOW:
         raise ProfileError(f"profile {prof.name}: default_action must deny, not allow")
     for r in prof.rules:
