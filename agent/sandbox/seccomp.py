@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-# the source tree's seccomp/ first, then the copy setup.py installs beside the package
-SEARCH_PATH = [_HERE.parent.parent / "seccomp", _HERE.parent / "seccomp"]
+_SRC = _HERE.parent.parent
+# the source tree's seccomp/ first (only when this really is the source tree: an editable
+# install's copy may be stale), then the copy setup.py installs beside the package
+SEARCH_PATH = ([_SRC / "seccomp"] if (_SRC / "pyproject.toml").is_file() else []) + [
+    _HERE.parent / "seccomp"]
 
 ACT_KILL_PROCESS = 0x80000000
 ACT_KILL_THREAD = 0x00000000
