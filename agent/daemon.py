@@ -10,6 +10,7 @@ stop timeout kills every sandbox at once (engine.aclose) so nothing is left behi
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
 import signal
@@ -30,11 +31,15 @@ from agent.service.sessions import Service
 from agent.service.spool import Spool
 from agent.timefmt import iso_seconds
 
-__all__ = ["VERSION", "Daemon", "serve"]
+__all__ = ["VERSION", "AlreadyRunning", "Daemon", "serve"]
 
 STOP_TIMEOUT = 60.0  # seconds the drain may take before every sandbox is killed outright
 
 _log = structlog.get_logger("nanorix-agent.daemon")  # lazy: resolved after log.setup()
+
+
+class AlreadyRunning(RuntimeError):
+    """Another agent holds the state directory."""
 
 
 def _ops(name: str):
@@ -61,6 +66,7 @@ class Daemon:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state, 0o700)
         runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._lock_state_dir(state)
         from agent.keys.attestation import AttestationKeyStore
         from agent.sandbox.engine import SandboxEngine
 
@@ -78,6 +84,18 @@ class Daemon:
         holder["service"] = service
         self.service = service
         return service
+
+    def _lock_state_dir(self, state: Path) -> None:
+        """One agent per state directory: recovery would otherwise reclaim a live agent's
+        sessions.  The flock is held for the life of the process."""
+        fd = os.open(state / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"another agent is running with state directory {state}") \
+                from None
+        self._lock_fd = fd
 
     # -- the trio program --------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -220,6 +238,11 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
         _log.info("agent_hardened", **{k: v for k, v in report.items() if k != "errors"},
                   errors=len(report.get("errors", [])))
     daemon = Daemon(cfg)
-    daemon.build()
+    try:
+        daemon.build()
+    except AlreadyRunning as e:
+        _log.error("agent_already_running")
+        print(f"nanorix-agent: {e}", file=sys.stderr)
+        return 1
     trio.run(daemon.run)
     return 0

@@ -75,3 +75,17 @@ def test_sigkill_then_start_recovers_sessions(tmp_path):
         assert d.call("agent.info")["capacity"]["sessions_live"] == 0
     finally:
         assert d.stop() == 0
+
+
+def test_second_agent_on_same_state_dir_is_refused(tmp_path):
+    """A second agent on a state directory in use exits 1 and leaves the first one serving."""
+    import subprocess
+    import sys
+
+    with AgentDaemon(tmp_path) as d:
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--config",
+                            str(d.config_path), "--state-dir", str(d.state_dir),
+                            "--runtime-dir", str(tmp_path / "run2")],
+                           capture_output=True, timeout=60, cwd=d.base)
+        assert r.returncode == 1 and b"another agent is running" in r.stderr
+        assert d.call("agent.info")["node_id"] == "test-node"

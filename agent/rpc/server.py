@@ -71,11 +71,16 @@ def bind_unix_socket(path: Path, *, mode: int, group: str | None) -> socket.sock
     before listen() so no client ever sees a wider mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    try:
-        if path.is_socket():
-            path.unlink()
-    except FileNotFoundError:
-        pass
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # stale socket of a dead agent
+        else:
+            raise RuntimeError(f"another agent is already listening on {path}")
+        finally:
+            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

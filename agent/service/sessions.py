@@ -409,25 +409,25 @@ class Service:
         self.journal.update_session(session_id, status="executing")
         t0 = time.monotonic()
         try:
-            from agent.sandbox import exec as sandbox_exec  # ExecBusy, SandboxGone
+            from agent.sandbox.exec import ExecBusy as busy
 
-            busy = getattr(sandbox_exec, "ExecBusy", ())
-            gone = getattr(sandbox_exec, "SandboxGone", ())
+            res = None
             try:
-                with trio.CancelScope() as s.exec_scope:
+                with trio.CancelScope() as scope:
+                    s.exec_scope = scope
                     res = await s.sandbox.exec(command, input_data=input_data, env=env,
                                                timeout=timeout, on_output=on_output)
             except busy:
                 raise Conflict(f"session {session_id} is already executing a command",
                                field="session_id") from None
-            except gone:
-                if s.ending:
+            except Exception:
+                if s.ending:  # the sandbox was destroyed under the exec (TTL, OOM, operator)
                     raise Conflict(f"session {session_id} ended during the exec "
                                    f"({s.reason})", field="session_id") from None
                 raise
             finally:
                 s.exec_scope = None
-            if s.ending:
+            if s.ending or res is None:
                 raise Conflict(f"session {session_id} ended during the exec ({s.reason})",
                                field="session_id")
             receipt = self._receipt(s, command, input_data, res)
