@@ -230,3 +230,26 @@ def test_set_memory_limit_moves_limit_and_memsw_together(driver):
             assert int((mem / "memory.memsw.limit_in_bytes").read_text()) == value
     finally:
         h.remove()
+
+
+def test_kill_all_reaches_a_half_attached_process(driver):
+    """A process that joined only the v1 memory and freezer cgroups (not the unified one that
+    cgroup.kill acts on) keeps the cgroup non-empty and is still killed by kill_all."""
+    h = driver.create("half", CgroupLimits(128 * MiB, 32, 100))
+    full, half = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        h.attach(full.pid)
+        for c in ("memory", "freezer"):
+            (h.dirs[c] / "cgroup.procs").write_text(str(half.pid))
+        assert not h.empty()
+        full.kill()
+        full.wait()
+        assert not h.empty()  # the unified tree is empty, the v1 ones are not
+        h.kill_all()
+        assert half.wait(timeout=5) == -9
+        assert h.wait_empty(2) and not h.pids()
+    finally:
+        for p in (full, half):
+            p.kill()
+            p.wait()
+        h.remove()

@@ -96,12 +96,17 @@ class V1Handle(CgroupHandle):
 
     # -- killing ---------------------------------------------------------------------
     def kill_all(self) -> None:
-        was_frozen = self._state() != "THAWED"
+        per_pid = True
         if self.unified is not None:
-            write_file(self.unified / "cgroup.kill", 1)
-        else:
-            # freeze first so nothing forks between listing and killing
-            if not was_frozen:
+            write_file(self.unified / "cgroup.kill", 1)  # atomic, no pid-reuse race
+            inside = set(read_pids(self.unified / "cgroup.procs"))
+            # a process that joined only some v1 hierarchies (a half-done attach) is not
+            # reached by cgroup.kill: kill those stragglers pid by pid
+            per_pid = any(set(read_pids(p / "cgroup.procs")) - inside
+                          for p in self.dirs.values())
+        if per_pid:
+            # frozen first, so no listed pid can exit and be reused before the kill
+            if self._state() != "FROZEN":
                 self.freeze()
             for _ in range(100):
                 pids = self.pids()
@@ -118,10 +123,11 @@ class V1Handle(CgroupHandle):
     def empty(self) -> bool:
         if self.unified is not None:
             try:
-                return read_keyed(self.unified / "cgroup.events").get("populated", 1) == 0
+                if read_keyed(self.unified / "cgroup.events").get("populated", 1) != 0:
+                    return False
             except FileNotFoundError:
-                return True
-        return not self.pids()
+                pass
+        return not any(read_pids(p / "cgroup.procs") for p in self.dirs.values())
 
     # -- memory ----------------------------------------------------------------------
     def memory_usage(self) -> int:
