@@ -199,8 +199,8 @@ def test_concurrent_requests_on_one_connection(daemon):
     r.close()
 
 
-def _as_other_uid(path, uid: int) -> bytes:
-    """Connect from a forked child running as `uid` (gid stays 0 so the 0660 socket opens)."""
+def _as_other_uid(path, uid: int, gid: int = 0, groups: tuple[int, ...] = ()) -> bytes:
+    """Connect from a forked child running as `uid`/`gid` with supplementary `groups`."""
     rd, wr = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: no Python-level cleanup, report through the pipe
@@ -209,6 +209,8 @@ def _as_other_uid(path, uid: int) -> bytes:
             os.close(rd)
             # pytest's tmp dirs are 0700: reach the (0755) runtime dir through an fd
             dirfd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+            os.setgroups(list(groups))
+            os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(20)
@@ -265,3 +267,16 @@ def test_allowed_gid_admits_peer(tmp_path):
         u.feed(data)
         msg = next(u)
         assert msg[1] == 77 and msg[2] is None and msg[3]["node_id"] == "test-node"
+
+
+def test_supplementary_group_admits_peer(tmp_path):
+    """A peer in an allowed gid only as a supplementary group is admitted (via /proc status)."""
+    with AgentDaemon(tmp_path, config={"rpc": {"allowed_uids": [0], "allowed_gids": [4242]}}) as d:
+        os.chmod(d.socket, 0o666)  # file permission is not what this test is about
+        u = msgpack.Unpacker(raw=False)
+        u.feed(_as_other_uid(d.socket, 65534, gid=65534, groups=(4242,)))
+        msg = next(u)
+        assert msg[1] == 77 and msg[2] is None
+        u = msgpack.Unpacker(raw=False)
+        u.feed(_as_other_uid(d.socket, 65534, gid=65534))
+        assert next(u)[2]["error"] == "Unauthorized"

@@ -58,6 +58,17 @@ def peer_credentials(sock) -> Peer:
     return Peer(pid, uid, gid)
 
 
+def _supplementary_gids(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
 def socket_gid(group: str) -> int | None:
     """gid of the configured socket group, or None when the group does not exist."""
     try:
@@ -105,7 +116,12 @@ class RpcServer:
         self.connections = 0
 
     def allowed(self, peer: Peer) -> bool:
-        return peer.uid in self.allowed_uids or peer.gid in self.allowed_gids
+        if peer.uid in self.allowed_uids or peer.gid in self.allowed_gids:
+            return True
+        # SO_PEERCRED carries only the primary gid: a control-plane user that is in the
+        # socket group as a supplementary group is found through /proc/PID/status
+        return bool(self.allowed_gids) and bool(_supplementary_gids(peer.pid)
+                                                 & self.allowed_gids)
 
     async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
