@@ -6,6 +6,7 @@ import ctypes
 import os
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,22 @@ async def test_network_reclaimer_kills_processes_left_in_a_session_netns(world):
     rep = await recovery.recover(cfg, journal=FakeJournal([row]), driver=driver, destroy_fn=None)
     assert p.wait(5) == -9
     assert rep.counts()["network"] == 1
+
+
+async def test_a_sandbox_left_frozen_mid_destruction_is_reclaimed(world):
+    """A crash during step 1 leaves a frozen cgroup (SIGKILL alone cannot end it): it is thawed, killed, removed."""
+    cfg, driver, procs = world
+    p = subprocess.Popen(["sleep", "60"])
+    procs.append(p)
+    h = driver.create("sess_dddddddddddddddd", CgroupLimits(64 * MiB, 16, 50))
+    h.attach(p.pid)
+    h.freeze()
+    assert h.frozen()
+    row = _row(cfg, "sess_dddddddddddddddd", init_pid=p.pid,
+               init_starttime=recovery.starttime(p.pid), cgroup_paths=[str(x) for x in h.paths])
+    h.close()
+    t0 = time.monotonic()
+    rep = await recovery.recover(cfg, journal=FakeJournal([row]), driver=driver, destroy_fn=None)
+    assert p.wait(5) == -9
+    assert time.monotonic() - t0 < 3
+    assert rep.counts()["cgroups"] == 1 and driver.leftovers() == []

@@ -151,21 +151,12 @@ class _Ctx:
 
 
 def reclaim_processes(c: _Ctx) -> ReclaimResult:
-    """Holders whose pid and start time match the journal, then anything in our cgroups."""
+    """Everything in our session cgroups first (kill_all thaws a cgroup a crash left frozen in
+    destruction step 1: a frozen v1 task ignores SIGKILL until thawed), then each journaled
+    holder whose pid *and* start time still match."""
     r = ReclaimResult("processes")
-    for row in c.rows:
-        pid, st = row.get("init_pid"), row.get("init_starttime")
-        if not pid or st is None:
-            continue
-        try:
-            if _kill_verified(int(pid), int(st)):
-                r.count += 1
-        except OSError as e:
-            r.errors.append(f"{row['session_id']}: holder: {e.strerror}")
     _, names = c.cgroup_names()
-    for name in names:
-        if c.driver is None:
-            break
+    for name in names if c.driver is not None else []:
         try:
             h = c.driver.open(name)
             try:
@@ -187,6 +178,15 @@ def reclaim_processes(c: _Ctx) -> ReclaimResult:
                     for pid in procs.read_text().split():
                         if _kill_verified(int(pid), None):
                             r.count += 1
+    for row in c.rows:
+        pid, st = row.get("init_pid"), row.get("init_starttime")
+        if not pid or st is None:
+            continue
+        try:
+            if _kill_verified(int(pid), int(st)):
+                r.count += 1
+        except OSError as e:
+            r.errors.append(f"{row['session_id']}: holder: {e.strerror}")
     return r
 
 
