@@ -125,3 +125,35 @@ def test_cli_client(daemon):
                         str(d.runtime_dir / "debug.sock"), "nope"], capture_output=True,
                        text=True, timeout=60, env=env)
     assert r.returncode == 1 and r.stdout.startswith("error:")
+
+
+def test_failing_engine_degrades_status_with_reason_and_recovers(tmp_path):
+    """With the spool dir broken the periodic self-test marks rzl degraded (reason in `status`); fixed, it heals."""
+    import shutil
+    import time
+
+    d = AgentDaemon(tmp_path / "agent", config={"health": {"interval_seconds": 1}})
+    d.start()
+    try:
+        spool = d.state_dir / "spool"
+        shutil.rmtree(spool)
+        spool.write_text("broken")
+        deadline = time.monotonic() + 15
+        while True:
+            st = json.loads(_ask(d, "status"))
+            if st["status"] == "degraded":
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        assert st["engines"]["rzl"] is False and "rzl" in st["reasons"]
+        assert d.call("agent.health")["status"] == "degraded"
+        assert d.call("agent.info")  # the daemon keeps serving
+        spool.unlink()
+        spool.mkdir(mode=0o700)
+        deadline = time.monotonic() + 15
+        while json.loads(_ask(d, "status"))["status"] != "healthy":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert d.call("agent.health")["engines"]["rzl"] is True
+    finally:
+        d.stop()
