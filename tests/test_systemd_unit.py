@@ -83,3 +83,17 @@ def test_sysusers_and_tmpfiles_snippets():
     tf = (ROOT / "systemd" / "tmpfiles.d" / "nanorix-agent.conf").read_text()
     assert re.search(r"^d /var/lib/nanorix-agent 0700 root root -$", tf, re.M)
     assert re.search(r"^d /run/nanorix-agent 0755 root root -$", tf, re.M)
+
+
+def test_proc_overmounts_would_break_sandbox_proc_mount():
+    """Why ProtectKernelTunables & co. stay off: a read-only /proc/sys overmount (what they do) makes
+    the fresh /proc mount inside a new user namespace fail with EPERM (in a private mount ns)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("util-linux unshare missing")
+    script = ("unshare --user --map-root-user --mount --pid --fork --mount-proc true; echo a=$?; "
+              "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys; "
+              "unshare --user --map-root-user --mount --pid --fork --mount-proc true; echo b=$?")
+    r = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=30)
+    assert "a=0" in r.stdout and "b=1" in r.stdout, r.stdout + r.stderr
