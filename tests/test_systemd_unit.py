@@ -46,8 +46,7 @@ def test_unit_has_the_required_directives():
     for k, v in want.items():
         assert d.get(k) == [v], k
     assert d["WatchdogSec"] and d["ExecStart"][0].endswith("nanorix-agent serve")
-    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET",
-                                                             "AF_INET6"}
+    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     # directives that would break sandboxes must stay off (see the comments in the unit)
     for k in ("ProtectKernelTunables", "ProtectKernelLogs", "ProtectHostname",
               "MemoryDenyWriteExecute", "RestrictNamespaces", "ProtectControlGroups"):
@@ -65,13 +64,13 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 def test_security_exposure_stays_at_or_below_the_documented_score(tmp_path):
-    """`systemd-analyze security --offline=true` gives at most the 4.9 documented in operations.md."""
+    """`systemd-analyze security --offline=true` gives at most the 4.6 documented in operations.md."""
     p = _testable_copy(tmp_path)
     r = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(p)],
                        capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
     assert m, r.stdout + r.stderr
-    assert float(m.group(1)) <= 4.9
+    assert float(m.group(1)) <= 4.6
     doc = (ROOT / "docs" / "operations.md").read_text()
     assert f"{float(m.group(1)):.1f}" in doc
 
