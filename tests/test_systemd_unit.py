@@ -96,3 +96,19 @@ def test_proc_overmounts_would_break_sandbox_proc_mount():
     r = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=30)
     assert "a=0" in r.stdout and "b=1" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None or shutil.which("systemd-sysusers")
+                    is None, reason="systemd tools not installed")
+def test_snippets_apply_with_the_systemd_tools(tmp_path):
+    """systemd-sysusers accepts the snippet (dry run) and systemd-tmpfiles creates the dirs with their modes."""
+    su = ROOT / "systemd" / "sysusers.d" / "nanorix-agent.conf"
+    r = subprocess.run(["systemd-sysusers", "--dry-run", str(su)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "nanorix" in r.stdout + r.stderr
+    tf = ROOT / "systemd" / "tmpfiles.d" / "nanorix-agent.conf"
+    r = subprocess.run(["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(tf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "var/lib/nanorix-agent").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "run/nanorix-agent").stat().st_mode & 0o777 == 0o755
