@@ -293,6 +293,40 @@ def check_memory(cfg) -> Check:
     return Check("memory", "ok", detail)
 
 
+def check_uid_range(cfg, subid_files=("/etc/subuid", "/etc/subgid")) -> Check:
+    """The sandboxes' host uid/gid range must not overlap subordinate ranges handed to users
+    (rootless containers) or uids processes run as now: recovery kills what runs there."""
+    sc = cfg.sandbox
+    lo, hi = sc.uid_base, sc.uid_base + sc.uid_slot_size * cfg.node.max_sessions
+    rng = f"[{lo}, {hi})"
+    clashes = []
+    for path in subid_files:
+        for line in (_read(path) or "").splitlines():
+            parts = line.strip().split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                a, n = int(parts[1]), int(parts[2])
+                if a < hi and lo < a + n:
+                    clashes.append(f"{path} {parts[0]}:{a}:{n}")
+    if clashes:
+        return Check("uid_range", "fail", f"sandbox uid range {rng} overlaps {', '.join(clashes)}",
+                     "move sandbox.uid_base above every /etc/subuid and /etc/subgid range")
+    busy = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        for line in (_read(f"/proc/{pid}/status") or "").splitlines():
+            if line.startswith("Uid:"):
+                if any(lo <= int(u) < hi for u in line.split()[1:]):
+                    busy += 1
+                break
+    if busy:
+        return Check("uid_range", "warn", f"{busy} process(es) already run with uids in the "
+                     f"sandbox range {rng} (an agent running now, or another user of that range)",
+                     "stop them or move sandbox.uid_base; recovery kills processes in "
+                     "journaled slots")
+    return Check("uid_range", "ok", f"sandbox uid range {rng} is free")
+
+
 def check_init_binary() -> Check:
     p = Path(__file__).resolve().parent / "_bin" / "nrx-init"
     if p.exists() and os.access(p, os.X_OK):
@@ -306,7 +340,8 @@ def run_checks(cfg) -> list[Check]:
     checks += check_userns_limits(cfg)
     checks += check_cgroups()
     checks += [check_libseccomp(), check_pidfd(), check_openat2(), check_swap(),
-               check_init_on_free(), check_core_pattern(), check_memory(cfg), check_init_binary()]
+               check_init_on_free(), check_core_pattern(), check_memory(cfg), check_uid_range(cfg),
+               check_init_binary()]
     return checks
 
 

@@ -10,7 +10,7 @@ from agent.config import Config
 EXPECTED = ["namespace.user", "namespace.mount", "namespace.pid", "namespace.net", "userns.max",
             "userns.apparmor", "cgroup.mode", "cgroup.controllers", "cgroup.delegation",
             "libseccomp", "pidfd_open", "openat2", "swap", "init_on_free", "core_pattern",
-            "memory"]
+            "memory", "uid_range"]
 
 
 def test_doctor_on_this_machine_prints_every_check_and_exits_right(capsys):
@@ -65,3 +65,14 @@ def test_bad_config_is_a_fail(tmp_path, capsys):
     cfgf.write_text("[nope]\n")
     assert doctor.main(["--config", str(cfgf)]) == 1
     assert capsys.readouterr().out.startswith("fail  config")
+
+
+def test_uid_range_overlapping_subuid_is_a_fail(tmp_path):
+    """A sandbox uid range that overlaps a rootless-container subordinate range fails with its fix."""
+    sub = tmp_path / "subuid"
+    sub.write_text("alice:100000:65536\nbob:300000:65536\n")
+    c = doctor.check_uid_range(Config(), subid_files=(str(sub),))
+    assert c.level == "fail" and "bob:300000:65536" in c.detail and "uid_base" in c.fix
+    cfg = Config()
+    cfg.sandbox.uid_base, cfg.node.max_sessions = 4_000_000_000, 1  # a range nobody runs in
+    assert doctor.check_uid_range(cfg, subid_files=(str(sub),)).level == "ok"
