@@ -5,10 +5,13 @@ wait (bounded) until the kernel reports the cgroup frozen, count the frozen proc
 re-read the seven namespace inodes from /proc/<init_pid>/ns/* and check that they are the
 ones recorded at creation and that none of them is the agent's own (a namespace shared
 with the host would make the later residue scans meaningless).  Also records the host
-uid/gid ranges from /proc/<init_pid>/{uid,gid}_map for step 5.
+uid/gid ranges from /proc/<init_pid>/{uid,gid}_map for step 5.  The namespaces are
+pinned by fds until step 6 has scanned for them (see pin_namespaces).
 """
 
 from __future__ import annotations
+
+import os
 
 import trio
 
@@ -22,6 +25,18 @@ def _freezer_name(cgroup) -> str:
     mode = getattr(cgroup, "mode", None) or ("v2" if type(cgroup).__name__.startswith("V2")
                                              else "v1")
     return "cgroup_v2" if mode == "v2" else "cgroup_v1"
+
+
+def pin_namespaces(pid: int, inodes: dict[str, int], st: DestroyState) -> None:
+    """Hold an fd on each namespace until step 6 has scanned for it: a freed namespace's
+    inode number is reused at once by the next namespace created on the host, which would
+    make another session's processes look like this session's residue."""
+    for n in residue.NAMESPACES:
+        fd = os.open(f"/proc/{pid}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_ino != inodes[n]:
+            os.close(fd)
+            raise StepError("namespace changed while pinning")
+        st.ns_fds.append(fd)
 
 
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
@@ -57,6 +72,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     live: dict[str, int] = {}
     try:
         live = residue.ns_inodes(init_pid)
+        pin_namespaces(init_pid, live, st)
         if init_pid not in st.frozen_pids:
             errors.append("init not in session cgroup")
         st.uid_ranges = residue.id_map(init_pid, "uid_map")

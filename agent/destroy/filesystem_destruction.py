@@ -54,6 +54,7 @@ class TreeStats:
     unlinked: int = 0
     unlink_failed: int = 0
     mounts_skipped: int = 0
+    wipe_failed: int = 0
     races: int = 0              # a name changed between fstatat and open (skipped + counted)
     loops: int = 0
     leaves: list[bytes] = field(default_factory=list)
@@ -86,6 +87,9 @@ def _wipe_file(dfd: int, name: str, lst: os.stat_result, passes: list[str],
         if allocated < fst.st_size:
             s.sparse_files += 1
         r = wipe.wipe_ranges(fd, ranges, passes)
+    except OSError:
+        s.wipe_failed += 1  # keep going: every other file is still wiped and unlinked
+        return
     finally:
         os.close(fd)
     s.files += 1
@@ -238,6 +242,8 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
                "remaining": remaining, "mounts_skipped": s.mounts_skipped, "races": s.races})
     if s.nonzero_blocks:
         errors.append("read-back not zero")
+    if s.wipe_failed:
+        errors.append("a file could not be overwritten")
     if s.unlink_failed or remaining:
         errors.append("entries left after unlink")
     if s.mounts_skipped or s.races or s.loops:

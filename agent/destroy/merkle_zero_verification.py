@@ -9,7 +9,8 @@ An independent re-scan of the host, trusting nothing the earlier steps reported:
   (mountinfo field 3, "major:minor", taken from fstat of the pinned root fd) is the
   session tmpfs, and for nsfs bind mounts pinning one of the session namespaces.  Step 2
   keeps an O_PATH fd on the (emptied, detached) superblock until this scan is done, so
-  its device number cannot be reused by another tmpfs meanwhile;
+  its device number cannot be reused by another tmpfs meanwhile, and step 1 pins the
+  seven namespaces for the same reason (namespace inode numbers are reused at once);
 * cgroups: each of the session's cgroup directories must no longer exist.
 
 Then the Merkle root (SPEC 6) over the read-back leaf digests of step 2 followed by step 3
@@ -38,10 +39,13 @@ def scan(st: DestroyState) -> dict:
 
 
 def release_pin(st: DestroyState) -> None:
-    """Drop the step-2 pin on the (empty, detached) tmpfs superblock."""
+    """Drop the step-2 pin on the (empty, detached) tmpfs superblock and the step-1 pins
+    on the (empty) namespaces."""
     if st.pin_fd >= 0:
         os.close(st.pin_fd)
         st.pin_fd = -1
+    while st.ns_fds:
+        os.close(st.ns_fds.pop())
 
 
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
@@ -58,13 +62,15 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     blocks = len(leaves)
     root = await trio.to_thread.run_sync(merkle.merkle_root, leaves)
     expected = merkle.zero_root(blocks)
+    pinned = len(st.ns_fds) == len(residue.NAMESPACES)
     r = await trio.to_thread.run_sync(scan, st)
     release_pin(st)
     ev.update({"block_size": merkle.BLOCK_SIZE, "blocks": blocks, "merkle_root": root,
                "expected_root": expected, "match": root == expected,
                "residue": {"processes": r["processes"], "mounts": r["mounts"],
                            "cgroups": r["cgroups"]},
-               "mount_namespaces_scanned": r["mnt_ns"], "mount_identity": "superblock_dev_pinned"})
+               "mount_namespaces_scanned": r["mnt_ns"], "mount_identity": "superblock_dev_pinned",
+               "namespaces_pinned": pinned})
     if not ev["match"]:
         errors.append("read-back root is not the zero root")
     if len(st.namespaces) != len(residue.NAMESPACES):
