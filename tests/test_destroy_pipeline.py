@@ -338,3 +338,30 @@ async def test_revoke_is_called_and_slot_released(engine):
 def test_paths_helper_is_relative():
     """open_beneath refuses absolute escapes by construction (sanity of the test helper)."""
     assert Path("work/a").parts[0] == "work"
+
+
+COW_CMD = """
+python3 -c "
+import os, time
+b = bytearray(os.urandom(1 << 20) * 14)
+if os.fork() == 0:
+    time.sleep(1000)
+open('/tmp/ready', 'w').close(); time.sleep(1000)
+" </dev/null >/dev/null 2>&1 &
+while [ ! -e /tmp/ready ]; do sleep 0.01; done
+"""
+
+
+async def test_wipe_of_cow_shared_memory_near_the_cap_completes(engine):
+    """Processes sharing copy-on-write pages near the memory cap are still fully wiped:
+    the cap is raised before the overwrite makes its copies."""
+    sb = await engine.create(new_id(), tier="tiny", classification="general")
+    r = await sb.exec(COW_CMD, timeout=20)
+    assert r.exit_code == 0, r.stderr
+    with trio.fail_after(30):
+        out = await run_pipeline(make_ctx(sb, passes=["zeros"]))
+    ev3 = out.evidence[2]
+    assert ev3["ok"], ev3
+    assert ev3["cap_raised"] is True
+    assert ev3["bytes"] >= 2 * 14 << 20
+    assert out.status == "destroyed"

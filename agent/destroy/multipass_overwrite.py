@@ -3,7 +3,8 @@
 For every process of the (frozen) session cgroup, nrx-init included, overwrite its
 resident private memory through /proc/PID/mem with the class's passes and read the final
 zero pass back (wipe.present_ranges: present pages only, found through pagemap, so no
-page is faulted in).  Then SIGKILL everything (cgroup kill, which thaws a v1 freezer so
+page is faulted in); the memory cap is first raised by the bytes to overwrite, since
+writing a page still shared copy-on-write after a fork makes a copy.  Then SIGKILL everything (cgroup kill, which thaws a v1 freezer so
 the kills are delivered, and PID 1 through its pidfd), wait (bounded) until the cgroup is
 empty and its memory usage is 0, and remove the cgroup directories (step 6 verifies that
 they are gone).  Records the swap state as found (/proc/swaps devices, and the cgroup's
@@ -85,12 +86,39 @@ def cgroup_swap_limited(cgroup) -> bool:
     return False
 
 
-def wipe_processes(pids: list[int], passes: list[str]) -> dict:
-    """Overwrite the present private memory of each pid; counts and read-back leaves."""
-    out = {"processes": 0, "failed": 0, "bytes": 0, "blocks": 0, "nonzero": 0, "leaves": []}
+def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]]], int]:
+    """pid -> present ranges to overwrite (None when unreadable), and the total bytes."""
+    plan: dict[int, list[tuple[int, int]] | None] = {}
     for pid in pids:
         try:
-            ranges = wipe.present_ranges(pid)
+            plan[pid] = wipe.present_ranges(pid)
+        except OSError:
+            plan[pid] = None
+    return plan, sum(n for r in plan.values() if r for _, n in r)
+
+
+def raise_cap(cgroup, extra: int) -> bool:
+    """Give the frozen cgroup room for the copy-on-write copies the overwrite may make
+    (a page shared after fork is copied when written through /proc/PID/mem): the memory
+    limit becomes current usage + the bytes to overwrite + 4 MiB."""
+    setter = getattr(cgroup, "set_memory_limit", None)
+    if setter is None:
+        return False
+    try:
+        setter(int(cgroup.memory_usage()) + extra + (4 << 20))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def wipe_processes(plan: dict, passes: list[str]) -> dict:
+    """Overwrite the planned memory of each pid; counts and read-back leaves."""
+    out = {"processes": 0, "failed": 0, "bytes": 0, "blocks": 0, "nonzero": 0, "leaves": []}
+    for pid, ranges in plan.items():
+        if ranges is None:
+            out["failed"] += 1
+            continue
+        try:
             fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
             try:
                 r = wipe.wipe_ranges(fd, ranges, passes)
@@ -201,7 +229,10 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if init_pid and init_pid not in pids and os.path.exists(f"/proc/{init_pid}"):
         pids.append(init_pid)
     ev["processes_found"] = len(pids)
-    w = await trio.to_thread.run_sync(wipe_processes, pids, list(ctx.passes))
+    plan, total = await trio.to_thread.run_sync(plan_processes, pids)
+    if cgroup is not None:
+        ev["cap_raised"] = raise_cap(cgroup, total)
+    w = await trio.to_thread.run_sync(wipe_processes, plan, list(ctx.passes))
     st.leaves_mem = w["leaves"]
     ev.update({"processes": w["processes"], "bytes": w["bytes"], "readback_blocks": w["blocks"],
                "nonzero_blocks": w["nonzero"]})
