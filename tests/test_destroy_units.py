@@ -242,3 +242,65 @@ def test_status_rule():
     assert lifecycle_completion.final_status(ok, "ttl_expired") == "expired"
     bad = ok[:3] + [{"ok": False}] + ok[4:]
     assert lifecycle_completion.final_status(bad, "requested") == "expired_unclean"
+
+
+def _receipts(sid: str, n: int) -> list[dict]:
+    from agent.cdp.receipt import build_receipt
+    from agent.keys.session import SessionKey
+
+    key = SessionKey.generate(sid)
+    h = hashlib.sha256(b"").hexdigest()
+    return [build_receipt({"session_id": sid, "seq": i, "command_sha256": h,
+                           "input_sha256": h, "output_sha256": h, "stderr_sha256": h,
+                           "exit_code": 0, "timed_out": False,
+                           "started_at": "2026-03-01T14:00:00Z",
+                           "finished_at": "2026-03-01T14:00:01Z"}, key)
+            for i in range(1, n + 1)]
+
+
+def _ctx(record):
+    from agent.destroy.context import DestroyContext
+
+    return DestroyContext(sandbox=None, session=record, session_key=None, passes=["zeros"],
+                          reason="agent_recovery", node_id="n", agent_version="v",
+                          revoke=lambda: None)
+
+
+async def test_receipts_root_and_audit_seal_from_the_journal_after_recovery():
+    """Without the receipts (recovery), step 8 roots the journal's exec hashes, which
+    equal the receipts' leaves, and step 7 seals the log without flagging it."""
+    from agent.cdp.receipt import receipt_leaf, receipts_root
+    from agent.destroy.context import DestroyState, SessionRecord
+
+    sid = "sess_00112233445566ff"
+    rs = _receipts(sid, 3)
+    events = [{"seq": 1, "kind": "created", "hash": "aa" * 32, "at": "2026-03-01T14:00:00Z"}]
+    events += [{"seq": i + 2, "kind": "exec", "hash": receipt_leaf(r).hex(),
+                "at": "2026-03-01T14:00:01Z"} for i, r in enumerate(rs)]
+    record = SessionRecord(session_id=sid, audit_events=events, exec_count=3)
+    st = DestroyState()
+    base = lifecycle_completion.base_fields(_ctx(record), st)
+    assert base["receipts_root"] == receipts_root(rs)
+    assert base["receipts_source"] == "audit_log"
+    ev: dict = {}
+    with pytest.raises(Exception, match="evidence changed"):  # no steps 1-6 sealed here
+        await seal.run(_ctx(record), st, ev)
+    assert ev["audit_events"] == 5 and "receipts_consistent" not in ev
+    live = SessionRecord(session_id=sid, audit_events=events, exec_count=3, receipts=rs)
+    assert lifecycle_completion.base_fields(_ctx(live), st)["receipts_root"] == \
+        receipts_root(rs)
+
+
+async def test_audit_seal_flags_receipts_that_disagree_with_the_log():
+    """A receipt missing from the audit log (or an extra one) fails step 7."""
+    from agent.cdp.receipt import receipt_leaf
+    from agent.destroy.context import DestroyState, SessionRecord
+
+    sid = "sess_00112233445566ee"
+    rs = _receipts(sid, 2)
+    events = [{"seq": 1, "kind": "exec", "hash": receipt_leaf(rs[0]).hex(), "at": "x"}]
+    record = SessionRecord(session_id=sid, audit_events=events, exec_count=2, receipts=rs)
+    ev: dict = {}
+    with pytest.raises(Exception, match="audit log and receipts disagree"):
+        await seal.run(_ctx(record), DestroyState(), ev)
+    assert ev["receipts_consistent"] is False

@@ -5,13 +5,14 @@ destruction times (destroyed_at is the CDP's top-level value), reason, final sta
 (`destroyed` when steps 1–7 are all ok and the reason is `requested`, `expired` when they
 are all ok for any other reason, `expired_unclean` otherwise), classification,
 jurisdiction, tier, node id, agent version, exec count and the Merkle root (SPEC 6) of
-the receipts' leaves (SHA-256("") when the session ran nothing).
+the receipts' leaves (SHA-256("") when the session ran nothing; after agent recovery the
+leaves are the journal's exec hashes, `receipts_source` says which).
 """
 
 from __future__ import annotations
 
 from agent.cdp import merkle
-from agent.destroy.chain_integrity_seal import receipt_leaf
+from agent.destroy.chain_integrity_seal import receipt_leaves
 from agent.destroy.context import DestroyContext, DestroyState
 
 METHOD = "lifecycle_completion"
@@ -26,12 +27,13 @@ def final_status(evidence: list[dict], reason: str) -> str:
 def base_fields(ctx: DestroyContext, st: DestroyState) -> dict:
     """Identity fields, present even when this step fails (the CDP binding needs them)."""
     s = ctx.session
+    leaves, source = receipt_leaves(s)
     return {"session_id": s.session_id, "created_at": s.created_at,
             "destroyed_at": st.destroyed_at, "reason": ctx.reason, "status": "expired_unclean",
             "data_classification": s.classification, "jurisdiction": s.jurisdiction,
             "tier": s.tier, "node_id": ctx.node_id, "agent_version": ctx.agent_version,
-            "exec_count": int(s.exec_count),
-            "receipts_root": merkle.merkle_root([receipt_leaf(r) for r in s.receipts])}
+            "exec_count": int(s.exec_count), "receipts_root": merkle.merkle_root(leaves),
+            "receipts_source": source}
 
 
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
