@@ -365,3 +365,34 @@ async def test_wipe_of_cow_shared_memory_near_the_cap_completes(engine):
     assert ev3["cap_raised"] is True
     assert ev3["bytes"] >= 2 * 14 << 20
     assert out.status == "destroyed"
+
+
+async def test_cancelled_after_freeze_still_kills_and_leaves_nothing(engine):
+    """A pipeline cancelled right after step 1 froze the session (daemon shutdown) does not
+    hang on the frozen PID 1: teardown kills and thaws, nothing is left behind."""
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    r = await sb.exec("sleep 100 </dev/null >/dev/null 2>&1 &", timeout=10)
+    assert r.exit_code == 0
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with trio.CancelScope() as cs:
+
+        async def after_step(n, ev):
+            if n == 1:
+                assert sb.cgroup.frozen()
+                cs.cancel()
+
+        with trio.fail_after(15):
+            await run_pipeline(make_ctx(sb, hooks=DestroyHooks(after_step=after_step)))
+    assert cs.cancelled_caught
+    assert not sb.alive
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+async def test_pipeline_releases_every_pin_and_fd(engine):
+    """The namespace and superblock pins and the sandbox's fds are all closed at the end."""
+    before = len(os.listdir("/proc/self/fd"))
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    out = await run_pipeline(make_ctx(sb, passes=["zeros"]))
+    assert out.status == "destroyed"
+    assert out.evidence[5]["namespaces_pinned"] is True
+    assert len(os.listdir("/proc/self/fd")) <= before
