@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 
-import pytest
 from helpers_daemon import ROOT, AgentDaemon
 
 from agent.cdp.verify import verify
@@ -89,10 +88,9 @@ def test_second_sigterm_still_leaves_nothing_behind(tmp_path):
     finally:
         d.stop()
     # the no_leftovers fixture asserts nothing is left after the restart's recovery; the agent
-    # must also have exited by itself after the second SIGTERM
-    if not exited_by_itself:
-        pytest.xfail("known: a drain cut short in destruction step 1 leaves a v1-frozen PID 1 "
-                     "that Sandbox.teardown's kill_init waits on forever (docs/design.md, E)")
+    # must also have exited by itself after the second SIGTERM (a drain cut short in step 1
+    # once left a v1-frozen PID 1 that teardown waited on forever)
+    assert exited_by_itself, "the agent hung after the second SIGTERM"
 
 
 class NotifyDaemon(AgentDaemon):
