@@ -103,3 +103,18 @@ async def test_self_tests_rerun_every_interval(autojump_clock):
         nursery.cancel_scope.cancel()
     assert mon.runs == 3 and calls.count("eee") == 3
     assert mon.status == "healthy"
+
+
+async def test_full_node_skips_the_canary_and_keeps_the_last_result(service):
+    """At capacity the eee canary (which needs a slot) is skipped: flag kept, reason says why."""
+    mon = HealthMonitor(service, service.config)
+    service.capacity = lambda: {"sessions_live": 4, "sessions_max": 4}
+    await mon.run_once()
+    assert mon.engines["eee"] is False and "capacity" in mon.details()["eee"]["reason"]
+    service.capacity = lambda: {"sessions_live": 0, "sessions_max": 4}
+    await mon.run_once()
+    assert mon.engines["eee"] is True
+    service.capacity = lambda: {"sessions_live": 4, "sessions_max": 4}
+    snap = await mon.run_once()
+    assert snap["engines"]["eee"] is True and "capacity" in mon.details()["eee"]["reason"]
+    assert not service.engine.live

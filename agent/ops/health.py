@@ -39,6 +39,11 @@ class SelfTestFailed(Exception):
     """A self-test found something wrong; the message is the reason shown to operators."""
 
 
+class SelfTestSkipped(Exception):
+    """The self-test could not run now for a reason that says nothing about the engine (the
+    node is full); the previous result is kept and the reason says so."""
+
+
 def _need(cond: bool, reason: str) -> None:
     if not cond:
         raise SelfTestFailed(reason)
@@ -53,6 +58,13 @@ def _selftest_data() -> dict:
 async def check_eee(service, cfg) -> None:
     engine = getattr(service, "engine", None)
     _need(engine is not None, "no sandbox engine")
+    try:
+        cap = service.capacity()
+        full = cap.get("sessions_live", 0) >= cap.get("sessions_max", 1 << 30)
+    except Exception:
+        full = False
+    if full:
+        raise SelfTestSkipped("node at capacity: canary skipped, last result kept")
     tier = min(cfg.tiers, key=lambda t: cfg.tiers[t].memory_bytes)
     sid = "nrx-health-" + secrets.token_hex(4)
     sb = await engine.create(sid, tier=tier, classification="general")
@@ -184,6 +196,7 @@ class HealthMonitor:
         fn = self.checks[name]
         t0 = time.monotonic()
         ok, reason = False, None
+        was = self.engines.get(name)
         try:
             if name in self.faults:
                 raise SelfTestFailed("fault injected")
@@ -194,11 +207,14 @@ class HealthMonitor:
             ok = True
         except trio.TooSlowError:
             reason = f"self-test timed out after {CANARY_TIMEOUT:.0f}s"
+        except SelfTestSkipped as e:
+            self.reasons[name] = str(e)
+            self.checked_at[name] = timefmt.iso_seconds()
+            return
         except SelfTestFailed as e:
             reason = str(e)
         except Exception as e:  # any crash of a self-test is a failed engine, never of the agent
             reason = f"{type(e).__name__}: {e}"
-        was = self.engines.get(name)
         self.engines[name] = ok
         self.reasons[name] = reason
         self.checked_at[name] = timefmt.iso_seconds()
