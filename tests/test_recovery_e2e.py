@@ -12,7 +12,7 @@ from pathlib import Path
 from helpers_daemon import AgentDaemon
 
 from agent.cdp.verify import verify
-from agent.ops import recovery
+from agent.ops import debug, recovery
 
 
 def _journal_rows(state_dir: Path) -> dict[str, dict]:
@@ -100,5 +100,8 @@ def test_sigkilled_agent_leaves_nothing_after_restart(tmp_path):
         events = [e for e in d.logs() if e.get("event") == "recovery_done"]
         assert events and events[0]["sessions"] == 5
         assert events[0]["reclaimed_cgroups"] == 5 and events[0]["reclaimed_mounts"] == 5
+        status = json.loads(debug.request(d.runtime_dir / "debug.sock", "status"))
+        assert status["recovery"]["reclaimed"]["slots"] == 5
+        assert set(status["recovery"]["sessions"]) == set(sids)
     finally:
         d.stop()

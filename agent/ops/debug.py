@@ -77,6 +77,10 @@ def _status(service) -> dict:
         except Exception as e:
             out[name] = f"unavailable: {type(e).__name__}"
     rep = getattr(service, "recovery_report", None)
+    if rep is None:
+        from agent.ops import recovery
+
+        rep = recovery.LAST_REPORT
     if rep is not None and hasattr(rep, "to_dict"):
         out["recovery"] = rep.to_dict()
     return out

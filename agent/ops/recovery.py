@@ -29,6 +29,7 @@ import trio
 from agent import log
 
 ORDER = ("processes", "mounts", "cgroups", "network", "slots")
+LAST_REPORT: RecoveryReport | None = None  # this process's last recovery (debug `status`)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -406,6 +407,8 @@ async def recover(cfg, *, journal, driver=None,
             report.errors.append(f"{sid}: {type(e).__name__}: {e}")
             lg.error("recovery_session_failed", session_id=sid, error=type(e).__name__)
     report.duration_ms = int((time.monotonic() - t0) * 1000)
+    global LAST_REPORT
+    LAST_REPORT = report
     lg.info("recovery_done", sessions=len(rows), duration_ms=report.duration_ms,
             **{f"reclaimed_{k}": v for k, v in report.counts().items()})
     return report
