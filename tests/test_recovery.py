@@ -210,3 +210,25 @@ async def test_a_sandbox_left_frozen_mid_destruction_is_reclaimed(world):
     assert p.wait(5) == -9
     assert time.monotonic() - t0 < 3
     assert rep.counts()["cgroups"] == 1 and driver.leftovers() == []
+
+
+async def test_recovery_asks_systemd_for_more_start_time(world, tmp_path, monkeypatch):
+    """With sessions to reclaim, recovery sends EXTEND_TIMEOUT_USEC so TimeoutStartSec is not hit."""
+    import socket
+
+    cfg, driver, _ = world
+    path = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(path))
+    srv.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setattr(recovery, "EXTEND_EVERY", 0.0)
+
+    async def destroy_fn(row, reason):
+        return "expired_unclean"
+
+    rows = [_row(cfg, f"sess_00000000000000c{i}") for i in range(3)]
+    await recovery.recover(cfg, journal=FakeJournal(rows), driver=driver, destroy_fn=destroy_fn)
+    msgs = [srv.recv(100) for _ in range(4)]
+    srv.close()
+    assert msgs == [b"EXTEND_TIMEOUT_USEC=60000000"] * 4  # once at start, once per session

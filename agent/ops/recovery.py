@@ -363,14 +363,33 @@ RECLAIMERS: tuple[Callable[[_Ctx], ReclaimResult], ...] = (
 assert tuple(f.__name__.removeprefix("reclaim_") for f in RECLAIMERS) == ORDER
 
 
+EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while recovering
+EXTEND_BY = 60.0
+
+
 async def recover(cfg, *, journal, driver=None,
                   destroy_fn: Callable[..., Awaitable[str]] | None = None,
-                  metrics=None, engine=None) -> RecoveryReport:
+                  metrics=None, engine=None, notifier=None) -> RecoveryReport:
     """Reclaim everything a crashed agent left, then destroy each journaled live session.
 
     `journal.live_sessions()` gives the rows; `driver` is the engine's cgroup driver (or
     `engine.cgroups`); `destroy_fn(row, "agent_recovery") -> status` runs the pipeline and
-    spools the CDP.  Never raises for a leftover it cannot reclaim: the report says so."""
+    spools the CDP.  Never raises for a leftover it cannot reclaim: the report says so.
+    Under systemd (`notifier`, default from $NOTIFY_SOCKET) it asks for more start time with
+    EXTEND_TIMEOUT_USEC while it works, so many sessions to reclaim do not hit
+    TimeoutStartSec."""
+    from agent.ops.notify import Notifier
+
+    own_notifier = notifier is None
+    if notifier is None:
+        notifier = Notifier.from_env()
+    last_extend = [-EXTEND_EVERY]
+
+    def extend() -> None:
+        if time.monotonic() - last_extend[0] >= EXTEND_EVERY:
+            last_extend[0] = time.monotonic()
+            notifier.extend_timeout(EXTEND_BY)
+
     lg = log.get().bind(component="recovery")
     t0 = time.monotonic()
     if driver is None and engine is not None:
@@ -383,6 +402,8 @@ async def recover(cfg, *, journal, driver=None,
         report.errors.append(f"journal: {e}")
         rows = []
     ctx = _Ctx(cfg, rows, driver)
+    if rows:
+        extend()
     for fn in RECLAIMERS:
         try:
             res = await trio.to_thread.run_sync(fn, ctx)
@@ -396,6 +417,7 @@ async def recover(cfg, *, journal, driver=None,
             lg.warning("recovery_reclaim_error", kind=res.kind, error=err)
     for row in rows:
         sid = row["session_id"]
+        extend()
         if destroy_fn is None:
             report.errors.append(f"{sid}: no destroy function")
             continue
@@ -409,6 +431,8 @@ async def recover(cfg, *, journal, driver=None,
     report.duration_ms = int((time.monotonic() - t0) * 1000)
     global LAST_REPORT
     LAST_REPORT = report
+    if own_notifier:
+        notifier.close()
     lg.info("recovery_done", sessions=len(rows), duration_ms=report.duration_ms,
             **{f"reclaimed_{k}": v for k, v in report.counts().items()})
     return report
