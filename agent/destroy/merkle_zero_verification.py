@@ -10,7 +10,9 @@ An independent re-scan of the host, trusting nothing the earlier steps reported:
   session tmpfs, and for nsfs bind mounts pinning one of the session namespaces.  Step 2
   keeps an O_PATH fd on the (emptied, detached) superblock until this scan is done, so
   its device number cannot be reused by another tmpfs meanwhile, and step 1 pins the
-  seven namespaces for the same reason (namespace inode numbers are reused at once);
+  seven namespaces for the same reason (namespace inode numbers are reused at once); the
+  namespace pins are dropped after the process scan and before the mount scan, so the
+  sandbox's own mount of the tmpfs (kept by its mount namespace) is gone when counted;
 * cgroups: each of the session's cgroup directories must no longer exist.
 
 Then the Merkle root (SPEC 6) over the read-back leaf digests of step 2 followed by step 3
@@ -32,6 +34,11 @@ METHOD = "merkle_tree_verification"
 
 def scan(st: DestroyState) -> dict:
     procs, threads = residue.processes_in_namespaces(st.namespaces.values())
+    # The namespace pins have served (no process was found in them while their inode
+    # numbers could not be reused); dropping them now lets the session's mount namespace,
+    # and with it the sandbox's own mount of the tmpfs, go away before mounts are counted.
+    while st.ns_fds:
+        os.close(st.ns_fds.pop())
     mounts, mnt_ns = residue.mounts_of(st.tmpfs_dev, st.namespaces.values())
     cgroups = sum(1 for p in st.cgroup_paths if os.path.exists(p))
     return {"processes": procs, "threads": threads, "mounts": mounts, "mnt_ns": mnt_ns,
