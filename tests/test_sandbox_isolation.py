@@ -192,3 +192,13 @@ async def test_session_id_must_be_a_safe_name(engine):
         with pytest.raises(SandboxError):
             await engine.create(bad, tier="tiny", classification="general")
     assert not engine.slots.in_use()
+
+
+async def test_commands_have_no_controlling_terminal(sandbox):
+    """Each command leads its own session with no controlling tty (nothing to TIOCSTI into),
+    and PID 1 is outside the agent's session too."""
+    r = await sh(sandbox, "cat /proc/self/stat /proc/1/stat")
+    me, init = (line.rsplit(")", 1)[1].split() for line in r.stdout.decode().splitlines())
+    assert me[4] == "0" and init[4] == "0"  # tty_nr
+    assert me[3] == me[2]  # session id == process group id (a session leader's group)
+    assert os.getsid(0) != os.getsid(sandbox.init_pid)

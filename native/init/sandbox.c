@@ -123,6 +123,9 @@ int setup_sandbox(struct config *c)
         STEP_FAIL("making mounts private: %s", strerror(errno));
     if (mount(R, R, NULL, MS_BIND | MS_REC, NULL) < 0 || chdir(R) < 0)
         STEP_FAIL("entering the session root %s: %s", R, strerror(errno));
+    /* leave the agent's session: no controlling terminal, no terminal signals */
+    if (setsid() < 0)
+        STEP_FAIL("setsid: %s", strerror(errno));
     /* root of the user namespace (our host credentials are not mapped in it) */
     if (setresgid(0, 0, 0) < 0 || setgroups(0, NULL) < 0 || setresuid(0, 0, 0) < 0)
         STEP_FAIL("becoming root of the user namespace: %s", strerror(errno));

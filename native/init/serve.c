@@ -50,8 +50,9 @@ run_command(struct config *c, int out, int err, int errfd, char **argv, char **e
     unsigned id = c->sandbox_id;
     sigset_t none;
 
-    if (setpgid(0, 0) < 0)
-        child_fail(errfd, "setpgid");
+    /* own session and process group, no controlling terminal (no TIOCSTI target) */
+    if (setsid() < 0)
+        child_fail(errfd, "setsid");
     int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
         child_fail(errfd, "stdio");
@@ -137,7 +138,7 @@ static void handle_exec(struct config *c, const unsigned char *body, size_t len,
         close(ep[0]);
         goto out;
     }
-    setpgid(pid, pid); /* both sides, so SIGNAL never races the child's own setpgid */
+    /* the child's setsid() is done once the error pipe closes at execve */
     char why[256];
     ssize_t n;
     do
