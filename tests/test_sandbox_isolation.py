@@ -202,3 +202,15 @@ async def test_commands_have_no_controlling_terminal(sandbox):
     assert me[4] == "0" and init[4] == "0"  # tty_nr
     assert me[3] == me[2]  # session id == process group id (a session leader's group)
     assert os.getsid(0) != os.getsid(sandbox.init_pid)
+
+
+async def test_rlimits_and_oom_score_of_commands(sandbox):
+    """Commands run with core 0, nofile and fsize from config, and a positive OOM score
+    (the sandbox dies before the agent)."""
+    cfg = sandbox._engine.cfg
+    r = await sh(sandbox, "ulimit -c; ulimit -n; ulimit -f; cat /proc/self/oom_score_adj")
+    core, nofile, fsize_blocks, adj = r.stdout.decode().split()
+    assert core == "0" and int(nofile) == cfg.sandbox.rlimit_nofile
+    assert int(fsize_blocks) * 512 == sandbox.tmpfs_bytes  # dash reports 512-byte blocks
+    assert int(adj) == cfg.sandbox.sandbox_oom_score_adj > 0
+    assert open(f"/proc/{sandbox.init_pid}/oom_score_adj").read().strip() == adj
