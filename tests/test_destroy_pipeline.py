@@ -53,7 +53,7 @@ def new_id() -> str:
 
 
 def make_ctx(sb, *, passes=STRICT, reason="requested", hooks=None, key=True,
-             classification="PHI") -> DestroyContext:
+             classification="PHI", timeout=3.0) -> DestroyContext:
     sid = sb.session_id if sb is not None else new_id()
     revoked = []
     ctx = DestroyContext(
@@ -62,7 +62,7 @@ def make_ctx(sb, *, passes=STRICT, reason="requested", hooks=None, key=True,
                               created_at="2026-01-01T00:00:00Z"),
         session_key=SessionKey.generate(sid) if key else None, passes=list(passes),
         reason=reason, node_id="node-test", agent_version="0.1.0",
-        revoke=lambda: revoked.append(sid), hooks=hooks, timeout=3.0)
+        revoke=lambda: revoked.append(sid), hooks=hooks, timeout=timeout)
     ctx.revoked = revoked  # type: ignore[attr-defined]
     return ctx
 
@@ -248,7 +248,7 @@ async def test_fault_in_any_step_gives_signed_incomplete_proof_and_no_residue(en
     sb = await engine.create(new_id(), tier="free", classification="PHI")
     r = await sb.exec("echo data > /work/f; sleep 100 </dev/null >/dev/null 2>&1 &", timeout=10)
     assert r.exit_code == 0
-    ctx = make_ctx(sb, hooks=DestroyHooks(fail_step=step))
+    ctx = make_ctx(sb, hooks=DestroyHooks(fail_step=step), timeout=0.5)
     out = await run_pipeline(ctx)
     assert out.status == "expired_unclean"
     assert out.destruction_state == "incomplete"
