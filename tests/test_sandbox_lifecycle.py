@@ -86,3 +86,22 @@ def test_hostnames_avoid_taken_names():
     taken = {new_hostname("nrx-", set()) for _ in range(50)}
     for _ in range(200):
         assert new_hostname("nrx-", taken) not in taken
+
+
+def test_mount_plan_from_host_and_from_an_image_dir(tmp_path):
+    """Without image_dir the host's /usr is bound with the merged-usr links the host has;
+    with image_dir the runtime comes from the image and links follow the image's /usr."""
+    from agent.config import SandboxConfig
+    from agent.sandbox import mounts
+
+    binds, links = mounts.plan(SandboxConfig())
+    assert binds == [("/usr", "/usr")]
+    assert [n for n, _ in links] == [n for n in ("bin", "lib", "lib64", "sbin")
+                                     if os.path.isdir(f"/usr/{n}")]
+    image = tmp_path / "image"
+    (image / "usr" / "bin").mkdir(parents=True)
+    (image / "usr" / "lib").mkdir()
+    (image / "opt").mkdir()
+    binds, links = mounts.plan(SandboxConfig(image_dir=image, ro_binds=["/usr", "/opt", "/nope"]))
+    assert binds == [(str(image / "usr"), "/usr"), (str(image / "opt"), "/opt")]
+    assert links == [("bin", "usr/bin"), ("lib", "usr/lib")]
