@@ -314,6 +314,7 @@ class Service:
         from agent.keys.session import SessionKey
 
         now = time.time()
+        start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
         created_at = iso_seconds(now)
         key = SessionKey.generate(session_id)
         try:
@@ -328,7 +329,7 @@ class Service:
         record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
                                classification=classification, jurisdiction=jurisdiction,
                                created_at=created_at)
-        deadline = trio.current_time() + ttl if ttl else math.inf
+        deadline = start - (now - int(now)) + ttl if ttl else math.inf
         s = _Live(record=record, ttl_seconds=ttl, created_ts=float(int(now)), deadline=deadline,
                   sandbox=sandbox, session_key=key, receipt_key=key.public_record(created_at))
         self.sessions[session_id] = s
