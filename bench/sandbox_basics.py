@@ -86,6 +86,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--alive", type=int, default=200)
+    ap.add_argument("--ballast-mib", type=int, default=0,
+                    help="grow this process first (spawning must not depend on its size)")
     args = ap.parse_args()
+    ballast = bytearray(b"x") * (args.ballast_mib * 2**20)
     log.setup("warning")
     print(json.dumps(trio.run(main, args.runs, args.alive), indent=2))
