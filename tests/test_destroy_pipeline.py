@@ -396,3 +396,29 @@ async def test_pipeline_releases_every_pin_and_fd(engine):
     assert out.status == "destroyed"
     assert out.evidence[5]["namespaces_pinned"] is True
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def test_recovery_never_wipes_a_host_process_that_reused_the_init_pid():
+    """A partial sandbox whose recorded init pid now names an unrelated host process:
+    no step freezes, wipes, pins or kills that process."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    marker = b"KEEP-" + secrets.token_hex(8).encode()
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time; s = bytearray(sys.argv[1]"
+                          ".encode() * 100); print('ok', flush=True); time.sleep(60)",
+                          marker.decode()], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ok\n"
+        fake = SimpleNamespace(init_pid=p.pid, namespaces={n: 1 for n in (
+            "user", "mnt", "uts", "ipc", "pid", "net", "cgroup")}, cgroup=None, root_fd=-1,
+            host_uid=None, host_gid=None, session_id=new_id())
+        out = await run_pipeline(make_ctx(fake, key=False, reason="agent_recovery"))
+        assert out.status == "expired_unclean"
+        assert out.evidence[2]["processes"] == 0
+        assert p.poll() is None
+        assert marker * 100 in read_private_memory(p.pid)
+    finally:
+        p.kill()
+        p.wait()

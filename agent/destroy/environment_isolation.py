@@ -72,11 +72,16 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     live: dict[str, int] = {}
     try:
         live = residue.ns_inodes(init_pid)
-        pin_namespaces(init_pid, live, st)
-        if init_pid not in st.frozen_pids:
+        in_cgroup = init_pid in st.frozen_pids
+        same = bool(recorded) and all(live[n] == recorded.get(n) for n in residue.NAMESPACES)
+        if not in_cgroup:
             errors.append("init not in session cgroup")
-        st.uid_ranges = residue.id_map(init_pid, "uid_map")
-        st.gid_ranges = residue.id_map(init_pid, "gid_map")
+        if in_cgroup or same:  # after a crash the pid may name another host process
+            pin_namespaces(init_pid, live, st)
+            st.uid_ranges = residue.id_map(init_pid, "uid_map")
+            st.gid_ranges = residue.id_map(init_pid, "gid_map")
+        else:
+            live = {}
     except (OSError, TypeError):
         errors.append("init process not readable")
     if not st.uid_ranges and getattr(sb, "host_uid", None) is not None:

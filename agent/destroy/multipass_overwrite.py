@@ -185,6 +185,19 @@ def _reclaim(cgroup) -> bool:
     return done
 
 
+def _is_session_init(pid: int, st: DestroyState, sb) -> bool:
+    """A pid outside the cgroup is only wiped when it provably is the session's PID 1
+    (its PID namespace is the session's): after a crash the number may name another
+    process of the host."""
+    want = st.namespaces.get("pid") or (getattr(sb, "namespaces", None) or {}).get("pid")
+    if not want:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino == want
+    except OSError:
+        return False
+
+
 async def _poll(pred, timeout: float) -> bool:
     with trio.move_on_after(timeout):
         delay = 0.0005
@@ -226,7 +239,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         except Exception:
             errors.append("cannot freeze for the memory wipe")
     init_pid = getattr(sb, "init_pid", None)
-    if init_pid and init_pid not in pids and os.path.exists(f"/proc/{init_pid}"):
+    if init_pid and init_pid not in pids and _is_session_init(init_pid, st, sb):
         pids.append(init_pid)
     ev["processes_found"] = len(pids)
     plan, total = await trio.to_thread.run_sync(plan_processes, pids)
