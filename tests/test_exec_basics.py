@@ -180,3 +180,15 @@ async def test_killing_the_sandbox_during_an_exec_raises_gone(sandbox):
         with pytest.raises(SandboxGone):
             await sandbox.exec("sleep 30", timeout=60)
     assert time.monotonic() - t0 < 2
+
+
+async def test_oversized_or_malformed_requests_are_bad_requests(sandbox):
+    """A huge command, too many env vars, a bad env name or a NUL byte is a BadRequest."""
+    from agent.errors import BadRequest
+
+    for kw in ({"command": "x" * 600_000}, {"env": {f"V{i}": "1" for i in range(201)}},
+               {"env": {"A=B": "1"}}, {"command": "echo \0"}):
+        with pytest.raises(BadRequest):
+            await sandbox.exec(kw.get("command", "true"), env=kw.get("env"), timeout=10)
+    r = await sandbox.exec("echo $V199", env={f"V{i}": str(i) for i in range(200)}, timeout=10)
+    assert r.stdout == b"199\n"

@@ -33,6 +33,8 @@ from .output import Capture
 CHUNK = 64 * 1024
 PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
+MAX_ENV = 200  # nrx-init takes up to 255 environment entries
+MAX_REQUEST = 512 * 1024  # command + environment, well inside one control message
 F_SETPIPE_SZ = 1031
 
 
@@ -192,6 +194,8 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
               kill_grace: float, max_input: int = 8 * 1024 * 1024) -> ExecResult:
     """Run `command` in sandbox `sb` (see Sandbox.exec)."""
     full_env = base_env()
+    if env and len(env) > MAX_ENV:
+        raise errors.BadRequest(f"at most {MAX_ENV} environment variables", field="env")
     if env:
         for k, v in env.items():
             if not k or "=" in k or "\0" in k or "\0" in v:
@@ -202,6 +206,11 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
                                 field="input_data")
     if "\0" in command:
         raise errors.BadRequest("command contains a NUL byte", field="command")
+    size = len(command.encode()) + sum(len(k.encode()) + len(v.encode()) + 9
+                                       for k, v in full_env.items())
+    if size > MAX_REQUEST:
+        raise errors.BadRequest(f"command and env together exceed {MAX_REQUEST} bytes",
+                                field="command")
     if input_data is not None:
         write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
 
