@@ -186,15 +186,17 @@ def test_oversized_frame_closes_connection(daemon):
 
 
 def test_concurrent_requests_on_one_connection(daemon):
-    """Several requests in flight on one connection are all answered, matched by msgid."""
+    """600 pipelined requests on one connection (over the in-flight bound of 256) are all
+    answered, matched by msgid."""
     r = Raw(daemon.socket)
-    for i in range(20):
+    n = 600
+    for i in range(n):
         r.send([0, 1000 + i, "agent.info" if i % 2 else "proof.pending", [{}]])
     got = {}
-    for _ in range(20):
+    for _ in range(n):
         msg = r.recv()
         got[msg[1]] = msg
-    assert set(got) == {1000 + i for i in range(20)}
+    assert set(got) == {1000 + i for i in range(n)}
     assert all(m[2] is None for m in got.values())
     r.close()
 

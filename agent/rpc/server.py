@@ -30,7 +30,8 @@ __all__ = ["CallContext", "Peer", "RpcServer", "bind_unix_socket"]
 
 _log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.setup()
 READ_SIZE = 256 * 1024
-FIRST_REQUEST_WAIT = 2.0  # how long a refused peer gets to send the msgid we answer
+FIRST_REQUEST_WAIT = 2.0
+MAX_INFLIGHT = 256  # concurrent requests per connection before the server stops reading  # how long a refused peer gets to send the msgid we answer
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class _Connection:
         self.stream = stream
         self.peer = peer
         self.lock = trio.Lock()
+        self.inflight = trio.Semaphore(MAX_INFLIGHT)
         self.log = _log.bind(peer_uid=peer.uid, peer_pid=peer.pid)
 
     async def send(self, data: bytes) -> None:
@@ -200,6 +202,8 @@ class _Connection:
                         if req.msgid is None:
                             self.log.info("rpc_notification_ignored")
                             continue
+                        # bounded in-flight requests: a flooding client stops being read
+                        await self.inflight.acquire()
                         nursery.start_soon(self.call, req)
             except framing.ProtocolError as e:
                 self.log.warning("rpc_protocol_error", reason=str(e))
@@ -210,6 +214,12 @@ class _Connection:
             nursery.cancel_scope.cancel()
 
     async def call(self, req: framing.Request) -> None:
+        try:
+            await self._call(req)
+        finally:
+            self.inflight.release()
+
+    async def _call(self, req: framing.Request) -> None:
         try:
             params = _single_map(req.params)
             ctx = CallContext(req.msgid, self.peer, self._notifier())

@@ -525,9 +525,9 @@ class Service:
             self._inc("destroys_total", reason=reason, status=s.status)
             raise InternalError("the destruction pipeline failed") from None
         s.status = outcome.status
-        for ev in outcome.evidence:
+        for step, ev in enumerate(outcome.evidence, start=1):
             if isinstance(ev, dict) and ev.get("ok") is not True:
-                self._inc("destroy_step_failures_total", step=str(outcome.evidence.index(ev) + 1))
+                self._inc("destroy_step_failures_total", step=str(step))
         self.journal.update_session(sid, status=s.status, reason=reason,
                                     exec_count=s.record.exec_count)
         try:
