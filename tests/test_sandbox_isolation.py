@@ -214,3 +214,23 @@ async def test_rlimits_and_oom_score_of_commands(sandbox):
     assert int(fsize_blocks) * 512 == sandbox.tmpfs_bytes  # dash reports 512-byte blocks
     assert int(adj) == cfg.sandbox.sandbox_oom_score_adj > 0
     assert open(f"/proc/{sandbox.init_pid}/oom_score_adj").read().strip() == adj
+
+
+async def test_ipc_and_cgroup_namespaces_are_private(engine):
+    """A SysV segment made in one sandbox is invisible in another and on the host; inside,
+    /proc/self/cgroup shows the cgroup namespace root, not the host's tree."""
+    a = await engine.create(new_session_id(), tier="tiny", classification="general")
+    b = await engine.create(new_session_id(), tier="tiny", classification="general")
+    try:
+        r = await sh(a, "ipcmk -M 4096 && ipcs -m | grep -c '^0x'")
+        assert r.exit_code == 0 and r.stdout.split()[-1] == b"1"
+        r = await sh(b, "ipcs -m | grep -c '^0x'")
+        assert r.stdout.strip() == b"0"
+        assert a.namespaces["ipc"] != b.namespaces["ipc"]
+        r = await sh(a, "cat /proc/self/cgroup")
+        lines = r.stdout.decode().splitlines()
+        assert lines and all(line.endswith(":/") for line in lines), lines
+        assert engine.cfg.sandbox.cgroup_prefix not in r.stdout.decode()
+    finally:
+        await a.teardown()
+        await b.teardown()
