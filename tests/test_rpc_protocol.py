@@ -188,14 +188,22 @@ def test_oversized_frame_closes_connection(daemon):
 def test_concurrent_requests_on_one_connection(daemon):
     """600 pipelined requests on one connection (over the in-flight bound of 256) are all
     answered, matched by msgid."""
+    import threading
+
     r = Raw(daemon.socket)
     n = 600
-    for i in range(n):
-        r.send([0, 1000 + i, "agent.info" if i % 2 else "proof.pending", [{}]])
+
+    def sender():  # a pipelining client sends while it reads
+        for i in range(n):
+            r.send([0, 1000 + i, "agent.info" if i % 2 else "proof.pending", [{}]])
+
+    t = threading.Thread(target=sender)
+    t.start()
     got = {}
     for _ in range(n):
         msg = r.recv()
         got[msg[1]] = msg
+    t.join()
     assert set(got) == {1000 + i for i in range(n)}
     assert all(m[2] is None for m in got.values())
     r.close()
