@@ -76,3 +76,17 @@ def test_uid_range_overlapping_subuid_is_a_fail(tmp_path):
     cfg = Config()
     cfg.sandbox.uid_base, cfg.node.max_sessions = 4_000_000_000, 1  # a range nobody runs in
     assert doctor.check_uid_range(cfg, subid_files=(str(sub),)).level == "ok"
+
+
+def test_cli_dispatches_doctor():
+    """`nanorix-agent doctor` through the real CLI prints the checks and exits with doctor's code."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--json"], cwd=root,
+                       capture_output=True, text=True, timeout=60)
+    checks = json.loads(r.stdout)
+    assert {c["name"] for c in checks} >= set(EXPECTED)
+    assert r.returncode == (1 if any(c["level"] == "fail" for c in checks) else 0)
