@@ -105,3 +105,24 @@ def test_mount_plan_from_host_and_from_an_image_dir(tmp_path):
     binds, links = mounts.plan(SandboxConfig(image_dir=image, ro_binds=["/usr", "/opt", "/nope"]))
     assert binds == [(str(image / "usr"), "/usr"), (str(image / "opt"), "/opt")]
     assert links == [("bin", "usr/bin"), ("lib", "usr/lib")]
+
+
+async def test_concurrent_creates_get_unique_slots_hostnames_and_work(engine):
+    """20 sandboxes created concurrently all run commands, with distinct slots, host uids
+    and hostnames; aclose() takes them all down."""
+    boxes = []
+
+    async def one() -> None:
+        sb = await engine.create(fx.new_session_id(), tier="tiny", classification="general")
+        boxes.append(sb)
+        r = await sb.exec("hostname", timeout=20)
+        assert r.stdout.decode().strip() == sb.hostname
+
+    async with trio.open_nursery() as n:
+        for _ in range(20):
+            n.start_soon(one)
+    assert len({b.slot for b in boxes}) == len({b.host_uid for b in boxes}) == 20
+    assert len({b.hostname for b in boxes}) == 20
+    await engine.aclose()
+    assert not engine.live and not engine.slots.in_use()
+    assert all(not b.alive for b in boxes)
