@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import signal
 import socket
 import time
@@ -40,12 +41,14 @@ class SandboxError(RuntimeError):
 
 
 def _compile_seccomp(profile: str) -> bytes:
-    try:
-        from agent.sandbox import seccomp
-    except ImportError:
-        log.get().warning("seccomp_module_missing", profile=profile)
-        return b""
-    return seccomp.compile_profile(profile)
+    """The profile's BPF; seccomp is required (without it a capability-less sandbox can
+    still unshare a user namespace), so a missing or empty profile is an error."""
+    from agent.sandbox import seccomp
+
+    bpf = seccomp.compile_profile(profile)
+    if not bpf:
+        raise SandboxError(f"seccomp profile {profile!r} compiled to an empty filter")
+    return bpf
 
 
 async def _reap(pidfd: int) -> None:
@@ -60,8 +63,6 @@ async def _reap(pidfd: int) -> None:
 
 
 def _exited(pidfd: int) -> bool:
-    import select
-
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return bool(p.poll(0))
@@ -242,6 +243,8 @@ class SandboxEngine:
         self.live: dict[str, Sandbox] = {}
         self._log = log.get().bind(component="sandbox")
         self.binds, self.links = mounts.plan(sc)
+        for cls in cfg.classes.values():  # once per profile, at start: fail early
+            self.bpf(cls.seccomp_profile)
 
     def _forget(self, sb: Sandbox) -> None:
         if self.live.get(sb.session_id) is sb:
