@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import platform
+import time
 
 import trio
 
@@ -138,9 +139,10 @@ def wipe_processes(plan: dict, passes: list[str]) -> dict:
 
 def memory_after(cgroup) -> tuple[int, int]:
     """(user bytes, kernel bytes) still charged to the cgroup.  User bytes are the pages
-    that can hold the session's data: anonymous, file/shmem (tmpfs) and swap (v1
-    memory.stat total_rss + total_cache + total_swap; v2 anon + file + swap).  Kernel
-    bytes (slab objects freed lazily by RCU, per-CPU charge stocks) are reported apart."""
+    that can hold the session's data: anonymous, file/shmem (tmpfs) and swap.  v1: the
+    exact page counters, memsw (or memory) usage minus kmem usage (memory.stat is flushed
+    lazily, up to ~2 s stale); v2: memory.stat anon + file + swap.  Kernel bytes (slab
+    objects freed lazily by RCU) are reported apart."""
     for p in getattr(cgroup, "paths", []) or []:
         path = os.path.join(p, "memory.stat")
         if not os.path.exists(path):
@@ -151,14 +153,22 @@ def memory_after(cgroup) -> tuple[int, int]:
                 k, _, v = line.partition(" ")
                 if v.strip().isdigit():
                     stat[k] = int(v)
-        if "total_rss" in stat:  # v1
+        if "total_rss" in stat:  # v1: exact page counters, not the lazily flushed stat
+            counters = {}
+            for name in ("memory.memsw.usage_in_bytes", "memory.usage_in_bytes",
+                         "memory.kmem.usage_in_bytes"):
+                try:
+                    with open(os.path.join(p, name)) as f:
+                        counters[name] = int(f.read())
+                except (OSError, ValueError):
+                    pass
+            kernel = counters.get("memory.kmem.usage_in_bytes")
+            total = counters.get("memory.memsw.usage_in_bytes",
+                                 counters.get("memory.usage_in_bytes"))
+            if kernel is not None and total is not None:
+                return max(0, total - kernel), kernel
             user = stat["total_rss"] + stat["total_cache"] + stat.get("total_swap", 0)
-            try:
-                with open(os.path.join(p, "memory.kmem.usage_in_bytes")) as f:
-                    kernel = int(f.read())
-            except (OSError, ValueError):
-                kernel = max(0, cgroup.memory_usage() - user)
-            return user, kernel
+            return user, max(0, cgroup.memory_usage() - user)
         if "anon" in stat:  # v2
             user = stat["anon"] + stat["file"] + stat.get("swap", 0)
             return user, stat.get("kernel", max(0, cgroup.memory_usage() - user))
@@ -196,6 +206,25 @@ def _is_session_init(pid: int, st: DestroyState, sb) -> bool:
         return os.stat(f"/proc/{pid}/ns/pid").st_ino == want
     except OSError:
         return False
+
+
+async def _release(cgroup, timeout: float) -> int:
+    """Wait (bounded) until no user page is charged to the empty cgroup, asking the kernel
+    to reclaim between looks (clean page cache the session read stays charged otherwise,
+    and pages still in per-CPU LRU batches only become reclaimable after a drain, which
+    each reclaim request does).  Returns how many reclaim requests it took."""
+    rounds = 0
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                if memory_after(cgroup)[0] == 0:
+                    break
+            except OSError:
+                break
+            await trio.to_thread.run_sync(_reclaim, cgroup)
+            rounds += 1
+            await trio.sleep(0.002 if rounds < 5 else 0.02)
+    return rounds
 
 
 async def _poll(pred, timeout: float) -> bool:
@@ -242,6 +271,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if init_pid and init_pid not in pids and _is_session_init(init_pid, st, sb):
         pids.append(init_pid)
     ev["processes_found"] = len(pids)
+    t0 = time.perf_counter_ns()
     plan, total = await trio.to_thread.run_sync(plan_processes, pids)
     if cgroup is not None:
         ev["cap_raised"] = raise_cap(cgroup, total)
@@ -254,8 +284,10 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if w["nonzero"]:
         errors.append("memory read-back not zero")
 
+    ev["wipe_us"] = (time.perf_counter_ns() - t0) // 1000
     if ctx.hooks is not None and ctx.hooks.before_kill is not None:
         await ctx.hooks.before_kill(list(pids))
+    t1 = time.perf_counter_ns()
 
     # kill: cgroup-wide kill (thaws), then PID 1 via pidfd (waits until reaped)
     if cgroup is not None:
@@ -276,13 +308,15 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if cgroup is not None:
         ev["cgroup_empty"] = await _poll(cgroup.empty, ctx.timeout)
         ev["killed"] = init_dead and ev["cgroup_empty"]
-        if not await _poll(lambda: memory_after(cgroup)[0] == 0, 0.05) and ev["cgroup_empty"]:
-            ev["memory_reclaimed"] = await trio.to_thread.run_sync(_reclaim, cgroup)
-            await _poll(lambda: memory_after(cgroup)[0] == 0, ctx.timeout)
+        ev["kill_us"] = (time.perf_counter_ns() - t1) // 1000
+        t2 = time.perf_counter_ns()
+        if ev["cgroup_empty"]:
+            ev["memory_reclaim_rounds"] = await _release(cgroup, ctx.timeout)
         try:
             ev["memory_after_bytes"], ev["kernel_memory_after_bytes"] = memory_after(cgroup)
         except OSError:
             pass
+        ev["release_us"] = (time.perf_counter_ns() - t2) // 1000
         st.cgroup_paths = [str(p) for p in getattr(cgroup, "paths", [])]
         try:
             if ev["cgroup_empty"]:
