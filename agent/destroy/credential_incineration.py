@@ -49,7 +49,8 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
 
     uts = st.namespaces.get("uts")
     if uts:
-        in_uts, _ = await trio.to_thread.run_sync(residue.processes_in_namespaces, [uts])
+        in_uts, _ = await trio.to_thread.run_sync(residue.processes_in_namespaces, [uts],
+                                                  ("uts",))
         retire = getattr(sb, "retire_hostname", None)
         if in_uts == 0 and retire is not None:
             try:

@@ -41,8 +41,11 @@ def ns_inodes(pid: int | str, names: Iterable[str] = NAMESPACES) -> dict[str, in
     return {n: os.stat(PROC / str(pid) / "ns" / n).st_ino for n in names}
 
 
-def processes_in_namespaces(inodes: Iterable[int]) -> tuple[int, int]:
-    """(processes, threads) on the host that are in any of the given namespace inodes."""
+def processes_in_namespaces(inodes: Iterable[int],
+                            names: Iterable[str] = NAMESPACES) -> tuple[int, int]:
+    """(processes, threads) on the host with a namespace (among `names`) whose inode is
+    one of `inodes`."""
+    names = tuple(names)
     wanted = set(inodes)
     procs: set[int] = set()
     threads = 0
@@ -50,7 +53,7 @@ def processes_in_namespaces(inodes: Iterable[int]) -> tuple[int, int]:
         return 0, 0
     for pid, tid in list_tasks():
         base = PROC / str(pid) / "task" / str(tid) / "ns"
-        for n in NAMESPACES:
+        for n in names:
             try:
                 ino = os.stat(base / n).st_ino
             except OSError:
