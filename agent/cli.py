@@ -169,19 +169,26 @@ def cmd_session_destroy(args) -> int:
 
 def cmd_run(args) -> int:
     from agent.cdp.verify import verify
+    from agent.rpc.client import Client
 
     command = _command_string(args.command)
     data = _input(args)
-    with _client(args) as c:
-        created = c.call("session.create", _create_params(args))
-        sid = created["session_id"]
-        exit_code = AGENT_ERROR_EXIT
-        try:
+    try:
+        with _client(args) as c:
+            sid = c.call("session.create", _create_params(args))["session_id"]
+    except ApiError as e:
+        _error(e)
+        return AGENT_ERROR_EXIT
+    exit_code = AGENT_ERROR_EXIT
+    try:
+        with _client(args) as c:
             res = _stream_exec(c, sid, command, data, args.timeout)
-            exit_code = int(res["exit_code"]) & 0xFF
-        except ApiError as e:
-            _error(e)
-        finally:
+        exit_code = int(res["exit_code"]) & 0xFF
+    except ApiError as e:
+        _error(e)
+    finally:
+        # a fresh connection: if the exec was interrupted, closing its connection killed it
+        with Client(args.socket) as c:
             result = c.call("session.destroy", {"session_id": sid})
     path = args.cdp_out or f"./{sid}.cdp.json"
     _write_proof(result, path, args.format)

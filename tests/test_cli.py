@@ -94,3 +94,12 @@ def test_debug_and_doctor_are_dispatched(daemon):
     assert b"status" in r.stdout or b"healthy" in r.stdout or b"degraded" in r.stdout
     r = daemon.cli("doctor")
     assert r.returncode in (0, 1) and r.stdout.strip()
+
+
+def test_run_refused_exits_125(daemon, tmp_path):
+    """When the agent refuses the session (RateLimited), run exits 125 with the error name."""
+    for _ in range(3):
+        daemon.call("session.create", {"customer_id": "local", "tier": "free"})
+    r = daemon.cli("run", "--", "true", cwd=tmp_path)
+    assert r.returncode == 125 and b"RateLimited 429" in r.stderr
+    assert not list(tmp_path.glob("sess_*.cdp.json"))
