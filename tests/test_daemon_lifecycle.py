@@ -310,3 +310,18 @@ def test_capacity_limit_is_unavailable(tmp_path):
         d.call("session.destroy", {"session_id": a})
         d.call("session.create", {"customer_id": "z", "tier": "free"})
         del b  # the rest is destroyed by the graceful stop (reason operator)
+
+
+def test_logs_never_carry_commands_input_or_output(daemon):
+    """A marker in the command, env, input and output never appears in the daemon's logs."""
+    marker = "MARKER-7f3a9c-do-not-log"
+    sid = daemon.call("session.create", {"customer_id": "c-log", "tier": "free"})["session_id"]
+    daemon.call("session.exec", {"session_id": sid, "command": f"echo {marker}; echo {marker} >&2",
+                                 "input_data": marker.encode(), "env": {"M": marker},
+                                 "stream": True})
+    res = daemon.call("session.exec", {"session_id": sid, "command": f"exit 1 # {marker}",
+                                       "env": {marker: "x"}})
+    assert res["exit_code"] == 1
+    daemon.call("session.destroy", {"session_id": sid})
+    text = daemon.log_text()
+    assert "session_created" in text and marker not in text
