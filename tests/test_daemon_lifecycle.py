@@ -325,3 +325,18 @@ def test_logs_never_carry_commands_input_or_output(daemon):
     daemon.call("session.destroy", {"session_id": sid})
     text = daemon.log_text()
     assert "session_created" in text and marker not in text
+
+
+def test_responses_out_of_order_match_by_msgid(daemon):
+    """On one connection a quick request answers before an earlier slow exec; msgids match."""
+    sid = daemon.call("session.create", {"customer_id": "c-ooo", "tier": "free"})["session_id"]
+    r = Raw(daemon.socket)
+    try:
+        slow = r.send("session.exec", {"session_id": sid, "command": "sleep 0.5; echo done"})
+        quick = r.send("agent.info", {})
+        first, second = r.recv(), r.recv()
+        assert first[1] == quick and first[2] is None and "node_id" in first[3]
+        assert second[1] == slow and second[3]["output"] == b"done\n"
+    finally:
+        r.close()
+        daemon.call("session.destroy", {"session_id": sid})
