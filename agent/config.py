@@ -77,6 +77,7 @@ class NodeConfig:
     max_sessions: int = 1000
     memory_capacity_bytes: int = 0  # 0 = 80% of MemTotal at start
     ttl_policy: str = "clamp"  # "clamp" a ttl above the tier max to the max, or "refuse" it
+    journal_retention_seconds: int = 30 * 86400  # ended sessions' metadata kept this long
 
 
 @dataclass
@@ -282,6 +283,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.node.max_sessions >= 1, "node.max_sessions must be >= 1")
+    need(cfg.node.journal_retention_seconds >= 60,
+         "node.journal_retention_seconds must be >= 60")
     need(cfg.node.ttl_policy in ("clamp", "refuse"),
          f"node.ttl_policy must be one of clamp, refuse; got {cfg.node.ttl_policy!r}")
     need(cfg.log.level in LOG_LEVELS,

@@ -67,3 +67,20 @@ def test_check_round_trip(tmp_path):
     assert j.check_writable() is True
     j.close()
     assert j.check_writable() is False
+
+
+def test_prune_forgets_only_old_ended_unkept_sessions(tmp_path):
+    """prune() deletes ended rows older than the cutoff, keeping live rows and kept ids."""
+    j = Journal(tmp_path)
+    j.insert_session(**_row(session_id="sess_000000000000000a", status="destroyed",
+                            updated_at="2020-01-01T00:00:00Z"))
+    j.insert_session(**_row(session_id="sess_000000000000000b", status="expired",
+                            updated_at="2020-01-01T00:00:00Z"))
+    j.insert_session(**_row(session_id="sess_000000000000000c", status="active",
+                            updated_at="2020-01-01T00:00:00Z"))
+    j.insert_session(**_row(session_id="sess_000000000000000d", status="destroyed"))
+    j.add_event("sess_000000000000000a", 1, "created", "ab" * 32, "2020-01-01T00:00:00Z")
+    assert j.prune("2021-01-01T00:00:00Z", keep={"sess_000000000000000b"}) == 1
+    left = {r["session_id"] for r in j.all()}
+    assert left == {"sess_000000000000000b", "sess_000000000000000c", "sess_000000000000000d"}
+    assert j.events("sess_000000000000000a") == []

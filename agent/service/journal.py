@@ -140,6 +140,19 @@ class Journal:
                                "ORDER BY seq", (session_id,)).fetchall()
         return [dict(r) for r in rows]
 
+    def prune(self, before: str, keep: set[str] = frozenset()) -> int:
+        """Delete ended sessions (and their events) last updated before `before` (ISO
+        time), except ids in `keep` (proofs still spooled).  Returns the count deleted."""
+        rows = self.db.execute(
+            "SELECT session_id FROM sessions WHERE status NOT IN (?, ?) AND updated_at < ?",
+            (*LIVE_STATUSES, before)).fetchall()
+        ids = [r[0] for r in rows if r[0] not in keep]
+        with self.db:
+            for sid in ids:
+                self.db.execute("DELETE FROM events WHERE session_id = ?", (sid,))
+                self.db.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
+        return len(ids)
+
     def check(self) -> None:
         """A write + read round trip (health `database`/rzl); raises on failure."""
         stamp = iso_seconds()

@@ -119,11 +119,29 @@ class Service:
 
     # -- lifetime ----------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the nursery that watches every session's TTL/OOM; runs until cancelled."""
+        """Hold the nursery that watches every session's TTL/OOM, and prune the journal of
+        ended sessions past their retention (hourly); runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                self.prune_journal()
+                await trio.sleep(3600)
+
+    def prune_journal(self) -> int:
+        """Forget ended sessions older than node.journal_retention_seconds whose proof was
+        acknowledged (their metadata, audit hashes and receipt public key)."""
+        before = iso_seconds(time.time() - self.config.node.journal_retention_seconds)
+        keep = {p.get("session_id") for p in self.spool.pending()}
+        keep |= set(self.sessions)
+        try:
+            n = self.journal.prune(before, keep)
+        except Exception:
+            _log.exception("journal_prune_failed")
+            return 0
+        if n:
+            _log.info("journal_pruned", sessions=n)
+        return n
 
     async def drain(self, reason: str = "operator") -> None:
         """Refuse new sessions, then destroy every live one (CDPs spooled)."""
