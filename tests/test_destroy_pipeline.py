@@ -102,6 +102,11 @@ def read_private_memory(pid: int) -> bytes:
     return bytes(out)
 
 
+def bad(out) -> str:
+    """The failed steps' evidence, in full, for assertion messages."""
+    return json.dumps([e for e in out.evidence if not e["ok"]])
+
+
 def counts(ev: dict) -> dict:
     return {k: ev.get(k) for k in ("files", "dirs", "symlinks", "fifos", "hardlinks",
                                    "sparse_files")}
@@ -176,7 +181,7 @@ async def test_secret_gone_from_files_and_memory_and_counts_match(engine):
     assert seen["files_before"] and seen["mem_before"]  # the test saw the secret first
     assert seen["mem_after"] and not any(seen["mem_after"])
     assert seen["wiped_pids"] == sorted(seen["pids"])
-    assert out.status == "destroyed", [e for e in out.evidence if not e["ok"]]
+    assert out.status == "destroyed", bad(out)
     ev2, ev3 = out.evidence[1], out.evidence[2]
     assert counts(ev2) == {"files": base["files"] + 6,  # f1-3, deep, sparse, ready
                            "dirs": base["dirs"] + DEPTH,
@@ -237,7 +242,7 @@ sleep 0.2
     assert (host.read_bytes(), os.stat(host).st_mtime_ns, os.stat(host).st_nlink,
             sorted(os.listdir(hostdir))) == before
     assert (hostdir / "keep").read_bytes() == b"KEEP"
-    assert out.status == "destroyed", [e for e in out.evidence if not e["ok"]]
+    assert out.status == "destroyed", bad(out)
     assert out.evidence[1]["symlinks"] >= 4 and out.evidence[1]["races"] == 0
 
 
@@ -278,7 +283,7 @@ async def test_evidence_holds_no_names_commands_or_data(engine):
     assert marker.encode() in r.stdout
     with structlog.testing.capture_logs() as logs:
         out = await run_pipeline(make_ctx(sb, passes=["zeros"], classification="general"))
-    assert out.status == "destroyed", [e for e in out.evidence if not e["ok"]]
+    assert out.status == "destroyed", bad(out)
     blob = canonical_json(out.evidence).decode() + json.dumps(out.build_cdp(signer()))
     assert marker not in blob
     assert logs and marker not in repr(logs)
@@ -291,7 +296,7 @@ async def test_every_trigger_gives_a_verifying_cdp(engine, reason):
     sb = await engine.create(new_id(), tier="free", classification="general")
     out = await run_pipeline(make_ctx(sb, passes=["zeros"], reason=reason))
     assert out.status == ("destroyed" if reason == "requested" else "expired"), \
-        [e for e in out.evidence if not e["ok"]]
+        bad(out)
     assert out.evidence[7]["reason"] == reason
     assert out.evidence[7]["status"] == out.status
     res = verify_cdp(out.build_cdp(signer()))
@@ -306,7 +311,7 @@ async def test_oom_ends_the_session_through_the_pipeline_as_expired(engine):
     with trio.fail_after(5):
         await sb.oom.wait()
     out = await run_pipeline(make_ctx(sb, passes=["zeros"], reason="oom"))
-    assert out.status == "expired", [e for e in out.evidence if not e["ok"]]
+    assert out.status == "expired", bad(out)
     assert out.evidence[7]["reason"] == "oom"
     assert verify_cdp(out.build_cdp(signer()))["valid"]
 

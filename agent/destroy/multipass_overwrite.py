@@ -137,6 +137,32 @@ def wipe_processes(plan: dict, passes: list[str]) -> dict:
     return out
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_counters(p: str) -> tuple[int, int] | None:
+    """(memsw-or-memory usage minus kmem usage, kmem usage) from one consistent reading:
+    the total is read before and after kmem and the reading is retried until both agree
+    (a kernel object freed between the two reads would otherwise show as user memory)."""
+    total_name = "memory.memsw.usage_in_bytes"
+    if not os.path.exists(os.path.join(p, total_name)):
+        total_name = "memory.usage_in_bytes"
+    for _ in range(100):
+        a = _read_int(os.path.join(p, total_name))
+        k = _read_int(os.path.join(p, "memory.kmem.usage_in_bytes"))
+        b = _read_int(os.path.join(p, total_name))
+        if a is None or k is None:
+            return None
+        if a == b:
+            return max(0, a - k), k
+    return None
+
+
 def memory_after(cgroup) -> tuple[int, int]:
     """(user bytes, kernel bytes) still charged to the cgroup.  User bytes are the pages
     that can hold the session's data: anonymous, file/shmem (tmpfs) and swap.  v1: the
@@ -154,19 +180,9 @@ def memory_after(cgroup) -> tuple[int, int]:
                 if v.strip().isdigit():
                     stat[k] = int(v)
         if "total_rss" in stat:  # v1: exact page counters, not the lazily flushed stat
-            counters = {}
-            for name in ("memory.memsw.usage_in_bytes", "memory.usage_in_bytes",
-                         "memory.kmem.usage_in_bytes"):
-                try:
-                    with open(os.path.join(p, name)) as f:
-                        counters[name] = int(f.read())
-                except (OSError, ValueError):
-                    pass
-            kernel = counters.get("memory.kmem.usage_in_bytes")
-            total = counters.get("memory.memsw.usage_in_bytes",
-                                 counters.get("memory.usage_in_bytes"))
-            if kernel is not None and total is not None:
-                return max(0, total - kernel), kernel
+            got = _v1_counters(p)
+            if got is not None:
+                return got
             user = stat["total_rss"] + stat["total_cache"] + stat.get("total_swap", 0)
             return user, max(0, cgroup.memory_usage() - user)
         if "anon" in stat:  # v2
@@ -208,23 +224,31 @@ def _is_session_init(pid: int, st: DestroyState, sb) -> bool:
         return False
 
 
-async def _release(cgroup, timeout: float) -> int:
+async def _release(cgroup, timeout: float) -> tuple[int, int, int]:
     """Wait (bounded) until no user page is charged to the empty cgroup, asking the kernel
-    to reclaim between looks (clean page cache the session read stays charged otherwise,
-    and pages still in per-CPU LRU batches only become reclaimable after a drain, which
-    each reclaim request does).  Returns how many reclaim requests it took."""
-    rounds = 0
+    to reclaim before each look (clean page cache the session read stays charged
+    otherwise; pages still in per-CPU LRU batches and the per-CPU charge stock are only
+    released by the drain each request does).  Returns (reclaim requests, user bytes,
+    kernel bytes) of the last look."""
+    rounds, user, kernel = 0, -1, -1
     with trio.move_on_after(timeout):
         while True:
             try:
-                if memory_after(cgroup)[0] == 0:
-                    break
+                user, kernel = memory_after(cgroup)
             except OSError:
+                break
+            if user == 0:
                 break
             await trio.to_thread.run_sync(_reclaim, cgroup)
             rounds += 1
+            try:
+                user, kernel = memory_after(cgroup)
+            except OSError:
+                break
+            if user == 0:
+                break
             await trio.sleep(0.002 if rounds < 5 else 0.02)
-    return rounds
+    return rounds, user, kernel
 
 
 async def _poll(pred, timeout: float) -> bool:
@@ -311,11 +335,14 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         ev["kill_us"] = (time.perf_counter_ns() - t1) // 1000
         t2 = time.perf_counter_ns()
         if ev["cgroup_empty"]:
-            ev["memory_reclaim_rounds"] = await _release(cgroup, ctx.timeout)
-        try:
-            ev["memory_after_bytes"], ev["kernel_memory_after_bytes"] = memory_after(cgroup)
-        except OSError:
-            pass
+            rounds, user, kernel = await _release(cgroup, ctx.timeout)
+            ev.update({"memory_reclaim_rounds": rounds, "memory_after_bytes": user,
+                       "kernel_memory_after_bytes": kernel})
+        else:
+            try:
+                ev["memory_after_bytes"], ev["kernel_memory_after_bytes"] = memory_after(cgroup)
+            except OSError:
+                pass
         ev["release_us"] = (time.perf_counter_ns() - t2) // 1000
         st.cgroup_paths = [str(p) for p in getattr(cgroup, "paths", [])]
         try:
