@@ -427,3 +427,26 @@ async def test_recovery_never_wipes_a_host_process_that_reused_the_init_pid():
     finally:
         p.kill()
         p.wait()
+
+
+async def test_evidence_carries_every_field_of_the_vector_with_its_type(engine):
+    """Each step's evidence has every field (and method) of the shared CDP vector, with
+    the same JSON types, and no float anywhere."""
+    vector = json.loads((Path(__file__).parent / "vectors" / "cdp-v1.json").read_text())
+    sb = await engine.create(new_id(), tier="free", classification="PHI")
+    out = await run_pipeline(make_ctx(sb))
+    assert out.status == "destroyed", bad(out)
+
+    def kind(v):
+        return type(v).__name__ if not isinstance(v, bool) else "bool"
+
+    for want, got in zip(vector["cdp"]["evidence"], out.evidence, strict=True):
+        assert got["method"] == want["method"]
+        for key, value in want.items():
+            assert key in got, (want["step"], key)
+            assert kind(got[key]) == kind(value), (want["step"], key)
+        if "residue" in want:
+            assert set(got["residue"]) == set(want["residue"])
+        if "keys" in want:
+            assert set(got["keys"][0]) == set(want["keys"][0])
+    canonical_json(out.evidence)  # raises on a float
