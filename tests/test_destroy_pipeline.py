@@ -450,3 +450,4 @@ async def test_evidence_carries_every_field_of_the_vector_with_its_type(engine):
         if "keys" in want:
             assert set(got["keys"][0]) == set(want["keys"][0])
     canonical_json(out.evidence)  # raises on a float
+

@@ -304,3 +304,24 @@ async def test_audit_seal_flags_receipts_that_disagree_with_the_log():
     with pytest.raises(Exception, match="audit log and receipts disagree"):
         await seal.run(_ctx(record), DestroyState(), ev)
     assert ev["receipts_consistent"] is False
+
+
+def test_a_zombie_has_nothing_to_wipe_and_is_not_a_failure():
+    """A process that exited but is not reaped yet has no memory: planned as empty, the
+    wipe counts it as done, not failed."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(500):
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.002)
+        plan, total = multipass_overwrite.plan_processes([pid])
+        w = multipass_overwrite.wipe_processes(plan, ["zeros"])
+        assert total == 0 and w["failed"] == 0 and w["processes"] + w["exited"] == 1
+    finally:
+        os.waitpid(pid, 0)

@@ -87,6 +87,15 @@ def cgroup_swap_limited(cgroup) -> bool:
     return False
 
 
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie: it has no address space left to overwrite."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]]], int]:
     """pid -> present ranges to overwrite (None when unreadable), and the total bytes."""
     plan: dict[int, list[tuple[int, int]] | None] = {}
@@ -114,19 +123,25 @@ def raise_cap(cgroup, extra: int) -> bool:
 
 def wipe_processes(plan: dict, passes: list[str]) -> dict:
     """Overwrite the planned memory of each pid; counts and read-back leaves."""
-    out = {"processes": 0, "failed": 0, "bytes": 0, "blocks": 0, "nonzero": 0, "leaves": []}
+    out = {"processes": 0, "failed": 0, "exited": 0, "bytes": 0, "blocks": 0, "nonzero": 0,
+           "leaves": []}
     for pid, ranges in plan.items():
-        if ranges is None:
-            out["failed"] += 1
-            continue
         try:
+            if ranges is None:
+                raise OSError("no plan")
+            if not ranges:  # nothing resident (or an exited process without memory)
+                out["processes"] += 1
+                continue
             fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
             try:
                 r = wipe.wipe_ranges(fd, ranges, passes)
             finally:
                 os.close(fd)
         except OSError:
-            out["failed"] += 1
+            if _exited(pid):
+                out["exited"] += 1  # its memory was released by the kernel, not by us
+            else:
+                out["failed"] += 1
             continue
         out["processes"] += 1
         out["bytes"] += r.bytes
@@ -302,7 +317,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     w = await trio.to_thread.run_sync(wipe_processes, plan, list(ctx.passes))
     st.leaves_mem = w["leaves"]
     ev.update({"processes": w["processes"], "bytes": w["bytes"], "readback_blocks": w["blocks"],
-               "nonzero_blocks": w["nonzero"]})
+               "nonzero_blocks": w["nonzero"], "processes_exited": w["exited"]})
     if w["failed"]:
         errors.append("memory of a process could not be wiped")
     if w["nonzero"]:
