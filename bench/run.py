@@ -1,0 +1,437 @@
+"""nanorix-agent benchmarks against bubblewrap, measured in the same run.
+
+    .venv/bin/python bench/run.py            # full run (a few minutes)
+    .venv/bin/python bench/run.py --quick    # fewer iterations, smaller density
+
+Starts a real daemon on a temporary socket (temporary state/runtime dirs, its own
+cgroup prefix), drives it with a plain msgpack-rpc client, and runs bubblewrap with an
+equivalent sandbox (user, mount, pid, net, ipc, uts, cgroup namespaces; tmpfs root;
+read-only /usr; /proc; /dev) alternating with the agent, run by run.  Prints one table
+with medians, p95/p99 and min-max and the peer's figures beside ours.  Goals are
+printed beside each figure; they are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BWRAP = [
+    "bwrap", "--unshare-all", "--unshare-user", "--uid", "1000", "--gid", "1000",
+    "--die-with-parent", "--tmpfs", "/", "--ro-bind", "/usr", "/usr",
+    "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+    "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+    "--proc", "/proc", "--dev", "/dev", "--hostname", "nrx-bench", "--chdir", "/",
+]
+
+BENCH_CONFIG = """
+[node]
+max_sessions = 1100
+# idle density sessions overcommit their caps on purpose: the cap is a limit, not a reservation
+memory_capacity_bytes = 1099511627776
+[log]
+level = "warning"
+[health]
+interval_seconds = 3600
+[sandbox]
+cgroup_prefix = "{prefix}"
+[tiers.bench]
+max_concurrent = 0
+max_ttl_seconds = 0
+default_ttl_seconds = 3600
+memory_bytes = 268435456
+tmpfs_inodes = 4096
+pids_max = 64
+cpu_percent = 100
+"""
+
+
+# ----------------------------------------------------------------------------- stats
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summary(xs: list[float]) -> dict:
+    return {"n": len(xs), "p50": statistics.median(xs), "p95": pct(xs, 95), "p99": pct(xs, 99),
+            "min": min(xs), "max": max(xs)}
+
+
+# ----------------------------------------------------------------------------- client
+
+class Client:
+    """A minimal blocking msgpack-rpc client (one request at a time per instance)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
+        self.msgid = 0
+
+    def call(self, method: str, params: dict | None = None, on_note=None):
+        self.msgid += 1
+        mid = self.msgid
+        self.sock.sendall(msgpack.packb([0, mid, method, [params or {}]], use_bin_type=True))
+        while True:
+            for msg in self.unpacker:
+                if msg[0] == 2:
+                    if on_note:
+                        on_note(msg)
+                    continue
+                if msg[0] == 1 and msg[1] == mid:
+                    if msg[2] is not None:
+                        raise RuntimeError(f"{method}: {msg[2]}")
+                    return msg[3]
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("daemon closed the connection")
+            self.unpacker.feed(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.prefix = f"nanorix-agent-bench-{os.getpid()}"
+        cfg = tmp / "agent.toml"
+        cfg.write_text(BENCH_CONFIG.format(prefix=self.prefix))
+        self.state, self.run = tmp / "state", tmp / "run"
+        self.state.mkdir()
+        self.run.mkdir()
+        self.sock = str(self.run / "agent.sock")
+        self.log = open(tmp / "agent.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "serve", "--config", str(cfg),
+             "--state-dir", str(self.state), "--runtime-dir", str(self.run)],
+            stdout=self.log, stderr=self.log, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: see {tmp / 'agent.log'}")
+            try:
+                c = Client(self.sock)
+                c.call("agent.info")
+                c.close()
+                return
+            except (OSError, RuntimeError):
+                time.sleep(0.05)
+        raise RuntimeError("daemon did not become ready")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def mem_available_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def create(c: Client, customer="bench") -> str:
+    return c.call("session.create", {"customer_id": customer, "tier": "bench"})["session_id"]
+
+
+def exec_true(c: Client, sid: str) -> None:
+    r = c.call("session.exec", {"session_id": sid, "command": "true"})
+    if r["exit_code"] != 0:
+        raise RuntimeError(f"exec true failed: {r}")
+
+
+def destroy(c: Client, sid: str) -> dict:
+    return c.call("session.destroy", {"session_id": sid})
+
+
+def lifecycle(c: Client) -> None:
+    sid = create(c)
+    exec_true(c, sid)
+    r = destroy(c, sid)
+    if not r["cdp"]["attestation"]["signature"]:
+        raise RuntimeError("destroy returned no signed CDP")
+
+
+def bwrap_true() -> None:
+    subprocess.run([*BWRAP, "/bin/true"], check=True)
+
+
+def timed(fn, *a) -> float:
+    t = time.perf_counter()
+    fn(*a)
+    return (time.perf_counter() - t) * 1000
+
+
+# ----------------------------------------------------------------------------- benches
+
+def bench_create_exec(d: Daemon, n: int, rows: list) -> None:
+    c = Client(d.sock)
+    ours, peer, kill_ms = [], [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        sid = create(c)
+        exec_true(c, sid)
+        ours.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        destroy(c, sid)
+        kill_ms.append((time.perf_counter() - t) * 1000)
+        peer.append(timed(bwrap_true))
+    c.close()
+    so, sp = summary(ours), summary(peer)
+    rows.append(("create + exec `true` (ms)", so, sp, f"ratio {so['p50'] / sp['p50']:.2f} (goal <= 1.0)"))
+
+
+def bench_exec_rtt(d: Daemon, n: int, rows: list) -> None:
+    c = Client(d.sock)
+    sid = create(c)
+    xs = [timed(exec_true, c, sid) for _ in range(n)]
+    destroy(c, sid)
+    c.close()
+    rows.append(("exec `true` round trip, live session (ms)", summary(xs), None, "goal p50 <= 2 ms"))
+
+
+def bench_lifecycle(d: Daemon, n: int, rows: list) -> None:
+    c = Client(d.sock)
+    ours, peer = [], []
+    for _ in range(n):
+        ours.append(timed(lifecycle, c))
+        peer.append(timed(bwrap_true))
+    c.close()
+    rows.append(("full lifecycle create/exec/destroy+CDP (ms)", summary(ours), summary(peer),
+                 "goal p50 <= 15 ms; peer: bwrap one-shot"))
+
+
+def bench_throughput(d: Daemon, per_client: int, rows: list) -> None:
+    for k in (1, 4, 16):
+        lat: list[float] = []
+        lock = threading.Lock()
+
+        def worker(_i, lat=lat, lock=lock):
+            c = Client(d.sock)
+            mine = [timed(lifecycle, c) for _ in range(per_client)]
+            c.close()
+            with lock:
+                lat.extend(mine)
+
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(k) as ex:
+            list(ex.map(worker, range(k)))
+        wall = time.perf_counter() - t
+        rate = len(lat) / wall
+        goal = " (goal >= 100/s, p99 <= 100 ms)" if k == 16 else ""
+        rows.append((f"throughput, {k} clients: {rate:.0f} lifecycles/s", summary(lat), None,
+                     f"{rate:.0f}/s{goal}"))
+
+
+def bench_density(d: Daemon, sizes: list[int], rows: list) -> None:
+    c = Client(d.sock)
+    for n in sizes:
+        base_avail, base_rss = mem_available_kib(), d.rss_kib()
+        sids = [create(c, customer=f"density-{i % 50}") for i in range(n)]
+        time.sleep(1.0)
+        used = base_avail - mem_available_kib()
+        rss = d.rss_kib()
+        per = used / n / 1024
+        rows.append((f"density: {n} idle sessions", None, None,
+                     f"{per:.2f} MiB/session host, agent RSS {rss / 1024:.0f} MiB "
+                     f"(+{(rss - base_rss) / 1024:.0f}) (goal 1000: <= 1 MiB each, agent <= 200 MiB)"))
+        for sid in sids:
+            destroy(c, sid)
+    c.close()
+
+
+def bench_streaming(d: Daemon, rows: list) -> None:
+    c = Client(d.sock)
+    sid = create(c)
+    got = [0]
+    peak = [d.rss_kib()]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], d.rss_kib())
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample)
+    th.start()
+
+    def note(msg):
+        got[0] += len(msg[2][0]["data"])
+
+    t = time.perf_counter()
+    c.call("session.exec", {"session_id": sid, "command": "head -c 100000000 /dev/zero",
+                            "stream": True}, on_note=note)
+    wall = time.perf_counter() - t
+    stop.set()
+    th.join()
+    destroy(c, sid)
+    c.close()
+    rows.append(("streaming 100 MB stdout through the socket", None, None,
+                 f"{got[0] / wall / 1e6:.0f} MB/s, {got[0] / 1e6:.0f} MB received, "
+                 f"agent peak RSS {peak[0] / 1024:.0f} MiB"))
+
+
+def bench_cdp(rows: list) -> None:
+    import json
+
+    from agent.cdp import document, verify
+    from agent.keys.attestation import AttestationKeyStore
+
+    vec = ROOT / "tests" / "vectors" / "cdp-v1.json"
+    ev = json.loads(vec.read_text())["cdp"]["evidence"]
+    with tempfile.TemporaryDirectory() as td:
+        signer = AttestationKeyStore(Path(td), 86400).current()
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            doc = document.build_cdp(session_id="sess_a8f3e71c4b2d9f06",
+                                     created_at="2026-03-01T14:00:00Z",
+                                     destroyed_at="2026-03-01T14:30:00Z", evidence=ev,
+                                     signer=signer)
+            n += 1
+        build = n / (time.perf_counter() - t)
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            assert verify.verify(doc)["valid"]
+            n += 1
+        ver = n / (time.perf_counter() - t)
+    rows.append(("CDP build + sign / verify", None, None, f"{build:.0f}/s build+sign, {ver:.0f}/s verify"))
+
+
+def bench_wipe(rows: list) -> None:
+    from agent import fsops
+
+    size = 64 << 20
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as td:
+        p = Path(td) / "f"
+        p.write_bytes(os.urandom(size))
+        fd = os.open(p, os.O_RDWR)
+        try:
+            t = time.perf_counter()
+            fsops.wipe_ranges(fd, [(0, size)], ["zeros"])
+            file_gibs = size / (time.perf_counter() - t) / (1 << 30)
+        finally:
+            os.close(fd)
+    # process memory: a child of ours holding 64 MiB, stopped while we wipe it
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys,os; b=bytearray(os.urandom(64<<20)); "
+                              "sys.stdout.write('ok\\n'); sys.stdout.flush(); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()
+        os.kill(child.pid, 19)  # SIGSTOP
+        ranges = fsops.present_ranges(child.pid)
+        total = sum(length for _addr, length in ranges)
+        fd = os.open(f"/proc/{child.pid}/mem", os.O_RDWR)
+        try:
+            t = time.perf_counter()
+            fsops.wipe_ranges(fd, ranges, ["zeros"])
+            mem_gibs = total / (time.perf_counter() - t) / (1 << 30)
+        finally:
+            os.close(fd)
+    finally:
+        child.kill()
+        child.wait()
+    rows.append(("wipe throughput per pass, 64 MiB", None, None,
+                 f"tmpfs file {file_gibs:.2f} GiB/s (goal >= 2), process memory "
+                 f"{mem_gibs:.2f} GiB/s over {total >> 20} MiB (goal >= 1)"))
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(s: dict | None) -> str:
+    if not s:
+        return "-"
+    return (f"{s['p50']:.2f} / {s['p95']:.2f} / {s['p99']:.2f} ({s['min']:.2f}-{s['max']:.2f}) n={s['n']}")
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30))
+    return (f"{platform.node()}: {os.cpu_count()} x {cpu}, {mem} GiB, kernel "
+            f"{platform.release()}, Python {platform.python_version()}, "
+            f"{subprocess.run(['bwrap', '--version'], capture_output=True, text=True).stdout.strip()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench needs root (namespaces, cgroups)", file=sys.stderr)
+        return 2
+    if not shutil.which("bwrap"):
+        print("bench needs bubblewrap: apt-get install bubblewrap", file=sys.stderr)
+        return 2
+    n = 30 if args.quick else 200
+    rows: list = []
+    print(f"machine: {machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="nrx-bench-") as td:
+        d = Daemon(Path(td))
+        try:
+            for name, fn in [
+                ("create+exec", lambda: bench_create_exec(d, n, rows)),
+                ("exec rtt", lambda: bench_exec_rtt(d, n * 2, rows)),
+                ("lifecycle", lambda: bench_lifecycle(d, n, rows)),
+                ("throughput", lambda: bench_throughput(d, 10 if args.quick else 40, rows)),
+                ("streaming", lambda: bench_streaming(d, rows)),
+                ("density", lambda: bench_density(d, [100] if args.quick else [100, 500, 1000],
+                                                  rows)),
+            ]:
+                print(f"... {name}", file=sys.stderr, flush=True)
+                fn()
+        finally:
+            d.stop()
+    bench_wipe(rows)
+    bench_cdp(rows)
+    print()
+    print(f"{'what':<48} | {'nanorix-agent p50 / p95 / p99 (min-max)':<44} | "
+          f"{'bubblewrap p50 / p95 / p99 (min-max)':<44} | note")
+    print("-" * 180)
+    for what, ours, peer, note in rows:
+        print(f"{what:<48} | {fmt(ours):<44} | {fmt(peer):<44} | {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
