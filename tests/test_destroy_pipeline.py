@@ -451,3 +451,63 @@ async def test_evidence_carries_every_field_of_the_vector_with_its_type(engine):
             assert set(got["keys"][0]) == set(want["keys"][0])
     canonical_json(out.evidence)  # raises on a float
 
+
+
+LEASE_CMD = """
+python3 -c "
+import fcntl, os, sys, time
+secret = open('/input/data', 'rb').read()
+for name, kind in (('/work/rlease', fcntl.F_RDLCK), ('/work/wlease', fcntl.F_WRLCK)):
+    with open(name, 'wb') as f:
+        f.write(secret * 100)
+    fd = os.open(name, os.O_RDONLY if kind == fcntl.F_RDLCK else os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, kind)
+open('/tmp/ready', 'w').close(); time.sleep(1000)
+" </dev/null >/dev/null 2>&1 &
+while [ ! -e /tmp/ready ]; do sleep 0.01; done
+"""
+
+
+async def test_files_under_a_lease_are_still_overwritten(engine, monkeypatch):
+    """A session process holding read/write leases cannot stop the wipe: the leased files
+    are pinned in step 2 and overwritten in step 3 after the holder is dead (read back
+    here through the pins, before they are released)."""
+    from agent.destroy import filesystem_destruction as fsd
+
+    secret = b"LEASED-" + secrets.token_hex(16).encode()
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    r = await sb.exec(LEASE_CMD, input_data=secret, timeout=20)
+    assert r.exit_code == 0, r.stderr
+    rfd = open_beneath(sb.root_fd, "work/rlease")  # a read open does not break a read lease
+    assert secret in os.pread(rfd, 1 << 20, 0)
+    os.close(rfd)
+    seen = []
+    real = fsd.wipe_deferred
+
+    def checked(fds, passes):
+        dups = [os.dup(fd) for fd in fds]
+        try:
+            res = real(fds, passes)
+            for d in dups:
+                fd = os.open(f"/proc/self/fd/{d}", os.O_RDONLY)
+                try:
+                    seen.append(os.pread(fd, 1 << 20, 0))
+                finally:
+                    os.close(fd)
+            return res
+        finally:
+            for d in dups:
+                os.close(d)
+
+    monkeypatch.setattr(fsd, "wipe_deferred", checked)
+    with trio.fail_after(20):
+        out = await run_pipeline(make_ctx(sb, passes=STRICT))
+    assert out.status == "destroyed", bad(out)
+    assert out.evidence[1]["deferred_files"] == 2
+    assert out.evidence[2]["deferred_files"] == 2
+    assert [len(d) for d in seen] == [len(secret) * 100] * 2
+    assert all(d == bytes(len(d)) for d in seen)
+    ev6 = out.evidence[5]
+    assert ev6["blocks"] == (out.evidence[1]["readback_blocks"] +
+                             out.evidence[2]["readback_blocks"] +
+                             out.evidence[2]["deferred_blocks"])

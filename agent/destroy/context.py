@@ -82,6 +82,7 @@ class DestroyState:
     pin_fd: int = -1                    # O_PATH fd keeping the superblock (and so its dev
                                         # number) alive until step 6 has scanned for it
     ns_fds: list[int] = field(default_factory=list)  # pins on the 7 namespaces (steps 1-6)
+    deferred_fds: list[int] = field(default_factory=list)  # leased files: step 2 -> step 3
     frozen_pids: list[int] = field(default_factory=list)
     leaves_fs: list[bytes] = field(default_factory=list)   # read-back digests, step 2
     leaves_mem: list[bytes] = field(default_factory=list)  # read-back digests, step 3

@@ -12,7 +12,10 @@ walk the tree bottom-up without ever following a link:
   only over its allocated ranges (SEEK_DATA/SEEK_HOLE: holes of sparse files stay holes),
   with the class's passes, and the final zero pass is read back into Merkle leaves;
 * every name is unlinked (directories after their contents); the root is re-listed to
-  confirm nothing is left.
+  confirm nothing is left;
+* a file whose open is refused because a session process holds a lease on it (the
+  holder is frozen and cannot release it) is pinned with an O_PATH fd and overwritten by
+  step 3 right after the kill (`deferred_files`), before its pages can be freed.
 
 Then `sandbox.detach_root_mount()` and /proc/self/mountinfo is re-read to confirm no
 mount of the tmpfs superblock is left in the agent's namespace (`agent_view_unmounted`).
@@ -55,6 +58,7 @@ class TreeStats:
     unlink_failed: int = 0
     mounts_skipped: int = 0
     wipe_failed: int = 0
+    deferred: list[int] = field(default_factory=list)  # O_PATH pins of leased inodes
     races: int = 0              # a name changed between fstatat and open (skipped + counted)
     loops: int = 0
     leaves: list[bytes] = field(default_factory=list)
@@ -75,8 +79,11 @@ def _wipe_file(dfd: int, name: str, lst: os.stat_result, passes: list[str],
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
             s.races += 1
-            return
-        raise
+        elif e.errno == errno.EWOULDBLOCK:
+            _defer(dfd, name, lst, s)
+        else:
+            s.wipe_failed += 1
+        return
     try:
         fst = os.fstat(fd)
         if (fst.st_dev, fst.st_ino) != (lst.st_dev, lst.st_ino) or not stat.S_ISREG(fst.st_mode):
@@ -98,6 +105,55 @@ def _wipe_file(dfd: int, name: str, lst: os.stat_result, passes: list[str],
     s.blocks += r.blocks
     s.nonzero_blocks += r.nonzero_blocks
     s.leaves.append(r.leaf_digests)
+
+
+def _defer(dfd: int, name: str, lst: os.stat_result, s: TreeStats) -> None:
+    """A lease held by a (frozen) session process refuses our open (EWOULDBLOCK instead of
+    waiting up to lease-break-time).  Pin the inode with an O_PATH fd, which breaks no
+    lease; step 3 overwrites it through that fd once the holder is dead."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        s.wipe_failed += 1
+        return
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        s.races += 1
+        return
+    s.deferred.append(fd)
+
+
+def wipe_deferred(fds: list[int], passes: list[str]) -> TreeStats:
+    """Overwrite the inodes step 2 had to defer (see _defer), through /proc/self/fd: the
+    magic link names exactly the pinned inode, no path is resolved.  Closes the fds."""
+    s = TreeStats()
+    while fds:
+        pin = fds.pop()
+        try:
+            fd = os.open(f"/proc/self/fd/{pin}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            s.wipe_failed += 1
+            os.close(pin)
+            continue
+        try:
+            a, b = os.fstat(fd), os.fstat(pin)
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                s.wipe_failed += 1
+                continue
+            ranges = wipe.data_ranges(fd, a.st_size)
+            r = wipe.wipe_ranges(fd, ranges, passes)
+            s.files += 1
+            s.bytes += r.bytes
+            s.blocks += r.blocks
+            s.nonzero_blocks += r.nonzero_blocks
+            s.leaves.append(r.leaf_digests)
+        except OSError:
+            s.wipe_failed += 1
+        finally:
+            os.close(fd)
+            os.close(pin)
+    return s
 
 
 def _remove(dfd: int, name: str, is_dir: bool, s: TreeStats) -> None:
@@ -232,6 +288,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("session root is not a mounted tmpfs")
 
     s = await trio.to_thread.run_sync(destroy_tree, root_fd, list(ctx.passes))
+    st.deferred_fds.extend(s.deferred)
     st.leaves_fs = [blk for leaves in s.leaves for blk in
                     (leaves[i:i + 32] for i in range(0, len(leaves), 32))]
     remaining = await trio.to_thread.run_sync(_remaining, root_fd)
@@ -239,7 +296,8 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
                "other": s.other, "hardlinks": s.hardlinks, "sparse_files": s.sparse_files,
                "logical_bytes": s.logical_bytes, "bytes": s.bytes, "readback_blocks": s.blocks,
                "nonzero_blocks": s.nonzero_blocks, "unlinked": s.unlinked,
-               "remaining": remaining, "mounts_skipped": s.mounts_skipped, "races": s.races})
+               "remaining": remaining, "mounts_skipped": s.mounts_skipped, "races": s.races,
+               "deferred_files": len(s.deferred)})
     if s.nonzero_blocks:
         errors.append("read-back not zero")
     if s.wipe_failed:

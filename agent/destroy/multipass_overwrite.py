@@ -21,6 +21,7 @@ import time
 
 import trio
 
+from agent.destroy import filesystem_destruction as fsd
 from agent.destroy import wipe
 from agent.destroy.context import DestroyContext, DestroyState, StepError
 
@@ -349,6 +350,14 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         ev["killed"] = init_dead and ev["cgroup_empty"]
         ev["kill_us"] = (time.perf_counter_ns() - t1) // 1000
         t2 = time.perf_counter_ns()
+        if st.deferred_fds:  # files step 2 could not open while a (now dead) holder leased them
+            d = await trio.to_thread.run_sync(fsd.wipe_deferred, st.deferred_fds, list(ctx.passes))
+            st.leaves_fs.extend(d.leaves[i][j:j + 32] for i in range(len(d.leaves))
+                                for j in range(0, len(d.leaves[i]), 32))
+            ev.update({"deferred_files": d.files, "deferred_bytes": d.bytes,
+                       "deferred_blocks": d.blocks})
+            if d.wipe_failed or d.nonzero_blocks:
+                errors.append("a deferred file could not be overwritten")
         if ev["cgroup_empty"]:
             rounds, user, kernel = await _release(cgroup, ctx.timeout)
             ev.update({"memory_reclaim_rounds": rounds, "memory_after_bytes": user,

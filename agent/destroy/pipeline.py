@@ -14,6 +14,7 @@ cancellation); anything it still had to clean was already reported by step 6.
 from __future__ import annotations
 
 import errno
+import os
 import time
 
 import trio
@@ -98,6 +99,8 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
                     hook_error = hook_error or e
     finally:
         merkle_zero_verification.release_pin(st)
+        while st.deferred_fds:  # only left when step 3 could not run
+            os.close(st.deferred_fds.pop())
         teardown_ok = await _teardown(ctx, logger)
     ev8 = st.evidence[7]
     status = ev8.get("status") if ev8.get("ok") else "expired_unclean"
