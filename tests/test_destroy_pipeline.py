@@ -511,3 +511,60 @@ async def test_files_under_a_lease_are_still_overwritten(engine, monkeypatch):
     assert ev6["blocks"] == (out.evidence[1]["readback_blocks"] +
                              out.evidence[2]["readback_blocks"] +
                              out.evidence[2]["deferred_blocks"])
+
+
+HIDDEN_CMD = """
+python3 -c "
+import mmap, os, time
+secret = open('/input/data', 'rb').read() * 64
+f = open('/work/gone', 'wb+'); f.write(secret); f.flush(); os.unlink('/work/gone')
+t = os.open('/tmp', os.O_TMPFILE | os.O_RDWR); os.write(t, secret)
+m = os.memfd_create('x'); os.write(m, secret)
+g = open('/work/mapped', 'wb+'); g.write(secret); g.flush()
+mm = mmap.mmap(g.fileno(), len(secret)); g.close(); os.unlink('/work/mapped')
+open('/tmp/ready', 'w').close(); time.sleep(1000)
+" </dev/null >/dev/null 2>&1 &
+while [ ! -e /tmp/ready ]; do sleep 0.01; done
+"""
+
+
+async def test_deleted_but_open_files_memfds_and_mappings_are_wiped(engine):
+    """Data the session deleted but still holds (open fd, O_TMPFILE, memfd, mapping only)
+    is overwritten in step 2, read back here through the processes' own magic links."""
+    secret = b"HIDDEN-" + secrets.token_hex(16).encode()
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    r = await sb.exec(HIDDEN_CMD, input_data=secret, timeout=20)
+    assert r.exit_code == 0, r.stderr
+
+    def hidden_contents() -> list[bytes]:
+        out = []
+        for pid in sb.cgroup.pids():
+            for sub in ("fd", "map_files"):
+                base = f"/proc/{pid}/{sub}"
+                for n in os.listdir(base):
+                    try:
+                        st = os.stat(f"{base}/{n}")
+                        if not (st.st_nlink == 0 and st.st_size and st.st_mode & 0o100000):
+                            continue
+                        fd = os.open(f"{base}/{n}", os.O_RDONLY)
+                    except OSError:
+                        continue
+                    try:
+                        out.append(os.pread(fd, 1 << 20, 0))
+                    finally:
+                        os.close(fd)
+        return out
+
+    before = hidden_contents()
+    assert sum(secret in d for d in before) >= 4  # gone, tmpfile, memfd, mapped
+    after: list[bytes] = []
+
+    async def after_step(n, ev):
+        if n == 2:
+            after.extend(hidden_contents())
+
+    out = await run_pipeline(make_ctx(sb, passes=STRICT,
+                                      hooks=DestroyHooks(after_step=after_step)))
+    assert out.status == "destroyed", bad(out)
+    assert len(after) >= 4 and all(d == bytes(len(d)) for d in after)
+    assert out.evidence[1]["open_unlinked_files"] == 4

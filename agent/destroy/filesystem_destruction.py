@@ -13,6 +13,10 @@ walk the tree bottom-up without ever following a link:
   with the class's passes, and the final zero pass is read back into Merkle leaves;
 * every name is unlinked (directories after their contents); the root is re-listed to
   confirm nothing is left;
+* files the session deleted but still holds open or mapped (no name left to walk) are
+  found first through the session processes' /proc/PID/fd and /proc/PID/map_files magic
+  links (regular, no link left, on the session tmpfs or a memfd) and overwritten the same
+  way (`open_unlinked_files`; their bytes and blocks are in `bytes`/`readback_blocks`);
 * a file whose open is refused because a session process holds a lease on it (the
   holder is frozen and cannot release it) is pinned with an O_PATH fd and overwritten by
   step 3 right after the kill (`deferred_files`), before its pages can be freed.
@@ -176,6 +180,83 @@ def _reopen_parent(child_fd: int, want: tuple[int, int]) -> int:
     return fd
 
 
+def _is_memfd(link: str) -> bool:
+    return link.startswith("/memfd:")
+
+
+def wipe_open_unlinked(pids: list[int], dev: int, passes: list[str]) -> TreeStats:
+    """Overwrite the files the session deleted but still holds open or mapped (a name-based
+    walk cannot see them): every regular file with no link left that a session process
+    reaches through /proc/PID/fd/* or /proc/PID/map_files/*, on the session tmpfs (`dev`)
+    or a memfd.  The magic link names exactly that inode; nothing else of the host is
+    reachable from a sandbox process.  Leased ones are pinned for step 3 (see _defer)."""
+    s = TreeStats()
+    seen: set[tuple[int, int]] = set()
+    for pid in pids:
+        for sub in ("fd", "map_files"):
+            base = f"/proc/{pid}/{sub}"
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for n in names:
+                path = f"{base}/{n}"
+                try:
+                    lst = os.stat(path)  # follows the magic link to the inode itself
+                    link = os.readlink(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(lst.st_mode) or lst.st_nlink != 0:
+                    continue
+                if lst.st_dev != dev and not _is_memfd(link):
+                    continue
+                key = (lst.st_dev, lst.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+                _wipe_unlinked(path, lst, passes, s)
+    return s
+
+
+def _wipe_unlinked(path: str, lst: os.stat_result, passes: list[str], s: TreeStats) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EWOULDBLOCK:
+            try:
+                pin = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                s.wipe_failed += 1
+                return
+            pst = os.fstat(pin)
+            if (pst.st_dev, pst.st_ino) == (lst.st_dev, lst.st_ino):
+                s.deferred.append(pin)
+            else:
+                os.close(pin)
+                s.races += 1
+        else:
+            s.wipe_failed += 1
+        return
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (lst.st_dev, lst.st_ino):
+            s.races += 1
+            return
+        ranges = wipe.data_ranges(fd, fst.st_size)
+        r = wipe.wipe_ranges(fd, ranges, passes)
+    except OSError:
+        s.wipe_failed += 1  # e.g. a memfd sealed against writes
+        return
+    finally:
+        os.close(fd)
+    s.files += 1
+    s.logical_bytes += fst.st_size
+    s.bytes += r.bytes
+    s.blocks += r.blocks
+    s.nonzero_blocks += r.nonzero_blocks
+    s.leaves.append(r.leaf_digests)
+
+
 def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
     """Wipe and unlink everything below `root_fd` (see module doc); returns counts only."""
     s = TreeStats()
@@ -254,6 +335,13 @@ def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
     return s
 
 
+def _session_pids(sb) -> list[int]:
+    try:
+        return list(sb.cgroup.pids())
+    except Exception:
+        return []
+
+
 def _remaining(root_fd: int) -> int:
     fd = os.open(".", _DIR_FLAGS, dir_fd=root_fd)
     try:
@@ -287,21 +375,28 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if ev["fs_type"] != "tmpfs":
         errors.append("session root is not a mounted tmpfs")
 
+    # first what the session deleted but still holds (invisible to the walk; after the
+    # walk our own unlinks would make every open file look like one)
+    pids = list(st.frozen_pids) or _session_pids(sb)
+    o = await trio.to_thread.run_sync(wipe_open_unlinked, pids, rst.st_dev, list(ctx.passes))
     s = await trio.to_thread.run_sync(destroy_tree, root_fd, list(ctx.passes))
-    st.deferred_fds.extend(s.deferred)
-    st.leaves_fs = [blk for leaves in s.leaves for blk in
+    st.deferred_fds.extend(o.deferred + s.deferred)
+    st.leaves_fs = [blk for leaves in o.leaves + s.leaves for blk in
                     (leaves[i:i + 32] for i in range(0, len(leaves), 32))]
     remaining = await trio.to_thread.run_sync(_remaining, root_fd)
     ev.update({"files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "fifos": s.fifos,
                "other": s.other, "hardlinks": s.hardlinks, "sparse_files": s.sparse_files,
-               "logical_bytes": s.logical_bytes, "bytes": s.bytes, "readback_blocks": s.blocks,
-               "nonzero_blocks": s.nonzero_blocks, "unlinked": s.unlinked,
+               "logical_bytes": s.logical_bytes + o.logical_bytes, "bytes": s.bytes + o.bytes,
+               "readback_blocks": s.blocks + o.blocks, "open_unlinked_files": o.files,
+               "nonzero_blocks": s.nonzero_blocks + o.nonzero_blocks, "unlinked": s.unlinked,
                "remaining": remaining, "mounts_skipped": s.mounts_skipped, "races": s.races,
-               "deferred_files": len(s.deferred)})
+               "deferred_files": len(s.deferred) + len(o.deferred)})
     if s.nonzero_blocks:
         errors.append("read-back not zero")
-    if s.wipe_failed:
+    if s.wipe_failed or o.wipe_failed:
         errors.append("a file could not be overwritten")
+    if o.races:
+        errors.append("an open file changed during destruction")
     if s.unlink_failed or remaining:
         errors.append("entries left after unlink")
     if s.mounts_skipped or s.races or s.loops:
