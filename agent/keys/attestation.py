@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import log
+from agent.durable import atomic_write, fsync_dir
 from agent.timefmt import iso_seconds, parse_iso
 
 __all__ = ["AttestationKeyStore", "AttestationSigner", "make_key_id"]
@@ -86,29 +87,9 @@ class AttestationSigner:
         return f"AttestationSigner({self.key_id!r}, generation={self.generation})"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` (0600) via tmp + fsync + rename + directory fsync."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write `data` to `path` (0600) durably (agent.durable; tests patch this seam)."""
+    atomic_write(path, data, tmp=path.with_name(path.name + TMP_SUFFIX))
 
 
 def _shred(path: Path) -> None:
@@ -124,7 +105,7 @@ def _shred(path: Path) -> None:
     finally:
         os.close(fd)
     os.unlink(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _parse_credential(raw: bytes) -> Ed25519PrivateKey:

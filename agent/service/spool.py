@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from agent.durable import atomic_write, fsync_dir
+
 __all__ = ["Spool"]
 
 _NAME = re.compile(r"^sess_[0-9a-f]{16}\.json$")
@@ -33,19 +35,7 @@ class Spool:
     def put(self, session_id: str, record: dict) -> None:
         data = json.dumps(record, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False).encode("utf-8")
-        final = self._path(session_id)
-        tmp = self.dir / f".{session_id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        self._fsync_dir()
+        atomic_write(self._path(session_id), data, tmp=self.dir / f".{session_id}.tmp")
 
     def get(self, session_id: str) -> dict | None:
         try:
@@ -64,7 +54,7 @@ class Spool:
             self._path(session_id).unlink()
         except (FileNotFoundError, ValueError):
             return False
-        self._fsync_dir()
+        fsync_dir(self.dir)
         return True
 
     def pending(self) -> list[dict]:
@@ -93,10 +83,3 @@ class Spool:
             return True
         except OSError:
             return False
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
