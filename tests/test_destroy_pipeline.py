@@ -568,3 +568,44 @@ async def test_deleted_but_open_files_memfds_and_mappings_are_wiped(engine):
     assert out.status == "destroyed", bad(out)
     assert len(after) >= 4 and all(d == bytes(len(d)) for d in after)
     assert out.evidence[1]["open_unlinked_files"] == 4
+
+
+SEALED_CMD = """
+python3 -c "
+import fcntl, os, time
+m = os.memfd_create('x', os.MFD_ALLOW_SEALING); os.write(m, open('/input/data', 'rb').read())
+fcntl.fcntl(m, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+open('/tmp/ready', 'w').close(); time.sleep(1000)
+" </dev/null >/dev/null 2>&1 &
+while [ ! -e /tmp/ready ]; do sleep 0.01; done
+"""
+
+
+async def test_a_write_sealed_memfd_is_reported_not_hidden(engine):
+    """Data the kernel refuses to let anyone overwrite (a write-sealed memfd) makes step 2
+    fail with a reason; the rest still runs and the signed CDP verifies."""
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    r = await sb.exec(SEALED_CMD, input_data=b"SEALED" * 100, timeout=20)
+    assert r.exit_code == 0, r.stderr
+    out = await run_pipeline(make_ctx(sb, passes=["zeros"]))
+    assert out.status == "expired_unclean"
+    assert [e["step"] for e in out.evidence if not e["ok"]] == [2]
+    assert "could not be overwritten" in out.evidence[1]["error"]
+    assert verify_cdp(out.build_cdp(signer()))["valid"]
+
+
+async def test_a_failing_hook_is_raised_after_everything_ran(engine):
+    """An exception in a test hook does not stop destruction; it is re-raised at the end."""
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    calls = []
+
+    async def after_step(n, ev):
+        calls.append(n)
+        if n == 2:
+            raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        await run_pipeline(make_ctx(sb, passes=["zeros"],
+                                    hooks=DestroyHooks(after_step=after_step)))
+    assert calls == list(range(1, 9))
+    assert not sb.alive
