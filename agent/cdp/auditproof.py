@@ -21,11 +21,9 @@ v1.0 CDP and signed by the same attestation key.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import rfc8785
 from cryptography.exceptions import InvalidSignature
@@ -33,6 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.cdp.canonical import CanonicalError, canonical_json
 from agent.cdp.chain import STEPS
+from agent.cdp.checks import Fail as _Fail
+from agent.cdp.checks import decode_b64 as _b64
+from agent.cdp.checks import new_result
+from agent.cdp.checks import run as _run
 from agent.cdp.document import Signer, b64, destruction_state
 
 __all__ = ["AUDITPROOF_VERSION", "GENESIS_512", "RESERVED_SLOTS", "STEPS_21",
@@ -69,8 +71,6 @@ CHAIN_FIELDS = {"step", "subsystem", "operation", "evidence_hash", "chain_hash"}
 ATTEST_FIELDS = {"algorithm", "key_id", "public_key", "signature"}
 _H512 = re.compile(r"^sha512:[0-9a-f]{128}\Z")
 _KEY_ID = re.compile(r"^nrx-verify-[0-9]{8}T[0-9]{6}Z-([0-9a-f]{8})\Z")
-CHECKS = ("chain_integrity", "final_hash", "signature", "step_count", "evidence",
-          "session_binding", "destruction_complete")
 
 
 def evidence_hash_512(evidence: object) -> str:
@@ -200,43 +200,11 @@ def build_auditproof(*, signer: Signer, customer_id: str, jurisdiction: str,
 # -- verification -------------------------------------------------------------------
 
 
-class _Fail(Exception):
-    pass
-
-
-def _b64(value: object, nbytes: int, what: str) -> bytes:
-    if not isinstance(value, str) or not value.startswith("base64:") or len(value) > 4 * nbytes + 16:
-        raise _Fail(f"{what} is not base64:<{nbytes} bytes>")
-    try:
-        raw = base64.b64decode(value[7:], validate=True)
-    except (binascii.Error, ValueError):
-        raise _Fail(f"{what} is not valid base64") from None
-    if len(raw) != nbytes:
-        raise _Fail(f"{what} is {len(raw)} bytes, expected {nbytes}")
-    return raw
-
-
-def _run(res: dict, name: str, fn: Callable[[], None]) -> None:
-    try:
-        fn()
-        res["checks"][name] = True
-    except _Fail as e:
-        res["checks"][name] = False
-        res["errors"][name] = str(e)[:200]
-    except RecursionError:
-        res["checks"][name] = False
-        res["errors"][name] = "nesting too deep"
-    except Exception as e:  # hostile input never escapes as an exception
-        res["checks"][name] = False
-        res["errors"][name] = f"malformed: {type(e).__name__}"
-
-
 def verify_auditproof(doc: object) -> dict:
     """Verify a 2.1 rendition; `{valid, format, checks, errors}` as `verify.verify`.
     Never raises.  Structural faults (version, modes, reserved slots, missing or unknown
     fields) fail `chain_integrity`."""
-    res: dict = {"valid": False, "format": "auditproof-2.1",
-                 "checks": dict.fromkeys(CHECKS, False), "errors": {}}
+    res: dict = new_result("auditproof-2.1")
     d = doc if isinstance(doc, dict) else None
 
     def need_doc() -> dict:

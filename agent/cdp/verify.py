@@ -23,22 +23,20 @@ Stripped evidence (no `evidence` key, or null) passes `evidence` and
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
-from collections.abc import Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.cdp.chain import GENESIS, PREFIX, STEPS, chain_step, evidence_hash, signed_message
+from agent.cdp.checks import CHECKS, decode_b64, new_result
+from agent.cdp.checks import Fail as _Fail
+from agent.cdp.checks import run as _run
 from agent.cdp.document import CDP_VERSION
 
 __all__ = ["CHECKS", "decode_b64", "verify", "verify_cdp"]
 
-CHECKS = ("chain_integrity", "final_hash", "signature", "step_count", "evidence",
-          "session_binding", "destruction_complete")
 TOP_FIELDS = ("cdp_version", "session_id", "created_at", "destroyed_at", "chain", "final_hash",
               "attestation", "destruction_state", "evidence")
 OPTIONAL_TOP = {"evidence"}
@@ -46,52 +44,11 @@ CHAIN_FIELDS = {"step", "subsystem", "operation", "evidence_hash", "chain_hash"}
 ATTEST_FIELDS = {"algorithm", "public_key", "signature", "key_id"}
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _KEY_ID = re.compile(r"^nrx-verify-[0-9]{8}T[0-9]{6}Z-([0-9a-f]{8})\Z")
-MAX_REASON = 200
-
-
-class _Fail(Exception):
-    """A check failed with a short reason."""
-
-
-def decode_b64(value: object, nbytes: int, what: str) -> bytes:
-    """Raw bytes of a `base64:…` string of exactly `nbytes`; raises _Fail otherwise."""
-    if not isinstance(value, str):
-        raise _Fail(f"{what} is not a string")
-    if not value.startswith("base64:"):
-        raise _Fail(f"{what} lacks the base64: prefix")
-    if len(value) > 4 * nbytes + 16:
-        raise _Fail(f"{what} is too long")
-    try:
-        raw = base64.b64decode(value[7:], validate=True)
-    except (binascii.Error, ValueError):
-        raise _Fail(f"{what} is not valid base64") from None
-    if len(raw) != nbytes:
-        raise _Fail(f"{what} is {len(raw)} bytes, expected {nbytes}")
-    return raw
-
-
-def _run(result: dict, name: str, fn: Callable[[], None]) -> None:
-    try:
-        fn()
-        result["checks"][name] = True
-    except _Fail as e:
-        result["checks"][name] = False
-        result["errors"][name] = str(e)[:MAX_REASON]
-    except RecursionError:
-        result["checks"][name] = False
-        result["errors"][name] = "nesting too deep"
-    except Exception as e:  # hostile input must never escape as an exception
-        result["checks"][name] = False
-        result["errors"][name] = f"malformed: {type(e).__name__}"
-
-
-def _new_result(fmt: str) -> dict:
-    return {"valid": False, "format": fmt, "checks": dict.fromkeys(CHECKS, False), "errors": {}}
 
 
 def verify_cdp(cdp: object) -> dict:
     """Verify one CDP v1.0 document (no unwrapping).  Never raises."""
-    res = _new_result("cdp-1.0")
+    res = new_result("cdp-1.0")
     state: dict = {}
 
     def structure() -> None:
@@ -251,7 +208,7 @@ def _verify_rendition(doc: object) -> dict:
     try:
         from agent.cdp.auditproof import verify_auditproof
     except ImportError:  # pragma: no cover - during development only
-        res = _new_result("auditproof-2.1")
+        res = new_result("auditproof-2.1")
         res["errors"]["chain_integrity"] = "AuditProof 2.1 support unavailable"
         return res
     return verify_auditproof(doc)
@@ -279,6 +236,6 @@ def verify(doc: object) -> dict:
             return _verify_rendition(doc)
         return verify_cdp(doc)
     except Exception as e:  # belt and braces: the checks above already catch everything
-        res = _new_result("unknown")
+        res = new_result("unknown")
         res["errors"]["chain_integrity"] = f"malformed: {type(e).__name__}"
         return res

@@ -1,0 +1,53 @@
+"""The never-raising check machinery shared by the v1.0 and 2.1 verifiers: a check is a
+function that returns or raises `Fail` with a short reason; `run` records the verdict and
+turns anything else the hostile input provokes into a failed check, never an exception."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+
+CHECKS = ("chain_integrity", "final_hash", "signature", "step_count", "evidence",
+          "session_binding", "destruction_complete")
+MAX_REASON = 200
+
+
+class Fail(Exception):
+    """A check failed with a short reason."""
+
+
+def new_result(fmt: str) -> dict:
+    return {"valid": False, "format": fmt, "checks": dict.fromkeys(CHECKS, False), "errors": {}}
+
+
+def decode_b64(value: object, nbytes: int, what: str) -> bytes:
+    """Raw bytes of a `base64:…` string of exactly `nbytes`; raises Fail otherwise."""
+    if not isinstance(value, str):
+        raise Fail(f"{what} is not a string")
+    if not value.startswith("base64:"):
+        raise Fail(f"{what} lacks the base64: prefix")
+    if len(value) > 4 * nbytes + 16:
+        raise Fail(f"{what} is too long")
+    try:
+        raw = base64.b64decode(value[7:], validate=True)
+    except (binascii.Error, ValueError):
+        raise Fail(f"{what} is not valid base64") from None
+    if len(raw) != nbytes:
+        raise Fail(f"{what} is {len(raw)} bytes, expected {nbytes}")
+    return raw
+
+
+def run(result: dict, name: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+        result["checks"][name] = True
+    except Fail as e:
+        result["checks"][name] = False
+        result["errors"][name] = str(e)[:MAX_REASON]
+    except RecursionError:
+        result["checks"][name] = False
+        result["errors"][name] = "nesting too deep"
+    except Exception as e:  # hostile input must never escape as an exception
+        result["checks"][name] = False
+        result["errors"][name] = f"malformed: {type(e).__name__}"
