@@ -609,3 +609,51 @@ async def test_a_failing_hook_is_raised_after_everything_ran(engine):
                                     hooks=DestroyHooks(after_step=after_step)))
     assert calls == list(range(1, 9))
     assert not sb.alive
+
+
+SYSV_CMD = """
+python3 -c "
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+secret = open('/input/data', 'rb').read() * 512
+shmid = libc.shmget(0x4e5258, len(secret), 0o1600)
+assert shmid >= 0, ctypes.get_errno()
+addr = libc.shmat(shmid, None, 0)
+ctypes.memmove(addr, secret, len(secret))
+libc.shmdt(ctypes.c_void_p(addr))
+"
+"""
+
+
+async def test_unattached_sysv_shared_memory_is_wiped_and_removed(engine, monkeypatch):
+    """A System V segment no process has attached (so in no address space) is entered
+    through the session's IPC namespace, overwritten (read back here while attached) and
+    removed."""
+    import threading
+
+    from agent.destroy import sysv_shm
+
+    secret = b"SYSV-" + secrets.token_hex(16).encode()
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    r = await sb.exec(SYSV_CMD, input_data=secret, timeout=20)
+    assert r.exit_code == 0, r.stderr
+    seen = []
+    real = sysv_shm.wipe.wipe_ranges
+
+    def checked(fd, ranges, passes):
+        if threading.current_thread().name != "nrx-sysv-shm-wipe":
+            return real(fd, ranges, passes)
+        before = b"".join(os.pread(fd, n, a) for a, n in ranges)
+        res = real(fd, ranges, passes)
+        after = b"".join(os.pread(fd, n, a) for a, n in ranges)
+        seen.append((secret in before, len(after), after == bytes(len(after))))
+        return res
+
+    monkeypatch.setattr(sysv_shm.wipe, "wipe_ranges", checked)
+    out = await run_pipeline(make_ctx(sb, passes=["zeros"]))
+    monkeypatch.undo()
+    assert out.status == "destroyed", bad(out)
+    assert seen and seen[0][0] is True and seen[0][1] >= len(secret) * 512 and seen[0][2]
+    assert out.evidence[2]["sysv_shm_segments"] == 1
+    assert out.evidence[2]["sysv_shm_bytes"] >= len(secret) * 512

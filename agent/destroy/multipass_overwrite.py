@@ -3,7 +3,8 @@
 For every process of the (frozen) session cgroup, nrx-init included, overwrite its
 resident private memory through /proc/PID/mem with the class's passes and read the final
 zero pass back (wipe.present_ranges: present pages only, found through pagemap, so no
-page is faulted in); the memory cap is first raised by the bytes to overwrite, since
+page is faulted in), and the System V shared memory segments of the session's IPC
+namespace that no process has attached (sysv_shm); the memory cap is first raised by the bytes to overwrite, since
 writing a page still shared copy-on-write after a fork makes a copy.  Then SIGKILL everything (cgroup kill, which thaws a v1 freezer so
 the kills are delivered, and PID 1 through its pidfd), wait (bounded) until the cgroup is
 empty and its memory usage is 0, and remove the cgroup directories (step 6 verifies that
@@ -22,7 +23,7 @@ import time
 import trio
 
 from agent.destroy import filesystem_destruction as fsd
-from agent.destroy import wipe
+from agent.destroy import residue, sysv_shm, wipe
 from agent.destroy.context import DestroyContext, DestroyState, StepError
 
 METHOD = "dod_5220_multipass_wipe"
@@ -227,6 +228,13 @@ def _reclaim(cgroup) -> bool:
     return done
 
 
+def _pinned(st: DestroyState, name: str) -> int | None:
+    """Step 1's pin on one of the session's namespaces (None when step 1 could not pin)."""
+    if len(st.ns_fds) != len(residue.NAMESPACES):
+        return None
+    return st.ns_fds[residue.NAMESPACES.index(name)]
+
+
 def _is_session_init(pid: int, st: DestroyState, sb) -> bool:
     """A pid outside the cgroup is only wiped when it provably is the session's PID 1
     (its PID namespace is the session's): after a crash the number may name another
@@ -324,6 +332,17 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if w["nonzero"]:
         errors.append("memory read-back not zero")
 
+    ipc_fd = _pinned(st, "ipc")
+    if ipc_fd is None:
+        errors.append("session IPC namespace unknown: shared memory not checked")
+    else:
+        shm = await trio.to_thread.run_sync(sysv_shm.wipe_segments, ipc_fd, list(ctx.passes))
+        st.leaves_mem.extend(shm["leaves"])
+        ev.update({"sysv_shm_segments": shm["segments"], "sysv_shm_bytes": shm["bytes"],
+                   "readback_blocks": ev["readback_blocks"] + shm["blocks"],
+                   "nonzero_blocks": ev["nonzero_blocks"] + shm["nonzero"]})
+        if shm["error"] or shm["failed"] or shm["nonzero"]:
+            errors.append(shm["error"] or "a shared memory segment could not be wiped")
     ev["wipe_us"] = (time.perf_counter_ns() - t0) // 1000
     if ctx.hooks is not None and ctx.hooks.before_kill is not None:
         await ctx.hooks.before_kill(list(pids))
