@@ -2,7 +2,8 @@
  *
  * The agent execs this with a SOCK_SEQPACKET socket on fd 3.  Steps, in order:
  *   1. read the CONFIG message;
- *   2. join the session cgroups (the sandbox inherits them) and set oom_score_adj;
+ *   2. join the session cgroups (the sandbox inherits them; cgroup2 is entered by the
+ *      clone itself) and set oom_score_adj;
  *   3. mount the session tmpfs at the host path (nosuid,nodev, size/inode limits,
  *      owned by the slot's host root) so the agent keeps a host view of it;
  *   4. clone the sandbox PID 1 into new user/mnt/uts/ipc/pid/net/cgroup namespaces with
@@ -154,6 +155,43 @@ static int write_file(const char *path, const char *text)
     return n == (ssize_t)strlen(text) ? 0 : -1;
 }
 
+/* clone3's argument, up to the `cgroup` field (CLONE_ARGS_SIZE_VER2, Linux 5.7) */
+struct clone_args_v2 {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+             set_tid, set_tid_size, cgroup;
+};
+#define CLONE_INTO_CGROUP_FLAG 0x200000000ULL
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+
+/* `path` is a cgroup.procs file.  v1 (a `tasks` file beside it): move this thread (the
+ * whole single-threaded process) by writing "0" there.  cgroup2: keep an fd on the
+ * directory for clone3(CLONE_INTO_CGROUP) (first such directory only).  Returns 0 when
+ * handled, -1 when the caller must write cgroup.procs. */
+static int join_fast(const char *path, int *into_fd, const char **into_procs)
+{
+    char dir[4096], tasks[4200];
+    size_t len = strlen(path);
+    const char *suffix = "/cgroup.procs";
+    size_t sl = strlen(suffix);
+    if (len <= sl || len - sl >= sizeof(dir) || strcmp(path + len - sl, suffix) != 0)
+        return -1;
+    memcpy(dir, path, len - sl);
+    dir[len - sl] = 0;
+    snprintf(tasks, sizeof(tasks), "%s/tasks", dir);
+    if (access(tasks, W_OK) == 0)
+        return write_file(tasks, "0\n");
+    if (*into_fd >= 0)
+        return -1;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    *into_fd = fd;
+    *into_procs = path;
+    return 0;
+}
+
 #define FAIL(...) do { send_text(CONTROL_FD, MSG_ERROR, __VA_ARGS__); goto fail; } while (0)
 
 int main(void)
@@ -182,10 +220,23 @@ int main(void)
         return 2;
     }
 
-    snprintf(text, sizeof(text), "%d\n", (int)getpid());
-    for (int i = 0; i < cfg.n_cgroups; i++)
-        if (write_file(cfg.cgroups[i], text) < 0)
+    /* Join the session cgroups without the kernel's global cgroup_threadgroup_rwsem:
+     * writing a pid to cgroup.procs takes it for writing, which waits for an RCU grace
+     * period (6-9 ms here, and it stalls every fork on the host meanwhile).  This helper
+     * is single-threaded, so "0" written to a v1 hierarchy's `tasks` file moves the whole
+     * process without that lock, and the one cgroup2 directory is entered by the sandbox
+     * PID 1 itself through clone3(CLONE_INTO_CGROUP) (read side only).  Anything else
+     * (no `tasks` file, a second cgroup2 directory, an old kernel) uses cgroup.procs. */
+    char self_pid[32];
+    snprintf(self_pid, sizeof(self_pid), "%d\n", (int)getpid());
+    int into_fd = -1;
+    const char *into_procs = NULL;
+    for (int i = 0; i < cfg.n_cgroups; i++) {
+        if (join_fast(cfg.cgroups[i], &into_fd, &into_procs) == 0)
+            continue;
+        if (write_file(cfg.cgroups[i], self_pid) < 0)
             FAIL("joining cgroup %s: %s", cfg.cgroups[i], strerror(errno));
+    }
     snprintf(text, sizeof(text), "%d\n", cfg.oom_score);
     if (write_file("/proc/self/oom_score_adj", text) < 0)
         FAIL("setting oom_score_adj: %s", strerror(errno));
@@ -201,9 +252,28 @@ int main(void)
         FAIL("pipe: %s", strerror(errno));
 
     /* fork-like clone (no new stack): the child continues below with a copy of memory */
-    child = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
-                           CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP | CLONE_PARENT | SIGCHLD,
-                           NULL, NULL, NULL, 0UL);
+    unsigned long ns_flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
+                             CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP | CLONE_PARENT;
+    child = -1;
+    if (into_fd >= 0) {
+        struct clone_args_v2 ca;
+        memset(&ca, 0, sizeof(ca));
+        ca.flags = ns_flags | CLONE_INTO_CGROUP_FLAG;
+        /* with CLONE_PARENT clone3 wants exit_signal 0: the child takes the helper's
+         * (SIGCHLD, as the agent spawned it), like the legacy clone below */
+        ca.exit_signal = 0;
+        ca.cgroup = (uint64_t)into_fd;
+        child = (pid_t)syscall(SYS_clone3, &ca, sizeof(ca));
+        if (child < 0) {
+            /* clone3 or CLONE_INTO_CGROUP unavailable: join the slow way, clone below */
+            if (write_file(into_procs, self_pid) < 0)
+                FAIL("joining cgroup %s: %s", into_procs, strerror(errno));
+        }
+        close(into_fd); /* parent and child: the sandbox keeps no fd on a host cgroup */
+        into_fd = -1;
+    }
+    if (child < 0)
+        child = (pid_t)syscall(SYS_clone, ns_flags | SIGCHLD, NULL, NULL, NULL, 0UL);
     if (child < 0)
         FAIL("clone with new namespaces: %s (are user namespaces restricted on this host?)",
              strerror(errno));

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <sched.h>
 #include <net/if.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,6 +120,11 @@ int setup_sandbox(struct config *c)
     /* Still host root here, so the host path is searchable.  Private mounts first; then
      * bind the session tmpfs onto itself: the copy inherited from the host is locked in
      * this less privileged namespace and pivot_root refuses a locked mount. */
+    /* A cgroup namespace rooted where we are now: clone3(CLONE_INTO_CGROUP) placed us in
+     * the session's cgroup2 directory after the clone's own cgroup namespace was taken
+     * from the helper's, so /proc/self/cgroup would show the host's path below it. */
+    if (unshare(CLONE_NEWCGROUP) < 0)
+        STEP_FAIL("new cgroup namespace: %s", strerror(errno));
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
         STEP_FAIL("making mounts private: %s", strerror(errno));
     if (mount(R, R, NULL, MS_BIND | MS_REC, NULL) < 0 || chdir(R) < 0)
