@@ -126,3 +126,18 @@ async def test_concurrent_creates_get_unique_slots_hostnames_and_work(engine):
     await engine.aclose()
     assert not engine.live and not engine.slots.in_use()
     assert all(not b.alive for b in boxes)
+
+
+async def test_teardown_of_a_frozen_sandbox_completes(sandbox):
+    """A sandbox left frozen (e.g. a destruction interrupted after step 1) still dies and is
+    reaped by kill_init (used by teardown) instead of waiting forever on a frozen PID 1."""
+    r = await sandbox.exec("sleep 100 >/dev/null 2>&1 &", timeout=10)
+    assert r.exit_code == 0
+    sandbox.cgroup.freeze()
+    assert sandbox.cgroup.frozen()
+    try:
+        with trio.fail_after(5):
+            await sandbox.kill_init()
+    finally:
+        sandbox.cgroup.thaw()  # without the fix: let the fixture's teardown finish
+    assert not sandbox.alive

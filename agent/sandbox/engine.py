@@ -172,6 +172,11 @@ class Sandbox:
             return
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        # a frozen task cannot act on SIGKILL until thawed (v1 freezer): a sandbox left
+        # frozen by an interrupted destruction would otherwise never be reaped
+        with contextlib.suppress(Exception):
+            if self.cgroup.frozen():
+                self.cgroup.thaw()
         await _reap(self.pidfd)
         self._reaped = True
         self.control.close()
