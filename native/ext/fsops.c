@@ -206,8 +206,18 @@ int nrx_wipe_ranges(int fd, const uint64_t *starts, const uint64_t *lens, size_t
     }
     if (sodium_init() < 0)
         return -ENOSYS;
+    /* the buffer only as large as the longest range needs (rounded to whole blocks):
+     * a 1 MiB buffer filled, zeroed and freed per call cost ~0.4 ms for a 100-byte file */
+    uint64_t longest = 0;
+    for (size_t i = 0; i < nranges; i++)
+        if (lens[i] > longest)
+            longest = lens[i];
+    size_t bufsz = longest >= BUF_SIZE ? BUF_SIZE
+                   : (size_t)((longest + BLOCK - 1) / BLOCK * BLOCK);
+    if (bufsz < BLOCK)
+        bufsz = BLOCK;
     unsigned char *buf = NULL;
-    if (posix_memalign((void **)&buf, BLOCK, BUF_SIZE) != 0)
+    if (posix_memalign((void **)&buf, BLOCK, bufsz) != 0)
         return -ENOMEM;
     memset(zero_digest, 0, sizeof zero_digest);
     crypto_hash_sha256(zero_digest, zero_block, BLOCK);
@@ -219,11 +229,11 @@ int nrx_wipe_ranges(int fd, const uint64_t *starts, const uint64_t *lens, size_t
             if ((rc = rng_init(&rng)) < 0)
                 goto out;
         } else {
-            memset(buf, passes[p] == NRX_PASS_ONES ? 0xFF : 0x00, BUF_SIZE);
+            memset(buf, passes[p] == NRX_PASS_ONES ? 0xFF : 0x00, bufsz);
         }
         for (size_t i = 0; i < nranges; i++) {
-            for (uint64_t off = 0; off < lens[i]; off += BUF_SIZE) {
-                size_t n = lens[i] - off < BUF_SIZE ? (size_t)(lens[i] - off) : BUF_SIZE;
+            for (uint64_t off = 0; off < lens[i]; off += bufsz) {
+                size_t n = lens[i] - off < bufsz ? (size_t)(lens[i] - off) : bufsz;
                 if (passes[p] == NRX_PASS_RANDOM)
                     rng_fill(&rng, buf, n);
                 if ((rc = pwrite_all(fd, buf, n, starts[i] + off, &res->err_offset)) < 0)
@@ -237,8 +247,8 @@ int nrx_wipe_ranges(int fd, const uint64_t *starts, const uint64_t *lens, size_t
     uint64_t t0 = now_ns();
     unsigned char *d = digests;
     for (size_t i = 0; i < nranges; i++) {
-        for (uint64_t off = 0; off < lens[i]; off += BUF_SIZE) {
-            size_t n = lens[i] - off < BUF_SIZE ? (size_t)(lens[i] - off) : BUF_SIZE;
+        for (uint64_t off = 0; off < lens[i]; off += bufsz) {
+            size_t n = lens[i] - off < bufsz ? (size_t)(lens[i] - off) : bufsz;
             if ((rc = pread_all(fd, buf, n, starts[i] + off, &res->err_offset)) < 0)
                 goto out;
             size_t padded = (n + BLOCK - 1) / BLOCK * BLOCK;
@@ -258,7 +268,7 @@ int nrx_wipe_ranges(int fd, const uint64_t *starts, const uint64_t *lens, size_t
     res->pass_ns[npasses] = now_ns() - t0;
 out:
     sodium_memzero(&rng, sizeof rng);
-    sodium_memzero(buf, BUF_SIZE);
+    sodium_memzero(buf, bufsz);
     free(buf);
     return rc;
 }
