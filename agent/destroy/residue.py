@@ -29,7 +29,7 @@ def list_tasks() -> list[tuple[int, int]]:
     out = []
     for pid in list_pids():
         try:
-            tids = os.listdir(PROC / str(pid) / "task")
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         out.extend((pid, int(t)) for t in tids if t.isdigit())
@@ -46,27 +46,26 @@ def processes_in_namespaces(inodes: Iterable[int],
     """(processes, threads) on the host with a namespace (among `names`) whose inode is
     one of `inodes`."""
     names = tuple(names)
-    wanted = set(inodes)
+    # readlink of /proc/PID/task/TID/ns/<name> is "<name>:[<inode>]", the same inode
+    # number stat() reports, at a third of the cost (no nsfs dentry is looked up)
+    wanted = {f"{n}:[{i}]" for n in names for i in set(inodes)}
     procs: set[int] = set()
     threads = 0
     if not wanted:
         return 0, 0
+    readlink = os.readlink
     for pid, tid in list_tasks():
-        base = PROC / str(pid) / "task" / str(tid) / "ns"
+        base = f"/proc/{pid}/task/{tid}/ns/"
         for n in names:
             try:
-                ino = os.stat(base / n).st_ino
+                link = readlink(base + n)
             except OSError:
                 continue
-            if ino in wanted:
+            if link in wanted:
                 procs.add(pid)
                 threads += 1
                 break
     return len(procs), threads
-
-
-def _ids(line: str) -> list[int]:
-    return [int(x) for x in line.split()[1:]]
 
 
 def processes_with_ids(uid_ranges: list[tuple[int, int]],
@@ -79,19 +78,23 @@ def processes_with_ids(uid_ranges: list[tuple[int, int]],
     found: set[int] = set()
     for pid, tid in list_tasks():
         try:
-            with open(PROC / str(pid) / "task" / str(tid) / "status") as f:
-                uids = gids = []
-                for line in f:
-                    if line.startswith("Uid:"):
-                        uids = _ids(line)
-                    elif line.startswith("Gid:"):
-                        gids = _ids(line)
-                        break
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+                data = f.read()
         except OSError:
             continue
+        uids, gids = _status_ids(data, b"\nUid:"), _status_ids(data, b"\nGid:")
         if inside(uids, uid_ranges) or inside(gids, gid_ranges):
             found.add(pid)
     return len(found)
+
+
+def _status_ids(data: bytes, key: bytes) -> list[int]:
+    """The ids of one `Uid:`/`Gid:` line of /proc/.../status (real, effective, saved, fs)."""
+    i = data.find(key)
+    if i < 0:
+        return []
+    i += len(key)
+    return [int(x) for x in data[i:data.find(b"\n", i)].split()]
 
 
 def id_map(pid: int, which: str) -> list[tuple[int, int]]:
@@ -136,11 +139,11 @@ def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = ()) -> tuple[int, int
     superblock is `dev`, plus nsfs mounts pinning one of the given namespace inodes.  Each
     mount namespace is read once (through the first process found in it)."""
     pinned = {f"{n}:[{i}]" for i in ns_inodes_ for n in NAMESPACES}
-    seen_ns: set[int] = set()
+    seen_ns: set[str] = set()
     count = 0
     for pid in list_pids():
         try:
-            mnt_ns = os.stat(PROC / str(pid) / "ns" / "mnt").st_ino
+            mnt_ns = os.readlink(f"/proc/{pid}/ns/mnt")  # "mnt:[inode]"
             if mnt_ns in seen_ns:
                 continue
             mounts = read_mountinfo(pid)
