@@ -549,10 +549,13 @@ class Service:
         self.journal.update_session(sid, status=s.status, reason=reason,
                                     exec_count=s.record.exec_count)
         try:
-            result = self.finish_proof(session_id=sid, customer_id=s.record.customer_id,
-                                       classification=s.record.classification,
-                                       jurisdiction=s.record.jurisdiction, outcome=outcome,
-                                       exec_count=s.record.exec_count)
+            result = self.build_proof(session_id=sid, customer_id=s.record.customer_id,
+                                      classification=s.record.classification,
+                                      jurisdiction=s.record.jurisdiction, outcome=outcome,
+                                      exec_count=s.record.exec_count)
+            # still durable (fsynced) before destroy returns, but the fsyncs no longer
+            # stall every other session on the event loop meanwhile
+            await trio.to_thread.run_sync(self.spool.put, sid, result)
         except Exception:
             _log.exception("proof_failed", session_id=sid, reason=reason)
             self._inc("destroys_total", reason=reason, status=s.status)
@@ -566,6 +569,15 @@ class Service:
                      jurisdiction: str, outcome, exec_count: int) -> dict:
         """Sign the v1.0 CDP and its 2.1 rendition, spool both durably, return the destroy
         result `{session_id, status, cdp, regulatory_context, session_context, auditproof}`."""
+        result = self.build_proof(session_id=session_id, customer_id=customer_id,
+                                  classification=classification, jurisdiction=jurisdiction,
+                                  outcome=outcome, exec_count=exec_count)
+        self.spool.put(session_id, result)
+        return result
+
+    def build_proof(self, *, session_id: str, customer_id: str, classification: str,
+                    jurisdiction: str, outcome, exec_count: int) -> dict:
+        """The destroy result finish_proof() spools, signed but not yet spooled."""
         from agent.cdp.auditproof import build_auditproof
         from agent.regulatory import regulatory_context
 
@@ -581,7 +593,6 @@ class Service:
                   "session_context": {"jurisdiction": jurisdiction,
                                       "data_classification": classification},
                   "auditproof": auditproof}
-        self.spool.put(session_id, result)
         return result
 
     # -- recovery (E calls this per journaled live session) ------------------------------
