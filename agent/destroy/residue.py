@@ -41,11 +41,35 @@ def ns_inodes(pid: int | str, names: Iterable[str] = NAMESPACES) -> dict[str, in
     return {n: os.stat(PROC / str(pid) / "ns" / n).st_ino for n in names}
 
 
+try:  # native scans (native/ext/procscan.c): the same walk in one call, no GIL per syscall
+    from agent._native import ffi as _ffi
+    from agent._native import lib as _lib
+
+    _NATIVE_SCANS = hasattr(_lib, "nrx_scan_ns") and hasattr(_lib, "nrx_scan_ids")
+except Exception:  # any import failure means "use the Python path"
+    _NATIVE_SCANS = False
+
+
 def processes_in_namespaces(inodes: Iterable[int],
                             names: Iterable[str] = NAMESPACES) -> tuple[int, int]:
     """(processes, threads) on the host with a namespace (among `names`) whose inode is
-    one of `inodes`."""
+    one of `inodes`.  Done in C when the native extension has it: from Python every
+    readlink releases and retakes the GIL, which serialised concurrent destructions."""
     names = tuple(names)
+    inodes = sorted(set(inodes))
+    if _NATIVE_SCANS and all(n in NAMESPACES for n in names):
+        mask = sum(1 << NAMESPACES.index(n) for n in set(names))
+        procs, threads = _ffi.new("int *"), _ffi.new("int *")
+        arr = _ffi.new("uint64_t[]", inodes or [0])
+        rc = _lib.nrx_scan_ns(arr, len(inodes), mask, procs, threads)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return int(procs[0]), int(threads[0])
+    return _py_processes_in_namespaces(inodes, names)
+
+
+def _py_processes_in_namespaces(inodes: Iterable[int],
+                                names: tuple[str, ...]) -> tuple[int, int]:
     # readlink of /proc/PID/task/TID/ns/<name> is "<name>:[<inode>]", the same inode
     # number stat() reports, at a third of the cost (no nsfs dentry is looked up)
     wanted = {f"{n}:[{i}]" for n in names for i in set(inodes)}
@@ -70,8 +94,21 @@ def processes_in_namespaces(inodes: Iterable[int],
 
 def processes_with_ids(uid_ranges: list[tuple[int, int]],
                        gid_ranges: list[tuple[int, int]]) -> int:
-    """Processes with any thread whose real/effective/saved/fs uid or gid is in a range."""
+    """Processes with any thread whose real/effective/saved/fs uid or gid is in a range
+    (in C when the native extension has it, see processes_in_namespaces)."""
+    if _NATIVE_SCANS:
+        u = [int(x) for r in uid_ranges for x in r]
+        g = [int(x) for r in gid_ranges for x in r]
+        n = _lib.nrx_scan_ids(_ffi.new("uint64_t[]", u or [0]), len(u),
+                              _ffi.new("uint64_t[]", g or [0]), len(g))
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        return int(n)
+    return _py_processes_with_ids(uid_ranges, gid_ranges)
 
+
+def _py_processes_with_ids(uid_ranges: list[tuple[int, int]],
+                           gid_ranges: list[tuple[int, int]]) -> int:
     def inside(ids: list[int], ranges: list[tuple[int, int]]) -> bool:
         return any(lo <= i < hi for i in ids for lo, hi in ranges)
 

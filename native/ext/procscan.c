@@ -1,0 +1,153 @@
+#include "procscan.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *const NS_NAMES[] = {"user", "mnt", "uts", "ipc", "pid", "net", "cgroup"};
+#define N_NS (sizeof NS_NAMES / sizeof NS_NAMES[0])
+
+static int is_number(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9')
+            return 0;
+    return 1;
+}
+
+/* calls fn(pid, tid, arg) for every task; fn returns 1 when the task matched.  Returns
+ * the number of processes with a matching task (and adds matching tasks to *tasks), or
+ * -errno when /proc cannot be listed. */
+typedef int (*task_fn)(const char *pid, const char *tid, void *arg);
+
+static int for_each_task(task_fn fn, void *arg, int *tasks)
+{
+    DIR *proc = opendir("/proc");
+    if (!proc)
+        return -errno;
+    int procs = 0;
+    struct dirent *de;
+    char path[300];
+    while ((de = readdir(proc)) != NULL) {
+        if (!is_number(de->d_name))
+            continue;
+        snprintf(path, sizeof path, "/proc/%s/task", de->d_name);
+        DIR *task = opendir(path);
+        if (!task)
+            continue; /* exited */
+        int hit = 0;
+        struct dirent *te;
+        while ((te = readdir(task)) != NULL) {
+            if (!is_number(te->d_name))
+                continue;
+            if (fn(de->d_name, te->d_name, arg)) {
+                hit = 1;
+                if (tasks)
+                    (*tasks)++;
+            }
+        }
+        closedir(task);
+        procs += hit;
+    }
+    closedir(proc);
+    return procs;
+}
+
+struct ns_arg {
+    const uint64_t *inodes;
+    size_t n;
+    unsigned mask;
+};
+
+static int task_in_ns(const char *pid, const char *tid, void *p)
+{
+    struct ns_arg *a = p;
+    char path[600], link[64];
+    for (size_t i = 0; i < N_NS; i++) {
+        if (!(a->mask & (1u << i)))
+            continue;
+        snprintf(path, sizeof path, "/proc/%s/task/%s/ns/%s", pid, tid, NS_NAMES[i]);
+        ssize_t len = readlink(path, link, sizeof link - 1); /* "<name>:[<inode>]" */
+        if (len <= 0)
+            continue;
+        link[len] = 0;
+        const char *lb = strchr(link, '[');
+        if (!lb)
+            continue;
+        uint64_t ino = strtoull(lb + 1, NULL, 10);
+        for (size_t j = 0; j < a->n; j++)
+            if (a->inodes[j] == ino)
+                return 1;
+    }
+    return 0;
+}
+
+int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int *procs,
+                int *threads)
+{
+    struct ns_arg a = {inodes, ninodes, name_mask};
+    *threads = 0;
+    *procs = 0;
+    if (ninodes == 0)
+        return 0;
+    int r = for_each_task(task_in_ns, &a, threads);
+    if (r < 0)
+        return r;
+    *procs = r;
+    return 0;
+}
+
+struct ids_arg {
+    const uint64_t *u, *g;
+    size_t nu, ng;
+};
+
+/* the 4 ids after `key` ("\nUid:" or "\nGid:"); 1 when one is in a range */
+static int ids_in(const char *buf, const char *key, const uint64_t *r, size_t n)
+{
+    const char *p = strstr(buf, key);
+    if (!p)
+        return 0;
+    p += strlen(key);
+    for (int k = 0; k < 4; k++) {
+        char *end;
+        unsigned long long id = strtoull(p, &end, 10);
+        if (end == p)
+            break;
+        for (size_t j = 0; j + 1 < n; j += 2)
+            if (r[j] <= id && id < r[j + 1])
+                return 1;
+        p = end;
+    }
+    return 0;
+}
+
+static int task_has_ids(const char *pid, const char *tid, void *p)
+{
+    struct ids_arg *a = p;
+    char path[600], buf[8192];
+    snprintf(path, sizeof path, "/proc/%s/task/%s/status", pid, tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    size_t got = 0;
+    ssize_t r;
+    while (got < sizeof buf - 1 && (r = read(fd, buf + got, sizeof buf - 1 - got)) > 0)
+        got += (size_t)r;
+    close(fd);
+    buf[got] = 0;
+    return ids_in(buf, "\nUid:", a->u, a->nu) || ids_in(buf, "\nGid:", a->g, a->ng);
+}
+
+int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
+                 size_t ngid)
+{
+    struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
+    return for_each_task(task_has_ids, &a, NULL);
+}

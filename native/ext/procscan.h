@@ -1,0 +1,21 @@
+#ifndef NRX_PROCSCAN_H
+#define NRX_PROCSCAN_H
+/* Host-wide /proc scans of destruction steps 5 and 6 (agent/destroy/residue.py), one C
+ * call each: done from Python they cost one GIL release + reacquire per syscall (~8 per
+ * host thread), which serialised concurrent destructions on the GIL. */
+#include <stddef.h>
+#include <stdint.h>
+
+/* Every thread of every process in /proc whose namespace link ns/<name> (for the names
+ * whose bit is set in name_mask; bit i = user, mnt, uts, ipc, pid, net, cgroup) names
+ * one of `inodes`.  *procs = processes with such a thread, *threads = such threads.
+ * Tasks that exit while being read are skipped.  Returns 0 or -errno (/proc unreadable). */
+int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int *procs,
+                int *threads);
+
+/* Processes with any thread whose real/effective/saved/fs uid lies in one of the
+ * [lo, hi) pairs of `uid_ranges` (flattened: lo0, hi0, lo1, hi1, ...; nuid values) or whose gid lies
+ * in one of `gid_ranges`.  Returns the count, or -errno when /proc is unreadable. */
+int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
+                 size_t ngid);
+#endif
