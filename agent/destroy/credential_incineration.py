@@ -34,7 +34,11 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
                "session_revoked": False})
     if not st.uid_ranges:
         errors.append("session uid range unknown")
-    n = await trio.to_thread.run_sync(residue.processes_with_ids, st.uid_ranges, st.gid_ranges)
+    uts = st.namespaces.get("uts")
+    # one walk of every thread on the host answers both questions of this step
+    n, in_uts, _ = await trio.to_thread.run_sync(
+        residue.processes_with_ids_and_in_namespaces, st.uid_ranges, st.gid_ranges,
+        [uts] if uts else [], ("uts",))
     ev["processes_with_ids"] = n
     if n:
         errors.append("processes still run with session ids")
@@ -47,10 +51,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     else:
         errors.append("no slot to release")
 
-    uts = st.namespaces.get("uts")
     if uts:
-        in_uts, _ = await trio.to_thread.run_sync(residue.processes_in_namespaces, [uts],
-                                                  ("uts",))
         retire = getattr(sb, "retire_hostname", None)
         if in_uts == 0 and retire is not None:
             try:

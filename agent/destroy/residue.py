@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["NAMESPACES", "Mount", "id_map", "list_pids", "list_tasks", "mounts_of",
            "ns_inodes", "parse_mountinfo", "processes_in_namespaces", "processes_with_ids",
-           "read_mountinfo"]
+           "processes_with_ids_and_in_namespaces", "read_mountinfo"]
 
 NAMESPACES = ("user", "mnt", "uts", "ipc", "pid", "net", "cgroup")
 PROC = Path("/proc")
@@ -105,6 +105,30 @@ def processes_with_ids(uid_ranges: list[tuple[int, int]],
             raise OSError(-n, os.strerror(-n))
         return int(n)
     return _py_processes_with_ids(uid_ranges, gid_ranges)
+
+
+def processes_with_ids_and_in_namespaces(
+        uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]],
+        inodes: Iterable[int], names: Iterable[str] = NAMESPACES) -> tuple[int, int, int]:
+    """(processes_with_ids(...), *processes_in_namespaces(...)) from one walk of /proc
+    when the native extension has it (step 5 asks both of the same moment)."""
+    names = tuple(names)
+    inodes = sorted(set(inodes))
+    if (_NATIVE_SCANS and hasattr(_lib, "nrx_scan_ids_ns")
+            and all(n in NAMESPACES for n in names)):
+        u = [int(x) for r in uid_ranges for x in r]
+        g = [int(x) for r in gid_ranges for x in r]
+        mask = sum(1 << NAMESPACES.index(n) for n in set(names))
+        out = _ffi.new("int[3]")
+        rc = _lib.nrx_scan_ids_ns(_ffi.new("uint64_t[]", u or [0]), len(u),
+                                  _ffi.new("uint64_t[]", g or [0]), len(g),
+                                  _ffi.new("uint64_t[]", inodes or [0]), len(inodes), mask,
+                                  out, out + 1, out + 2)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return int(out[0]), int(out[1]), int(out[2])
+    ids = processes_with_ids(uid_ranges, gid_ranges)
+    return (ids, *processes_in_namespaces(inodes, names))
 
 
 def _py_processes_with_ids(uid_ranges: list[tuple[int, int]],

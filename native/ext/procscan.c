@@ -151,3 +151,65 @@ int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ra
     struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
     return for_each_task(task_has_ids, &a, NULL);
 }
+
+struct both_arg {
+    struct ids_arg ids;
+    struct ns_arg ns;
+    int ids_procs, ns_procs, ns_threads;
+    int ids_hit, ns_hit; /* per process being walked */
+};
+
+static int task_both(const char *pid, const char *tid, void *p)
+{
+    struct both_arg *a = p;
+    if (task_has_ids(pid, tid, &a->ids))
+        a->ids_hit = 1;
+    if (a->ns.n && task_in_ns(pid, tid, &a->ns)) {
+        a->ns_hit = 1;
+        a->ns_threads++;
+    }
+    return 0;
+}
+
+static int end_process(void *p)
+{
+    struct both_arg *a = p;
+    a->ids_procs += a->ids_hit;
+    a->ns_procs += a->ns_hit;
+    a->ids_hit = a->ns_hit = 0;
+    return 0;
+}
+
+int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
+                    size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
+                    int *ids_procs, int *ns_procs, int *ns_threads)
+{
+    struct both_arg a;
+    memset(&a, 0, sizeof a);
+    a.ids = (struct ids_arg){uid_ranges, gid_ranges, nuid, ngid};
+    a.ns = (struct ns_arg){inodes, ninodes, name_mask};
+    DIR *proc = opendir("/proc");
+    if (!proc)
+        return -errno;
+    struct dirent *de;
+    char path[300];
+    while ((de = readdir(proc)) != NULL) {
+        if (!is_number(de->d_name))
+            continue;
+        snprintf(path, sizeof path, "/proc/%s/task", de->d_name);
+        DIR *task = opendir(path);
+        if (!task)
+            continue;
+        struct dirent *te;
+        while ((te = readdir(task)) != NULL)
+            if (is_number(te->d_name))
+                task_both(de->d_name, te->d_name, &a);
+        closedir(task);
+        end_process(&a);
+    }
+    closedir(proc);
+    *ids_procs = a.ids_procs;
+    *ns_procs = a.ns_procs;
+    *ns_threads = a.ns_threads;
+    return 0;
+}

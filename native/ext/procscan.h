@@ -18,4 +18,10 @@ int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int 
  * in one of `gid_ranges`.  Returns the count, or -errno when /proc is unreadable. */
 int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                  size_t ngid);
+/* Both scans above in one walk of /proc (destruction step 5 asks both questions of the
+ * same moment): *ids_procs as nrx_scan_ids, *ns_procs / *ns_threads as nrx_scan_ns.
+ * Returns 0 or -errno. */
+int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
+                    size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
+                    int *ids_procs, int *ns_procs, int *ns_threads);
 #endif
