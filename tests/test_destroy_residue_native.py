@@ -1,0 +1,43 @@
+"""The C scans of /proc used by destruction steps 5 and 6 count exactly what the Python
+reference scans count, on a real sandbox (hits) and on ids nobody uses (misses)."""
+
+from __future__ import annotations
+
+import test_sandbox_fixtures as fx
+
+from agent.destroy import residue
+
+sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
+
+
+async def test_native_scans_match_python_reference(sandbox):
+    """Processes/threads in the session's namespaces and processes with its host ids agree
+    between the native and Python scans, and a miss is zero in both."""
+    assert residue._NATIVE_SCANS, "agent._native lacks the procscan functions"
+    r = await sandbox.exec(
+        "sleep 60 >/dev/null 2>&1 & sleep 60 >/dev/null 2>&1 & "
+        "python3 -c 'import threading,time; [threading.Thread(target=time.sleep, args=(60,),"
+        " daemon=True).start() for _ in range(3)]; open(\"/tmp/ready\", \"w\").close();"
+        " time.sleep(60)' >/dev/null 2>&1 & "
+        "while [ ! -e /tmp/ready ]; do sleep 0.01; done",
+        timeout=10)
+    assert r.exit_code == 0
+    inodes = list(sandbox.namespaces.values())
+    ids = [(sandbox.slot_root_uid, sandbox.slot_root_uid + sandbox._engine.cfg.sandbox.uid_slot_size)]
+    gids = [(sandbox.slot_root_gid, sandbox.slot_root_gid + sandbox._engine.cfg.sandbox.uid_slot_size)]
+    sandbox.cgroup.freeze()  # a stable population for both scans
+    try:
+        names = tuple(residue.NAMESPACES)
+        native_ns = residue.processes_in_namespaces(inodes)
+        python_ns = residue._py_processes_in_namespaces(inodes, names)
+        native_ids = residue.processes_with_ids(ids, gids)
+        python_ids = residue._py_processes_with_ids(ids, gids)
+        combined = residue.processes_with_ids_and_in_namespaces(ids, gids, inodes)
+    finally:
+        sandbox.cgroup.thaw()
+    assert native_ns == python_ns and native_ns[0] >= 4 and native_ns[1] > native_ns[0]
+    assert native_ids == python_ids and native_ids >= 3
+    assert combined == (native_ids, *native_ns)
+    nobody = [(4_000_000_000, 4_000_000_001)]
+    assert residue.processes_in_namespaces([1]) == residue._py_processes_in_namespaces([1], names) == (0, 0)
+    assert residue.processes_with_ids(nobody, nobody) == residue._py_processes_with_ids(nobody, nobody) == 0
