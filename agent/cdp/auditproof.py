@@ -33,8 +33,7 @@ from agent.cdp.canonical import CanonicalError, canonical_json
 from agent.cdp.chain import STEPS
 from agent.cdp.checks import Fail as _Fail
 from agent.cdp.checks import decode_b64 as _b64
-from agent.cdp.checks import new_result
-from agent.cdp.checks import run as _run
+from agent.cdp.checks import destruction_complete, new_result, run_all
 from agent.cdp.document import Signer, b64, destruction_state
 
 __all__ = ["AUDITPROOF_VERSION", "GENESIS_512", "RESERVED_SLOTS", "STEPS_21",
@@ -350,22 +349,7 @@ def verify_auditproof(doc: object) -> dict:
                 and started["timestamp"] != last.get("created_at"):
             raise _Fail("capsule_started timestamp differs from step 8 created_at")
 
-    def destruction_complete() -> None:
-        x = need_doc()
-        if x.get("destruction_state") != "complete":
-            raise _Fail("destruction_state is not complete")
-        ev = x.get("evidence")
-        if isinstance(ev, list):
-            bad = [i + 1 for i, o in enumerate(ev) if not (isinstance(o, dict) and o.get("ok") is True)]
-            if bad:
-                raise _Fail(f"step {bad[0]} did not complete")
-
-    _run(res, "chain_integrity", chain_integrity)
-    _run(res, "final_hash", final_hash)
-    _run(res, "signature", signature)
-    _run(res, "step_count", step_count)
-    _run(res, "evidence", evidence)
-    _run(res, "session_binding", session_binding)
-    _run(res, "destruction_complete", destruction_complete)
-    res["valid"] = all(v for k, v in res["checks"].items() if k != "destruction_complete")
-    return res
+    return run_all(res, {
+        "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,
+        "step_count": step_count, "evidence": evidence, "session_binding": session_binding,
+        "destruction_complete": lambda: destruction_complete(doc)})

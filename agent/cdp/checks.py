@@ -51,3 +51,24 @@ def run(result: dict, name: str, fn: Callable[[], None]) -> None:
     except Exception as e:  # hostile input must never escape as an exception
         result["checks"][name] = False
         result["errors"][name] = f"malformed: {type(e).__name__}"
+
+
+def destruction_complete(doc: object) -> None:
+    """The `destruction_complete` check, the same for both formats: the document says
+    complete and, when evidence is present, every step recorded ok."""
+    if not isinstance(doc, dict) or doc.get("destruction_state") != "complete":
+        raise Fail("destruction_state is not complete")
+    ev = doc.get("evidence")
+    if isinstance(ev, list):
+        bad = [i + 1 for i, o in enumerate(ev) if not (isinstance(o, dict) and o.get("ok") is True)]
+        if bad:
+            raise Fail(f"step {bad[0]} did not complete")
+
+
+def run_all(result: dict, checks: dict[str, Callable[[], None]]) -> dict:
+    """Run every check in CHECKS order; `valid` needs all but `destruction_complete`
+    (an honest record of an incomplete destruction is a valid proof)."""
+    for name in CHECKS:
+        run(result, name, checks[name])
+    result["valid"] = all(v for k, v in result["checks"].items() if k != "destruction_complete")
+    return result

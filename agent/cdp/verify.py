@@ -30,9 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.cdp.chain import GENESIS, PREFIX, STEPS, chain_step, evidence_hash, signed_message
-from agent.cdp.checks import CHECKS, decode_b64, new_result
+from agent.cdp.checks import CHECKS, decode_b64, destruction_complete, new_result, run_all
 from agent.cdp.checks import Fail as _Fail
-from agent.cdp.checks import run as _run
 from agent.cdp.document import CDP_VERSION
 
 __all__ = ["CHECKS", "decode_b64", "verify", "verify_cdp"]
@@ -180,24 +179,10 @@ def verify_cdp(cdp: object) -> dict:
             if last[k] != cdp.get(k):
                 raise _Fail(f"{k} differs from step 8 evidence")
 
-    def destruction_complete() -> None:
-        if not isinstance(cdp, dict) or cdp.get("destruction_state") != "complete":
-            raise _Fail("destruction_state is not complete")
-        ev = cdp.get("evidence")
-        if isinstance(ev, list):
-            bad = [i + 1 for i, o in enumerate(ev) if not (isinstance(o, dict) and o.get("ok") is True)]
-            if bad:
-                raise _Fail(f"step {bad[0]} did not complete")
-
-    _run(res, "chain_integrity", chain_integrity)
-    _run(res, "final_hash", final_hash)
-    _run(res, "signature", signature)
-    _run(res, "step_count", step_count)
-    _run(res, "evidence", evidence)
-    _run(res, "session_binding", session_binding)
-    _run(res, "destruction_complete", destruction_complete)
-    res["valid"] = all(v for k, v in res["checks"].items() if k != "destruction_complete")
-    return res
+    return run_all(res, {
+        "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,
+        "step_count": step_count, "evidence": evidence, "session_binding": session_binding,
+        "destruction_complete": lambda: destruction_complete(cdp)})
 
 
 def _is_rendition(doc: object) -> bool:
