@@ -103,6 +103,11 @@ def _wipe_file(dfd: int, name: str, lst: os.stat_result, passes: list[str],
         return
     finally:
         os.close(fd)
+    _count_wiped(s, fst, r)
+
+
+def _count_wiped(s: TreeStats, fst: os.stat_result, r) -> None:
+    """Account one wiped file: its size, what was overwritten and read back."""
     s.files += 1
     s.logical_bytes += fst.st_size
     s.bytes += r.bytes
@@ -249,12 +254,7 @@ def _wipe_unlinked(path: str, lst: os.stat_result, passes: list[str], s: TreeSta
         return
     finally:
         os.close(fd)
-    s.files += 1
-    s.logical_bytes += fst.st_size
-    s.bytes += r.bytes
-    s.blocks += r.blocks
-    s.nonzero_blocks += r.nonzero_blocks
-    s.leaves.append(r.leaf_digests)
+    _count_wiped(s, fst, r)
 
 
 def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
