@@ -253,3 +253,54 @@ def test_kill_all_reaches_a_half_attached_process(driver):
             p.kill()
             p.wait()
         h.remove()
+
+
+def test_service_subtree_only_under_systemd_service():
+    """Session cgroup2 dirs go under the agent's own cgroup only when systemd runs it as a
+    service (stable across restarts); elsewhere at the root."""
+    from agent.sandbox.cgroups.v1 import service_subtree
+
+    svc = "12:pids:/\n0::/system.slice/nanorix-agent.service\n"
+    assert service_subtree(svc, {"INVOCATION_ID": "abc"}) == "system.slice/nanorix-agent.service"
+    assert service_subtree(svc, {}) == ""
+    scope = "0::/user.slice/user-0.slice/session-3.scope\n"
+    assert service_subtree(scope, {"INVOCATION_ID": "abc"}) == ""
+    assert service_subtree("0::/../x.service\n", {"INVOCATION_ID": "abc"}) == ""
+
+
+def test_driver_under_a_service_cgroup_nests_session_dirs_in_it():
+    """A driver started inside a (test) `.service` cgroup2 directory with INVOCATION_ID set
+    makes its session cgroup2 directory inside that service cgroup, and removes it."""
+    unified = Path("/sys/fs/cgroup/unified")
+    if not (unified / "cgroup.procs").exists():
+        pytest.skip("no cgroup2 tree mounted")
+    top = unified / f"nanorix-agent-test-{secrets.token_hex(4)}"
+    svc = top / "fake.service"
+    svc.mkdir(parents=True)
+    script = (
+        "import os, sys\n"
+        f"open('{svc}/cgroup.procs', 'w').write(str(os.getpid()))\n"
+        "from agent.sandbox.cgroups import CgroupLimits\n"
+        "from agent.sandbox.cgroups.v1 import V1Driver\n"
+        "d = V1Driver(sys.argv[1])\n"
+        "h = d.create('sess_0123456789abcdef', CgroupLimits(64 << 20, 16, 50))\n"
+        "print(h.unified)\n"
+        "h.remove(); d.remove_root()\n"
+    )
+    prefix = f"nanorix-agent-test-{secrets.token_hex(4)}"
+    try:
+        out = subprocess.run([sys.executable, "-c", script, prefix], capture_output=True,
+                             text=True, env={**os.environ, "INVOCATION_ID": "test"}, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(svc / prefix / "sess_0123456789abcdef")
+        assert not (svc / prefix).exists()
+    finally:
+        for d in (svc, top):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)

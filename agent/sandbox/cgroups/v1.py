@@ -51,6 +51,22 @@ def find_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[dict[str, Path
     return v1, unified
 
 
+def service_subtree(proc_cgroup: str, env: dict[str, str]) -> str:
+    """Where in the cgroup2 tree the agent's session directories go: under its own
+    cgroup when systemd runs it as a service (Delegate=yes hands that subtree to it, and
+    KillMode=control-group then reaches every sandbox too), else at the tree's root.
+    A service's cgroup is stable across restarts, so recovery finds what a crashed agent
+    left; a shell's session scope is not, hence the root outside systemd."""
+    if not env.get("INVOCATION_ID"):
+        return ""
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::"):
+            path = line[3:].strip().strip("/")
+            if path.endswith(".service") and ".." not in path.split("/"):
+                return path
+    return ""
+
+
 class V1Handle(CgroupHandle):
     mode = "v1"
 
@@ -198,6 +214,10 @@ class V1Driver(CgroupDriver):
         self.roots = {c: mounts[c] / self.prefix for c in CONTROLLERS}
         if unified is True:
             unified = found_unified
+            if unified is not None:
+                with open("/proc/self/cgroup") as f:
+                    sub = service_subtree(f.read(), dict(os.environ))
+                unified = unified / sub if sub else unified
         self.unified_root = (unified / self.prefix) if unified else None
         self._memsw: bool | None = None
         self._log = log.get().bind(component="cgroups", mode="v1")
