@@ -1,0 +1,82 @@
+"""Audit of issues 2-8: tests for specified behaviours that no other test pinned down
+(draining refuses work, file names never logged, exact end statuses of clean destructions,
+`session destroy --format auditproof`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers_daemon import AgentDaemon
+
+from agent import config as config_mod
+from agent.cdp.verify import verify
+from agent.errors import Unavailable
+from agent.service.journal import Journal
+from agent.service.sessions import Service
+from agent.service.spool import Spool
+
+MARKER = "AUDITMARK-5d1e0b"
+
+
+async def test_draining_node_refuses_create_with_unavailable(tmp_path):
+    """While the node drains (SIGTERM), session.create is refused with Unavailable 503."""
+    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    (tmp_path / "state").mkdir()
+    journal = Journal(tmp_path / "state")
+    try:
+        svc = Service(cfg, engine=None, key_store=None, journal=journal,
+                      spool=Spool(tmp_path / "state"), version="test")
+        svc.draining = True
+        with pytest.raises(Unavailable) as e:
+            await svc.create(customer_id="c", tier="free")
+        assert e.value.status == 503 and e.value.to_wire()["error"] == "Unavailable"
+        assert svc.capacity()["sessions_live"] == 0
+    finally:
+        journal.close()
+
+
+def test_clean_destroy_is_destroyed_and_file_names_never_logged(tmp_path):
+    """A session whose files and directories carry a marker name ends `destroyed`/`complete`
+    on request, its auditproof can be written by `session destroy --format auditproof`, and
+    the marker never reaches the daemon's logs."""
+    with AgentDaemon(tmp_path / "agent") as d:
+        sid = d.call("session.create", {"customer_id": "c-audit", "tier": "free"})["session_id"]
+        res = d.call("session.exec", {
+            "session_id": sid,
+            "command": f"mkdir -p /work/{MARKER}/d && echo x > /work/{MARKER}/d/{MARKER}.txt"
+                       f" && ln -s /etc/{MARKER} /tmp/{MARKER}-link && mkfifo /tmp/{MARKER}.fifo"})
+        assert res["exit_code"] == 0
+        out = tmp_path / "rendition.json"
+        r = d.cli("session", "destroy", sid, "--out", str(out), "--format", "auditproof")
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        assert result["status"] == "destroyed"
+        assert result["cdp"]["destruction_state"] == "complete"
+        assert verify(result["cdp"])["checks"]["destruction_complete"] is True
+        rendition = json.loads(out.read_text())
+        assert rendition["cdp_version"] == "2.1" and rendition["capsule_id"] == sid
+        assert verify(rendition)["valid"] is True
+        pend = [p for p in d.call("proof.pending") if p["session_id"] == sid]
+        assert len(pend) == 1 and {"cdp", "auditproof"} <= set(pend[0])
+        assert MARKER not in json.dumps(result)
+    text = d.log_text()
+    assert "session_destroyed" in text and MARKER not in text
+
+
+def test_ttl_expiry_of_an_idle_session_is_exactly_expired(tmp_path):
+    """An idle session reaching its TTL ends `expired` (not `expired_unclean`) with a complete
+    destruction and reason ttl_expired."""
+    import time
+
+    with AgentDaemon(tmp_path, config={"tiers": {"free": {"max_ttl_seconds": 1,
+                                                          "default_ttl_seconds": 1}}}) as d:
+        sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        t0 = time.monotonic()
+        while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.1)
+        proof = d.call("proof.get", {"session_id": sid})
+        assert proof["status"] == "expired" and proof["reason"] == "ttl_expired"
+        assert proof["cdp"]["destruction_state"] == "complete"
+        assert verify(proof["cdp"])["valid"] is True
