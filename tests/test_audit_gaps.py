@@ -80,3 +80,47 @@ def test_ttl_expiry_of_an_idle_session_is_exactly_expired(tmp_path):
         assert proof["status"] == "expired" and proof["reason"] == "ttl_expired"
         assert proof["cdp"]["destruction_state"] == "complete"
         assert verify(proof["cdp"])["valid"] is True
+
+
+class _Recorded(Exception):
+    pass
+
+
+class _RecordingSandbox:
+    """Records the timeout the service passes to the sandbox, then stops the exec."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    async def exec(self, command, *, input_data=None, env=None, timeout=None, on_output=None):
+        self.timeouts.append(timeout)
+        raise _Recorded
+
+
+@pytest.mark.parametrize("asked", [None, 10_000])
+async def test_exec_timeout_defaults_to_and_never_exceeds_the_remaining_ttl(
+        tmp_path, autojump_clock, asked):
+    """With no `timeout` (or a larger one) the sandbox gets the session's remaining TTL."""
+    import trio
+
+    from agent.destroy.context import SessionRecord
+    from agent.service.sessions import _Live
+
+    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    (tmp_path / "state").mkdir()
+    journal = Journal(tmp_path / "state")
+    try:
+        svc = Service(cfg, engine=None, key_store=None, journal=journal,
+                      spool=Spool(tmp_path / "state"), version="test")
+        sb = _RecordingSandbox()
+        sid = "sess_00000000000000aa"
+        svc.sessions[sid] = _Live(record=SessionRecord(sid, customer_id="c"), ttl_seconds=100,
+                                  created_ts=0.0, deadline=trio.current_time() + 100,
+                                  sandbox=sb)
+        await trio.sleep(40)  # 60 s of the TTL left
+        with pytest.raises(_Recorded):
+            await svc.exec(sid, "true", timeout=asked)
+        assert sb.timeouts == [pytest.approx(60, abs=0.01)]
+        assert svc.sessions[sid].status == "active"
+    finally:
+        journal.close()
