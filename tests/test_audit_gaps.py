@@ -64,6 +64,20 @@ def test_clean_destroy_is_destroyed_and_file_names_never_logged(tmp_path):
     assert "session_destroyed" in text and MARKER not in text
 
 
+def test_destroy_log_lines_carry_session_id_step_and_duration_ms(tmp_path):
+    """Each destruction step logs a JSON line with session_id, step and duration_ms (issue 6)."""
+    with AgentDaemon(tmp_path / "agent") as d:
+        sid = d.call("session.create", {"customer_id": "c-log", "tier": "free"})["session_id"]
+        d.call("session.destroy", {"session_id": sid})
+        steps = [e for e in d.logs() if e.get("event") == "destroy.step"
+                 and e.get("session_id") == sid]
+        assert [e["step"] for e in steps] == list(range(1, 9))
+        assert all(isinstance(e["duration_ms"], int) and e["duration_ms"] >= 0 for e in steps)
+        done = [e for e in d.logs() if e.get("event") == "destroy.done"
+                and e.get("session_id") == sid]
+        assert len(done) == 1 and isinstance(done[0]["duration_ms"], int)
+
+
 def test_ttl_expiry_of_an_idle_session_is_exactly_expired(tmp_path):
     """An idle session reaching its TTL ends `expired` (not `expired_unclean`) with a complete
     destruction and reason ttl_expired."""
