@@ -138,3 +138,16 @@ async def test_exec_timeout_defaults_to_and_never_exceeds_the_remaining_ttl(
         assert svc.sessions[sid].status == "active"
     finally:
         journal.close()
+
+
+def test_sandbox_engine_log_errors_never_carry_a_path():
+    """The sandbox engine's error text for its logs names the errno, never the file name."""
+    import errno
+
+    from agent.sandbox.engine import _err_text
+
+    e = OSError(errno.EBUSY, "Device or resource busy", f"/sys/fs/cgroup/x/{MARKER}")
+    text = _err_text(e)
+    assert text == "OSError EBUSY" and MARKER not in text
+    assert _err_text(FileNotFoundError(errno.ENOENT, "x", f"/{MARKER}")) == \
+        "FileNotFoundError ENOENT"

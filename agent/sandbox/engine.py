@@ -11,6 +11,7 @@ was done, newest first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import select
@@ -34,6 +35,14 @@ INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
 CREATE_TIMEOUT = 10.0
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _err_text(e: BaseException) -> str:
+    """An error for the logs: type and errno name, never str() of an OSError (it carries a
+    path, and logs never carry file names)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{type(e).__name__} {errno.errorcode.get(e.errno, e.errno)}"
+    return f"{type(e).__name__}: {e}"[:200]
 
 
 class SandboxError(RuntimeError):
@@ -144,7 +153,8 @@ class Sandbox:
         try:
             self._oom_fd = self.cgroup.oom_fd()
         except OSError as e:
-            log.get().warning("oom_fd_unavailable", session_id=self.session_id, error=str(e))
+            log.get().warning("oom_fd_unavailable", session_id=self.session_id,
+                              error=_err_text(e))
             return
         trio.lowlevel.spawn_system_task(self._oom_task, self._oom_fd,
                                         name=f"oom-watch-{self.session_id}")
@@ -216,14 +226,14 @@ class Sandbox:
             except Exception as e:
                 first = first or e
                 log.get().error("teardown_step_failed", session_id=self.session_id,
-                                step=step.__name__, error=str(e))
+                                step=step.__name__, error=_err_text(e))
         for sync_step in (self.detach_root_mount, self.release_slot, self._close_pidfd):
             try:
                 sync_step()
             except Exception as e:
                 first = first or e
                 log.get().error("teardown_step_failed", session_id=self.session_id,
-                                step=sync_step.__name__, error=str(e))
+                                step=sync_step.__name__, error=_err_text(e))
         if first is not None:
             raise first
 
@@ -307,7 +317,7 @@ class SandboxEngine:
                             await r
                     except Exception as e:  # keep undoing; report each
                         self._log.error("create_undo_failed", session_id=session_id,
-                                        error=str(e))
+                                        error=_err_text(e))
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
