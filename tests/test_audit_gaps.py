@@ -151,3 +151,23 @@ def test_sandbox_engine_log_errors_never_carry_a_path():
     assert text == "OSError EBUSY" and MARKER not in text
     assert _err_text(FileNotFoundError(errno.ENOENT, "x", f"/{MARKER}")) == \
         "FileNotFoundError ENOENT"
+
+
+def test_cli_picks_the_agent_from_the_environment(tmp_path):
+    """Without --socket the CLI talks to $NANORIX_AGENT_SOCKET (SPEC 8 CLI)."""
+    import os
+    import subprocess
+    import sys
+
+    with AgentDaemon(tmp_path / "agent") as d:
+        from helpers_daemon import ROOT
+
+        env = {**os.environ, "NANORIX_AGENT_SOCKET": str(d.socket), "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "session", "create",
+                            "--customer", "c-env"], capture_output=True, timeout=60,
+                           cwd=d.base, env=env)
+        assert r.returncode == 0, r.stderr
+        sid = json.loads(r.stdout)["session_id"]
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "session", "destroy", sid],
+                           capture_output=True, timeout=60, cwd=d.base, env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["session_id"] == sid
