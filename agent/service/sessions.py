@@ -542,12 +542,13 @@ class Service:
                     await s.sandbox.teardown()
             self._inc("destroys_total", reason=reason, status=s.status)
             raise InternalError("the destruction pipeline failed") from None
-        s.status = outcome.status
         for step, ev in enumerate(outcome.evidence, start=1):
             if isinstance(ev, dict) and ev.get("ok") is not True:
                 self._inc("destroy_step_failures_total", step=str(step))
-        self.journal.update_session(sid, status=s.status, reason=reason,
+        self.journal.update_session(sid, status=outcome.status, reason=reason,
                                     exec_count=s.record.exec_count)
+        # the live view turns to the end status only once the proof is spooled: a control
+        # plane that sees `expired` (TTL, OOM) and calls proof.get must find the proof
         try:
             result = self.build_proof(session_id=sid, customer_id=s.record.customer_id,
                                       classification=s.record.classification,
@@ -557,10 +558,13 @@ class Service:
             # stall every other session on the event loop meanwhile
             await trio.to_thread.run_sync(self.spool.put, sid, result)
         except Exception:
+            s.status = outcome.status
             _log.exception("proof_failed", session_id=sid, reason=reason)
             self._inc("destroys_total", reason=reason, status=s.status)
             raise InternalError("the session was destroyed but its proof could not be "
                                 "built or spooled") from None
+        finally:
+            s.status = outcome.status
         self._inc("destroys_total", reason=reason, status=s.status)
         _log.info("session_destroyed", session_id=sid, reason=reason, status=s.status)
         return result
