@@ -8,6 +8,7 @@ import json
 
 import pytest
 from helpers_daemon import AgentDaemon
+from test_destroy_pipeline import engine  # noqa: F401 (fixture)
 
 from agent import config as config_mod
 from agent.cdp.verify import verify
@@ -171,3 +172,34 @@ def test_cli_picks_the_agent_from_the_environment(tmp_path):
         r = subprocess.run([sys.executable, "-m", "agent.cli", "session", "destroy", sid],
                            capture_output=True, timeout=60, cwd=d.base, env=env)
         assert r.returncode == 0 and json.loads(r.stdout)["session_id"] == sid
+
+
+async def test_slot_is_kept_while_a_host_process_runs_with_the_session_uid(engine):  # noqa: F811
+    """Step 5 does not release the uid slot while any host process runs as the session's host
+    uid: it records the process and fails, so the session ends expired_unclean."""
+    import subprocess
+
+    import trio
+    from test_destroy_pipeline import make_ctx, new_id
+
+    from agent.destroy import DestroyHooks, run_pipeline
+
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    procs: list[subprocess.Popen] = []
+
+    async def after_step(n, ev):
+        if n == 4:  # the sandbox is dead by now; a stray process keeps its host uid
+            procs.append(subprocess.Popen(["sleep", "60"], user=sb.host_uid,
+                                          group=sb.host_gid, extra_groups=[]))
+            await trio.sleep(0.05)
+
+    try:
+        out = await run_pipeline(make_ctx(sb, passes=["zeros"],
+                                          hooks=DestroyHooks(after_step=after_step)))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    ev5 = out.evidence[4]
+    assert ev5["processes_with_ids"] >= 1 and ev5["slot_released"] is False
+    assert ev5["ok"] is False and out.status == "expired_unclean"
