@@ -203,3 +203,21 @@ async def test_slot_is_kept_while_a_host_process_runs_with_the_session_uid(engin
     ev5 = out.evidence[4]
     assert ev5["processes_with_ids"] >= 1 and ev5["slot_released"] is False
     assert ev5["ok"] is False and out.status == "expired_unclean"
+
+
+def test_rpc_socket_gets_the_configured_group_and_mode(tmp_path):
+    """bind_unix_socket gives the socket the configured group (when it exists) and mode 0660."""
+    import grp
+    import os
+
+    from agent.rpc.server import bind_unix_socket
+
+    group = grp.getgrgid(1).gr_name  # "daemon" on Debian: any group other than root's
+    for name, want_gid in ((group, 1), ("no-such-group-audit", os.getgid())):
+        path = tmp_path / name / "agent.sock"
+        sock = bind_unix_socket(path, mode=0o660, group=name)
+        try:
+            st = os.stat(path)
+            assert st.st_gid == want_gid and (st.st_mode & 0o777) == 0o660, name
+        finally:
+            sock.close()
