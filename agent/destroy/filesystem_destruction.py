@@ -342,6 +342,16 @@ def _session_pids(sb) -> list[int]:
         return []
 
 
+def _detach(sb, dev: str) -> tuple[bool, int]:
+    """(detach_root_mount() succeeded, mounts of the session tmpfs still in our view)."""
+    try:
+        sb.detach_root_mount()
+        ok = True
+    except Exception:
+        ok = False
+    return ok, sum(1 for m in residue.read_mountinfo() if m.dev == dev)
+
+
 def _remaining(root_fd: int) -> int:
     fd = os.open(".", _DIR_FLAGS, dir_fd=root_fd)
     try:
@@ -402,11 +412,11 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if s.mounts_skipped or s.races or s.loops:
         errors.append("tree changed or held foreign mounts during destruction")
 
-    try:
-        sb.detach_root_mount()
-    except Exception:
+    # umount and the removal of the mount point each wait for an RCU grace period:
+    # in a worker thread, so the event loop serves other sessions meanwhile
+    detached, left = await trio.to_thread.run_sync(_detach, sb, st.tmpfs_dev)
+    if not detached:
         errors.append("detach failed")
-    left = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
     ev["agent_view_unmounted"] = not left
     if left:
         errors.append("agent view still mounted")
