@@ -221,3 +221,18 @@ def test_rpc_socket_gets_the_configured_group_and_mode(tmp_path):
             assert st.st_gid == want_gid and (st.st_mode & 0o777) == 0o660, name
         finally:
             sock.close()
+
+
+async def test_sandbox_root_tmpfs_is_nosuid_and_nodev(engine):  # noqa: F811
+    """The session's root is a tmpfs mounted nosuid,nodev (SPEC 3.2), as seen from inside."""
+    from test_destroy_pipeline import new_id
+
+    sb = await engine.create(new_id(), tier="tiny", classification="general")
+    try:
+        r = await sb.exec("grep ' / / ' /proc/self/mountinfo", timeout=20)
+    finally:
+        await sb.teardown()
+    line = r.stdout.decode().strip().splitlines()[0].split()
+    opts = set(line[5].split(","))
+    assert {"nosuid", "nodev"} <= opts
+    assert line[line.index("-") + 1] == "tmpfs"
