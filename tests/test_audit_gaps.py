@@ -236,3 +236,19 @@ async def test_sandbox_root_tmpfs_is_nosuid_and_nodev(engine):  # noqa: F811
     opts = set(line[5].split(","))
     assert {"nosuid", "nodev"} <= opts
     assert line[line.index("-") + 1] == "tmpfs"
+
+
+async def test_node_memory_capacity_full_is_unavailable(tmp_path):
+    """A create whose tier memory would exceed node.memory_capacity_bytes is Unavailable 503."""
+    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    cfg.node.memory_capacity_bytes = cfg.tiers["free"].memory_bytes - 1
+    (tmp_path / "state").mkdir()
+    journal = Journal(tmp_path / "state")
+    try:
+        svc = Service(cfg, engine=None, key_store=None, journal=journal,
+                      spool=Spool(tmp_path / "state"), version="test")
+        with pytest.raises(Unavailable, match="memory capacity"):
+            await svc.create(customer_id="c", tier="free")
+        assert svc.capacity()["sessions_live"] == 0
+    finally:
+        journal.close()
