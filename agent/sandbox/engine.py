@@ -289,13 +289,13 @@ class SandboxEngine:
             undo.append(lambda: self.slots.release(ids.slot))
             hostname = hostname or uts.new_hostname(
                 sc.hostname_prefix, {s.hostname for s in self.live.values()})
-            # mkdir of ~6 cgroup directories and their limit writes: kernel work that
-            # blocked the event loop (every other session) for ~0.5 ms per create
-            cg = await trio.to_thread.run_sync(self.cgroups.create, session_id,
-                                               CgroupLimits.from_tier(t))
-            undo.append(cg.remove)
+            # mkdir of ~6 cgroup directories, their limit writes and the mount point's
+            # mkdir (which waits on the filesystem journal while proofs are fsynced):
+            # kernel work that blocked the event loop, i.e. every other session
             root = mounts.mount_path(self.runtime_dir, session_id)
-            root.mkdir(parents=True, exist_ok=True)
+            cg = await trio.to_thread.run_sync(self._cgroup_and_root, session_id,
+                                               CgroupLimits.from_tier(t), root)
+            undo.append(cg.remove)
             undo.append(lambda: mounts.remove_session_dir(self.runtime_dir, session_id))
             undo.append(lambda: mounts.detach(root))
             init_cfg = initproto.InitConfig(
@@ -327,6 +327,18 @@ class SandboxEngine:
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
                        init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2))
         return sb
+
+    def _cgroup_and_root(self, session_id: str, limits: CgroupLimits, root: Path):
+        """Create the session cgroups, then the mount point; on failure of the latter
+        the cgroups are removed again (the caller's undo list does not have them yet)."""
+        cg = self.cgroups.create(session_id, limits)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cg.remove()
+            raise
+        return cg
 
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: list) -> tuple:
         """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
