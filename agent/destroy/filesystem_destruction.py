@@ -352,6 +352,20 @@ def _detach(sb, dev: str) -> tuple[bool, int]:
     return ok, sum(1 for m in residue.read_mountinfo() if m.dev == dev)
 
 
+def _wipe_and_detach(sb, root_fd: int, pids: list[int], dev_num: int, dev: str,
+                     passes: list[str]) -> tuple:
+    """Open-but-unlinked files, then the tree, then what is left in the root, then the
+    detach: (o, s, remaining, (detached, mounts left) or the OSError of that check)."""
+    o = wipe_open_unlinked(pids, dev_num, passes)
+    s = destroy_tree(root_fd, passes)
+    remaining = _remaining(root_fd)
+    try:
+        detach: tuple | BaseException = _detach(sb, dev)
+    except OSError as e:  # raised after the results above are recorded
+        detach = e
+    return o, s, remaining, detach
+
+
 def _remaining(root_fd: int) -> int:
     fd = os.open(".", _DIR_FLAGS, dir_fd=root_fd)
     try:
@@ -388,12 +402,13 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     # first what the session deleted but still holds (invisible to the walk; after the
     # walk our own unlinks would make every open file look like one)
     pids = list(st.frozen_pids) or _session_pids(sb)
-    o = await trio.to_thread.run_sync(wipe_open_unlinked, pids, rst.st_dev, list(ctx.passes))
-    s = await trio.to_thread.run_sync(destroy_tree, root_fd, list(ctx.passes))
+    # one worker-thread call for the whole sequence (each thread hop costs the event
+    # loop a wake-up and a GIL hand-off); the detach has to follow the wipe anyway
+    o, s, remaining, detach = await trio.to_thread.run_sync(
+        _wipe_and_detach, sb, root_fd, pids, rst.st_dev, st.tmpfs_dev, list(ctx.passes))
     st.deferred_fds.extend(o.deferred + s.deferred)
     st.leaves_fs = [blk for leaves in o.leaves + s.leaves for blk in
                     (leaves[i:i + 32] for i in range(0, len(leaves), 32))]
-    remaining = await trio.to_thread.run_sync(_remaining, root_fd)
     ev.update({"files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "fifos": s.fifos,
                "other": s.other, "hardlinks": s.hardlinks, "sparse_files": s.sparse_files,
                "logical_bytes": s.logical_bytes + o.logical_bytes, "bytes": s.bytes + o.bytes,
@@ -413,8 +428,10 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("tree changed or held foreign mounts during destruction")
 
     # umount and the removal of the mount point each wait for an RCU grace period:
-    # in a worker thread, so the event loop serves other sessions meanwhile
-    detached, left = await trio.to_thread.run_sync(_detach, sb, st.tmpfs_dev)
+    # done in the worker thread above, so the event loop served other sessions meanwhile
+    if isinstance(detach, BaseException):
+        raise detach
+    detached, left = detach
     if not detached:
         errors.append("detach failed")
     ev["agent_view_unmounted"] = not left
