@@ -168,6 +168,17 @@ def wipe_processes(plan: dict, passes: list[str]) -> dict:
     return out
 
 
+def _plan_and_wipe(cgroup, pids: list[int], passes: list[str],
+                   ipc_fd: int | None) -> tuple[bool, dict, dict | None]:
+    """plan_processes, raise_cap (when there is a cgroup), wipe_processes, then the
+    unattached SysV segments of the pinned IPC namespace (None without a pin)."""
+    plan, total = plan_processes(pids)
+    cap_raised = raise_cap(cgroup, total) if cgroup is not None else False
+    w = wipe_processes(plan, passes)
+    shm = sysv_shm.wipe_segments(ipc_fd, passes) if ipc_fd is not None else None
+    return cap_raised, w, shm
+
+
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -334,10 +345,13 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         pids.append(init_pid)
     ev["processes_found"] = len(pids)
     t0 = time.perf_counter_ns()
-    plan, total = await trio.to_thread.run_sync(plan_processes, pids)
+    ipc_fd = _pinned(st, "ipc")
+    # plan, cap, overwrite and the SysV segments in one worker-thread call (each thread
+    # hop costs the event loop a wake-up and a GIL hand-off)
+    cap_raised, w, shm = await trio.to_thread.run_sync(
+        _plan_and_wipe, cgroup, pids, list(ctx.passes), ipc_fd)
     if cgroup is not None:
-        ev["cap_raised"] = raise_cap(cgroup, total)
-    w = await trio.to_thread.run_sync(wipe_processes, plan, list(ctx.passes))
+        ev["cap_raised"] = cap_raised
     st.leaves_mem = w["leaves"]
     ev.update({"processes": w["processes"], "bytes": w["bytes"], "readback_blocks": w["blocks"],
                "nonzero_blocks": w["nonzero"], "processes_exited": w["exited"]})
@@ -346,11 +360,9 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if w["nonzero"]:
         errors.append("memory read-back not zero")
 
-    ipc_fd = _pinned(st, "ipc")
     if ipc_fd is None:
         errors.append("session IPC namespace unknown: shared memory not checked")
     else:
-        shm = await trio.to_thread.run_sync(sysv_shm.wipe_segments, ipc_fd, list(ctx.passes))
         st.leaves_mem.extend(shm["leaves"])
         ev.update({"sysv_shm_segments": shm["segments"], "sysv_shm_bytes": shm["bytes"],
                    "readback_blocks": ev["readback_blocks"] + shm["blocks"],
