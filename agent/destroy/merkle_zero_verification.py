@@ -45,6 +45,10 @@ def scan(st: DestroyState) -> dict:
             "cgroups": cgroups}
 
 
+def _root_and_scan(leaves: list, st: DestroyState) -> tuple[str, dict]:
+    return merkle.merkle_root(leaves), scan(st)
+
+
 def release_pin(st: DestroyState) -> None:
     """Drop the step-2 pin on the (empty, detached) tmpfs superblock and the step-1 pins
     on the (empty) namespaces."""
@@ -67,10 +71,10 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         st.cgroup_paths = [str(p) for p in getattr(sb.cgroup, "paths", [])]
     leaves = st.leaves_fs + st.leaves_mem
     blocks = len(leaves)
-    root = await trio.to_thread.run_sync(merkle.merkle_root, leaves)
-    expected = merkle.zero_root(blocks)
     pinned = len(st.ns_fds) == len(residue.NAMESPACES)
-    r = await trio.to_thread.run_sync(scan, st)
+    # the root, then the re-scan, in one worker-thread call (one thread hop, not two)
+    root, r = await trio.to_thread.run_sync(_root_and_scan, leaves, st)
+    expected = merkle.zero_root(blocks)
     release_pin(st)
     ev.update({"block_size": merkle.BLOCK_SIZE, "blocks": blocks, "merkle_root": root,
                "expected_root": expected, "match": root == expected,
