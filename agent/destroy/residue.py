@@ -207,14 +207,33 @@ def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = ()) -> tuple[int, int
             mnt_ns = os.readlink(f"/proc/{pid}/ns/mnt")  # "mnt:[inode]"
             if mnt_ns in seen_ns:
                 continue
-            mounts = read_mountinfo(pid)
+            with open(f"/proc/{pid}/mountinfo") as f:
+                text = f.read()
         except OSError:
             continue
         seen_ns.add(mnt_ns)
-        for m in mounts:
-            if (dev is not None and m.dev == dev) or (m.fs_type == "nsfs" and m.root in pinned):
-                count += 1
+        count += _count_mounts(text, dev, pinned)
     return count, len(seen_ns)
+
+
+def _count_mounts(text: str, dev: str | None, pinned: set[str]) -> int:
+    """The lines of parse_mountinfo(text) whose superblock is `dev` or that are nsfs
+    mounts of a `pinned` root, without building a Mount per line (with many sessions
+    every one of their mount namespaces is read by each destruction)."""
+    count = 0
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        f = left.split()
+        if len(f) < 5:
+            continue
+        r = right.split(None, 1)
+        if not r:
+            continue
+        if (dev is not None and f[2] == dev) or (r[0] == "nsfs" and f[3] in pinned):
+            count += 1
+    return count
 
 
 def dev_str(st_dev: int) -> str:
