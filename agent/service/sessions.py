@@ -545,10 +545,10 @@ class Service:
         for step, ev in enumerate(outcome.evidence, start=1):
             if isinstance(ev, dict) and ev.get("ok") is not True:
                 self._inc("destroy_step_failures_total", step=str(step))
-        self.journal.update_session(sid, status=outcome.status, reason=reason,
-                                    exec_count=s.record.exec_count)
-        # the live view turns to the end status only once the proof is spooled: a control
-        # plane that sees `expired` (TTL, OOM) and calls proof.get must find the proof
+        # the live view and the journal turn to the end status only once the proof is
+        # spooled: a control plane that sees `expired` (TTL, OOM) and calls proof.get must
+        # find the proof, and a crash in between leaves a live journal row whose spooled
+        # proof recovery adopts (recover_row) instead of a proof lost for good
         try:
             result = self.build_proof(session_id=sid, customer_id=s.record.customer_id,
                                       classification=s.record.classification,
@@ -564,6 +564,8 @@ class Service:
             raise InternalError("the session was destroyed but its proof could not be "
                                 "built or spooled") from None
         finally:
+            self.journal.update_session(sid, status=outcome.status, reason=reason,
+                                        exec_count=s.record.exec_count)
             s.status = outcome.status
         self._inc("destroys_total", reason=reason, status=s.status)
         _log.info("session_destroyed", session_id=sid, reason=reason, status=s.status)
@@ -607,6 +609,13 @@ class Service:
         from agent.destroy.pipeline import run_pipeline
 
         sid = row["session_id"]
+        stored = self.spool.get(sid)
+        if stored is not None:
+            # the agent died after spooling this session's proof but before the journal
+            # said it ended: the session was destroyed; adopt its proof, do not redo it
+            status = stored.get("status", "expired_unclean")
+            self.journal.update_session(sid, status=status, reason=stored.get("reason", reason))
+            return status
         events = self.journal.events(sid)
         record = SessionRecord(session_id=sid, customer_id=row["customer_id"], tier=row["tier"],
                                classification=row["classification"],
