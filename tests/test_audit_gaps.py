@@ -8,33 +8,23 @@ import json
 
 import pytest
 from helpers_daemon import AgentDaemon
+from service_fixtures import bare_service
 from test_destroy_pipeline import engine  # noqa: F401 (fixture)
 
-from agent import config as config_mod
 from agent.cdp.verify import verify
 from agent.errors import Unavailable
-from agent.service.journal import Journal
-from agent.service.sessions import Service
-from agent.service.spool import Spool
 
 MARKER = "AUDITMARK-5d1e0b"
 
 
 async def test_draining_node_refuses_create_with_unavailable(tmp_path):
     """While the node drains (SIGTERM), session.create is refused with Unavailable 503."""
-    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    (tmp_path / "state").mkdir()
-    journal = Journal(tmp_path / "state")
-    try:
-        svc = Service(cfg, engine=None, key_store=None, journal=journal,
-                      spool=Spool(tmp_path / "state"), version="test")
+    with bare_service(tmp_path) as svc:
         svc.draining = True
         with pytest.raises(Unavailable) as e:
             await svc.create(customer_id="c", tier="free")
         assert e.value.status == 503 and e.value.to_wire()["error"] == "Unavailable"
         assert svc.capacity()["sessions_live"] == 0
-    finally:
-        journal.close()
 
 
 def test_clean_destroy_is_destroyed_and_file_names_never_logged(tmp_path):
@@ -121,12 +111,7 @@ async def test_exec_timeout_defaults_to_and_never_exceeds_the_remaining_ttl(
     from agent.destroy.context import SessionRecord
     from agent.service.sessions import _Live
 
-    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    (tmp_path / "state").mkdir()
-    journal = Journal(tmp_path / "state")
-    try:
-        svc = Service(cfg, engine=None, key_store=None, journal=journal,
-                      spool=Spool(tmp_path / "state"), version="test")
+    with bare_service(tmp_path) as svc:
         sb = _RecordingSandbox()
         sid = "sess_00000000000000aa"
         svc.sessions[sid] = _Live(record=SessionRecord(sid, customer_id="c"), ttl_seconds=100,
@@ -137,8 +122,6 @@ async def test_exec_timeout_defaults_to_and_never_exceeds_the_remaining_ttl(
             await svc.exec(sid, "true", timeout=asked)
         assert sb.timeouts == [pytest.approx(60, abs=0.01)]
         assert svc.sessions[sid].status == "active"
-    finally:
-        journal.close()
 
 
 def test_sandbox_engine_log_errors_never_carry_a_path():
@@ -240,15 +223,10 @@ async def test_sandbox_root_tmpfs_is_nosuid_and_nodev(engine):  # noqa: F811
 
 async def test_node_memory_capacity_full_is_unavailable(tmp_path):
     """A create whose tier memory would exceed node.memory_capacity_bytes is Unavailable 503."""
-    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    cfg.node.memory_capacity_bytes = cfg.tiers["free"].memory_bytes - 1
-    (tmp_path / "state").mkdir()
-    journal = Journal(tmp_path / "state")
-    try:
-        svc = Service(cfg, engine=None, key_store=None, journal=journal,
-                      spool=Spool(tmp_path / "state"), version="test")
+    def full(cfg):
+        cfg.node.memory_capacity_bytes = cfg.tiers["free"].memory_bytes - 1
+
+    with bare_service(tmp_path, full) as svc:
         with pytest.raises(Unavailable, match="memory capacity"):
             await svc.create(customer_id="c", tier="free")
         assert svc.capacity()["sessions_live"] == 0
-    finally:
-        journal.close()

@@ -3,26 +3,15 @@ proof that was spooled just before a crash instead of destroying the session twi
 
 from __future__ import annotations
 
-from agent import config as config_mod
-from agent.service.journal import Journal
-from agent.service.sessions import Service
-from agent.service.spool import Spool
-
-
-def _service(tmp_path):
-    cfg = config_mod.load(None, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    (tmp_path / "state").mkdir(exist_ok=True)
-    journal = Journal(tmp_path / "state")
-    return Service(cfg, engine=None, key_store=None, journal=journal,
-                   spool=Spool(tmp_path / "state"), version="test"), journal
+from service_fixtures import bare_service
 
 
 async def test_recovery_adopts_a_proof_spooled_before_the_crash(tmp_path):
     """A journal row still `active` whose proof is already in the spool ends with the
     spooled status; the stored proof is kept byte for byte and no pipeline runs."""
-    svc, journal = _service(tmp_path)
     sid = "sess_00000000000000ab"
-    try:
+    with bare_service(tmp_path) as svc:
+        journal = svc.journal
         journal.insert_session(session_id=sid, customer_id="c", tier="free",
                                classification="general", jurisdiction="US",
                                created_at="2026-01-01T00:00:00Z", ttl_seconds=60,
@@ -36,5 +25,3 @@ async def test_recovery_adopts_a_proof_spooled_before_the_crash(tmp_path):
         assert journal.get(sid)["status"] == "destroyed"
         assert journal.get(sid)["reason"] == "requested"
         assert svc.spool.get_bytes(sid) == before
-    finally:
-        journal.close()
