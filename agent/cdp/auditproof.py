@@ -29,11 +29,11 @@ import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.cdp.canonical import CanonicalError, canonical_json
+from agent.cdp.canonical import canonical_json
 from agent.cdp.chain import STEPS
 from agent.cdp.checks import Fail as _Fail
 from agent.cdp.checks import decode_b64 as _b64
-from agent.cdp.checks import destruction_complete, new_result, run_all
+from agent.cdp.checks import destruction_complete, evidence_matches_chain, new_result, run_all
 from agent.cdp.document import Signer, b64, destruction_state
 
 __all__ = ["AUDITPROOF_VERSION", "GENESIS_512", "RESERVED_SLOTS", "STEPS_21",
@@ -301,26 +301,9 @@ def verify_auditproof(doc: object) -> dict:
 
     def evidence() -> None:
         x = need_doc()
-        ev = x.get("evidence")
+        ev = evidence_matches_chain(x, len(STEPS_21), evidence_hash_512)
         if ev is None:
             return
-        if not isinstance(ev, list) or len(ev) != len(STEPS_21):
-            raise _Fail("evidence is not a list of 8 objects")
-        ch = x.get("chain")
-        if not isinstance(ch, list) or len(ch) != len(STEPS_21):
-            raise _Fail("no 8-step chain to compare with")
-        for i, (obj, entry) in enumerate(zip(ev, ch, strict=True)):
-            if not isinstance(obj, dict):
-                raise _Fail(f"evidence[{i}] is not an object")
-            try:
-                h = evidence_hash_512(obj)
-            except CanonicalError as e:
-                raise _Fail(f"evidence[{i}]: {e}") from None
-            if not isinstance(entry, dict) or entry.get("evidence_hash") != h:
-                raise _Fail(f"evidence[{i}] does not match chain[{i}].evidence_hash")
-        derived = destruction_state(ev)
-        if x.get("destruction_state") != derived:
-            raise _Fail(f"destruction_state disagrees with the evidence ({derived})")
         bad = [i + 1 for i, o in enumerate(ev) if o.get("ok") is not True]
         if x.get("destruction_failure_step") != (bad[0] if bad else None):
             raise _Fail("destruction_failure_step disagrees with the evidence")

@@ -72,3 +72,36 @@ def run_all(result: dict, checks: dict[str, Callable[[], None]]) -> dict:
         run(result, name, checks[name])
     result["valid"] = all(v for k, v in result["checks"].items() if k != "destruction_complete")
     return result
+
+
+def evidence_matches_chain(doc: dict, n_steps: int,
+                           hash_fn: Callable[[dict], str]) -> list | None:
+    """The `evidence` check shared by both formats: when evidence is present, each object
+    hashes (`hash_fn`, SHA-256 or SHA-512 of its canonical JSON) to its chain entry's
+    `evidence_hash`, and `destruction_state` agrees with the steps' `ok`.  Returns the
+    evidence list, or None when it was stripped for sharing."""
+    from agent.cdp.document import destruction_state
+
+    ev = doc.get("evidence")
+    if ev is None:
+        return None
+    if not isinstance(ev, list):
+        raise Fail("evidence is not a list")
+    if len(ev) != n_steps:
+        raise Fail(f"evidence has {len(ev)} objects, expected {n_steps}")
+    chain = doc.get("chain")
+    if not isinstance(chain, list) or len(chain) != n_steps:
+        raise Fail(f"no {n_steps}-step chain to compare with")
+    for i, (obj, entry) in enumerate(zip(ev, chain, strict=True)):
+        if not isinstance(obj, dict):
+            raise Fail(f"evidence[{i}] is not an object")
+        try:
+            h = hash_fn(obj)
+        except ValueError as e:  # CanonicalError
+            raise Fail(f"evidence[{i}]: {e}") from None
+        if not isinstance(entry, dict) or entry.get("evidence_hash") != h:
+            raise Fail(f"evidence[{i}] does not match chain[{i}].evidence_hash")
+    derived = destruction_state(ev)
+    if doc.get("destruction_state") != derived:
+        raise Fail(f"destruction_state disagrees with the evidence ({derived})")
+    return ev

@@ -30,7 +30,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.cdp.chain import GENESIS, PREFIX, STEPS, chain_step, evidence_hash, signed_message
-from agent.cdp.checks import CHECKS, decode_b64, destruction_complete, new_result, run_all
+from agent.cdp.checks import (
+    CHECKS,
+    decode_b64,
+    destruction_complete,
+    evidence_matches_chain,
+    new_result,
+    run_all,
+)
 from agent.cdp.checks import Fail as _Fail
 from agent.cdp.document import CDP_VERSION
 
@@ -139,28 +146,7 @@ def verify_cdp(cdp: object) -> dict:
     def evidence() -> None:
         if not isinstance(cdp, dict):
             raise _Fail("document is not an object")
-        ev = cdp.get("evidence")
-        if ev is None:
-            return  # stripped for sharing
-        if not isinstance(ev, list):
-            raise _Fail("evidence is not a list")
-        if len(ev) != len(STEPS):
-            raise _Fail(f"evidence has {len(ev)} objects, expected {len(STEPS)}")
-        chain = cdp.get("chain")
-        if not isinstance(chain, list) or len(chain) != len(STEPS):
-            raise _Fail("no 8-step chain to compare with")
-        for i, (obj, entry) in enumerate(zip(ev, chain, strict=True)):
-            if not isinstance(obj, dict):
-                raise _Fail(f"evidence[{i}] is not an object")
-            try:
-                h = evidence_hash(obj)
-            except ValueError as e:  # CanonicalError
-                raise _Fail(f"evidence[{i}]: {e}") from None
-            if not isinstance(entry, dict) or entry.get("evidence_hash") != h:
-                raise _Fail(f"evidence[{i}] does not match chain[{i}].evidence_hash")
-        derived = "complete" if all(o.get("ok") is True for o in ev) else "incomplete"
-        if cdp.get("destruction_state") != derived:
-            raise _Fail(f"destruction_state disagrees with the evidence ({derived})")
+        evidence_matches_chain(cdp, len(STEPS), evidence_hash)
 
     def session_binding() -> None:
         if not isinstance(cdp, dict):
