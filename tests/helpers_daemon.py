@@ -108,6 +108,7 @@ class AgentDaemon:
         self.proc: subprocess.Popen | None = None
         self._runs = 0
         self.log_path: Path | None = None
+        self.extra_env: dict[str, str] = {}  # e.g. NOTIFY_SOCKET, as systemd would set it
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> AgentDaemon:
@@ -118,6 +119,7 @@ class AgentDaemon:
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config_path),

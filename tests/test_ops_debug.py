@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers_daemon import ROOT, AgentDaemon
+from helpers_daemon import ROOT, AgentDaemon, agent_daemon  # noqa: F401 (fixture)
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.ops import debug
@@ -19,13 +19,8 @@ MARKER = "ZQXMARKER7731"
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    d = AgentDaemon(tmp_path / "agent")
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
+def daemon(agent_daemon):  # noqa: F811 (the imported fixture, by name)
+    return agent_daemon
 
 
 def _ask(d, cmd: str) -> str:

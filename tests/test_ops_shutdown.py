@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
-from helpers_daemon import ROOT, AgentDaemon
+from helpers_daemon import AgentDaemon
 
 from agent.cdp.verify import verify
 from agent.service.spool import Spool
@@ -99,24 +97,7 @@ class NotifyDaemon(AgentDaemon):
     def __init__(self, base, notify_path, watchdog_usec):
         super().__init__(base)
         self.notify_path, self.watchdog_usec = notify_path, watchdog_usec
-
-    def start(self):
-        self.base.mkdir(parents=True, exist_ok=True)
-        from helpers_daemon import to_toml
-
-        self.config_path.write_text(to_toml(self.config))
-        self._runs += 1
-        self.log_path = self.base / f"agent-{self._runs}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": str(self.notify_path),
-               "WATCHDOG_USEC": str(self.watchdog_usec)}
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config_path),
-                 "--state-dir", str(self.state_dir), "--runtime-dir", str(self.runtime_dir)],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                env=env)
-        self.wait_ready()
-        return self
+        self.extra_env = {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": str(watchdog_usec)}
 
 
 def test_daemon_sends_ready_watchdog_and_stopping(tmp_path):
