@@ -1,7 +1,9 @@
 """Shared fixtures.  Tests need root and the real kernel: namespaces, cgroups, seccomp.
 
 `no_leftovers` is autouse: every test must leave no new mount, cgroup directory under
-the agent's prefix, network namespace, or child process behind.
+this suite's prefix, network namespace, or child process behind. It looks only at what this
+run owns (`suite.py`: its cgroup prefix; mounts below this run's temporary directories;
+processes descended from it or inside its cgroups), so two suites can run on one host.
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
+from suite import SUITE_PREFIX
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-TEST_CGROUP_PREFIX = "nanorix-agent-test"
+TEST_CGROUP_PREFIX = SUITE_PREFIX
+_OWN_TREES: list[str] = []  # this run's temporary directories (set in pytest_configure)
 
 
 def _mounts() -> set[str]:
+    """Mount points below this run's temporary directories (where every agent it starts
+    keeps its runtime dir), or named after this suite's prefix."""
     with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+        points = {line.split()[4] for line in f}
+    return {m for m in points
+            if SUITE_PREFIX in m or any(m == t or m.startswith(t + "/") for t in _OWN_TREES)}
 
 
 def _cgroup_dirs() -> set[str]:
@@ -26,16 +34,27 @@ def _cgroup_dirs() -> set[str]:
     if not CGROUP_ROOT.exists():
         return found
     for ctrl in CGROUP_ROOT.iterdir():
-        for prefix in ctrl.glob("nanorix-agent*"):
+        for prefix in ctrl.glob(f"{SUITE_PREFIX}*"):
             for dirpath, _dirs, _files in os.walk(prefix):
                 found.add(dirpath)
     return found
 
 
+def _in_own_cgroup(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return SUITE_PREFIX in f.read()
+    except OSError:
+        return False
+
+
 def _netns_inodes() -> set[int]:
+    """Network namespaces held by this run's processes: its descendants and anything in its
+    cgroups (a sandbox whose agent died is reparented away from us but stays in them)."""
     seen = set()
+    mine = _descendants()
     for pid in os.listdir("/proc"):
-        if pid.isdigit():
+        if pid.isdigit() and (int(pid) in mine or _in_own_cgroup(int(pid))):
             try:
                 seen.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
             except OSError:
@@ -80,8 +99,15 @@ def leftovers(before: dict[str, set], timeout: float = 5.0) -> dict[str, set]:
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_trees(tmp_path_factory):
+    """Record this run's temporary base directory for the mount check."""
+    _OWN_TREES[:] = [str(tmp_path_factory.getbasetemp())]
+    yield
+
+
 @pytest.fixture(autouse=True)
-def no_leftovers(request):
+def no_leftovers(request, _own_trees):
     """Assert the test left no mount, cgroup, netns or process behind."""
     if request.node.get_closest_marker("allow_leftovers"):
         yield

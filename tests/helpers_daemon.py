@@ -15,7 +15,7 @@ What it does: writes a TOML config (the test defaults below merged with `config`
 `python -m agent.cli serve --config F --state-dir D --runtime-dir D` with stderr captured
 to `<tmp>/agent-N.log`, waits until `agent.info` answers on the socket, and on stop sends
 SIGTERM (graceful drain) and waits; if the daemon does not exit in time it is SIGKILLed.
-Every daemon gets its own cgroup prefix (`nanorix-agent-test-<hex>`) and its own uid range,
+Every daemon gets its own cgroup prefix (`suite.cgroup_prefix()`) and its own uid range,
 so several can run side by side on one machine.  `d.logs()` returns the JSON log lines.
 """
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from suite import cgroup_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -98,10 +99,9 @@ class AgentDaemon:
         self.socket = self.runtime_dir / "agent.sock"
         self.config_path = self.base / "agent.toml"
         self.start_timeout = start_timeout
-        tag = secrets.token_hex(4)
         uid_base = (1 << 21) * (2 + secrets.randbelow(1800))  # 2 Mi uids per daemon
         cfg = _merge(TEST_DEFAULTS, {
-            "sandbox": {"cgroup_prefix": f"nanorix-agent-test-{tag}", "uid_base": uid_base},
+            "sandbox": {"cgroup_prefix": cgroup_prefix(), "uid_base": uid_base},
             "rpc": {"allowed_uids": list(allowed_uids) if allowed_uids is not None else [0]},
         })
         self.config = _merge(cfg, config or {})

@@ -7,7 +7,6 @@ cgroup the test process sits in, and removed again.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from suite import cgroup_prefix
 
 from agent.config import Config
 from agent.sandbox.cgroups import CgroupBusy, CgroupLimits, detect, detect_mode
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(detect_mode() != "v1", reason="host has no cgrou
 
 @pytest.fixture
 def driver():
-    d = detect(Config(), prefix=f"nanorix-agent-test-{secrets.token_hex(4)}")
+    d = detect(Config(), prefix=cgroup_prefix())
     assert isinstance(d, V1Driver)
     yield d
     for name in d.leftovers():
@@ -101,7 +101,7 @@ def test_attach_freeze_kill_remove(driver):
 
 def test_kill_all_without_unified_tree_kills_pid_by_pid():
     """Without a cgroup2 tree, kill_all freezes, SIGKILLs every pid, and thaws."""
-    d = V1Driver(f"nanorix-agent-test-{secrets.token_hex(4)}", unified=None)
+    d = V1Driver(cgroup_prefix(), unified=None)
     h = d.create("s3", CgroupLimits(128 * MiB, 32, 100))
     procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
     try:
@@ -274,7 +274,7 @@ def test_driver_under_a_service_cgroup_nests_session_dirs_in_it():
     unified = Path("/sys/fs/cgroup/unified")
     if not (unified / "cgroup.procs").exists():
         pytest.skip("no cgroup2 tree mounted")
-    top = unified / f"nanorix-agent-test-{secrets.token_hex(4)}"
+    top = unified / cgroup_prefix()
     svc = top / "fake.service"
     svc.mkdir(parents=True)
     script = (
@@ -287,7 +287,7 @@ def test_driver_under_a_service_cgroup_nests_session_dirs_in_it():
         "print(h.unified)\n"
         "h.remove(); d.remove_root()\n"
     )
-    prefix = f"nanorix-agent-test-{secrets.token_hex(4)}"
+    prefix = cgroup_prefix()
     try:
         out = subprocess.run([sys.executable, "-c", script, prefix], capture_output=True,
                              text=True, env={**os.environ, "INVOCATION_ID": "test"}, timeout=30)

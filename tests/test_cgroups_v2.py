@@ -11,12 +11,12 @@ of our own.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import subprocess
 from pathlib import Path
 
 import pytest
+from suite import cgroup_prefix
 
 from agent.sandbox.cgroups import CgroupError, CgroupLimits, detect_mode
 from agent.sandbox.cgroups.v2 import V2Driver, V2Handle, inotify_modify_fd
@@ -157,7 +157,7 @@ def test_detect_mode_by_statfs_magic():
 def real_v2():
     if not (UNIFIED / "cgroup.procs").exists() or detect_mode(UNIFIED) != "v2":
         pytest.skip("no cgroup2 tree at /sys/fs/cgroup/unified")
-    tree = UNIFIED / f"nanorix-agent-test-{secrets.token_hex(4)}"
+    tree = UNIFIED / cgroup_prefix()
     tree.mkdir()
     (tree / "s").mkdir()
     yield V2Handle("s", tree / "s")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from suite import cgroup_prefix
 
 from agent.cdp.canonical import canonical_json
 from agent.cdp.verify import verify_cdp
@@ -34,7 +35,7 @@ async def engine(agent_dirs):
     cfg.node.max_sessions = 4
     cfg.sandbox.uid_base = (1 << 24) + secrets.randbelow(8000) * 4 * cfg.sandbox.uid_slot_size
     cfg.tiers["tiny"] = Tier(3, 300, 300, 32 * MiB, tmpfs_bytes=8 * MiB, pids_max=64)
-    eng = SandboxEngine(cfg, cgroup_prefix=f"nanorix-agent-test-destroy-{os.getpid()}")
+    eng = SandboxEngine(cfg, cgroup_prefix=cgroup_prefix("destroy"))
     try:
         yield eng
     finally:

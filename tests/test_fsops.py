@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from suite import cgroup_prefix
 
 from agent import fsops
 from agent.config import Config
@@ -32,7 +33,7 @@ def shm_file():
 
 @pytest.fixture
 def cgroup():
-    d = detect(Config(), prefix=f"nanorix-agent-test-{secrets.token_hex(4)}")
+    d = detect(Config(), prefix=cgroup_prefix())
     h = d.create("wipe", CgroupLimits(512 * MiB, 16, 200))
     yield h
     h.kill_all()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from types import SimpleNamespace
 
 import pytest
 import trio
+from suite import cgroup_prefix
 
 from agent.config import Config
 from agent.keys.attestation import AttestationKeyStore
@@ -25,7 +25,7 @@ async def service(agent_dirs):
     state, runtime = agent_dirs
     cfg = Config()
     cfg.paths.state_dir, cfg.paths.runtime_dir = state, runtime
-    cfg.sandbox.cgroup_prefix = f"nanorix-agent-test-health-{secrets.token_hex(4)}"
+    cfg.sandbox.cgroup_prefix = cgroup_prefix("health")
     cfg.node.max_sessions = 4
     cfg.tiers["free"].memory_bytes = 64 * MiB
     engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import secrets
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from suite import cgroup_prefix
 
 from agent.config import Config
 from agent.ops import recovery
@@ -47,7 +47,7 @@ def world(agent_dirs):
     state, runtime = agent_dirs
     cfg = Config()
     cfg.paths.state_dir, cfg.paths.runtime_dir = state, runtime
-    prefix = f"nanorix-agent-test-rec-{secrets.token_hex(4)}"
+    prefix = cgroup_prefix("rec")
     cfg.sandbox.cgroup_prefix = prefix
     driver = detect(cfg, prefix=prefix)
     procs: list[subprocess.Popen] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 
 import pytest
+from suite import cgroup_prefix
 
 from agent.config import Config, MiB, Tier
 from agent.sandbox import SandboxEngine
@@ -22,7 +23,7 @@ from agent.sandbox import SandboxEngine
 def make_cfg(state, runtime) -> Config:
     cfg = Config()
     cfg.paths.state_dir, cfg.paths.runtime_dir = state, runtime
-    cfg.sandbox.cgroup_prefix = f"nanorix-agent-test-{secrets.token_hex(4)}"
+    cfg.sandbox.cgroup_prefix = cgroup_prefix()
     cfg.tiers["tiny"] = Tier(memory_bytes=64 * MiB, tmpfs_bytes=16 * MiB, tmpfs_inodes=1024,
                              pids_max=32, cpu_percent=100)
     cfg.exec.kill_grace_seconds = 0.3
