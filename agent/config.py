@@ -155,7 +155,7 @@ class MetricsConfig:
     """Prometheus exposition over HTTP (GET /metrics), off by default; the debug socket's
     `metrics` command serves the same text either way."""
 
-    listen: str = ""  # "HOST:PORT", e.g. "127.0.0.1:9464"; "" = no HTTP endpoint
+    listen: str = ""  # "HOST:PORT", e.g. "127.0.0.1:9464" (port 0: any free port, logged); "" = off
     max_connections: int = 8  # concurrent scrapes; more wait in the listen backlog
 
 
@@ -293,7 +293,7 @@ def _coerce(default, v, key: str):
 def parse_listen(value: str) -> tuple[str, int] | None:
     """"HOST:PORT" or "[V6]:PORT" -> (host, port); None when malformed."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

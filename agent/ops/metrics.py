@@ -35,7 +35,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from agent import log, timefmt
 
@@ -212,6 +212,8 @@ def key_age_seconds(service) -> int | None:
 # -- GET /metrics ---------------------------------------------------------------------------
 
 MAX_REQUEST_HEAD = 8192
+# what generate_latest writes for our (legacy-valid) names: text format 0.0.4
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_TIMEOUT = 5.0
 
 
@@ -238,7 +240,7 @@ def answer(request_head: bytes, metrics: Metrics, service) -> bytes:
     except Exception as e:
         log.get().warning("metrics_render_failed", error=type(e).__name__)
         return _response("500 Internal Server Error", b"metrics unavailable\n")
-    return _response("200 OK", body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+    return _response("200 OK", body, CONTENT_TYPE, head_only=method == "HEAD")
 
 
 async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service,
