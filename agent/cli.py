@@ -281,8 +281,8 @@ def cmd_session_get(args) -> int:
     return EXIT_OK
 
 
-SESSION_COLUMNS = ("session_id", "status", "tier", "data_classification", "ttl_seconds",
-                   "created_at", "expires_at")
+SESSION_COLUMNS = ("session_id", "status", "data_classification", "ttl_seconds", "created_at",
+                   "expires_at")
 
 
 def cmd_session_list(args) -> int:

@@ -232,6 +232,9 @@ class Daemon:
             self.notifier.reloading()
         path, state_dir, runtime_dir = self._reload_args
         res = reload_mod.reload(self.cfg, path, state_dir=state_dir, runtime_dir=runtime_dir)
+        metrics = self.service.metrics if self.service is not None else None
+        if metrics is not None:
+            metrics.inc("config_reloads_total", result="applied" if res["ok"] else "rejected")
         if self.notifier is not None:
             self.notifier.ready()
         return res

@@ -166,6 +166,10 @@ def test_journald_priority_prefixes_and_sighup_reload(tmp_path):
             raise AssertionError("a rejected reload changed max_concurrent")
         except RateLimited:
             pass
+        reloads = {tuple(s.labels.values()): s.value for f in text_string_to_metric_families(
+            d.cli("debug", "metrics").stdout.decode()) for s in f.samples
+            if s.name == "nanorix_agent_config_reloads_total"}
+        assert reloads == {("applied",): 1, ("rejected",): 2}
         assert d.stop() == 0
     finally:
         d.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from helpers_daemon import AgentDaemon
 
@@ -47,7 +48,8 @@ def test_second_agent_on_the_same_prefix_refuses_with_one_line(tmp_path):
 
 def test_overlapping_uid_range_is_refused_and_the_lock_dies_with_the_agent(tmp_path):
     """Another prefix with an overlapping sandbox uid range is refused; after the first agent
-    exits (even by SIGKILL) the same prefix starts again."""
+    is SIGKILLed the overlapping one starts (sweeping the dead agent's lock file) and so does
+    the same prefix again."""
     first = AgentDaemon(tmp_path / "a")
     first.start()
     try:
@@ -58,6 +60,11 @@ def test_overlapping_uid_range_is_refused_and_the_lock_dies_with_the_agent(tmp_p
         assert rc == 1 and "overlap ours" in out and f"pid {first.proc.pid}" in out
     finally:
         first.kill()
+    stale = Path("/run/lock/nanorix-agent") / f"prefix-{first.config['sandbox']['cgroup_prefix']}.lock"
+    assert stale.exists()  # SIGKILL: no clean-up, but the kernel dropped the flock
+    other._start()  # the same overlap, now with a dead holder: starts, sweeps the stale file
+    assert not stale.exists()
+    other.stop()
     again = _twin(first, tmp_path / "c")
     again.start()  # the kernel dropped the dead agent's flock
     again.stop()

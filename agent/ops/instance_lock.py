@@ -100,7 +100,8 @@ def _safe_name(prefix: str) -> str:
 
 
 def _live_holders(lock_dir: Path, own_fd: int) -> list[dict]:
-    """Content of every other prefix lock file in `lock_dir` that a live process holds."""
+    """Content of every other prefix lock file in `lock_dir` that a live process holds;
+    files no process holds (their agent was killed) are removed on the way."""
     out = []
     own = _ident(own_fd)
     for p in sorted(lock_dir.glob("prefix-*.lock")):
@@ -113,7 +114,13 @@ def _live_holders(lock_dir: Path, own_fd: int) -> list[dict]:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                continue  # nobody holds it: a leftover of a dead agent
+                # nobody holds it: a dead agent's file (every lock is taken under the
+                # registry lock we hold, so no agent is between creating and locking it)
+                if _ident(fd) == (os.stat(p).st_dev, os.stat(p).st_ino):
+                    os.unlink(p)
+                continue
+            except FileNotFoundError:
+                continue
             except BlockingIOError:
                 out.append(_read_info(fd))
         finally:

@@ -88,6 +88,6 @@ def reload(cfg: config_mod.Config, path: Path | None, *, state_dir: Path | None 
         msg = f"these keys need a restart: {', '.join(restart)}"
         lg.error("config_reload_rejected", error=msg, kept="old config")
         return {"ok": False, "applied": [], "error": msg}
+    lg.info("config_reloaded", applied=live)  # before a new log level may hide it
     apply(cfg, new, live)
-    lg.info("config_reloaded", applied=live)
     return {"ok": True, "applied": live, "error": None}
