@@ -11,7 +11,7 @@
 #                    (packaging, tests); nothing is applied to the running system then
 #   --no-apt         do not apt-get install the build and runtime packages
 #   --host-network   also install the drop-in that gives the unit the host network (needed
-#                    for a TCP listener: [remote] or [metrics] listen); see docs/operations.md
+#                    for any TCP listener, e.g. [metrics] listen); see docs/operations.md
 #   --enable         systemctl enable --now the unit (only without --root, under systemd)
 set -euo pipefail
 
@@ -98,6 +98,9 @@ if [ -z "$ROOT" ]; then
   command -v systemd-tmpfiles >/dev/null && systemd-tmpfiles --create /etc/tmpfiles.d/nanorix-agent.conf
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
+    if systemctl is-active --quiet nanorix-agent.service; then
+      say "the running agent keeps the old version until: systemctl restart nanorix-agent"
+    fi
     if [ "$ENABLE" = 1 ]; then
       systemctl enable --now nanorix-agent.service
       say "enabled and started nanorix-agent.service"
