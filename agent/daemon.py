@@ -71,6 +71,7 @@ class Daemon:
         self._reload_args = (config_path, state_dir, runtime_dir)
         self.notifier = None
         self.ready_sent = False
+        self._not_ready_logged: str | None = None
 
     # -- construction ----------------------------------------------------------------
     def build(self) -> Service:
@@ -218,7 +219,9 @@ class Daemon:
         text = status_text(mon, service)
         if mon is not None and mon.status != "healthy":
             notifier.status(text)
-            _log.warning("agent_not_ready", status=text)
+            if text != self._not_ready_logged:  # once per distinct reason
+                _log.warning("agent_not_ready", status=text)
+                self._not_ready_logged = text
             return False
         notifier.ready(text)
         self.ready_sent = True
