@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -188,7 +187,12 @@ class Daemon:
         if self.cfg.metrics.listen and service.metrics is not None:
             from agent.ops import metrics as metrics_mod
 
-            await nursery.start(metrics_mod.serve_http, self.cfg.metrics, service)
+            try:
+                await nursery.start(metrics_mod.serve_http, self.cfg.metrics, service)
+            except OSError as e:  # a configured endpoint that cannot listen is fatal (exit 1)
+                _log.error("metrics_listen_failed", address=self.cfg.metrics.listen,
+                           error=e.strerror or type(e).__name__)
+                raise
 
     async def _status_task(self, notifier, service: Service) -> None:
         """READY=1 once the self-tests pass (re-run every STATUS_INTERVAL until then, so a
@@ -301,13 +305,13 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
     except config_mod.ConfigError as e:
         log.setup("info")
         _log.error("config_invalid", error=str(e))
-        print(f"nanorix-agent: config error: {e}", file=sys.stderr)
+        log.console(f"config error: {e}")
         return EXIT_USAGE
     log.setup(cfg.log.level)
     if os.geteuid() != 0:
         _log.error("agent_needs_root", uid=os.geteuid())
-        print("nanorix-agent: serve needs root (it creates namespaces and cgroups and maps "
-              "sandbox uids); run it as root or through the systemd unit", file=sys.stderr)
+        log.console("serve needs root (it creates namespaces and cgroups and maps sandbox "
+                    "uids); run it as root or through the systemd unit")
         return EXIT_USAGE
     hardening = _ops("hardening")
     if hardening is not None:
@@ -319,7 +323,7 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
         daemon.build()
     except AlreadyRunning as e:
         _log.error("agent_already_running", error=str(e))
-        print(f"nanorix-agent: {e}", file=sys.stderr)
+        log.console(str(e))
         return EXIT_FATAL
     try:
         trio.run(daemon.run)

@@ -152,6 +152,13 @@ def setup(level: str = "info", stream=None, *, fd: int | None = None,
     return writer
 
 
+def console(message: str, level: str = "error") -> None:
+    """One human-readable line on stderr (e.g. why the daemon refuses to start), through the
+    same never-failing writer, so journald files it at `level` too."""
+    w = _writer["w"] or SafeWriter(2)
+    w.write_line(f"nanorix-agent: {message}", level)
+
+
 def dropped_lines() -> int:
     """Log lines that could not be written since setup (a broken or full stderr)."""
     w = _writer["w"]

@@ -258,8 +258,12 @@ def request(path: Path, command: str, timeout: float = DESTROY_TIMEOUT + 10) -> 
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+UNREACHABLE_EXIT = 125  # the CLI's "agent error or unreachable" code (agent/cli.py)
+
+
 def client_main(argv: list[str] | None = None) -> int:
-    """`nanorix-agent debug [--socket P | --config F --runtime-dir D] CMD [ARG]`; exit 1 on error."""
+    """`nanorix-agent debug [--socket P | --config F --runtime-dir D] CMD [ARG]`; exit 1 when
+    the answer is an error, 125 when the socket cannot be reached."""
     ap = argparse.ArgumentParser(prog="nanorix-agent debug", description=HELP)
     ap.add_argument("--socket", type=Path, default=None, metavar="PATH",
                     help="debug socket (default: $NANORIX_AGENT_DEBUG_SOCKET, beside the "
@@ -287,11 +291,11 @@ def client_main(argv: list[str] | None = None) -> int:
     except PermissionError:
         print(f"error: permission denied on the debug socket {path}: it is root only (0600); "
               "run as root", file=sys.stderr)
-        return 1
+        return UNREACHABLE_EXIT
     except OSError as e:
         print(f"error: cannot reach the debug socket {path}: {e.strerror or e} (is the agent "
               "running?)", file=sys.stderr)
-        return 1
+        return UNREACHABLE_EXIT
     sys.stdout.write(answer)
     sys.stdout.flush()
     return 1 if answer.startswith("error:") else 0
