@@ -313,6 +313,10 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
         log.console("serve needs root (it creates namespaces and cgroups and maps sandbox "
                     "uids); run it as root or through the systemd unit")
         return EXIT_USAGE
+    # until the trio loop's receiver takes over: a SIGHUP during start-up (recovery) is
+    # ignored instead of killing the agent undrained.  A Python handler, not SIG_IGN, which
+    # every sandbox would inherit across exec.  It must not log (the log writer's lock).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
     hardening = _ops("hardening")
     if hardening is not None:
         report = hardening.harden(cfg)
