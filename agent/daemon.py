@@ -320,8 +320,9 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
     hardening = _ops("hardening")
     if hardening is not None:
         report = hardening.harden(cfg)
-        _log.info("agent_hardened", **{k: v for k, v in report.items() if k != "errors"},
-                  errors=len(report.get("errors", [])))
+        (_log.warning if report.get("errors") else _log.info)(
+            "agent_hardened", **{k: v for k, v in report.items() if k != "errors"},
+            errors=len(report.get("errors", [])))
     daemon = Daemon(cfg, config_path=config_path, state_dir=state_dir, runtime_dir=runtime_dir)
     try:
         daemon.build()
