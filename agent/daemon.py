@@ -25,7 +25,15 @@ from agent import __version__ as VERSION
 from agent import config as config_mod
 from agent import log
 from agent.rpc.methods import Api
-from agent.rpc.server import RpcServer, bind_unix_socket, socket_gid
+from agent.rpc.server import (
+    ConnectionGate,
+    Limits,
+    RemoteListener,
+    RpcServer,
+    bind_unix_socket,
+    effective_max_connections,
+    socket_gid,
+)
 from agent.service.journal import Journal
 from agent.service.sessions import Service
 from agent.service.spool import Spool
@@ -58,6 +66,7 @@ class Daemon:
         self.service: Service | None = None
         self.engine = None
         self.recovery_report = None
+        self.remote: RemoteListener | None = None
 
     # -- construction ----------------------------------------------------------------
     def build(self) -> Service:
@@ -111,16 +120,26 @@ class Daemon:
                 gid = socket_gid(cfg.rpc.socket_group)
                 if gid is not None:
                     allowed_gids.append(gid)
-                api = Api(service)
-                server = RpcServer(api.dispatch, max_frame_bytes=cfg.rpc.max_frame_bytes,
-                                   allowed_uids=cfg.rpc.allowed_uids, allowed_gids=allowed_gids)
+                gate = ConnectionGate(effective_max_connections(cfg.rpc, cfg.node.max_sessions))
+                api = Api(service, rpc=gate)
+                server = RpcServer(api.dispatch, allowed_uids=cfg.rpc.allowed_uids,
+                                   allowed_gids=allowed_gids, gate=gate,
+                                   limits=Limits.from_config(cfg.rpc))
                 sock = bind_unix_socket(cfg.socket_path, mode=cfg.rpc.socket_mode,
                                         group=cfg.rpc.socket_group)
+                if cfg.remote.listen:
+                    self.remote = RemoteListener(server, cfg.remote)
+                    self.remote.bind()
                 rpc_scope = trio.CancelScope()
 
                 async def serve_rpc(task_status=trio.TASK_STATUS_IGNORED):
                     with rpc_scope:
-                        await server.serve(sock, task_status=task_status)
+                        async with trio.open_nursery() as listeners:
+                            await listeners.start(server.serve, sock)
+                            if self.remote is not None:
+                                await listeners.start(self.remote.serve)
+                                listeners.start_soon(self._reload_on_sighup)
+                            task_status.started()
 
                 await nursery.start(serve_rpc)
                 api.health = await self._start_health(nursery, service)
@@ -129,7 +148,9 @@ class Daemon:
                     notifier.ready()
                     nursery.start_soon(notifier.watchdog_task)
                 _log.info("agent_ready", version=VERSION, node_id=cfg.node.node_id,
-                          socket_mode=oct(cfg.rpc.socket_mode))
+                          socket_mode=oct(cfg.rpc.socket_mode),
+                          max_connections=gate.max_connections,
+                          remote=cfg.remote.listen or None)
                 task_status.started(service)
                 await self._wait_for_stop(notifier, rpc_scope, service)
                 nursery.cancel_scope.cancel()
@@ -144,6 +165,17 @@ class Daemon:
                     pass
                 service.journal.close()
             _log.info("agent_stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what can change without a restart (the TLS certificate, key
+        and client CA of the [remote] listener; live connections are kept)."""
+        if self.remote is not None:
+            self.remote.reload()
+
+    async def _reload_on_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                self.reload()
 
     async def _recover(self, service: Service) -> None:
         recovery = _ops("recovery")

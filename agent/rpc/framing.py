@@ -43,9 +43,13 @@ def notification(method: str, params: dict) -> bytes:
 class Decoder:
     """Incremental decoder.  `feed(data)` returns the complete messages now available."""
 
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int, *, max_array_len: int = 65536,
+                 max_map_len: int = 4096) -> None:
+        # the length limits are checked while decoding: a frame of millions of empty
+        # maps fails at its first oversized header instead of being built first
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
-                                          strict_map_key=True)
+                                          strict_map_key=True, max_array_len=max_array_len,
+                                          max_map_len=max_map_len)
 
     def feed(self, data: bytes) -> list[Any]:
         try:
