@@ -213,6 +213,12 @@ def cmd_health(args) -> int:
     return 0 if res.get("status") == "healthy" else 1
 
 
+def cmd_drain(args) -> int:
+    with _client(args) as c:
+        _print_json(c.call("agent.drain", {"drain": args.cmd == "drain"}))
+    return 0
+
+
 def cmd_info(args) -> int:
     with _client(args) as c:
         _print_json(c.call("agent.info"))
@@ -222,7 +228,10 @@ def cmd_info(args) -> int:
 def cmd_proof(args) -> int:
     with _client(args) as c:
         if args.action == "pending":
-            res = c.call("proof.pending")
+            res, page = [], c.call("proof.pending")
+            while page:  # pages in session-id order; a short page is the last
+                res += page
+                page = c.call("proof.pending", {"after": page[-1]["session_id"]})
             _print_json([{"session_id": r.get("session_id"), "status": r.get("status")}
                          for r in res])
             return 0
@@ -316,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("health", help="agent.health").set_defaults(fn=cmd_health)
     sub.add_parser("info", help="agent.info").set_defaults(fn=cmd_info)
+    sub.add_parser("drain", help="refuse new sessions (live ones keep working)"
+                   ).set_defaults(fn=cmd_drain)
+    sub.add_parser("undrain", help="accept new sessions again").set_defaults(fn=cmd_drain)
     p = sub.add_parser("proof", help="spooled proofs: pending | get ID | ack ID")
     p.add_argument("action", choices=("pending", "get", "ack"))
     p.add_argument("id", nargs="?")

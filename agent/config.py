@@ -124,7 +124,7 @@ class RemoteConfig:
     `key_credential` names a systemd credential ($CREDENTIALS_DIRECTORY/<name>) holding it.
     SIGHUP reloads cert, key and client_ca for new connections; live ones keep theirs."""
 
-    listen: str = ""  # HOST:PORT ("[::1]:7443" for IPv6); "" = off
+    listen: str = ""  # HOST:PORT ("[::1]:7443" for IPv6; port 0 = any free one); "" = off
     cert: Path | None = None
     key: Path | None = None
     key_credential: str = ""  # systemd credential name; used instead of `key` when set
@@ -387,7 +387,7 @@ def _validate(cfg: Config) -> None:
 def parse_listen(listen: str) -> tuple[str, int]:
     """"HOST:PORT" or "[V6]:PORT" -> (host, port); ValueError when malformed."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(listen)
     if host.startswith("["):
         if not host.endswith("]"):

@@ -364,8 +364,8 @@ def _tls_refusal_reason(exc: BaseException) -> str:
     while cur is not None:
         if isinstance(cur, ssl.SSLCertVerificationError):
             return cur.verify_message or cur.reason or "certificate verify failed"
-        if isinstance(cur, ssl.SSLError):
-            return cur.reason or type(cur).__name__
+        if isinstance(cur, ssl.SSLError):  # e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE
+            return (cur.reason or type(cur).__name__).replace("_", " ").lower()
         cur = cur.__cause__ or cur.__context__
     return type(exc).__name__
 
