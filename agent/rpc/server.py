@@ -265,7 +265,7 @@ def bind_unix_socket(path: Path, *, mode: int, group: str | None) -> socket.sock
 
 def _send_nowait(sock, data: bytes) -> None:
     try:
-        sock.send(data)  # a fresh socket's buffer takes a small frame; never waits
+        os.write(sock.fileno(), data)  # a fresh non-blocking socket takes a small frame
     except OSError:
         pass
 
