@@ -210,3 +210,35 @@ def test_deeply_counted_frames_fail_while_decoding(tmp_path):
         assert _read_all(s) == []
         s.close()
         assert d.call("agent.info")["node_id"] == "test-node"
+
+
+def test_decoder_is_empty_only_between_messages():
+    """Decoder.empty (the server drops an idle connection's decoder on it) is false while a
+    message is partly fed, even though msgpack has already parsed those bytes."""
+    m = framing.request(1, "agent.info", {})
+    d = framing.Decoder(1 << 20)
+    assert d.empty and d.feed(m[:3]) == [] and not d.empty
+    assert len(d.feed(m[3:] + m[:2])) == 1 and not d.empty
+    assert len(d.feed(m[2:])) == 1 and d.empty
+
+
+def test_request_sent_one_byte_at_a_time_is_answered(tmp_path):
+    """A request split into single-byte writes is answered (the connection's decoder is
+    only dropped at message boundaries)."""
+    with AgentDaemon(tmp_path) as d:
+        _one_byte_at_a_time(d)
+
+
+def _one_byte_at_a_time(d: AgentDaemon) -> None:
+    s = d.raw_connect()
+    for b in framing.request(5, "agent.info", {}):
+        s.sendall(bytes([b]))
+        time.sleep(0.002)
+    u = msgpack.Unpacker(raw=False)
+    while True:
+        u.feed(s.recv(65536))
+        msgs = list(u)
+        if msgs:
+            break
+    s.close()
+    assert msgs[0][1] == 5 and msgs[0][3]["node_id"] == "test-node"

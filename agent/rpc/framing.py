@@ -50,16 +50,26 @@ class Decoder:
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
                                           strict_map_key=True, max_array_len=max_array_len,
                                           max_map_len=max_map_len)
+        self._fed = self._boundary = 0  # bytes fed; stream offset after the last message
+
+    @property
+    def empty(self) -> bool:
+        """Every byte fed belongs to a complete message (the Unpacker parses partial data
+        into its own state, so its buffer alone cannot say): the owner may drop this
+        decoder until more bytes come (an Unpacker costs ~40 KiB)."""
+        return self._boundary == self._fed
 
     def feed(self, data: bytes) -> list[Any]:
         try:
             self._unpacker.feed(data)
+            self._fed += len(data)
         except msgpack.BufferFull:
             raise ProtocolError("frame larger than the limit") from None
         out = []
         try:
             for msg in self._unpacker:
                 out.append(msg)
+                self._boundary = self._unpacker.tell()
         except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
             pass
         except Exception as e:  # FormatError, StackError, ValueError, TypeError …

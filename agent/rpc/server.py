@@ -566,7 +566,7 @@ class _Connection:
             self.scope.cancel()
 
     async def run(self) -> None:
-        decoder = self.limits.decoder()
+        decoder = None  # made when bytes come, dropped between frames (memory per idle peer)
         idle = self.limits.idle_timeout
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
@@ -585,7 +585,13 @@ class _Connection:
                         break
                     if not data:
                         break
-                    for msg in decoder.feed(data):
+                    if decoder is None:
+                        decoder = self.limits.decoder()
+                    msgs = decoder.feed(data)
+                    del data
+                    if decoder.empty:
+                        decoder = None
+                    for msg in msgs:
                         req = framing.parse_request(msg)
                         if req.msgid is None:
                             self.log.info("rpc_notification_ignored")
