@@ -114,7 +114,9 @@ def test_emfile_on_accept_backs_off_and_flips_health(tmp_path):
 def test_never_reading_streaming_client_does_not_stretch_the_exec_timeout(tmp_path):
     """A client that asks for streamed output and never reads loses its stream, not the
     session: the exec ends at its timeout and the session takes the next exec."""
-    with AgentDaemon(tmp_path, config={"rpc": {"stream_queue_bytes": 256 * 1024}}) as d:
+    # the send timeout is far away so that only the exec's own timeout can end it
+    with AgentDaemon(tmp_path, config={"rpc": {"stream_queue_bytes": 256 * 1024,
+                                                "send_timeout_seconds": 600.0}}) as d:
         sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
         hog = d.raw_connect()
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
