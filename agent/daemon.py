@@ -166,16 +166,17 @@ class Daemon:
                 service.journal.close()
             _log.info("agent_stopped")
 
-    def reload(self) -> None:
-        """SIGHUP: re-read what can change without a restart (the TLS certificate, key
-        and client CA of the [remote] listener; live connections are kept)."""
+    def reload_tls(self) -> None:
+        """SIGHUP: re-read the [remote] listener's certificate, key and client CA (new
+        connections use them; live connections are kept)."""
         if self.remote is not None:
             self.remote.reload()
 
     async def _reload_on_sighup(self) -> None:
+        # only while [remote] is on; a daemon-wide SIGHUP handler calls reload_tls instead
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             async for _ in signals:
-                self.reload()
+                self.reload_tls()
 
     async def _recover(self, service: Service) -> None:
         recovery = _ops("recovery")

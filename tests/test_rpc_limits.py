@@ -244,3 +244,15 @@ def _one_byte_at_a_time(d: AgentDaemon) -> None:
             break
     s.close()
     assert msgs[0][1] == 5 and msgs[0][3]["node_id"] == "test-node"
+
+
+def test_connection_cap_leaves_fd_headroom_for_sessions():
+    """The effective cap is lowered so the fd limit keeps fd_reserve plus
+    fd_reserve_per_session per possible session free, and never falls below 16."""
+    from agent.config import RpcConfig
+    from agent.rpc.server import effective_max_connections
+
+    rpc = RpcConfig(max_connections=512, fd_reserve=256, fd_reserve_per_session=8)
+    assert effective_max_connections(rpc, 1000, nofile=1048576) == 512
+    assert effective_max_connections(rpc, 1000, nofile=8256 + 100) == 100
+    assert effective_max_connections(rpc, 1000, nofile=1024) == 16

@@ -126,7 +126,11 @@ def effective_max_connections(rpc, max_sessions: int, nofile: int | None = None)
         if nofile == resource.RLIM_INFINITY:
             nofile = 1 << 20
     room = nofile - rpc.fd_reserve - rpc.fd_reserve_per_session * max_sessions
-    return max(16, min(rpc.max_connections, room))
+    cap = max(16, min(rpc.max_connections, room))
+    if cap < rpc.max_connections:
+        _log.warning("rpc_connection_cap_lowered", configured=rpc.max_connections,
+                     effective=cap, nofile=nofile, max_sessions=max_sessions)
+    return cap
 
 
 class ConnectionGate:
