@@ -103,8 +103,9 @@ class RpcConfig:
     idle_timeout_seconds: float = 300.0  # a connection with no request in flight and no
     #   byte received for this long is closed
     max_inflight_requests: int = 256  # per connection; the server stops reading beyond it
-    max_inflight_bytes: int = 64 * MiB  # per connection: request frames being handled plus
-    #   answers waiting to be sent; the server stops reading beyond it
+    max_inflight_bytes: int = 64 * MiB  # per connection: every request from when it is read
+    #   until its answer is sent (its frame or answer, at least 64 KiB); the server stops
+    #   reading beyond it
     send_timeout_seconds: float = 30.0  # a frame the peer does not read within this is its
     #   connection's end (a never-reading client cannot hold anything else)
     stream_queue_bytes: int = 4 * MiB  # streamed exec output waiting for a slow client;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import socket
 import time
 
@@ -256,3 +257,41 @@ def test_connection_cap_leaves_fd_headroom_for_sessions():
     assert effective_max_connections(rpc, 1000, nofile=1048576) == 512
     assert effective_max_connections(rpc, 1000, nofile=8256 + 100) == 100
     assert effective_max_connections(rpc, 1000, nofile=1024) == 16
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_client_not_reading_its_answers_stops_being_read(tmp_path):
+    """A client that pipelines proof.pending (each answer ~5 proofs) and never reads: the
+    agent stops reading it once rpc.max_inflight_bytes of answers wait, so the client can
+    not even hand over its 3,000 requests and the agent's memory does not grow with them;
+    the send timeout then ends that connection."""
+    cfg = {"rpc": {"max_frame_bytes": 1 << 20, "max_inflight_bytes": 1 << 20,
+                   "max_inflight_requests": 100000, "send_timeout_seconds": 10.0}}
+    with AgentDaemon(tmp_path, config=cfg) as d:
+        for _ in range(5):
+            sid = d.call("session.create", {"customer_id": "c", "tier": "starter"})["session_id"]
+            d.call("session.destroy", {"session_id": sid})
+        answer = len(framing.pack(d.call("proof.pending")))
+        before = _rss_kib(d.proc.pid)
+        hog = d.raw_connect()
+        hog.setblocking(False)
+        frame, n = framing.request(1, "proof.pending", {}), 0
+        stalled = time.monotonic() + 2.0
+        while n < 3000 and time.monotonic() < stalled:
+            try:
+                hog.send(frame)
+                n += 1
+                stalled = time.monotonic() + 2.0  # give up after 2 s without progress
+            except BlockingIOError:
+                select.select([], [hog], [], 0.1)
+        grown = _rss_kib(d.proc.pid) - before
+        assert n < 3000, "the agent kept reading a client that reads nothing"
+        assert grown * 1024 < 3000 * answer // 4, (grown, answer)
+        _wait(lambda: [x for x in d.logs() if x.get("event") == "rpc_send_timeout"],
+              "the send timeout", 60)
+        hog.close()
+        assert d.call("agent.info")["node_id"] == "test-node"

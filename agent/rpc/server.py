@@ -55,6 +55,7 @@ _log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.set
 READ_SIZE = 64 * 1024
 REFUSE_DISCARD_BYTES = 64 * 1024  # a refused unix peer's bytes thrown away (never decoded)
 REFUSE_DISCARD_SECONDS = 0.5  # so it reads our answer instead of a reset
+ANSWER_RESERVE = 64 * 1024  # budget each request holds at least, for the answer it will get
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
 
@@ -509,8 +510,11 @@ class RemoteListener:
 # -- one connection, either listener -----------------------------------------------------
 
 class _ByteBudget:
-    """Bytes a connection holds (requests being handled, answers waiting to be sent).
-    An amount larger than the whole budget is taken when nothing else is held."""
+    """Bytes a connection holds: each request from when it is read until its answer is
+    sent.  Only the reader waits for room (so nothing can wait on itself); an answer that
+    turns out larger than its request's share is charged at once (it exists already), and
+    the reader stops until it is sent.  An amount larger than the whole budget is taken
+    when nothing else is held."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -521,6 +525,10 @@ class _ByteBudget:
         n = min(n, self.cap)
         while self.used + n > self.cap:
             await self._changed.wait()
+        self.used += n
+        return n
+
+    def charge(self, n: int) -> int:
         self.used += n
         return n
 
@@ -543,27 +551,23 @@ class _Connection:
         self.log = log
         self.scope: trio.CancelScope | None = None
 
-    async def send(self, data: bytes, *, budgeted: bool = True) -> None:
+    async def send(self, data: bytes) -> None:
         """One frame, whole, within the send timeout; a peer that does not take it in
-        time (or a cancelled partial write) ends the connection.  Answers count against
-        the connection's byte budget; streamed notifications are bounded by their own
-        queue (`stream_queue_bytes`) instead, so a handler holding budget can never wait
-        on its own stream."""
-        held = await self.budget.acquire(len(data)) if budgeted else 0
-        try:
-            async with self.lock:
-                with trio.move_on_after(self.limits.send_timeout) as cs:
-                    try:
-                        await self.stream.send_all(data)
-                    except trio.Cancelled:
-                        self._abort()
-                        raise
-                if cs.cancelled_caught:
-                    self.log.warning("rpc_send_timeout", seconds=self.limits.send_timeout)
+        time (or a cancelled partial write) ends the connection."""
+        async with self.lock:
+            with trio.move_on_after(self.limits.send_timeout) as cs:
+                try:
+                    await self.stream.send_all(data)
+                except trio.Cancelled:
+                    # part of the frame may be out: the stream is unusable either way.
+                    # (Once _abort cancels the connection's scope, that outer scope is the
+                    # one that catches this, so the timeout is logged here.)
+                    if cs.cancel_called:
+                        self.log.warning("rpc_send_timeout", seconds=self.limits.send_timeout)
                     self._abort()
-                    raise trio.BrokenResourceError("peer did not read in time")
-        finally:
-            self.budget.release(held)
+                    raise
+            if cs.cancelled_caught:  # not reached while _abort has a scope to cancel
+                raise trio.BrokenResourceError("peer did not read in time")
 
     def _abort(self) -> None:
         if self.scope is not None:
@@ -604,7 +608,7 @@ class _Connection:
                         # being read
                         await self.inflight.acquire()
                         size = len(framing.pack(req.params)) + len(req.method)
-                        held = await self.budget.acquire(size)
+                        held = await self.budget.acquire(max(size, ANSWER_RESERVE))
                         self.active += 1
                         nursery.start_soon(self.call, req, held)
             except framing.ProtocolError as e:
@@ -624,6 +628,12 @@ class _Connection:
 
     async def _call(self, req: framing.Request, held: int) -> None:
         try:
+            await self._answer(req, held)
+        finally:
+            self.budget.release(held)
+
+    async def _answer(self, req: framing.Request, held: int) -> None:
+        try:
             params = _single_map(req.params)
             req.params = []  # the handler's copy is the only one kept
             ctx = CallContext(req.msgid, self.peer, self._notifier(), self.limits)
@@ -636,18 +646,20 @@ class _Connection:
         except Exception:
             self.log.exception("rpc_internal_error", method=req.method)
             frame = framing.response(req.msgid, InternalError("internal error").to_wire(), None)
-        finally:
-            self.budget.release(held)
+        extra = self.budget.charge(max(0, len(frame) - held))
         try:
             await self.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        finally:
+            self.budget.release(extra)
 
     def _notifier(self):
         async def notify(method: str, params: dict) -> None:
             # a vanished peer is noticed by the reader, which cancels this request
             try:
-                await self.send(framing.notification(method, params), budgeted=False)
+                # bounded by the exec's stream queue (`stream_queue_bytes`), not the budget
+                await self.send(framing.notification(method, params))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         return notify
