@@ -216,3 +216,19 @@ def test_remote_config_is_checked(tmp_path):
         from_dict({"remote": {"listen": "7443", "cert": "/c", "key": "/k",
                               "client_ca": "/a"}}).validate()
     assert from_dict({}).validate().remote.listen == ""
+
+
+def test_key_from_a_systemd_credential(pki, tmp_path):
+    """With remote.key_credential the node key is read from $CREDENTIALS_DIRECTORY, as
+    systemd's LoadCredential= provides it, and clients are served."""
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    (creds / "nanorix-tls-key").write_bytes((pki.base / "node.key").read_bytes())
+    cfg = remote_config(pki)
+    del cfg["remote"]["key"]
+    cfg["remote"]["key_credential"] = "nanorix-tls-key"
+    d = AgentDaemon(tmp_path / "a", config=cfg)
+    d.extra_env["CREDENTIALS_DIRECTORY"] = str(creds)
+    with d:
+        with tls_client(pki, remote_port(d), "listed") as c:
+            assert c.call("agent.info")["node_id"] == "test-node"
