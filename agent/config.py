@@ -113,6 +113,7 @@ class RpcConfig:
     pending_page_max: int = 1000  # proof.pending `limit` upper bound (default page 100)
     max_array_len: int = 65536  # msgpack decode limits (frames are checked while decoding)
     max_map_len: int = 4096
+    max_containers: int = 100_000  # arrays + maps in one message, counted while decoding
 
 
 @dataclass
@@ -346,8 +347,8 @@ def _validate(cfg: Config) -> None:
     need(r.send_timeout_seconds > 0, "rpc.send_timeout_seconds must be > 0")
     need(r.stream_queue_bytes >= r.chunk_bytes, "rpc.stream_queue_bytes must be >= rpc.chunk_bytes")
     need(1 <= r.pending_page_max <= 100000, "rpc.pending_page_max must be between 1 and 100000")
-    need(r.max_array_len >= 16 and r.max_map_len >= 16,
-         "rpc.max_array_len and rpc.max_map_len must be >= 16")
+    need(r.max_array_len >= 16 and r.max_map_len >= 16 and r.max_containers >= 16,
+         "rpc.max_array_len, rpc.max_map_len and rpc.max_containers must be >= 16")
     _validate_remote(cfg.remote, need)
     need(cfg.sandbox.uid_base >= 65536, "sandbox.uid_base must be >= 65536 (above host users)")
     need(cfg.sandbox.uid_slot_size >= 1001,

@@ -295,3 +295,22 @@ def test_client_not_reading_its_answers_stops_being_read(tmp_path):
               "the send timeout", 60)
         hog.close()
         assert d.call("agent.info")["node_id"] == "test-node"
+
+
+def test_frame_of_millions_of_empty_maps_fails_while_decoding(tmp_path):
+    """A 15.6 MiB frame holding 16 M empty maps (in arrays under max_array_len) closes the
+    connection at the 100,001st container: the agent's memory does not balloon by the
+    ~1.2 GiB decoding it whole takes, and other clients are served."""
+    inner = b"\xdd" + (65536).to_bytes(4, "big") + b"\x80" * 65536
+    frame = b"\x94\x00\x01\xa1x\x91\xdd" + (250).to_bytes(4, "big") + inner * 250
+    with AgentDaemon(tmp_path) as d:
+        before = _rss_kib(d.proc.pid)
+        s = d.raw_connect()
+        try:
+            s.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: refused early
+        assert _read_all(s) == []
+        s.close()
+        assert d.call("agent.info")["node_id"] == "test-node"
+        assert _rss_kib(d.proc.pid) - before < 200 * 1024

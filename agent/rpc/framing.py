@@ -44,13 +44,23 @@ class Decoder:
     """Incremental decoder.  `feed(data)` returns the complete messages now available."""
 
     def __init__(self, max_frame_bytes: int, *, max_array_len: int = 65536,
-                 max_map_len: int = 4096) -> None:
-        # the length limits are checked while decoding: a frame of millions of empty
-        # maps fails at its first oversized header instead of being built first
+                 max_map_len: int = 4096, max_containers: int = 100_000) -> None:
+        # the limits are checked while decoding: an array or map header over its length
+        # limit fails at once, and a message holding more than `max_containers` arrays and
+        # maps in all (16 MiB of empty maps would be 16 M dicts, ~1.2 GiB) fails at the
+        # first one too many, before the rest is built
+        self._containers, self._max_containers = 0, max_containers
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
                                           strict_map_key=True, max_array_len=max_array_len,
-                                          max_map_len=max_map_len)
+                                          max_map_len=max_map_len, object_hook=self._count,
+                                          list_hook=self._count)
         self._fed = self._boundary = 0  # bytes fed; stream offset after the last message
+
+    def _count(self, obj: Any) -> Any:
+        self._containers += 1
+        if self._containers > self._max_containers:
+            raise ValueError("too many arrays and maps in one message")
+        return obj
 
     @property
     def empty(self) -> bool:
@@ -70,6 +80,7 @@ class Decoder:
             for msg in self._unpacker:
                 out.append(msg)
                 self._boundary = self._unpacker.tell()
+                self._containers = 0
         except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
             pass
         except Exception as e:  # FormatError, StackError, ValueError, TypeError …

@@ -103,6 +103,7 @@ class Limits:
     stream_queue_bytes: int = 4 * 1024 * 1024
     max_array_len: int = 65536
     max_map_len: int = 4096
+    max_containers: int = 100_000
 
     @classmethod
     def from_config(cls, rpc) -> Limits:
@@ -111,11 +112,12 @@ class Limits:
                    max_inflight_bytes=rpc.max_inflight_bytes,
                    idle_timeout=rpc.idle_timeout_seconds, send_timeout=rpc.send_timeout_seconds,
                    stream_queue_bytes=rpc.stream_queue_bytes, max_array_len=rpc.max_array_len,
-                   max_map_len=rpc.max_map_len)
+                   max_map_len=rpc.max_map_len, max_containers=rpc.max_containers)
 
     def decoder(self) -> framing.Decoder:
         return framing.Decoder(self.max_frame_bytes, max_array_len=self.max_array_len,
-                               max_map_len=self.max_map_len)
+                               max_map_len=self.max_map_len,
+                               max_containers=self.max_containers)
 
 
 def effective_max_connections(rpc, max_sessions: int, nofile: int | None = None) -> int:
