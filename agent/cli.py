@@ -377,6 +377,12 @@ def cmd_health(args) -> int:
     return EXIT_OK if res.get("status") == "healthy" else EXIT_NEGATIVE
 
 
+def cmd_drain(args) -> int:
+    with _client(args) as c:
+        _print_json(c.call("agent.drain", {"drain": args.cmd == "drain"}))
+    return EXIT_OK
+
+
 def cmd_info(args) -> int:
     with _client(args) as c:
         _print_json(c.call("agent.info"))
@@ -388,7 +394,10 @@ def cmd_proof(args) -> int:
         raise UsageError(f"proof {args.action} needs a session id")
     with _client(args) as c:
         if args.action == "pending":
-            res = c.call("proof.pending")
+            res, page = [], c.call("proof.pending")
+            while page:  # pages in session-id order; the last page is empty
+                res += page
+                page = c.call("proof.pending", {"after": page[-1]["session_id"]})
             _print_list(args, [{"session_id": r.get("session_id"), "status": r.get("status"),
                                 "reason": r.get("reason")} for r in res],
                         ("session_id", "status", "reason"))
@@ -555,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_health)
     sub.add_parser("info", help="version, node id, capacity, cgroup mode, tiers",
                    description="Print agent.info as JSON.").set_defaults(fn=cmd_info)
+    sub.add_parser("drain", help="refuse new sessions (live ones keep working)",
+                   description="agent.drain: creates answer Unavailable until undrain."
+                   ).set_defaults(fn=cmd_drain)
+    sub.add_parser("undrain", help="accept new sessions again",
+                   description="agent.drain with drain=false.").set_defaults(fn=cmd_drain)
     p = sub.add_parser("proof", help="spooled proofs: pending | get ID | ack ID",
                        description="Proofs spooled by the agent until acknowledged.")
     p.add_argument("action", choices=("pending", "get", "ack"),

@@ -33,7 +33,15 @@ from agent import log
 from agent.ops.instance_lock import AlreadyRunning
 from agent.ops.instance_lock import acquire as acquire_instance_lock
 from agent.rpc.methods import Api
-from agent.rpc.server import RpcServer, bind_unix_socket, socket_gid
+from agent.rpc.server import (
+    ConnectionGate,
+    Limits,
+    RemoteListener,
+    RpcServer,
+    bind_unix_socket,
+    effective_max_connections,
+    socket_gid,
+)
 from agent.service.journal import Journal
 from agent.service.sessions import Service
 from agent.service.spool import Spool
@@ -71,6 +79,7 @@ class Daemon:
         self.notifier = None
         self.ready_sent = False
         self._not_ready_logged: str | None = None
+        self.remote: RemoteListener | None = None
 
     # -- construction ----------------------------------------------------------------
     def build(self) -> Service:
@@ -114,16 +123,25 @@ class Daemon:
                 gid = socket_gid(cfg.rpc.socket_group)
                 if gid is not None:
                     allowed_gids.append(gid)
-                api = Api(service)
-                server = RpcServer(api.dispatch, max_frame_bytes=cfg.rpc.max_frame_bytes,
-                                   allowed_uids=cfg.rpc.allowed_uids, allowed_gids=allowed_gids)
+                gate = ConnectionGate(effective_max_connections(cfg.rpc, cfg.node.max_sessions))
+                api = Api(service, rpc=gate)
+                server = RpcServer(api.dispatch, allowed_uids=cfg.rpc.allowed_uids,
+                                   allowed_gids=allowed_gids, gate=gate,
+                                   limits=Limits.from_config(cfg.rpc))
                 sock = bind_unix_socket(cfg.socket_path, mode=cfg.rpc.socket_mode,
                                         group=cfg.rpc.socket_group)
+                if cfg.remote.listen:
+                    self.remote = RemoteListener(server, cfg.remote)
+                    self.remote.bind()
                 rpc_scope = trio.CancelScope()
 
                 async def serve_rpc(task_status=trio.TASK_STATUS_IGNORED):
                     with rpc_scope:
-                        await server.serve(sock, task_status=task_status)
+                        async with trio.open_nursery() as listeners:
+                            await listeners.start(server.serve, sock)
+                            if self.remote is not None:
+                                await listeners.start(self.remote.serve)
+                            task_status.started()
 
                 await nursery.start(serve_rpc)
                 api.health = await self._start_health(nursery, service)
@@ -134,7 +152,9 @@ class Daemon:
                     nursery.start_soon(notifier.watchdog_task)
                     nursery.start_soon(self._status_task, notifier, service)
                 _log.info("agent_ready", version=VERSION, node_id=cfg.node.node_id,
-                          socket_mode=oct(cfg.rpc.socket_mode))
+                          socket_mode=oct(cfg.rpc.socket_mode),
+                          max_connections=gate.max_connections,
+                          remote=cfg.remote.listen or None)
                 task_status.started(service)
                 await self._wait_for_stop(notifier, rpc_scope, service)
                 nursery.cancel_scope.cancel()
@@ -151,6 +171,12 @@ class Daemon:
             if self.instance_lock is not None:
                 self.instance_lock.release()
             _log.info("agent_stopped", log_lines_dropped=log.dropped_lines())
+
+    def reload_tls(self) -> None:
+        """SIGHUP: re-read the [remote] listener's certificate, key and client CA (new
+        connections use them; live connections are kept)."""
+        if self.remote is not None:
+            self.remote.reload()
 
     async def _recover(self, service: Service) -> None:
         recovery = _ops("recovery")
@@ -239,6 +265,7 @@ class Daemon:
             self.notifier.reloading()
         path, state_dir, runtime_dir = self._reload_args
         res = reload_mod.reload(self.cfg, path, state_dir=state_dir, runtime_dir=runtime_dir)
+        self.reload_tls()  # logs its own failure and keeps the old certificate
         metrics = self.service.metrics if self.service is not None else None
         if metrics is not None:
             metrics.inc("config_reloads_total", result="applied" if res["ok"] else "rejected")

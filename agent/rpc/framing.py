@@ -43,19 +43,44 @@ def notification(method: str, params: dict) -> bytes:
 class Decoder:
     """Incremental decoder.  `feed(data)` returns the complete messages now available."""
 
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int, *, max_array_len: int = 65536,
+                 max_map_len: int = 4096, max_containers: int = 100_000) -> None:
+        # the limits are checked while decoding: an array or map header over its length
+        # limit fails at once, and a message holding more than `max_containers` arrays and
+        # maps in all (16 MiB of empty maps would be 16 M dicts, ~1.2 GiB) fails at the
+        # first one too many, before the rest is built
+        self._containers, self._max_containers = 0, max_containers
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
-                                          strict_map_key=True)
+                                          strict_map_key=True, max_array_len=max_array_len,
+                                          max_map_len=max_map_len, object_hook=self._count,
+                                          list_hook=self._count)
+        self._fed = self._boundary = 0  # bytes fed; stream offset after the last message
+
+    def _count(self, obj: Any) -> Any:
+        self._containers += 1
+        if self._containers > self._max_containers:
+            raise ValueError("too many arrays and maps in one message")
+        return obj
+
+    @property
+    def empty(self) -> bool:
+        """Every byte fed belongs to a complete message (the Unpacker parses partial data
+        into its own state, so its buffer alone cannot say): the owner may drop this
+        decoder until more bytes come (an Unpacker costs ~40 KiB)."""
+        return self._boundary == self._fed
 
     def feed(self, data: bytes) -> list[Any]:
         try:
             self._unpacker.feed(data)
+            self._fed += len(data)
         except msgpack.BufferFull:
             raise ProtocolError("frame larger than the limit") from None
         out = []
         try:
             for msg in self._unpacker:
                 out.append(msg)
+                self._boundary = self._unpacker.tell()
+                self._containers = 0
         except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
             pass
         except Exception as e:  # FormatError, StackError, ValueError, TypeError …
