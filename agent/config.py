@@ -138,6 +138,14 @@ class AuditProofConfig:
 
 
 @dataclass
+class SpoolConfig:
+    """The CDP spool's fault handling (docs/operations.md "State faults")."""
+
+    reserve_bytes: int = 64 * 1024  # preallocated per session at create for its proof (~21 KiB)
+    fallback_dir: Path | None = None  # proofs the spool cannot take; default <runtime_dir>/spool-fallback
+
+
+@dataclass
 class HealthConfig:
     interval_seconds: int = 60
 
@@ -158,6 +166,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     auditproof: AuditProofConfig = field(default_factory=AuditProofConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
@@ -170,6 +179,10 @@ class Config:
     @property
     def debug_socket_path(self) -> Path:
         return self.debug.socket or self.paths.runtime_dir / "debug.sock"
+
+    @property
+    def spool_fallback_dir(self) -> Path:
+        return self.spool.fallback_dir or self.paths.runtime_dir / "spool-fallback"
 
     @property
     def authority_id(self) -> str:
@@ -305,6 +318,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
     need(cfg.keys.rotate_interval_seconds >= 60, "keys.rotate_interval_seconds must be >= 60")
     need(cfg.health.interval_seconds >= 1, "health.interval_seconds must be >= 1")
+    need(4096 <= cfg.spool.reserve_bytes <= 64 * MiB,
+         "spool.reserve_bytes must be between 4096 and 64 MiB")
     need(bool(cfg.tiers), "at least one tier must be configured")
     for name, t in cfg.tiers.items():
         for k in ("max_concurrent", "max_ttl_seconds", "tmpfs_bytes"):

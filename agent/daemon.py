@@ -14,6 +14,7 @@ import fcntl
 import importlib
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from agent import config as config_mod
 from agent import log
 from agent.rpc.methods import Api
 from agent.rpc.server import RpcServer, bind_unix_socket, socket_gid
+from agent.service.integrity import IntegrityReport, check_state
 from agent.service.journal import Journal
 from agent.service.sessions import Service
 from agent.service.spool import Spool
@@ -58,6 +60,7 @@ class Daemon:
         self.service: Service | None = None
         self.engine = None
         self.recovery_report = None
+        self.integrity: IntegrityReport | None = None
 
     # -- construction ----------------------------------------------------------------
     def build(self) -> Service:
@@ -71,7 +74,8 @@ class Daemon:
         from agent.sandbox.engine import SandboxEngine
 
         journal = Journal(state)
-        spool = Spool(state)
+        spool = Spool(state, reserve_bytes=cfg.spool.reserve_bytes,
+                      fallback_dir=cfg.spool_fallback_dir)
         holder: dict = {}
         key_store = AttestationKeyStore(
             state, cfg.keys.rotate_interval_seconds, credential_name=cfg.keys.credential_name,
@@ -145,7 +149,37 @@ class Daemon:
                 service.journal.close()
             _log.info("agent_stopped")
 
+    def _check_state(self, service: Service) -> IntegrityReport:
+        """Journal, spool and host cross-checked before recovery (agent.service.integrity)."""
+        from agent.service.sessions import SESSION_ID_RE
+
+        host: set[str] = set()
+        driver = getattr(self.engine, "cgroups", None)
+        try:
+            host |= set(driver.leftovers()) if driver is not None else set()
+        except Exception:
+            _log.exception("host_sessions_unreadable")
+        sessions_dir = self.cfg.paths.runtime_dir / "sessions"
+        if sessions_dir.is_dir():
+            host |= {d.name for d in sessions_dir.iterdir()}
+        report = check_state(service.journal, service.spool,
+                             host_sessions={h for h in host if SESSION_ID_RE.match(h)},
+                             default_tier=next(iter(self.cfg.tiers)))
+        for d in report.damage:
+            if service.metrics is not None:
+                service.metrics.inc("state_damage_total", kind=d.kind)
+        return report
+
     async def _recover(self, service: Service) -> None:
+        self.integrity = self._check_state(service)
+        await self._recover_sessions(service)
+        for row in self.integrity.reprove:  # ended, unacknowledged, proof lost: prove again
+            try:
+                await service.recover_row(row, row.get("reason") or "agent_recovery")
+            except Exception:
+                _log.exception("reprove_failed", session_id=row["session_id"])
+
+    async def _recover_sessions(self, service: Service) -> None:
         recovery = _ops("recovery")
         if recovery is None:
             # minimal, honest recovery until ops.recovery lands: every journaled live
@@ -166,6 +200,10 @@ class Daemon:
         if health_mod is not None:
             mon = health_mod.HealthMonitor(service, self.cfg)
             service.health = mon
+            service.journal.on_failure = mon.state_fault
+            service.spool.on_failure = mon.state_fault
+            if self.integrity is not None:
+                mon.state_damage = self.integrity.counts()
             await mon.run_once()
             nursery.start_soon(mon.run)
             return mon.snapshot
@@ -243,6 +281,12 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
     except AlreadyRunning as e:
         _log.error("agent_already_running")
         print(f"nanorix-agent: {e}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as e:  # e.g. a read-only or full state file system
+        why = getattr(e, "strerror", None) or str(e)
+        _log.error("state_dir_unusable", state_dir=str(cfg.paths.state_dir), error=why)
+        print(f"nanorix-agent: cannot use state directory {cfg.paths.state_dir} or runtime "
+              f"directory {cfg.paths.runtime_dir}: {why}", file=sys.stderr)
         return 1
     trio.run(daemon.run)
     return 0

@@ -45,6 +45,9 @@ def _err_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:200]
 
 
+SO_SNDBUFFORCE = 32  # socket(7): SO_SNDBUF above wmem_max, needs CAP_NET_ADMIN
+
+
 class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
 
@@ -369,6 +372,15 @@ class SandboxEngine:
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: list) -> tuple:
         """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # a SEQPACKET message must fit the sender's buffer (default net.core.wmem_default,
+        # 208 KiB): size ours for the largest EXEC request exec.py admits
+        # (SO_SNDBUF is capped at net.core.wmem_max; SO_SNDBUFFORCE is not, with CAP_NET_ADMIN)
+        for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+            try:
+                ours.setsockopt(socket.SOL_SOCKET, opt, initproto.MAX_MSG + 64 * 1024)
+                break
+            except PermissionError:
+                continue
         control = _exec.Control(ours)
         undo.append(control.close)
         try:

@@ -182,7 +182,13 @@ class Control:
                                                  array.array("i", fds))])
             else:
                 await self.sock.send(msg)
-        except (trio.ClosedResourceError, OSError) as e:
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
+                raise errors.BadRequest(f"command and env together ({len(msg)} bytes) exceed "
+                                        f"what this host's control socket takes "
+                                        f"(net.core.wmem_max)", field="command") from None
+            raise SandboxGone("the sandbox's init exited") from e
+        except trio.ClosedResourceError as e:
             raise SandboxGone("the sandbox's init exited") from e
 
     def close(self) -> None:
@@ -212,7 +218,15 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
         raise errors.BadRequest(f"command and env together exceed {MAX_REQUEST} bytes",
                                 field="command")
     if input_data is not None:
-        write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
+        try:
+            write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # the customer filled their own session: their condition, not a server fault
+            raise errors.Conflict(f"input_data ({len(input_data)} bytes) does not fit: the "
+                                  f"session's file system is full (space or inodes)",
+                                  field="input_data") from None
 
     oom_before = _oom_kills(sb)
     started = time.time()

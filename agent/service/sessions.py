@@ -35,8 +35,8 @@ from agent.cdp.canonical import canonical_json
 from agent.config import Config
 from agent.destroy.context import SessionRecord
 from agent.errors import BadRequest, Conflict, InternalError, NotFound, RateLimited, Unavailable
-from agent.service.journal import LIVE_STATUSES, Journal
-from agent.service.spool import Spool
+from agent.service.journal import LIVE_STATUSES, Journal, JournalUnwritable
+from agent.service.spool import Spool, SpoolUnavailable
 from agent.timefmt import iso_seconds, parse_iso
 
 __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
@@ -188,9 +188,24 @@ class Service:
         return [s for s in self.sessions.values() if s.status in LIVE_STATUSES]
 
     def _view(self, s: _Live) -> dict:
-        return {"session_id": s.session_id, "status": s.status, "ttl_seconds": s.ttl_seconds,
+        view = {"session_id": s.session_id, "status": s.status, "ttl_seconds": s.ttl_seconds,
                 "created_at": s.record.created_at,
                 "data_classification": s.record.classification, "expires_at": s.expires_at}
+        if s.ending and s.status in LIVE_STATUSES:
+            view["destroying"] = True  # the pipeline runs; the end status follows the proof
+        return view
+
+    def ack_proof(self, session_id: str) -> bool:
+        """proof.ack: record the ack in the journal, then drop the proof.  Unavailable (the
+        proof is kept) while either cannot be written."""
+        if self.spool.get_bytes(session_id) is None:
+            return False
+        try:
+            self.journal.mark_acked(session_id)
+            return self.spool.ack(session_id)
+        except (JournalUnwritable, OSError) as e:
+            raise Unavailable(f"the acknowledgement cannot be recorded ({e}); the proof is "
+                              f"kept, acknowledge it again later") from None
 
     @staticmethod
     def _row_view(row: dict) -> dict:
@@ -312,6 +327,10 @@ class Service:
         elif (session_id in self.sessions or session_id in self._reserved
               or self.journal.get(session_id) is not None):
             raise Conflict(f"session {session_id} already exists", field="session_id")
+        if not self.journal.writable:
+            raise Unavailable(f"the state directory cannot be written "
+                              f"({self.journal.last_error}); new sessions are refused until "
+                              f"it can")
         self._admit(session_id, customer_id, tier)
         t0 = time.monotonic()
         try:
@@ -334,11 +353,21 @@ class Service:
         now = time.time()
         start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
         created_at = iso_seconds(now)
+        # the proof's space and inode first: a session that could not be proven never starts
+        try:
+            await trio.to_thread.run_sync(self.spool.reserve, session_id, {
+                "customer_id": customer_id, "tier": tier, "classification": classification,
+                "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl})
+        except SpoolUnavailable as e:
+            _log.error("spool_reservation_failed", session_id=session_id, error=str(e))
+            raise Unavailable(f"{e}; new sessions are refused until the state directory "
+                              f"has room") from None
         key = SessionKey.generate(session_id)
         try:
             sandbox = await self.engine.create(session_id, tier=tier,
                                                classification=classification)
         except Exception as e:
+            self.spool.release(session_id)
             key.zeroize()
             if type(e).__name__ == "SlotsExhausted":  # e.g. a health canary holds a slot
                 raise Unavailable("node is at capacity (no free uid slot)") from None
@@ -369,10 +398,12 @@ class Service:
                 {"kind": "created", "session_id": session_id, "created_at": created_at,
                  "tier": tier, "data_classification": classification,
                  "jurisdiction": jurisdiction, "ttl_seconds": ttl}))
-        except Exception:
+        except Exception as e:
             # nothing half-made survives: run the real destruction on what exists
             _log.exception("session_journal_failed", session_id=session_id)
             await self._destroy(s, "operator")
+            if isinstance(e, JournalUnwritable):
+                raise Unavailable(f"{e}; new sessions are refused until it can") from None
             raise InternalError("could not record the session") from None
         assert self._nursery is not None, "Service.run() is not running"
         self._nursery.start_soon(self._watch, s)
@@ -484,12 +515,16 @@ class Service:
     async def destroy(self, session_id: str, reason: str = "requested", *,
                       customer_id: str | None = None) -> dict:
         s, view = self._lookup(session_id, customer_id)
-        if s is None:
+        if s is None or s.done.is_set():  # ended: the same answer before and after a restart
             stored = self.spool.get(session_id)
             if stored is not None:
                 return stored
-            raise Conflict(f"session {session_id} has ended ({view['status']}) and its proof "
-                           f"was acknowledged", field="session_id")
+            row = self.journal.get(session_id)
+            if row is not None and row.get("proof_acked_at"):
+                raise Conflict(f"session {session_id} has ended ({view['status']}) and its "
+                               f"proof was acknowledged", field="session_id")
+            raise InternalError(f"session {session_id} has ended ({view['status']}) but its "
+                                f"proof is missing (see health state_damage)")
         with trio.CancelScope(shield=True):
             return await self._destroy(s, reason)
 
@@ -555,8 +590,10 @@ class Service:
                                       jurisdiction=s.record.jurisdiction, outcome=outcome,
                                       exec_count=s.record.exec_count)
             # still durable (fsynced) before destroy returns, but the fsyncs no longer
-            # stall every other session on the event loop meanwhile
-            await trio.to_thread.run_sync(self.spool.put, sid, result)
+            # stall every other session on the event loop meanwhile; when the spool cannot
+            # take it the proof is kept (memory + fallback) and retried, never dropped
+            if not await trio.to_thread.run_sync(self.spool.put, sid, result):
+                _log.error("proof_not_durable", session_id=sid, error=self.spool.last_error)
         except Exception:
             s.status = outcome.status
             _log.exception("proof_failed", session_id=sid, reason=reason)
