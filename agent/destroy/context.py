@@ -11,7 +11,9 @@ from typing import Any
 __all__ = ["REASONS", "DestroyContext", "DestroyHooks", "DestroyOutcome", "DestroyState",
            "InjectedFault", "SessionRecord", "StepError"]
 
-REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery")
+# sandbox_failed: the sandbox's PID 1 (nrx-init) died on its own (killed from the host,
+# crashed); the agent noticed through its pidfd and ended the session
+REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery", "sandbox_failed")
 
 
 class StepError(RuntimeError):

@@ -18,7 +18,8 @@ way.  `faults` (tests only) forces named engines to fail, to test the degraded p
 Health is live, not only periodic: the code that sees a failure reports it at once with
 `fault(engine, reason)` (a failed journal or spool write -> rzl and `database`; EMFILE at
 accept, a failed destruction -> eee); the engine is false from that moment and its
-self-test is re-run every `RECHECK_SECONDS` until it passes again.  rzl also fails while a
+self-test is re-run every `RECHECK_SECONDS` until it passes again (so is any engine whose
+periodic self-test failed).  rzl also fails while a
 proof is kept only in memory/fallback (each re-run retries writing it into the spool).
 State damage found at start (`agent.service.integrity`) is shown as the extension
 `state_damage: {kind: count}` in the snapshot (present only when something was found).
@@ -201,6 +202,7 @@ class HealthMonitor:
         self.live_faults: dict[str, str] = {}  # engine -> failure reported by fault()
         self.state_damage: dict[str, int] = {}  # kind -> count, found at start
         self._wake = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
         self.runs = 0
         self.last_run: str | None = None
         self._started = getattr(service, "started_at", None) or time.monotonic()
@@ -234,6 +236,8 @@ class HealthMonitor:
         self.reasons[name] = reason
         if ok:
             self.live_faults.pop(name, None)
+        else:  # re-checked every RECHECK_SECONDS until it passes, not at the next interval
+            self.live_faults[name] = reason or "failed"
         self.checked_at[name] = timefmt.iso_seconds()
         self.durations_ms[name] = int((time.monotonic() - t0) * 1000)
         if ok != was:
@@ -266,7 +270,13 @@ class HealthMonitor:
 
     def state_fault(self, reason: str | None) -> None:
         """Journal/spool hook: a failed write (reason) makes rzl and `database` false at
-        once; None (the backlog was replayed) asks for an immediate re-check."""
+        once; None (the backlog was replayed) asks for an immediate re-check.  Callable
+        from a worker thread (the spool writes there): it then runs on the loop."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            self._token.run_sync_soon(self.state_fault, reason)
+            return
         if reason is not None:
             self.database, self.database_reason = False, reason
             self.fault("rzl", reason)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import secrets
 import time
@@ -421,20 +422,43 @@ class Service:
         self.journal.add_event(s.session_id, seq, kind, h, at)
 
     async def _watch(self, s: _Live) -> None:
-        """Destroy the session at its TTL (reason ttl_expired) or on OOM (reason oom)."""
+        """Destroy the session at its TTL (reason ttl_expired), on OOM (reason oom) or when
+        its nrx-init died (reason sandbox_failed: its pidfd turned readable)."""
         reason = None
+        ended: list[str] = []
+
+        async def on_oom(oom: trio.Event, scope: trio.CancelScope) -> None:
+            await oom.wait()
+            ended.append("oom")
+            scope.cancel()
+
+        async def on_init_exit(pidfd: int, scope: trio.CancelScope) -> None:
+            fd = os.dup(pidfd)  # our own fd: kill_init waits on the original
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+            ended.append("sandbox_failed")
+            scope.cancel()
+
         with trio.CancelScope() as s.watch_scope:
             with trio.move_on_at(s.deadline) as ttl_scope:
-                oom = getattr(s.sandbox, "oom", None)
-                if oom is not None:
-                    await oom.wait()
-                    reason = "oom"
-                else:
-                    await trio.sleep_forever()
+                async with trio.open_nursery() as nursery:
+                    oom = getattr(s.sandbox, "oom", None)
+                    if oom is not None:
+                        nursery.start_soon(on_oom, oom, nursery.cancel_scope)
+                    pidfd = getattr(s.sandbox, "pidfd", -1)
+                    if isinstance(pidfd, int) and pidfd >= 0:
+                        nursery.start_soon(on_init_exit, pidfd, nursery.cancel_scope)
+                    nursery.start_soon(trio.sleep_forever)
             if ttl_scope.cancelled_caught:
                 reason = "ttl_expired"
+            elif ended:
+                reason = ended[0]
         if reason is None or s.ending:
             return
+        if reason == "sandbox_failed":
+            _log.error("sandbox_init_died", session_id=s.session_id)
         if reason == "oom":
             self._inc("oom_kills_total")
         await self._destroy_quiet(s, reason)

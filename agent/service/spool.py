@@ -80,8 +80,10 @@ def _proof_error(data: bytes, session_id: str) -> str | None:
     """Why `data` is not a spooled proof of `session_id` (None when it is one)."""
     try:
         doc = json.loads(data)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         return f"not JSON ({e.msg} at byte {e.pos} of {len(data)})"
+    except ValueError:
+        return f"not UTF-8 JSON ({len(data)} bytes)"
     if not isinstance(doc, dict):
         return "not a JSON object"
     if doc.get("session_id") != session_id:
