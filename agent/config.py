@@ -114,6 +114,20 @@ class SandboxConfig:
     sandbox_oom_score_adj: int = 500
     rlimit_nofile: int = 1024
     rlimit_fsize_bytes: int = 0  # 0: the tier's tmpfs size
+    # OOM (issue 12): the agent, not the kernel, ends a session at its memory cap, so its
+    # memory is wiped before it is freed.  `oom_guard`: keep the kernel OOM killer away
+    # (v1 memory.oom_control, v2 memory.high = cap with memory.max = cap + headroom);
+    # `oom_headroom_bytes`: what a stalled session may get above its cap so its tasks
+    # reach the freezer (v1), or the v2 margin; `oom_fallback_seconds`: a session stalled
+    # at its cap whose destruction has not begun by then goes to the kernel killer
+    # (reported in step 3's evidence).
+    oom_guard: bool = True
+    oom_headroom_bytes: int = 8 * MiB
+    oom_fallback_seconds: float = 10.0
+    # Sessions outlive the agent (issue 12): nrx-init keeps its sandbox this long after
+    # the agent's end of the lifeline closes, waiting for a restarted agent to re-adopt it;
+    # 0 = end the sandbox at once (the old behaviour).
+    orphan_grace_seconds: float = 60.0
 
 
 @dataclass
@@ -313,6 +327,11 @@ def _validate(cfg: Config) -> None:
          "sandbox.uid_base + uid_slot_size * node.max_sessions must stay below 2^32-1")
     need(-1000 <= cfg.sandbox.sandbox_oom_score_adj <= 1000,
          "sandbox.sandbox_oom_score_adj must be between -1000 and 1000")
+    need(0 <= cfg.sandbox.oom_headroom_bytes <= 1024 * MiB,
+         "sandbox.oom_headroom_bytes must be between 0 and 1 GiB")
+    need(cfg.sandbox.oom_fallback_seconds > 0, "sandbox.oom_fallback_seconds must be > 0")
+    need(0 <= cfg.sandbox.orphan_grace_seconds <= 24 * 3600,
+         "sandbox.orphan_grace_seconds must be between 0 and 86400")
     need(cfg.exec.max_input_bytes >= 0, "exec.max_input_bytes must be >= 0")
     need(cfg.exec.output_cap_bytes >= 1024, "exec.output_cap_bytes must be >= 1024")
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")

@@ -379,7 +379,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     ev.update({"fs_type": "unknown", "size_limit_bytes": 0, "files": 0, "dirs": 0,
                "symlinks": 0, "bytes": 0, "passes": list(ctx.passes), "readback_blocks": 0,
                "unlinked": 0, "agent_view_unmounted": False})
-    root_fd = getattr(sb, "root_fd", None) if sb is not None else None
+    root_fd = sb.root_fd if sb is not None else None
     if root_fd is None or root_fd < 0:
         raise StepError("no pinned root fd")
     rst = os.fstat(root_fd)
@@ -394,7 +394,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         vfs = os.fstatvfs(root_fd)
         ev["size_limit_bytes"] = vfs.f_blocks * vfs.f_frsize
     except OSError:
-        ev["size_limit_bytes"] = int(getattr(sb, "tmpfs_bytes", 0) or 0)
+        ev["size_limit_bytes"] = sb.tmpfs_bytes if sb is not None else 0
     errors = []
     if ev["fs_type"] != "tmpfs":
         errors.append("session root is not a mounted tmpfs")

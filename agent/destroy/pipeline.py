@@ -120,18 +120,16 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
 
 async def _teardown(ctx: DestroyContext, logger) -> bool:
     sb = ctx.sandbox
-    if sb is None or getattr(sb, "teardown", None) is None:
+    if sb is None:
         return True
     with trio.CancelScope(shield=True):
         # A v1-frozen task does not die from SIGKILL until thawed: whatever a failed step
         # left frozen is killed and thawed here, or the kill of PID 1 would wait forever.
-        cgroup = getattr(sb, "cgroup", None)
-        if cgroup is not None:
-            try:
-                if not cgroup.empty():
-                    cgroup.kill_all()
-            except Exception as e:
-                logger.warning("destroy.teardown_kill_failed", error=_reason_text(e))
+        try:
+            if not sb.cgroup.empty():
+                sb.cgroup.kill_all()
+        except Exception as e:
+            logger.warning("destroy.teardown_kill_failed", error=_reason_text(e))
         with trio.move_on_after(max(ctx.timeout, 1.0) * 2) as cs:
             try:
                 await sb.teardown()

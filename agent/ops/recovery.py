@@ -393,7 +393,7 @@ async def recover(cfg, *, journal, driver=None,
     lg = log.get().bind(component="recovery")
     t0 = time.monotonic()
     if driver is None and engine is not None:
-        driver = getattr(engine, "cgroups", None)
+        driver = engine.cgroups
     report = RecoveryReport()
     try:
         rows = list(journal.live_sessions())

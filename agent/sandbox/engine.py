@@ -27,8 +27,10 @@ from agent import log
 from agent.config import Config
 
 from . import exec as _exec
-from . import initproto, mounts, namespaces, userns, uts
-from .cgroups import CgroupLimits, detect
+from . import initproto, mounts, userns, uts
+from . import namespaces as namespaces_mod
+from .cgroups import CgroupHandle, CgroupLimits, detect
+from .cleanup import CleanupStack
 from .exec import ExecBusy, ExecResult, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
@@ -98,11 +100,17 @@ def _late_pid(sock: socket.socket) -> int:
 
 
 class Sandbox:
-    """One live session sandbox.  See docs/design.md for the contract."""
+    """One live session sandbox.  See docs/design.md for the contract.
+
+    Everything its creation made is undone by its cleanup stack (`cleanup`), newest
+    first, exactly once: the destruction steps run single pieces early through the
+    methods below, `teardown()` runs the rest."""
 
     def __init__(self, *, session_id: str, hostname: str, ids: userns.IdRange,
                  init_pid: int, pidfd: int, control: _exec.Control, root_mount_path: Path,
-                 root_fd: int, tmpfs_bytes: int, cgroup, engine: SandboxEngine) -> None:
+                 root_fd: int, tmpfs_bytes: int, cgroup: CgroupHandle, engine: SandboxEngine,
+                 cleanup: CleanupStack, init_starttime: int | None = None,
+                 namespaces: dict[str, int] | None = None) -> None:
         self.session_id = session_id
         self.hostname = hostname
         self.slot = ids.slot
@@ -112,28 +120,33 @@ class Sandbox:
         self.init_pid = init_pid
         self.pidfd = pidfd
         self.control = control
-        self.init_starttime = namespaces.starttime(init_pid)
+        self.init_starttime = (init_starttime if init_starttime is not None
+                               else namespaces_mod.starttime(init_pid))
         self.root_fd = root_fd
         self.root_mount_path = root_mount_path
         self.tmpfs_bytes = tmpfs_bytes
-        self.namespaces = namespaces.inodes(init_pid)
+        self.namespaces = (dict(namespaces) if namespaces is not None
+                           else namespaces_mod.inodes(init_pid))
         self.cgroup = cgroup
-        self.oom = trio.Event()
+        self.cleanup = cleanup
+        self.oom = trio.Event()  # set once the cgroup ran out of memory (contained or killed)
+        self.oom_guarded = False  # the kernel OOM killer is kept away (the agent ends it)
+        self.oom_contained = False  # frozen at the cap by the agent, nothing freed
+        self.oom_fallback = False  # the agent handed the cgroup back to the kernel killer
+        self.ending = False  # destruction began: an exec in flight is not aborted by itself
         self._engine = engine
         self._busy = False
-        self._reaped = False
-        self._slot_released = False
         self._oom_fd = -1
-        self._closed = False
 
     # -- exec --------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return not self._reaped and not _exited(self.pidfd)
+        return not self.cleanup.done("init") and not _exited(self.pidfd)
 
     async def exec(self, command: str, *, input_data: bytes | None = None,
                    env: dict[str, str] | None = None, timeout: float,
-                   on_output: Callable | None = None) -> ExecResult:
+                   on_output: Callable | None = None,
+                   progress: _exec.ExecProgress | None = None) -> ExecResult:
         if self._busy:
             raise ExecBusy()
         if not self.alive:
@@ -147,104 +160,135 @@ class Sandbox:
                                    timeout=timeout, on_output=on_output,
                                    output_cap=cfg.output_cap_bytes,
                                    kill_grace=cfg.kill_grace_seconds,
-                                   max_input=cfg.max_input_bytes)
+                                   max_input=cfg.max_input_bytes, progress=progress)
         finally:
             self._busy = False
 
-    # -- OOM ---------------------------------------------------------------------------
-    def _watch_oom(self) -> None:
+    # -- OOM (issue 12: the agent, not the kernel, ends a session at its cap) -----------
+    async def watch_oom(self, *, guard: bool, headroom: int) -> None:
+        """Return once the cgroup ran out of memory.  With `guard`, the kernel OOM killer
+        is kept away first (CgroupHandle.guard_oom) and the stalled cgroup is frozen here,
+        with nothing freed, so destruction can wipe before the kill; without it (or when
+        the guard cannot be set) the kernel kills and this reports it.  Sets `oom`."""
         try:
-            self._oom_fd = self.cgroup.oom_fd()
+            fd = self._oom_fd = self.cgroup.oom_fd()
         except OSError as e:
             log.get().warning("oom_fd_unavailable", session_id=self.session_id,
                               error=_err_text(e))
-            return
-        trio.lowlevel.spawn_system_task(self._oom_task, self._oom_fd,
-                                        name=f"oom-watch-{self.session_id}")
-
-    async def _oom_task(self, fd: int) -> None:
-        try:
-            await trio.lowlevel.wait_readable(fd)
-        except (trio.ClosedResourceError, trio.Cancelled, OSError):
-            return
-        with contextlib.suppress(OSError):
-            os.read(fd, 8)
-        log.get().info("sandbox_oom", session_id=self.session_id)
+            await trio.sleep_forever()
+        if guard:
+            self.oom_guarded = await trio.to_thread.run_sync(self.cgroup.guard_oom, headroom)
+            if not self.oom_guarded:
+                log.get().warning("oom_guard_unavailable", session_id=self.session_id)
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except (trio.ClosedResourceError, OSError):
+                await trio.sleep_forever()
+            with contextlib.suppress(OSError):
+                os.read(fd, 64)
+            try:
+                stalled = self.oom_guarded and self.cgroup.oom_stalled()
+                killed = self.cgroup.oom_kills() > 0
+            except OSError:
+                stalled = killed = False
+            if stalled and not killed:
+                try:
+                    await trio.to_thread.run_sync(self.cgroup.contain_oom, headroom)
+                    self.oom_contained = True
+                except Exception as e:
+                    log.get().error("oom_contain_failed", session_id=self.session_id,
+                                    error=_err_text(e))
+            if stalled or killed or not self.oom_guarded:
+                break
+        log.get().info("sandbox_oom", session_id=self.session_id,
+                       contained=self.oom_contained)
         self.oom.set()
 
-    def _stop_oom_watch(self) -> None:
-        if self._oom_fd >= 0:
-            trio.lowlevel.notify_closing(self._oom_fd)
-            self._oom_fd = -1
+    def fall_back_to_kernel_oom(self) -> None:
+        """The agent did not end an OOM'd session in bounded time: the kernel killer
+        takes over (the memory it frees is not wiped; step 3 reports it)."""
+        self.oom_fallback = True
+        log.get().error("oom_kernel_fallback", session_id=self.session_id)
+        self.cgroup.kernel_oom_fallback()
 
-    # -- lifetime (each idempotent) ------------------------------------------------------
+    def oom_evidence(self) -> dict:
+        """What step 3 records about OOM handling, as measured now."""
+        try:
+            kills = self.cgroup.oom_kills()
+        except OSError:
+            kills = -1
+        return {"oom_killer_disabled": self.oom_guarded, "oom_contained": self.oom_contained,
+                "oom_kernel_fallback": self.oom_fallback, "kernel_oom_kills": kills}
+
+
+    # -- lifetime: each runs its undo from the cleanup stack once -------------------------
     async def kill_init(self) -> None:
         """SIGKILL PID 1 through the pidfd (the whole PID namespace dies with it) and wait
         until it is reaped."""
-        if self._reaped:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        # a frozen task cannot act on SIGKILL until thawed (v1 freezer): a sandbox left
-        # frozen by an interrupted destruction would otherwise never be reaped
-        with contextlib.suppress(Exception):
-            if self.cgroup.frozen():
-                self.cgroup.thaw()
-        await _reap(self.pidfd)
-        self._reaped = True
-        self.control.close()
+        await self.cleanup.acall("init")
 
     def detach_root_mount(self) -> None:
         """Close the root fd and detach the session tmpfs from the host; remove its dir."""
-        if self.root_fd >= 0:
-            os.close(self.root_fd)
-            self.root_fd = -1
-        mounts.detach(self.root_mount_path)
-        mounts.remove_session_dir(self._engine.runtime_dir, self.session_id)
+        if not self.cleanup.done("root_fd"):
+            self.root_fd = -1  # closed by the undo below
+        self.cleanup.call("root_fd")
+        self.cleanup.call("mount")
+        self.cleanup.call("session_dir")
 
     def release_slot(self) -> None:
-        if not self._slot_released:
-            self._slot_released = True
-            self._engine._forget(self)
+        self.cleanup.call("slot")
+
+    def stop_oom_watch(self) -> None:
+        """Close the OOM watcher's fd (a task waiting on it is woken first)."""
+        if self._oom_fd >= 0:
+            trio.lowlevel.notify_closing(self._oom_fd)
+            self._oom_fd = -1
+        self.cgroup.close()
+
+    def retire_hostname(self) -> None:
+        """Nothing to do: hostnames are only unique among live sandboxes (engine.live)."""
 
     async def remove_cgroup(self) -> None:
         """Confirm the cgroup is empty (kill what is left), then remove it."""
-        self._stop_oom_watch()
-        if not self.cgroup.empty():
-            self.cgroup.kill_all()
-            await trio.to_thread.run_sync(self.cgroup.wait_empty)
-        # rmdir of each cgroup directory (css offlining) off the event loop
-        await trio.to_thread.run_sync(self.cgroup.remove)
+        self.stop_oom_watch()
+        await self.cleanup.acall("cgroup")
 
     async def teardown(self) -> None:
-        """Best effort: kill, remove the cgroup, detach the tmpfs, release the slot.
-        Errors of one step do not stop the others; the first is raised at the end."""
+        """Best effort: run every undo not yet run, newest first (kill PID 1, detach the
+        tmpfs, remove the cgroup, release the slot).  Errors of one do not stop the
+        others; the first is raised at the end."""
         with trio.CancelScope(shield=True):  # cleanup must not stop halfway
-            await self._teardown()
+            self.stop_oom_watch()
+            errors = await self.cleanup.run(lambda name, e: log.get().error(
+                "teardown_step_failed", session_id=self.session_id, step=name,
+                error=_err_text(e)))
+        if errors:
+            raise errors[0][1]
 
-    async def _teardown(self) -> None:
-        first: BaseException | None = None
-        for step in (self.kill_init, self.remove_cgroup):
-            try:
-                await step()
-            except Exception as e:
-                first = first or e
-                log.get().error("teardown_step_failed", session_id=self.session_id,
-                                step=step.__name__, error=_err_text(e))
-        for sync_step in (self.detach_root_mount, self.release_slot, self._close_pidfd):
-            try:
-                sync_step()
-            except Exception as e:
-                first = first or e
-                log.get().error("teardown_step_failed", session_id=self.session_id,
-                                step=sync_step.__name__, error=_err_text(e))
-        if first is not None:
-            raise first
 
-    def _close_pidfd(self) -> None:
-        if self._reaped and self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+async def _kill_and_reap(pidfd: int, cgroup: CgroupHandle, control: _exec.Control) -> None:
+    """SIGKILL a sandbox's PID 1 through its pidfd, wait until reaped, close its fds."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    # a frozen task cannot act on SIGKILL until thawed (v1 freezer): a sandbox left
+    # frozen by an interrupted destruction would otherwise never be reaped
+    with contextlib.suppress(Exception):
+        if cgroup.frozen():
+            cgroup.thaw()
+    await _reap(pidfd)
+    control.close()
+    os.close(pidfd)
+
+
+async def _remove_cgroup(cgroup: CgroupHandle) -> None:
+    """Confirm the cgroup is empty (kill what is left), then remove it."""
+    cgroup.close()
+    if not cgroup.empty():
+        cgroup.kill_all()
+        await trio.to_thread.run_sync(cgroup.wait_empty)
+    # rmdir of each cgroup directory (css offlining) off the event loop
+    await trio.to_thread.run_sync(cgroup.remove)
 
 
 try:  # native/ext/nrxspawn.c: the same posix_spawn, without holding the GIL
@@ -291,10 +335,11 @@ class SandboxEngine:
         for cls in cfg.classes.values():  # once per profile, at start: fail early
             self.bpf(cls.seccomp_profile)
 
-    def _forget(self, sb: Sandbox) -> None:
-        if self.live.get(sb.session_id) is sb:
-            del self.live[sb.session_id]
-        self.slots.release(sb.slot)
+    def _forget(self, session_id: str, slot: int) -> None:
+        sb = self.live.get(session_id)
+        if sb is not None and sb.slot == slot:
+            del self.live[session_id]
+        self.slots.release(slot)
 
     def bpf(self, profile: str) -> bytes:
         if profile not in self._bpf:
@@ -311,11 +356,11 @@ class SandboxEngine:
         t = cfg.tiers[tier]
         tmpfs_bytes = cfg.tmpfs_bytes(tier)
         bpf = self.bpf(cfg.classes[classification].seccomp_profile)
-        undo: list[Callable[[], object]] = []
+        undo = CleanupStack()
         t0 = time.monotonic()
         try:
             ids = self.slots.allocate()
-            undo.append(lambda: self.slots.release(ids.slot))
+            undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = hostname or uts.new_hostname(
                 sc.hostname_prefix, {s.hostname for s in self.live.values()})
             # mkdir of ~6 cgroup directories, their limit writes and the mount point's
@@ -324,9 +369,10 @@ class SandboxEngine:
             root = mounts.mount_path(self.runtime_dir, session_id)
             cg = await trio.to_thread.run_sync(self._cgroup_and_root, session_id,
                                                CgroupLimits.from_tier(t), root)
-            undo.append(cg.remove)
-            undo.append(lambda: mounts.remove_session_dir(self.runtime_dir, session_id))
-            undo.append(lambda: mounts.detach(root))
+            undo.push("cgroup", lambda: _remove_cgroup(cg))
+            undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
+                                                                       session_id))
+            undo.push("mount", lambda: mounts.detach(root))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
@@ -334,23 +380,17 @@ class SandboxEngine:
                 links=self.links, cgroup_procs=[str(p) for p in cg.procs_files()],
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf)
-            pid, pidfd, control = await self._spawn(init_cfg, undo)
+            pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            undo.append(lambda: os.close(root_fd))
+            undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
                          pidfd=pidfd, control=control, root_mount_path=root, root_fd=root_fd,
-                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self)
-            sb._watch_oom()
+                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo)
         except BaseException:
             with trio.CancelScope(shield=True):
-                for step in reversed(undo):
-                    try:
-                        r = step()
-                        if hasattr(r, "__await__"):
-                            await r
-                    except Exception as e:  # keep undoing; report each
-                        self._log.error("create_undo_failed", session_id=session_id,
-                                        error=_err_text(e))
+                await undo.run(lambda name, e: self._log.error(
+                    "create_undo_failed", session_id=session_id, step=name,
+                    error=_err_text(e)))
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
@@ -369,7 +409,8 @@ class SandboxEngine:
             raise
         return cg
 
-    async def _spawn(self, init_cfg: initproto.InitConfig, undo: list) -> tuple:
+    async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
+                     cg: CgroupHandle) -> tuple:
         """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # a SEQPACKET message must fit the sender's buffer (default net.core.wmem_default,
@@ -382,7 +423,7 @@ class SandboxEngine:
             except PermissionError:
                 continue
         control = _exec.Control(ours)
-        undo.append(control.close)
+        undo.push("control", control.close)
         try:
             ours.send(init_cfg.encode())
             fd = theirs.fileno()
@@ -396,12 +437,8 @@ class SandboxEngine:
         helper_fd = os.pidfd_open(helper)
         pid = pidfd = -1
 
-        async def kill_child() -> None:
-            if pidfd >= 0:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                await _reap(pidfd)
-                os.close(pidfd)
+        def push_kill(pidfd: int) -> None:
+            undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
             with trio.fail_after(CREATE_TIMEOUT):
@@ -411,7 +448,7 @@ class SandboxEngine:
                         if kind == initproto.MSG_PID:
                             pid = fields[0]
                             pidfd = os.pidfd_open(pid)
-                            undo.append(kill_child)
+                            push_kill(pidfd)
                         elif kind == initproto.MSG_READY:
                             break
                         elif kind == initproto.MSG_ERROR:
@@ -430,7 +467,7 @@ class SandboxEngine:
                     pid = _late_pid(ours)
                     if pid > 0:
                         pidfd = os.pidfd_open(pid)
-                        undo.append(kill_child)
+                        push_kill(pidfd)
         return pid, pidfd, control
 
     def sweep_leftovers(self) -> dict:

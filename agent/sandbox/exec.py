@@ -74,6 +74,33 @@ class ExecResult:
 OnOutput = Callable[[str, bytes], Awaitable[None]]
 
 
+class ExecProgress:
+    """What an exec in flight has produced so far, for the session to close it out when
+    the sandbox ends under it (TTL, OOM, operator: issue 12 "interrupted execs")."""
+
+    def __init__(self) -> None:
+        self.streams: list[_Stream] = []
+        self.on_output: OnOutput | None = None
+        self.started = time.time()
+        self.t0 = time.monotonic()
+
+    async def interrupted(self, *, oom: bool) -> ExecResult:
+        """The result as it stands: what is still in the pipes is drained first (the
+        sandbox is frozen, so nothing more comes); the command is about to be killed by
+        destruction (SIGKILL, exit code 137)."""
+        for st in self.streams:
+            if st.fd >= 0:
+                with contextlib.suppress(OSError):
+                    await _drain(st, self.on_output)
+        caps = [st.capture for st in self.streams] or [Capture(0), Capture(0)]
+        return ExecResult(
+            stdout=caps[0].result(), stderr=caps[1].result(), exit_code=128 + _signal.SIGKILL,
+            timed_out=False, signal=int(_signal.SIGKILL), oom_killed=oom,
+            output_truncated=caps[0].truncated, stderr_truncated=caps[1].truncated,
+            duration_ms=int((time.monotonic() - self.t0) * 1000),
+            started_at=timefmt.iso_seconds(self.started), finished_at=timefmt.iso_seconds())
+
+
 def base_env(home: str = "/work") -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
             "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -197,7 +224,8 @@ class Control:
 
 async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
               timeout: float, on_output: OnOutput | None, output_cap: int,
-              kill_grace: float, max_input: int = 8 * 1024 * 1024) -> ExecResult:
+              kill_grace: float, max_input: int = 8 * 1024 * 1024,
+              progress: ExecProgress | None = None) -> ExecResult:
     """Run `command` in sandbox `sb` (see Sandbox.exec)."""
     full_env = base_env()
     if env and len(env) > MAX_ENV:
@@ -232,6 +260,9 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
     started = time.time()
     t0 = time.monotonic()
     streams: list[_Stream] = []
+    if progress is not None:
+        progress.streams, progress.on_output = streams, on_output
+        progress.started, progress.t0 = started, t0
     wends: list[int] = []
     try:
         for name in ("stdout", "stderr"):
@@ -277,7 +308,8 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
                 readers.cancel()
         except BaseException:
             # cancelled or failed while the command runs: it must not outlive the exec
-            if status is None:
+            # (unless the sandbox is being destroyed: destruction kills it, frozen)
+            if status is None and not sb.ending:
                 with trio.CancelScope(shield=True):
                     await _abort(sb.control, pgid)
             raise
@@ -288,6 +320,7 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
             os.close(w)
         for s in streams:
             os.close(s.fd)
+            s.fd = -1
 
     finished = time.time()
     exit_code, sig = decode_status(status)

@@ -1,0 +1,96 @@
+"""The session record and its runtime state (SPEC 2): what a session *is*, no behaviour.
+
+`SessionRecord` is the metadata the destruction pipeline reads (it satisfies
+`agent.destroy.context.SessionFacts`); `Session` adds what only a running agent has (the
+sandbox handle, the receipt key, the deadline, the exec in flight).  Statuses:
+`active` <-> `executing` -> `destroyed` (requested) | `expired` (TTL, OOM, operator,
+recovery) | `expired_unclean` (a destruction step could not be verified).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.keys.session import SessionKey
+from agent.sandbox.engine import Sandbox
+from agent.sandbox.exec import ExecProgress
+from agent.service.journal import LIVE_STATUSES
+from agent.timefmt import iso_seconds
+
+__all__ = ["ENDED_STATUSES", "LIVE_STATUSES", "SESSION_ID_RE", "InFlight", "Session",
+           "SessionRecord", "new_session_id"]
+
+SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{16}$")
+ENDED_STATUSES = ("destroyed", "expired", "expired_unclean")
+
+
+def new_session_id() -> str:
+    return "sess_" + secrets.token_hex(8)
+
+
+@dataclass
+class SessionRecord:
+    """The session's metadata as the daemon knows it (SPEC 2): never commands or data.
+
+    `receipts` are the signed exec receipts (SPEC 4) in seq order.  `audit_events` are the
+    audit log entries `{"seq": int, "kind": str, "hash": str, "at": str}` with kinds
+    `created`, `exec` (hash = hex of receipt_leaf(receipt)) and `destroy_requested`; see
+    chain_integrity_seal for the hash chain over them.
+    """
+
+    session_id: str
+    customer_id: str = ""
+    tier: str = "free"
+    classification: str = "general"
+    jurisdiction: str = "US"
+    created_at: str = ""
+    receipts: list[dict] = field(default_factory=list)
+    audit_events: list[dict] = field(default_factory=list)
+    exec_count: int = 0
+
+
+@dataclass
+class InFlight:
+    """The exec running now: enough to give it a receipt if the session ends under it."""
+
+    command: str
+    input_data: bytes | None
+    progress: ExecProgress
+    result: object | None = None  # (ExecResult, receipt) once closed out by end()
+
+
+@dataclass
+class Session:
+    """Runtime state of one session (the metadata lives in `record`)."""
+
+    record: SessionRecord
+    ttl_seconds: int
+    created_ts: float  # wall clock
+    deadline: float  # trio clock; inf = no TTL
+    status: str = "active"
+    sandbox: Sandbox | None = None
+    session_key: SessionKey | None = None
+    receipt_key: dict = field(default_factory=dict)
+    ending: bool = False
+    reason: str | None = None
+    inflight: InFlight | None = None
+    exec_scope: trio.CancelScope | None = None
+    watch_scope: trio.CancelScope | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    result: dict | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.record.session_id
+
+    @property
+    def expires_at(self) -> str | None:
+        return iso_seconds(self.created_ts + self.ttl_seconds) if self.ttl_seconds else None
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_STATUSES
