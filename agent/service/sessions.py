@@ -143,6 +143,11 @@ class Service:
         except Exception:
             _log.exception("destroy_failed", session_id=s.session_id, reason=reason)
 
+    def _health_fault(self, engine: str, reason: str) -> None:
+        """Flip a health engine at once (HealthMonitor.fault); re-checked until it passes."""
+        if self.health is not None:
+            self.health.fault(engine, reason)
+
     # -- metrics helpers -----------------------------------------------------------------
     def _inc(self, name: str, **labels) -> None:
         if self.metrics is not None:
@@ -346,6 +351,7 @@ class Service:
         except Exception as e:
             self.spool.release(session_id)
             key.zeroize()
+            self._health_fault("eee", f"sandbox creation failed ({type(e).__name__}: {e})")
             _log.exception("sandbox_create_failed", session_id=session_id)
             raise InternalError(f"sandbox creation failed ({type(e).__name__})") from None
         record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
@@ -611,6 +617,7 @@ class Service:
             outcome = await run_pipeline(ctx)
         except Exception:
             _log.exception("destroy_pipeline_crashed", session_id=sid, reason=reason)
+            self._health_fault("eee", f"the destruction pipeline of {sid} crashed")
             s.status = "expired_unclean"
             self.journal.update_session(sid, status=s.status, reason=reason)
             if s.sandbox is not None:
@@ -618,9 +625,13 @@ class Service:
                     await s.sandbox.teardown()
             self._inc("destroys_total", reason=reason, status=s.status)
             raise InternalError("the destruction pipeline failed") from None
-        for step, ev in enumerate(outcome.evidence, start=1):
-            if ev.get("ok") is not True:
-                self._inc("destroy_step_failures_total", step=str(step))
+        failed = [str(n) for n, ev in enumerate(outcome.evidence, start=1)
+                  if ev.get("ok") is not True]
+        for step in failed:
+            self._inc("destroy_step_failures_total", step=step)
+        if failed and ctx.sandbox is not None:  # a live sandbox not destroyed cleanly
+            self._health_fault("eee", f"destruction of {sid} could not verify step(s) "
+                                      f"{', '.join(failed)}")
         # the live view and the journal turn to the end status only once the proof is
         # spooled: a control plane that sees `expired` (TTL, OOM) and calls proof.get must
         # find the proof, and a crash in between leaves a live journal row whose spooled
