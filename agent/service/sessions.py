@@ -338,6 +338,7 @@ class Service:
                 "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl})
         except SpoolUnavailable as e:
             _log.error("spool_reservation_failed", session_id=session_id, error=str(e))
+            self._health_fault("rzl", str(e))
             raise Unavailable(f"{e}; new sessions are refused until the state directory "
                               f"has room") from None
         key = SessionKey.generate(session_id)
