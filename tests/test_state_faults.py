@@ -270,3 +270,28 @@ def _init_pid(d: AgentDaemon, sid: str) -> int:
                           (sid,)).fetchone()[0]
     finally:
         db.close()
+
+
+def test_sandbox_known_only_to_the_host_is_destroyed_and_proven(tmp_path):
+    """A crashed agent's session with neither journal row nor spool reservation is found
+    through what the host still shows (its cgroup, its mount), logged at error, reclaimed
+    and given a verifying proof (customer unknown)."""
+    base = tmp_path / "a"
+    d = AgentDaemon(base).start()
+    try:
+        sid = _create(d)
+        d.kill()
+        journal = d.state_dir / "journal.sqlite3"
+        for p in (journal, journal.with_name(journal.name + "-wal"),
+                  journal.with_name(journal.name + "-shm"),
+                  d.state_dir / "spool" / f"{sid}.resv"):
+            p.unlink(missing_ok=True)
+        d.start()
+        lost = [r for r in d.logs() if r.get("event") == "state_damaged"]
+        assert [(r["kind"], r["session_id"]) for r in lost] == [("journal_row", sid)]
+        assert "host" in lost[0]["lost"]
+        _every_proof_once(d, [sid])
+        assert d.call("proof.get", {"session_id": sid})["auditproof"]["org_id"] == "unknown"
+        assert not mounted(_root(d, sid))
+    finally:
+        d.stop()
