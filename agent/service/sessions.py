@@ -34,7 +34,8 @@ from agent.keys.session import SessionKey
 from agent.sandbox.engine import SandboxEngine
 from agent.sandbox.exec import ExecBusy, ExecProgress
 from agent.sandbox.userns import SlotsExhausted
-from agent.service.audit import AuditLog, sha256_hex
+from agent.service import views
+from agent.service.audit import AuditLog
 from agent.service.journal import Journal
 from agent.service.model import (
     ENDED_STATUSES,
@@ -44,10 +45,12 @@ from agent.service.model import (
     Session,
     SessionRecord,
     new_session_id,
+    session_from_row,
 )
 from agent.service.proofs import ProofWriter
+from agent.service.receipts import Receipts, exec_result
 from agent.service.spool import Spool
-from agent.timefmt import iso_seconds, parse_iso
+from agent.timefmt import iso_seconds
 
 __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 
@@ -85,6 +88,7 @@ class Service:
         self.started_at = time.monotonic()
         self.audit = AuditLog(journal)
         self.proofs = ProofWriter(cfg, key_store, spool)
+        self.receipts = Receipts(self.audit)
         self.sessions: dict[str, Session] = {}  # live and ended-since-start
         self._reserved: dict[str, tuple[str, str]] = {}  # sid -> (customer, tier) while creating
         self._nursery: trio.Nursery | None = None
@@ -161,30 +165,17 @@ class Service:
     def live(self) -> list[Session]:
         return [s for s in self.sessions.values() if s.status in LIVE_STATUSES]
 
-    def _view(self, s: Session) -> dict:
-        return {"session_id": s.session_id, "status": s.status, "ttl_seconds": s.ttl_seconds,
-                "created_at": s.record.created_at,
-                "data_classification": s.record.classification, "expires_at": s.expires_at}
-
-    @staticmethod
-    def _row_view(row: dict) -> dict:
-        ttl = row["ttl_seconds"]
-        expires = iso_seconds(parse_iso(row["created_at"]) + ttl) if ttl else None
-        return {"session_id": row["session_id"], "status": row["status"], "ttl_seconds": ttl,
-                "created_at": row["created_at"], "data_classification": row["classification"],
-                "expires_at": expires}
-
     def _lookup(self, session_id: str, customer_id: str | None) -> tuple[Session | None, dict]:
         """(live record or None, public view); NotFound for unknown or foreign sessions."""
         s = self.sessions.get(session_id)
         if s is not None:
             if customer_id is not None and customer_id != s.record.customer_id:
                 raise NotFound(f"session {session_id} not found", field="session_id")
-            return s, self._view(s)
+            return s, views.view(s)
         row = self.journal.get(session_id)
         if row is None or (customer_id is not None and customer_id != row["customer_id"]):
             raise NotFound(f"session {session_id} not found", field="session_id")
-        return None, self._row_view(row)
+        return None, views.row_view(row)
 
     def get(self, session_id: str, customer_id: str | None = None) -> dict:
         return self._lookup(session_id, customer_id)[1]
@@ -192,31 +183,22 @@ class Service:
     def list(self, customer_id: str | None = None) -> list[dict]:
         out = {}
         for row in self.journal.all(customer_id):
-            out[row["session_id"]] = self._row_view(row)
+            out[row["session_id"]] = views.row_view(row)
         for s in self.sessions.values():
             if customer_id is None or s.record.customer_id == customer_id:
-                out[s.session_id] = self._view(s)
+                out[s.session_id] = views.view(s)
         return sorted(out.values(), key=lambda v: (v["created_at"], v["session_id"]))
 
     # E's Service protocol -------------------------------------------------------------
     def list_sessions(self) -> list[dict]:
-        return [self._meta(s) for s in self.sessions.values()]
+        return [views.meta(s) for s in self.sessions.values()]
 
     def get_meta(self, session_id: str) -> dict | None:
         s = self.sessions.get(session_id)
         if s is not None:
-            return self._meta(s)
+            return views.meta(s)
         row = self.journal.get(session_id)
-        if row is None:
-            return None
-        return {**self._row_view(row), "customer_id": row["customer_id"], "tier": row["tier"],
-                "jurisdiction": row["jurisdiction"], "exec_count": row["exec_count"],
-                "reason": row.get("reason")}
-
-    def _meta(self, s: Session) -> dict:
-        return {**self._view(s), "customer_id": s.record.customer_id, "tier": s.record.tier,
-                "jurisdiction": s.record.jurisdiction, "exec_count": s.record.exec_count,
-                "reason": s.reason}
+        return views.row_meta(row) if row is not None else None
 
     def capacity(self) -> dict:
         live = self.live()
@@ -432,7 +414,7 @@ class Service:
                 res, receipt = inflight.result
             else:
                 assert res is not None
-                receipt = self._receipt(s, command, input_data, res)
+                receipt = self.receipts.sign(s, command, input_data, res)
         finally:
             if s.inflight is inflight:
                 s.inflight = None
@@ -442,53 +424,7 @@ class Service:
                                             exec_count=s.record.exec_count)
         self._inc("execs_total")
         self._observe("exec_seconds", time.monotonic() - t0)
-        return {"output": res.stdout, "stderr": res.stderr, "exit_code": res.exit_code,
-                "timed_out": res.timed_out, "signal": res.signal, "oom_killed": res.oom_killed,
-                "output_truncated": res.output_truncated,
-                "stderr_truncated": res.stderr_truncated, "duration_ms": res.duration_ms,
-                "interrupted": receipt.get("interrupted"), "receipt": receipt}
-
-    def _receipt(self, s: Session, command: str, input_data: bytes | None, res,
-                 interrupted: str | None = None) -> dict:
-        from agent.cdp.receipt import build_receipt, receipt_leaf
-
-        assert s.session_key is not None
-        seq = s.record.exec_count + 1
-        fields = {
-            "session_id": s.session_id, "seq": seq,
-            "command_sha256": sha256_hex(command.encode("utf-8")),
-            "input_sha256": sha256_hex(input_data or b""),
-            "output_sha256": sha256_hex(res.stdout), "stderr_sha256": sha256_hex(res.stderr),
-            "exit_code": res.exit_code, "timed_out": bool(res.timed_out),
-            "started_at": res.started_at, "finished_at": res.finished_at,
-        }
-        if interrupted is not None:
-            fields["interrupted"] = interrupted
-        receipt = build_receipt(fields, s.session_key)
-        s.record.receipts.append(receipt)
-        s.record.exec_count = seq
-        self.audit.exec(s.record, receipt_leaf(receipt).hex())
-        return receipt
-
-    async def _close_out_exec(self, s: Session, reason: str) -> None:
-        """An exec in flight when the session ends gets its receipt now, marked
-        `interrupted: <reason>`, before destruction zeroizes the key and seals the chain:
-        the sandbox is frozen first, so its output so far is all there is."""
-        inflight, sb = s.inflight, s.sandbox
-        if inflight is None or sb is None or s.session_key is None:
-            return
-        try:
-            with trio.move_on_after(5):
-                await trio.to_thread.run_sync(sb.cgroup.freeze, 5.0)
-        except Exception:
-            _log.warning("interrupted_exec_freeze_failed", session_id=s.session_id)
-        try:
-            res = await inflight.progress.interrupted(oom=reason == "oom")
-            receipt = self._receipt(s, inflight.command, inflight.input_data, res,
-                                    interrupted=reason)
-            inflight.result = (res, receipt)
-        except Exception:
-            _log.exception("interrupted_exec_receipt_failed", session_id=s.session_id)
+        return exec_result(res, receipt)
 
     # -- the one ending: destroy, drain, TTL, OOM, re-adoption and recovery ----------------
     async def destroy(self, session_id: str, reason: str = "requested", *,
@@ -538,7 +474,7 @@ class Service:
 
     async def _end(self, s: Session, reason: str) -> dict:
         sid = s.session_id
-        await self._close_out_exec(s, reason)
+        await self.receipts.close_out(s, reason)
         self.audit.destroy_requested(s.record, reason)
 
         def revoke() -> None:
@@ -583,19 +519,6 @@ class Service:
         return result
 
     # -- recovery (ops.recovery calls this per journaled live session) ---------------------
-    def _session_from_row(self, row: dict) -> Session:
-        """A Session rebuilt from its journal row and audit events (no sandbox, no key)."""
-        record = SessionRecord(session_id=row["session_id"], customer_id=row["customer_id"],
-                               tier=row["tier"], classification=row["classification"],
-                               jurisdiction=row["jurisdiction"], created_at=row["created_at"],
-                               audit_events=self.journal.events(row["session_id"]),
-                               exec_count=row["exec_count"] or 0)
-        ttl = row["ttl_seconds"] or 0
-        created = parse_iso(row["created_at"])
-        deadline = (trio.current_time() + (created + ttl - time.time())) if ttl else math.inf
-        return Session(record=record, ttl_seconds=ttl, created_ts=float(created),
-                       deadline=deadline, status=row["status"])
-
     async def recover_row(self, row: dict, reason: str = "agent_recovery") -> str:
         """End a session found in the journal after a crash through the same end() as a
         live one (no sandbox left to hand it), and return the final status.  A session
@@ -607,6 +530,6 @@ class Service:
             status = stored.get("status", "expired_unclean")
             self.journal.update_session(sid, status=status, reason=stored.get("reason", reason))
             return status
-        s = self._session_from_row(row)
+        s = session_from_row(row, self.journal.events(sid))
         await self.end(s, reason)
         return s.status

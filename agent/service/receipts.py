@@ -1,0 +1,81 @@
+"""Exec receipts of a session (SPEC 4): signed by the session key, counted in exec_count,
+audited as `exec` events, and given also to an exec the session's end cut off
+(`interrupted: <reason>`, issue 12) before destruction zeroizes the key."""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from agent.cdp.receipt import build_receipt, receipt_leaf
+from agent.sandbox.exec import ExecResult
+from agent.service.audit import AuditLog, sha256_hex
+from agent.service.model import Session
+
+__all__ = ["Receipts", "exec_result"]
+
+_log = structlog.get_logger("nanorix-agent.sessions")
+
+
+def exec_result(res: ExecResult, receipt: dict) -> dict:
+    """The session.exec answer."""
+    return {"output": res.stdout, "stderr": res.stderr, "exit_code": res.exit_code,
+            "timed_out": res.timed_out, "signal": res.signal, "oom_killed": res.oom_killed,
+            "output_truncated": res.output_truncated,
+            "stderr_truncated": res.stderr_truncated, "duration_ms": res.duration_ms,
+            "interrupted": receipt.get("interrupted"), "receipt": receipt}
+
+
+def receipt_fields(s: Session, command_sha256: str, input_sha256: str, res: ExecResult,
+                   interrupted: str | None) -> dict:
+    fields = {
+        "session_id": s.session_id, "seq": s.record.exec_count + 1,
+        "command_sha256": command_sha256, "input_sha256": input_sha256,
+        "output_sha256": sha256_hex(res.stdout), "stderr_sha256": sha256_hex(res.stderr),
+        "exit_code": res.exit_code, "timed_out": bool(res.timed_out),
+        "started_at": res.started_at, "finished_at": res.finished_at,
+    }
+    if interrupted is not None:
+        fields["interrupted"] = interrupted
+    return fields
+
+
+class Receipts:
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def sign(self, s: Session, command: str, input_data: bytes | None, res: ExecResult,
+             interrupted: str | None = None) -> dict:
+        return self.sign_hashed(s, sha256_hex(command.encode("utf-8")),
+                                sha256_hex(input_data or b""), res, interrupted)
+
+    def sign_hashed(self, s: Session, command_sha256: str, input_sha256: str,
+                    res: ExecResult, interrupted: str | None = None) -> dict:
+        """Sign the next receipt, append it to the record and the audit log."""
+        assert s.session_key is not None
+        receipt = build_receipt(receipt_fields(s, command_sha256, input_sha256, res,
+                                               interrupted), s.session_key)
+        s.record.receipts.append(receipt)
+        s.record.exec_count = receipt["seq"]
+        self.audit.exec(s.record, receipt_leaf(receipt).hex())
+        return receipt
+
+    async def close_out(self, s: Session, reason: str) -> None:
+        """An exec in flight when the session ends gets its receipt now, marked
+        `interrupted: <reason>`, before destruction zeroizes the key and seals the chain:
+        the sandbox is frozen first, so its output so far is all there is."""
+        inflight, sb = s.inflight, s.sandbox
+        if inflight is None or sb is None or s.session_key is None:
+            return
+        try:
+            with trio.move_on_after(5):
+                await trio.to_thread.run_sync(sb.cgroup.freeze, 5.0)
+        except Exception:
+            _log.warning("interrupted_exec_freeze_failed", session_id=s.session_id)
+        try:
+            res = await inflight.progress.interrupted(oom=reason == "oom")
+            receipt = self.sign(s, inflight.command, inflight.input_data, res,
+                                interrupted=reason)
+            inflight.result = (res, receipt)
+        except Exception:
+            _log.exception("interrupted_exec_receipt_failed", session_id=s.session_id)
