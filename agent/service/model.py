@@ -53,6 +53,10 @@ class SessionRecord:
     receipts: list[dict] = field(default_factory=list)
     audit_events: list[dict] = field(default_factory=list)
     exec_count: int = 0
+    # False once the agent restarted under the session: the receipts signed before it
+    # died are known only as the audit log's exec hashes (the same Merkle leaves), so
+    # the pipeline roots and checks those instead of a partial receipt list
+    receipts_complete: bool = True
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Session:
     sandbox: Sandbox | None = None
     session_key: SessionKey | None = None
     receipt_key: dict = field(default_factory=dict)
+    previous_receipt_keys: list[dict] = field(default_factory=list)  # before a re-adoption
     ending: bool = False
     reason: str | None = None
     inflight: InFlight | None = None
@@ -105,7 +110,8 @@ def session_from_row(row: dict, events: list[dict]) -> Session:
     record = SessionRecord(session_id=row["session_id"], customer_id=row["customer_id"],
                            tier=row["tier"], classification=row["classification"],
                            jurisdiction=row["jurisdiction"], created_at=row["created_at"],
-                           audit_events=events, exec_count=row["exec_count"] or 0)
+                           audit_events=events, exec_count=row["exec_count"] or 0,
+                           receipts_complete=False)
     ttl = row["ttl_seconds"] or 0
     created = parse_iso(row["created_at"])
     deadline = (trio.current_time() + (created + ttl - time.time())) if ttl else math.inf

@@ -4,17 +4,22 @@ audited as `exec` events, and given also to an exec the session's end cut off
 
 from __future__ import annotations
 
+import json
+
 import structlog
 import trio
 
+from agent.cdp.canonical import canonical_json
 from agent.cdp.receipt import build_receipt, receipt_leaf
-from agent.sandbox.exec import ExecResult
+from agent.sandbox.exec import ExecResult, decode_status
 from agent.service.audit import AuditLog, sha256_hex
 from agent.service.model import Session
+from agent.timefmt import iso_seconds
 
-__all__ = ["Receipts", "exec_result"]
+__all__ = ["Receipts", "exec_result", "exec_tag"]
 
 _log = structlog.get_logger("nanorix-agent.sessions")
+AGENT_RESTART = "agent_restart"  # `interrupted` of an exec cut off by the agent's death
 
 
 def exec_result(res: ExecResult, receipt: dict) -> dict:
@@ -24,6 +29,14 @@ def exec_result(res: ExecResult, receipt: dict) -> dict:
             "output_truncated": res.output_truncated,
             "stderr_truncated": res.stderr_truncated, "duration_ms": res.duration_ms,
             "interrupted": receipt.get("interrupted"), "receipt": receipt}
+
+
+def exec_tag(command: str, input_data: bytes | None) -> bytes:
+    """What PID 1 keeps while the command runs, so that a restarted agent can still give
+    an exec cut off by the agent's death its receipt: hashes and the start time only."""
+    return canonical_json({"command_sha256": sha256_hex(command.encode("utf-8")),
+                           "input_sha256": sha256_hex(input_data or b""),
+                           "started_at": iso_seconds()})
 
 
 def receipt_fields(s: Session, command_sha256: str, input_sha256: str, res: ExecResult,
@@ -55,10 +68,27 @@ class Receipts:
         assert s.session_key is not None
         receipt = build_receipt(receipt_fields(s, command_sha256, input_sha256, res,
                                                interrupted), s.session_key)
-        s.record.receipts.append(receipt)
+        if s.record.receipts_complete:
+            s.record.receipts.append(receipt)
         s.record.exec_count = receipt["seq"]
         self.audit.exec(s.record, receipt_leaf(receipt).hex())
         return receipt
+
+    def close_out_crashed(self, s: Session, status: int, tag: bytes) -> dict | None:
+        """The receipt of an exec the agent's death cut off (PID 1 killed it and kept its
+        tag, see initproto.encode_exec): `interrupted: agent_restart`, no output (none
+        reached the client), the exit status PID 1 saw."""
+        try:
+            meta = json.loads(tag)
+            cmd, inp, started = meta["command_sha256"], meta["input_sha256"], meta["started_at"]
+        except (ValueError, KeyError, TypeError):
+            _log.error("interrupted_exec_tag_unreadable", session_id=s.session_id)
+            return None
+        code, sig = decode_status(status)
+        res = ExecResult(stdout=b"", stderr=b"", exit_code=code, timed_out=False, signal=sig,
+                         oom_killed=False, output_truncated=False, stderr_truncated=False,
+                         duration_ms=0, started_at=started, finished_at=iso_seconds())
+        return self.sign_hashed(s, cmd, inp, res, interrupted=AGENT_RESTART)
 
     async def close_out(self, s: Session, reason: str) -> None:
         """An exec in flight when the session ends gets its receipt now, marked

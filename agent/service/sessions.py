@@ -31,11 +31,12 @@ from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
 from agent.errors import BadRequest, Conflict, InternalError, NotFound, RateLimited, Unavailable
 from agent.keys.session import SessionKey
-from agent.sandbox.engine import SandboxEngine
+from agent.sandbox.engine import AdoptFailed, SandboxEngine
 from agent.sandbox.exec import ExecBusy, ExecProgress
 from agent.sandbox.userns import SlotsExhausted
 from agent.service import views
 from agent.service.audit import AuditLog
+from agent.service.faults import fault_point
 from agent.service.journal import Journal
 from agent.service.model import (
     ENDED_STATUSES,
@@ -48,7 +49,7 @@ from agent.service.model import (
     session_from_row,
 )
 from agent.service.proofs import ProofWriter
-from agent.service.receipts import Receipts, exec_result
+from agent.service.receipts import Receipts, exec_result, exec_tag
 from agent.service.spool import Spool
 from agent.timefmt import iso_seconds
 
@@ -57,6 +58,14 @@ __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 _log = structlog.get_logger("nanorix-agent.sessions")  # lazy: resolved after log.setup()
 
 UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
+
+
+def _row_receipt_key(row: dict) -> dict | None:
+    """The public record of the receipt key a journal row names (None without one)."""
+    if not row.get("receipt_key_id") or not row.get("receipt_public_key"):
+        return None
+    return {"key_id": row["receipt_key_id"], "algorithm": "Ed25519",
+            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
 
 
 def _mem_total() -> int:
@@ -92,6 +101,7 @@ class Service:
         self.sessions: dict[str, Session] = {}  # live and ended-since-start
         self._reserved: dict[str, tuple[str, str]] = {}  # sid -> (customer, tier) while creating
         self._nursery: trio.Nursery | None = None
+        self._adopted: list[Session] = []  # waiting for run() to arm their watchers
         cap = cfg.node.memory_capacity_bytes
         self.memory_capacity = cap or int(_mem_total() * 0.8)
 
@@ -101,6 +111,9 @@ class Service:
         ended sessions past their retention (hourly); runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for s in self._adopted:  # re-adopted before the nursery existed
+                nursery.start_soon(self._watch, s)
+            self._adopted.clear()
             task_status.started()
             while True:
                 self.prune_journal()
@@ -212,8 +225,9 @@ class Service:
     def receipt_key(self, key_id: str) -> dict | None:
         """Public record of a session receipt key (live or destroyed session)."""
         for s in self.sessions.values():
-            if s.receipt_key.get("key_id") == key_id:
-                return dict(s.receipt_key)
+            for k in (s.receipt_key, *s.previous_receipt_keys):
+                if k.get("key_id") == key_id:
+                    return dict(k)
         row = self.journal.by_receipt_key(key_id)
         if row is None or not row.get("receipt_public_key"):
             return None
@@ -387,7 +401,8 @@ class Service:
         s.status = "executing"
         self.journal.update_session(session_id, status="executing")
         t0 = time.monotonic()
-        inflight = InFlight(command=command, input_data=input_data, progress=ExecProgress())
+        inflight = InFlight(command=command, input_data=input_data,
+                            progress=ExecProgress(tag=exec_tag(command, input_data)))
         s.inflight = inflight
         try:
             res = None
@@ -519,6 +534,53 @@ class Service:
         return result
 
     # -- recovery (ops.recovery calls this per journaled live session) ---------------------
+    async def adopt_row(self, row: dict) -> bool:
+        """Re-adopt a journaled live session whose sandbox outlived the agent (issue 12):
+        the same sandbox, verified (engine.adopt), becomes an active session again with
+        a fresh receipt key (the old one lived only in the dead agent's locked memory),
+        its TTL and OOM watch re-armed (a TTL that passed while the agent was down ends
+        it at once, ttl_expired); an exec the crash cut off gets its receipt
+        (`interrupted: agent_restart`).  False when there is nothing to adopt (the caller
+        then reclaims and proves it, agent_recovery).  The journal row stays live
+        throughout, so a crash at any point here leaves it to the next start: adopted or
+        proven, never both and never neither."""
+        sid = row["session_id"]
+        if self.spool.get(sid) is not None:
+            return False  # destroyed before the crash: recover_row adopts its proof
+        try:
+            sb = await self.engine.adopt(row)
+        except AdoptFailed as e:
+            _log.info("session_not_adoptable", session_id=sid, why=str(e))
+            return False
+        fault_point("adopt.attached")
+        s = session_from_row(row, self.journal.events(sid))
+        now = time.time()
+        key = SessionKey.generate(sid)
+        s.sandbox, s.session_key = sb, key
+        s.receipt_key = key.public_record(iso_seconds(now))
+        s.previous_receipt_keys = [k for k in [_row_receipt_key(row)] if k]
+        s.status = "active"
+        self.sessions[sid] = s
+        try:
+            if sb.interrupted is not None:
+                self.receipts.close_out_crashed(s, *sb.interrupted)
+            fault_point("adopt.receipt")
+            self.journal.update_session(sid, status="active", exec_count=s.record.exec_count,
+                                        receipt_key_id=key.key_id,
+                                        receipt_public_key=s.receipt_key["public_key"])
+        except Exception:
+            _log.exception("session_adopt_journal_failed", session_id=sid)
+            await self.end(s, "agent_recovery")
+            return True
+        fault_point("adopt.journaled")
+        if self._nursery is not None:
+            self._arm(s)
+        else:
+            self._adopted.append(s)
+        self._inc("sessions_adopted_total")
+        _log.info("session_adopted", session_id=sid, exec_count=s.record.exec_count)
+        return True
+
     async def recover_row(self, row: dict, reason: str = "agent_recovery") -> str:
         """End a session found in the journal after a crash through the same end() as a
         live one (no sandbox left to hand it), and return the final status.  A session
