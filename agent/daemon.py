@@ -193,7 +193,8 @@ class Daemon:
         driver = getattr(self.engine, "cgroups", None) or getattr(self.engine, "driver", None)
         self.recovery_report = await recovery.recover(
             self.cfg, journal=service.journal, driver=driver,
-            destroy_fn=service.recover_row, metrics=service.metrics)
+            destroy_fn=service.recover_row, adopt_fn=service.adopt_row,
+            metrics=service.metrics)
 
     async def _start_health(self, nursery: trio.Nursery, service: Service):
         health_mod = _ops("health")

@@ -178,6 +178,9 @@ def journal_damage(kind: str):
             wal.write_bytes(data[:cut] + (os.urandom(len(data) - cut) if kind == "garbage"
                                           else b""))
         d.start()
+        for sid in sids:  # rows that survived the damage may be re-adopted (SPEC 12)
+            if d.call("session.get", {"session_id": sid})["status"] == "active":
+                d.call("session.destroy", {"session_id": sid})
         kept = sum(1 for sid in sids if mounted(_root(d, sid)))
         lost = _proofs_lost(d, sids)
         d.stop()

@@ -29,6 +29,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "destroy_step_failures_total": ("counter", "Destruction steps that could not be verified.",
                                     ("step",)),
     "oom_kills_total": ("counter", "Sessions ended by an out-of-memory kill.", ()),
+    "sessions_adopted_total": ("counter", "Live sessions re-adopted after an agent restart.",
+                               ()),
     "recovery_reclaimed_total": ("counter", "Leftovers reclaimed at start, by resource kind.",
                                  ("kind",)),
     "state_damage_total": ("counter", "Damaged or lost state found at start (quarantined "

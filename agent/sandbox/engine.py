@@ -35,6 +35,7 @@ from .exec import ExecBusy, ExecResult, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
 CREATE_TIMEOUT = 10.0
+ATTACH_TIMEOUT = 5.0
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -54,6 +55,10 @@ class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
 
 
+class AdoptFailed(SandboxError):
+    """A journaled sandbox cannot be re-adopted (gone, or not provably the same one)."""
+
+
 def _compile_seccomp(profile: str) -> bytes:
     """The profile's BPF; seccomp is required (without it a capability-less sandbox can
     still unshare a user namespace), so a missing or empty profile is an error."""
@@ -66,14 +71,36 @@ def _compile_seccomp(profile: str) -> bytes:
 
 
 async def _reap(pidfd: int) -> None:
-    """Wait until the process behind `pidfd` (our child) exits, and reap it."""
+    """Wait until the process behind `pidfd` exits, and reap it if it is our child (a
+    re-adopted sandbox's PID 1 is not: its parent agent died; then wait for the exit)."""
     while True:
         try:
             if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None:
                 return
         except ChildProcessError:
+            # not our child: wait until it exited and its parent (the host's init, or a
+            # subreaper) reaped it — a zombie still counts as a process with the session's
+            # ids, and destruction verifies that none is left
+            if not _exited(pidfd):
+                await trio.lowlevel.wait_readable(pidfd)
+            delay = 0.001
+            while _pidfd_pid(pidfd) > 0:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.02)
             return
         await trio.lowlevel.wait_readable(pidfd)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid behind a pidfd, -1 once the process has been reaped (fdinfo `Pid:`)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
 
 
 def _exited(pidfd: int) -> bool:
@@ -134,6 +161,8 @@ class Sandbox:
         self.oom_contained = False  # frozen at the cap by the agent, nothing freed
         self.oom_fallback = False  # the agent handed the cgroup back to the kernel killer
         self.ending = False  # destruction began: an exec in flight is not aborted by itself
+        # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
+        self.interrupted: tuple[int, bytes] | None = None
         self._engine = engine
         self._busy = False
         self._oom_fd = -1
@@ -379,7 +408,9 @@ class SandboxEngine:
                 map_size=ids.size, sandbox_id=userns.SANDBOX_ID, ro_binds=self.binds,
                 links=self.links, cgroup_procs=[str(p) for p in cg.procs_files()],
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
-                fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf)
+                fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
+                attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
+                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000))
             pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
@@ -396,6 +427,113 @@ class SandboxEngine:
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
                        init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2))
         return sb
+
+    async def adopt(self, row: dict) -> Sandbox:
+        """Re-adopt a journaled session whose sandbox outlived the agent (issue 12): its
+        PID 1 kept it for `orphan_grace_seconds` and waits on the re-attach socket.
+        Verifies it is the same sandbox (pidfd on the journaled pid, same start time,
+        same 7 namespace inodes, inside the session cgroup, tmpfs still mounted), attaches
+        (the new connection becomes the lifeline) and returns a real Sandbox whose cleanup
+        stack undoes everything, as for a created one.  Raises AdoptFailed (nothing was
+        changed) when it is not there or not the same."""
+        sid = row["session_id"]
+        if sid in self.live:
+            raise AdoptFailed("already live")
+        pid, start = row.get("init_pid"), row.get("init_starttime")
+        recorded = {k: int(v) for k, v in (row.get("namespaces") or {}).items()}
+        if not pid or start is None or set(recorded) != set(namespaces_mod.NAMESPACES):
+            raise AdoptFailed("journal row lacks the sandbox's identity")
+        undo = CleanupStack()
+        try:
+            try:
+                pidfd = os.pidfd_open(int(pid))
+            except OSError:
+                raise AdoptFailed("init process gone") from None
+            undo.push("pidfd", lambda: os.close(pidfd))
+            try:
+                same = (not _exited(pidfd)
+                        and namespaces_mod.starttime(int(pid)) == int(start)
+                        and namespaces_mod.inodes(int(pid)) == recorded)
+            except OSError:
+                same = False
+            if not same:
+                raise AdoptFailed("init process gone, pid reused or namespaces differ")
+            cg = self.cgroups.open(sid)
+            undo.push("cgroup_handle", cg.close)
+            if int(pid) not in cg.pids():
+                raise AdoptFailed("init process not in the session cgroup")
+            root = Path(row.get("mount_path") or mounts.mount_path(self.runtime_dir, sid))
+            if root != mounts.mount_path(self.runtime_dir, sid) or not mounts.is_mountpoint(root):
+                raise AdoptFailed("session tmpfs not mounted")
+            control, attached = await self._attach(sid)
+            undo.push("control", control.close)
+            ids = self.slots.reserve(int(row["slot"]))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await undo.run()
+            raise
+        # from here on the sandbox is ours: the same stack as create() builds
+        cleanup = CleanupStack()
+        cleanup.push("slot", lambda: self._forget(sid, ids.slot))
+        cleanup.push("cgroup", lambda: _remove_cgroup(cg))
+        cleanup.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir, sid))
+        cleanup.push("mount", lambda: mounts.detach(root))
+        cleanup.push("control", control.close)
+        cleanup.push("init", lambda: _kill_and_reap(pidfd, cg, control))
+        try:
+            root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await cleanup.run()
+            raise
+        cleanup.push("root_fd", lambda: os.close(root_fd))
+        t = self.cfg.tiers.get(row.get("tier") or "")
+        sb = Sandbox(session_id=sid, hostname=row.get("hostname") or "", ids=ids,
+                     init_pid=int(pid), pidfd=pidfd, control=control, root_mount_path=root,
+                     root_fd=root_fd, tmpfs_bytes=self.cfg.tmpfs_bytes(row["tier"]) if t else 0,
+                     cgroup=cg, engine=self, cleanup=cleanup, init_starttime=int(start),
+                     namespaces=recorded)
+        if attached[0]:
+            sb.interrupted = (attached[1], attached[2])
+        self.live[sid] = sb
+        self._log.info("sandbox_adopted", session_id=sid, slot=ids.slot, init_pid=pid,
+                       interrupted_exec=bool(attached[0]))
+        return sb
+
+    async def _attach(self, session_id: str) -> tuple[_exec.Control, tuple]:
+        """Connect to the session's re-attach socket and send ATTACH; returns the control
+        connection and (interrupted, wait status, exec tag)."""
+        d = mounts.session_dir(self.runtime_dir, session_id)
+        try:
+            dfd = os.open(d, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            raise AdoptFailed("no session directory") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            try:  # sun_path is short; the runtime dir may be deep
+                sock.connect(f"/proc/self/fd/{dfd}/attach")
+            except OSError:
+                raise AdoptFailed("no sandbox listens on the re-attach socket") from None
+            finally:
+                os.close(dfd)
+            sock.setblocking(False)
+            control = _exec.Control(sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await control.send(initproto.encode_attach())
+            with trio.fail_after(ATTACH_TIMEOUT):
+                kind, fields = await control.recv()
+            if kind != initproto.MSG_ATTACHED:
+                raise AdoptFailed("unexpected answer to ATTACH")
+        except (SandboxGone, trio.TooSlowError, initproto.ProtocolError):
+            control.close()
+            raise AdoptFailed("the sandbox did not accept the re-attach") from None
+        except BaseException:
+            control.close()
+            raise
+        return control, fields
 
     def _cgroup_and_root(self, session_id: str, limits: CgroupLimits, root: Path):
         """Create the session cgroups, then the mount point; on failure of the latter

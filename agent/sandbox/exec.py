@@ -78,7 +78,8 @@ class ExecProgress:
     """What an exec in flight has produced so far, for the session to close it out when
     the sandbox ends under it (TTL, OOM, operator: issue 12 "interrupted execs")."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: bytes = b"") -> None:
+        self.tag = tag  # kept by PID 1 while the command runs (see initproto.encode_exec)
         self.streams: list[_Stream] = []
         self.on_output: OnOutput | None = None
         self.started = time.time()
@@ -272,8 +273,9 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
                 fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
             os.set_blocking(r, False)
             streams.append(_Stream(name, r, output_cap))
-        await sb.control.send(initproto.encode_exec(["/bin/sh", "-c", command], full_env,
-                                                    "/work"), wends)
+        await sb.control.send(initproto.encode_exec(
+            ["/bin/sh", "-c", command], full_env, "/work",
+            progress.tag if progress is not None else b""), wends)
         for w in wends:
             os.close(w)
         wends.clear()

@@ -9,8 +9,10 @@ recovery) | `expired_unclean` (a destruction step could not be verified).
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -19,10 +21,10 @@ from agent.keys.session import SessionKey
 from agent.sandbox.engine import Sandbox
 from agent.sandbox.exec import ExecProgress
 from agent.service.journal import LIVE_STATUSES
-from agent.timefmt import iso_seconds
+from agent.timefmt import iso_seconds, parse_iso
 
 __all__ = ["ENDED_STATUSES", "LIVE_STATUSES", "SESSION_ID_RE", "InFlight", "Session",
-           "SessionRecord", "new_session_id"]
+           "SessionRecord", "new_session_id", "session_from_row"]
 
 SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{16}$")
 ENDED_STATUSES = ("destroyed", "expired", "expired_unclean")
@@ -51,6 +53,10 @@ class SessionRecord:
     receipts: list[dict] = field(default_factory=list)
     audit_events: list[dict] = field(default_factory=list)
     exec_count: int = 0
+    # False once the agent restarted under the session: the receipts signed before it
+    # died are known only as the audit log's exec hashes (the same Merkle leaves), so
+    # the pipeline roots and checks those instead of a partial receipt list
+    receipts_complete: bool = True
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Session:
     sandbox: Sandbox | None = None
     session_key: SessionKey | None = None
     receipt_key: dict = field(default_factory=dict)
+    previous_receipt_keys: list[dict] = field(default_factory=list)  # before a re-adoption
     ending: bool = False
     reason: str | None = None
     inflight: InFlight | None = None
@@ -94,3 +101,19 @@ class Session:
     @property
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
+
+
+def session_from_row(row: dict, events: list[dict]) -> Session:
+    """A Session rebuilt from its journal row and audit events (no sandbox, no key); the
+    deadline is the one the row implies, so a TTL that passed while the agent was down
+    has passed here too."""
+    record = SessionRecord(session_id=row["session_id"], customer_id=row["customer_id"],
+                           tier=row["tier"], classification=row["classification"],
+                           jurisdiction=row["jurisdiction"], created_at=row["created_at"],
+                           audit_events=events, exec_count=row["exec_count"] or 0,
+                           receipts_complete=False)
+    ttl = row["ttl_seconds"] or 0
+    created = parse_iso(row["created_at"])
+    deadline = (trio.current_time() + (created + ttl - time.time())) if ttl else math.inf
+    return Session(record=record, ttl_seconds=ttl, created_ts=float(created),
+                   deadline=deadline, status=row["status"])

@@ -32,10 +32,12 @@ from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
 from agent.errors import BadRequest, Conflict, InternalError, NotFound, RateLimited, Unavailable
 from agent.keys.session import SessionKey
-from agent.sandbox.engine import SandboxEngine
+from agent.sandbox.engine import AdoptFailed, SandboxEngine
 from agent.sandbox.exec import ExecBusy, ExecProgress
 from agent.sandbox.userns import SlotsExhausted
-from agent.service.audit import AuditLog, sha256_hex
+from agent.service import views
+from agent.service.audit import AuditLog
+from agent.service.faults import fault_point
 from agent.service.journal import Journal, JournalUnwritable
 from agent.service.model import (
     ENDED_STATUSES,
@@ -45,16 +47,26 @@ from agent.service.model import (
     Session,
     SessionRecord,
     new_session_id,
+    session_from_row,
 )
 from agent.service.proofs import ProofWriter
+from agent.service.receipts import Receipts, exec_result, exec_tag
 from agent.service.spool import Spool, SpoolUnavailable
-from agent.timefmt import iso_seconds, parse_iso
+from agent.timefmt import iso_seconds
 
 __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 
 _log = structlog.get_logger("nanorix-agent.sessions")  # lazy: resolved after log.setup()
 
 UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
+
+
+def _row_receipt_key(row: dict) -> dict | None:
+    """The public record of the receipt key a journal row names (None without one)."""
+    if not row.get("receipt_key_id") or not row.get("receipt_public_key"):
+        return None
+    return {"key_id": row["receipt_key_id"], "algorithm": "Ed25519",
+            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
 
 
 def _mem_total() -> int:
@@ -86,9 +98,11 @@ class Service:
         self.started_at = time.monotonic()
         self.audit = AuditLog(journal)
         self.proofs = ProofWriter(cfg, key_store, spool)
+        self.receipts = Receipts(self.audit)
         self.sessions: dict[str, Session] = {}  # live and ended-since-start
         self._reserved: dict[str, tuple[str, str]] = {}  # sid -> (customer, tier) while creating
         self._nursery: trio.Nursery | None = None
+        self._adopted: list[Session] = []  # waiting for run() to arm their watchers
         cap = cfg.node.memory_capacity_bytes
         self.memory_capacity = cap or int(_mem_total() * 0.8)
 
@@ -98,6 +112,9 @@ class Service:
         ended sessions past their retention (hourly); runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for s in self._adopted:  # re-adopted before the nursery existed
+                nursery.start_soon(self._watch, s)
+            self._adopted.clear()
             task_status.started()
             while True:
                 self.prune_journal()
@@ -167,14 +184,6 @@ class Service:
     def live(self) -> list[Session]:
         return [s for s in self.sessions.values() if s.status in LIVE_STATUSES]
 
-    def _view(self, s: Session) -> dict:
-        view = {"session_id": s.session_id, "status": s.status, "ttl_seconds": s.ttl_seconds,
-                "created_at": s.record.created_at,
-                "data_classification": s.record.classification, "expires_at": s.expires_at}
-        if s.ending and s.status in LIVE_STATUSES:
-            view["destroying"] = True  # the pipeline runs; the end status follows the proof
-        return view
-
     def ack_proof(self, session_id: str) -> bool:
         """proof.ack: record the ack in the journal, then drop the proof.  Unavailable (the
         proof is kept) while either cannot be written."""
@@ -187,25 +196,17 @@ class Service:
             raise Unavailable(f"the acknowledgement cannot be recorded ({e}); the proof is "
                               f"kept, acknowledge it again later") from None
 
-    @staticmethod
-    def _row_view(row: dict) -> dict:
-        ttl = row["ttl_seconds"]
-        expires = iso_seconds(parse_iso(row["created_at"]) + ttl) if ttl else None
-        return {"session_id": row["session_id"], "status": row["status"], "ttl_seconds": ttl,
-                "created_at": row["created_at"], "data_classification": row["classification"],
-                "expires_at": expires}
-
     def _lookup(self, session_id: str, customer_id: str | None) -> tuple[Session | None, dict]:
         """(live record or None, public view); NotFound for unknown or foreign sessions."""
         s = self.sessions.get(session_id)
         if s is not None:
             if customer_id is not None and customer_id != s.record.customer_id:
                 raise NotFound(f"session {session_id} not found", field="session_id")
-            return s, self._view(s)
+            return s, views.view(s)
         row = self.journal.get(session_id)
         if row is None or (customer_id is not None and customer_id != row["customer_id"]):
             raise NotFound(f"session {session_id} not found", field="session_id")
-        return None, self._row_view(row)
+        return None, views.row_view(row)
 
     def get(self, session_id: str, customer_id: str | None = None) -> dict:
         return self._lookup(session_id, customer_id)[1]
@@ -213,31 +214,22 @@ class Service:
     def list(self, customer_id: str | None = None) -> list[dict]:
         out = {}
         for row in self.journal.all(customer_id):
-            out[row["session_id"]] = self._row_view(row)
+            out[row["session_id"]] = views.row_view(row)
         for s in self.sessions.values():
             if customer_id is None or s.record.customer_id == customer_id:
-                out[s.session_id] = self._view(s)
+                out[s.session_id] = views.view(s)
         return sorted(out.values(), key=lambda v: (v["created_at"], v["session_id"]))
 
     # E's Service protocol -------------------------------------------------------------
     def list_sessions(self) -> list[dict]:
-        return [self._meta(s) for s in self.sessions.values()]
+        return [views.meta(s) for s in self.sessions.values()]
 
     def get_meta(self, session_id: str) -> dict | None:
         s = self.sessions.get(session_id)
         if s is not None:
-            return self._meta(s)
+            return views.meta(s)
         row = self.journal.get(session_id)
-        if row is None:
-            return None
-        return {**self._row_view(row), "customer_id": row["customer_id"], "tier": row["tier"],
-                "jurisdiction": row["jurisdiction"], "exec_count": row["exec_count"],
-                "reason": row.get("reason")}
-
-    def _meta(self, s: Session) -> dict:
-        return {**self._view(s), "customer_id": s.record.customer_id, "tier": s.record.tier,
-                "jurisdiction": s.record.jurisdiction, "exec_count": s.record.exec_count,
-                "reason": s.reason}
+        return views.row_meta(row) if row is not None else None
 
     def capacity(self) -> dict:
         live = self.live()
@@ -251,8 +243,9 @@ class Service:
     def receipt_key(self, key_id: str) -> dict | None:
         """Public record of a session receipt key (live or destroyed session)."""
         for s in self.sessions.values():
-            if s.receipt_key.get("key_id") == key_id:
-                return dict(s.receipt_key)
+            for k in (s.receipt_key, *s.previous_receipt_keys):
+                if k.get("key_id") == key_id:
+                    return dict(k)
         row = self.journal.by_receipt_key(key_id)
         if row is None or not row.get("receipt_public_key"):
             return None
@@ -467,7 +460,8 @@ class Service:
         s.status = "executing"
         self.journal.update_session(session_id, status="executing")
         t0 = time.monotonic()
-        inflight = InFlight(command=command, input_data=input_data, progress=ExecProgress())
+        inflight = InFlight(command=command, input_data=input_data,
+                            progress=ExecProgress(tag=exec_tag(command, input_data)))
         s.inflight = inflight
         try:
             res = None
@@ -494,7 +488,7 @@ class Service:
                 res, receipt = inflight.result
             else:
                 assert res is not None
-                receipt = self._receipt(s, command, input_data, res)
+                receipt = self.receipts.sign(s, command, input_data, res)
         finally:
             if s.inflight is inflight:
                 s.inflight = None
@@ -504,53 +498,7 @@ class Service:
                                             exec_count=s.record.exec_count)
         self._inc("execs_total")
         self._observe("exec_seconds", time.monotonic() - t0)
-        return {"output": res.stdout, "stderr": res.stderr, "exit_code": res.exit_code,
-                "timed_out": res.timed_out, "signal": res.signal, "oom_killed": res.oom_killed,
-                "output_truncated": res.output_truncated,
-                "stderr_truncated": res.stderr_truncated, "duration_ms": res.duration_ms,
-                "interrupted": receipt.get("interrupted"), "receipt": receipt}
-
-    def _receipt(self, s: Session, command: str, input_data: bytes | None, res,
-                 interrupted: str | None = None) -> dict:
-        from agent.cdp.receipt import build_receipt, receipt_leaf
-
-        assert s.session_key is not None
-        seq = s.record.exec_count + 1
-        fields = {
-            "session_id": s.session_id, "seq": seq,
-            "command_sha256": sha256_hex(command.encode("utf-8")),
-            "input_sha256": sha256_hex(input_data or b""),
-            "output_sha256": sha256_hex(res.stdout), "stderr_sha256": sha256_hex(res.stderr),
-            "exit_code": res.exit_code, "timed_out": bool(res.timed_out),
-            "started_at": res.started_at, "finished_at": res.finished_at,
-        }
-        if interrupted is not None:
-            fields["interrupted"] = interrupted
-        receipt = build_receipt(fields, s.session_key)
-        s.record.receipts.append(receipt)
-        s.record.exec_count = seq
-        self.audit.exec(s.record, receipt_leaf(receipt).hex())
-        return receipt
-
-    async def _close_out_exec(self, s: Session, reason: str) -> None:
-        """An exec in flight when the session ends gets its receipt now, marked
-        `interrupted: <reason>`, before destruction zeroizes the key and seals the chain:
-        the sandbox is frozen first, so its output so far is all there is."""
-        inflight, sb = s.inflight, s.sandbox
-        if inflight is None or sb is None or s.session_key is None:
-            return
-        try:
-            with trio.move_on_after(5):
-                await trio.to_thread.run_sync(sb.cgroup.freeze, 5.0)
-        except Exception:
-            _log.warning("interrupted_exec_freeze_failed", session_id=s.session_id)
-        try:
-            res = await inflight.progress.interrupted(oom=reason == "oom")
-            receipt = self._receipt(s, inflight.command, inflight.input_data, res,
-                                    interrupted=reason)
-            inflight.result = (res, receipt)
-        except Exception:
-            _log.exception("interrupted_exec_receipt_failed", session_id=s.session_id)
+        return exec_result(res, receipt)
 
     # -- the one ending: destroy, drain, TTL, OOM, re-adoption and recovery ----------------
     async def destroy(self, session_id: str, reason: str = "requested", *,
@@ -604,7 +552,7 @@ class Service:
 
     async def _end(self, s: Session, reason: str) -> dict:
         sid = s.session_id
-        await self._close_out_exec(s, reason)
+        await self.receipts.close_out(s, reason)
         self.audit.destroy_requested(s.record, reason)
 
         def revoke() -> None:
@@ -654,18 +602,52 @@ class Service:
         return result
 
     # -- recovery (ops.recovery calls this per journaled live session) ---------------------
-    def _session_from_row(self, row: dict) -> Session:
-        """A Session rebuilt from its journal row and audit events (no sandbox, no key)."""
-        record = SessionRecord(session_id=row["session_id"], customer_id=row["customer_id"],
-                               tier=row["tier"], classification=row["classification"],
-                               jurisdiction=row["jurisdiction"], created_at=row["created_at"],
-                               audit_events=self.journal.events(row["session_id"]),
-                               exec_count=row["exec_count"] or 0)
-        ttl = row["ttl_seconds"] or 0
-        created = parse_iso(row["created_at"])
-        deadline = (trio.current_time() + (created + ttl - time.time())) if ttl else math.inf
-        return Session(record=record, ttl_seconds=ttl, created_ts=float(created),
-                       deadline=deadline, status=row["status"])
+    async def adopt_row(self, row: dict) -> bool:
+        """Re-adopt a journaled live session whose sandbox outlived the agent (issue 12):
+        the same sandbox, verified (engine.adopt), becomes an active session again with
+        a fresh receipt key (the old one lived only in the dead agent's locked memory),
+        its TTL and OOM watch re-armed (a TTL that passed while the agent was down ends
+        it at once, ttl_expired); an exec the crash cut off gets its receipt
+        (`interrupted: agent_restart`).  False when there is nothing to adopt (the caller
+        then reclaims and proves it, agent_recovery).  The journal row stays live
+        throughout, so a crash at any point here leaves it to the next start: adopted or
+        proven, never both and never neither."""
+        sid = row["session_id"]
+        if self.spool.get(sid) is not None:
+            return False  # destroyed before the crash: recover_row adopts its proof
+        try:
+            sb = await self.engine.adopt(row)
+        except AdoptFailed as e:
+            _log.info("session_not_adoptable", session_id=sid, why=str(e))
+            return False
+        fault_point("adopt.attached")
+        s = session_from_row(row, self.journal.events(sid))
+        now = time.time()
+        key = SessionKey.generate(sid)
+        s.sandbox, s.session_key = sb, key
+        s.receipt_key = key.public_record(iso_seconds(now))
+        s.previous_receipt_keys = [k for k in [_row_receipt_key(row)] if k]
+        s.status = "active"
+        self.sessions[sid] = s
+        try:
+            if sb.interrupted is not None:
+                self.receipts.close_out_crashed(s, *sb.interrupted)
+            fault_point("adopt.receipt")
+            self.journal.update_session(sid, status="active", exec_count=s.record.exec_count,
+                                        receipt_key_id=key.key_id,
+                                        receipt_public_key=s.receipt_key["public_key"])
+        except Exception:
+            _log.exception("session_adopt_journal_failed", session_id=sid)
+            await self.end(s, "agent_recovery")
+            return True
+        fault_point("adopt.journaled")
+        if self._nursery is not None:
+            self._arm(s)
+        else:
+            self._adopted.append(s)
+        self._inc("sessions_adopted_total")
+        _log.info("session_adopted", session_id=sid, exec_count=s.record.exec_count)
+        return True
 
     async def recover_row(self, row: dict, reason: str = "agent_recovery") -> str:
         """End a session found in the journal after a crash through the same end() as a
@@ -678,6 +660,6 @@ class Service:
             status = stored.get("status", "expired_unclean")
             self.journal.update_session(sid, status=status, reason=stored.get("reason", reason))
             return status
-        s = self._session_from_row(row)
+        s = session_from_row(row, self.journal.events(sid))
         await self.end(s, reason)
         return s.status

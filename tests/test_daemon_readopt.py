@@ -1,0 +1,75 @@
+"""Sessions outlive the agent (issue 12): a SIGKILLed agent's sandboxes wait in nrx-init
+for `[sandbox] orphan_grace_seconds`; the restarted agent re-adopts every journaled live
+session — the same sandbox, /work intact — and ends it later through the same pipeline,
+with a complete proof."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from helpers_daemon import AgentDaemon, start_long_exec
+
+from agent.cdp.verify import verify
+
+CFG = {"sandbox": {"orphan_grace_seconds": 30}}
+
+
+def _crash_and_readopt(d: AgentDaemon) -> tuple[list[str], threading.Thread]:
+    """3 live sessions (mid-exec, a file in /work, idle), SIGKILL, restart."""
+    busy, files, idle = (d.call("session.create", {"customer_id": f"c{i}", "tier": "free"})
+                         ["session_id"] for i in range(3))
+    d.call("session.exec", {"session_id": files, "command": "echo kept > /work/f"})
+    t = start_long_exec(d, busy)
+    d.kill()
+    d.start()
+    return [busy, files, idle], t
+
+
+def test_sigkilled_agent_readopts_three_sessions(tmp_path):
+    """SIGKILL with 3 live sessions (mid-exec, file in /work, idle), restart on the same
+    dirs: 3/3 active, /work intact, exec works, the cut-off exec has an interrupted
+    receipt, and destroy gives 3 complete proofs."""
+    d = AgentDaemon(tmp_path, config=CFG)
+    d.start()
+    try:
+        (busy, files, idle), t = _crash_and_readopt(d)
+        t.join(30)
+        for sid in (busy, files, idle):
+            assert d.call("session.get", {"session_id": sid})["status"] == "active"
+        assert d.call("session.exec", {"session_id": files,
+                                       "command": "cat /work/f"})["output"] == b"kept\n"
+        r = d.call("session.exec", {"session_id": idle, "command": "echo again"})
+        assert r["output"] == b"again\n" and r["receipt"]["seq"] == 1
+        r = d.call("session.exec", {"session_id": busy, "command": "true"})
+        assert r["receipt"]["seq"] == 2  # after the interrupted one
+        for sid, execs in ((busy, 2), (files, 2), (idle, 1)):
+            proof = d.call("session.destroy", {"session_id": sid})
+            assert proof["status"] == "destroyed", proof["cdp"]["evidence"]
+            assert all(ev["ok"] for ev in proof["cdp"]["evidence"]), sid
+            assert proof["cdp"]["evidence"][7]["exec_count"] == execs
+            assert verify(proof["cdp"])["valid"] is True
+    finally:
+        assert d.stop() == 0
+
+
+def test_ttl_that_passed_while_down_ends_the_session_at_restart(tmp_path):
+    """A session whose TTL passes while the agent is down is destroyed (ttl_expired) right
+    after re-adoption, with a complete proof."""
+    cfg = {**CFG, "tiers": {"free": {"max_ttl_seconds": 3, "default_ttl_seconds": 3}}}
+    d = AgentDaemon(tmp_path, config=cfg)
+    d.start()
+    try:
+        sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        d.kill()
+        time.sleep(3.5)
+        d.start()
+        deadline = time.monotonic() + 20
+        while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proof = d.call("proof.get", {"session_id": sid})
+        assert proof["reason"] == "ttl_expired" and proof["status"] == "expired"
+        assert all(ev["ok"] for ev in proof["cdp"]["evidence"])
+    finally:
+        assert d.stop() == 0
