@@ -28,7 +28,7 @@ from agent import log
 from agent.rpc.methods import Api
 from agent.rpc.server import RpcServer, bind_unix_socket, socket_gid
 from agent.service.integrity import IntegrityReport, check_state
-from agent.service.journal import Journal
+from agent.service.journal import Journal, JournalUnavailable
 from agent.service.sessions import Service
 from agent.service.spool import Spool
 from agent.timefmt import iso_seconds
@@ -283,7 +283,7 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
         _log.error("agent_already_running")
         print(f"nanorix-agent: {e}", file=sys.stderr)
         return 1
-    except (OSError, sqlite3.Error) as e:  # e.g. a read-only or full state file system
+    except (OSError, sqlite3.Error, JournalUnavailable) as e:  # e.g. a read-only state fs
         why = getattr(e, "strerror", None) or str(e)
         _log.error("state_dir_unusable", state_dir=str(cfg.paths.state_dir), error=why)
         print(f"nanorix-agent: cannot use state directory {cfg.paths.state_dir} or runtime "

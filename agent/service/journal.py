@@ -31,7 +31,7 @@ import structlog
 
 from agent.timefmt import iso_seconds
 
-__all__ = ["LIVE_STATUSES", "Journal", "JournalUnwritable"]
+__all__ = ["LIVE_STATUSES", "Journal", "JournalUnavailable", "JournalUnwritable"]
 
 _log = structlog.get_logger("nanorix-agent.journal")
 MAX_BACKLOG = 100_000  # pending event/update writes kept while the journal cannot be written
@@ -41,6 +41,10 @@ _PROGRAM_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.Int
 
 class JournalUnwritable(Exception):
     """The journal cannot take a write now; the message says why."""
+
+
+class JournalUnavailable(RuntimeError):
+    """The journal database cannot be opened in its state directory (the agent cannot start)."""
 
 LIVE_STATUSES = ("active", "executing")
 
@@ -102,9 +106,12 @@ class Journal:
         self.backlog_dropped = 0
         try:
             self._open()
-        except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
-                raise
+        except sqlite3.OperationalError as e:  # the directory, not the file, is the problem
+            raise JournalUnavailable(
+                f"cannot open the journal {self.path}: {e} (the state directory must be "
+                "writable, on a local file system that supports SQLite's WAL mode: shared "
+                "mmap and POSIX locks, not 9p or NFS)") from None
+        except sqlite3.DatabaseError as e:  # the file is damaged: put it aside, start afresh
             self._quarantine(f"{type(e).__name__}: {e}")
             self._open()
 

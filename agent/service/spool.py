@@ -278,18 +278,22 @@ class Spool:
         self._fallback_drop(session_id)
         return found
 
-    def pending(self) -> list[dict]:
-        out = {}
-        for p in sorted(self.dir.iterdir()):
-            m = _NAME.match(p.name)
-            if m:
-                try:
-                    out[m.group(1)] = json.loads(p.read_bytes())
-                except (OSError, ValueError):
-                    continue
-        for sid, data in self.unsaved.items():
-            out.setdefault(sid, json.loads(data))
-        return [out[k] for k in sorted(out)]
+    def pending(self, limit: int | None = None, after: str | None = None) -> list[dict]:
+        """Unacknowledged proofs (spooled, and kept in memory) in session-id order; `after`
+        (a session id) and `limit` select one page."""
+        names = {m.group(1) for p in self.dir.iterdir() if (m := _NAME.match(p.name))}
+        out = []
+        for sid in sorted(names | set(self.unsaved)):
+            if after is not None and sid <= after:
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            data = self.get_bytes(sid)
+            try:
+                out.append(json.loads(data))
+            except (TypeError, ValueError):
+                continue
+        return out
 
     def depth(self) -> int:
         names = {m.group(1) for p in self.dir.iterdir() if (m := _NAME.match(p.name))}
