@@ -159,6 +159,9 @@ def test_damaged_spool_files_are_quarantined_and_proven_again(tmp_path):
         assert all(r["level"] == "error" for r in errors)
         assert len(list((d.state_dir / "quarantine").iterdir())) == 2
         assert d.call("agent.health")["state_damage"] == {"spool_file": 2, "proof_missing": 3}
+        metrics = d.cli("debug", "metrics").stdout.decode()
+        assert 'nanorix_agent_state_damage_total{kind="spool_file"} 2' in metrics
+        assert 'nanorix_agent_state_damage_total{kind="proof_missing"} 3' in metrics
         _every_proof_once(d, sids)
         for sid in sids[:3]:
             assert d.call("session.destroy", {"session_id": sid}) == \
