@@ -202,7 +202,10 @@ class HealthMonitor:
         self.live_faults: dict[str, str] = {}  # engine -> failure reported by fault()
         self.state_damage: dict[str, int] = {}  # kind -> count, found at start
         self._wake = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
+        try:
+            self._token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:  # built outside trio (a test): no hook from worker threads
+            self._token = None
         self.runs = 0
         self.last_run: str | None = None
         self._started = getattr(service, "started_at", None) or time.monotonic()
@@ -275,8 +278,9 @@ class HealthMonitor:
         try:
             trio.lowlevel.current_task()
         except RuntimeError:
-            self._token.run_sync_soon(self.state_fault, reason)
-            return
+            if self._token is not None:
+                self._token.run_sync_soon(self.state_fault, reason)
+                return
         if reason is not None:
             self.database, self.database_reason = False, reason
             self.fault("rzl", reason)
