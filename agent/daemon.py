@@ -171,7 +171,11 @@ class Daemon:
         return report
 
     async def _recover(self, service: Service) -> None:
-        self.integrity = self._check_state(service)
+        try:
+            self.integrity = self._check_state(service)
+        except Exception:  # the start goes on: recovery and health still run and say more
+            _log.exception("state_check_failed")
+            self.integrity = IntegrityReport()
         await self._recover_sessions(service)
         for row in self.integrity.reprove:  # ended, unacknowledged, proof lost: prove again
             try:

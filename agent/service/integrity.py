@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from agent.service.journal import LIVE_STATUSES, Journal
+from agent.service.journal import LIVE_STATUSES, Journal, JournalUnwritable
 from agent.service.spool import Damage, Spool
 from agent.timefmt import iso_seconds
 
@@ -57,20 +57,24 @@ def check_state(journal: Journal, spool: Spool, *, host_sessions: set[str] = fro
         if journal.get(sid) is not None:
             continue
         header = reservations.get(sid) or {}
-        journal.insert_session(
-            session_id=sid, customer_id=header.get("customer_id", UNKNOWN_CUSTOMER),
-            tier=header.get("tier", default_tier),
-            classification=header.get("classification", "general"),
-            jurisdiction=header.get("jurisdiction", "OTHER"),
-            created_at=header.get("created_at", iso_seconds()),
-            ttl_seconds=int(header.get("ttl_seconds", 0)), status="active")
         source = "spool reservation" if header else "the host (no reservation: metadata unknown)"
+        try:
+            _row_from_reservation(journal, sid, header, default_tier)
+        except JournalUnwritable as e:
+            report.damage.append(Damage("journal_row", sid, f"live session missing from the "
+                                        f"journal; its row could not be rebuilt ({e})"))
+            continue
         report.damage.append(Damage("journal_row", sid, f"live session missing from the "
                                     f"journal; row rebuilt from {source}"))
     for proof in spool.pending():
         sid = proof.get("session_id")
         if journal.get(sid) is None:
-            _row_from_proof(journal, proof)
+            try:
+                _row_from_proof(journal, proof)
+            except JournalUnwritable as e:
+                report.damage.append(Damage("journal_row", sid, f"ended session missing "
+                                            f"from the journal; not rebuilt ({e})"))
+                continue
             report.damage.append(Damage("journal_row", sid, "ended session missing from the "
                                         "journal; row rebuilt from its spooled proof"))
     for row in journal.ended_unacked():
@@ -84,6 +88,16 @@ def check_state(journal: Journal, spool: Spool, *, host_sessions: set[str] = fro
         _log.error("state_damaged", kind=d.kind, session_id=d.session_id, lost=d.error,
                    quarantined_to=d.quarantined_to)
     return report
+
+
+def _row_from_reservation(journal: Journal, sid: str, header: dict, default_tier: str) -> None:
+    journal.insert_session(
+        session_id=sid, customer_id=header.get("customer_id", UNKNOWN_CUSTOMER),
+        tier=header.get("tier", default_tier),
+        classification=header.get("classification", "general"),
+        jurisdiction=header.get("jurisdiction", "OTHER"),
+        created_at=header.get("created_at", iso_seconds()),
+        ttl_seconds=int(header.get("ttl_seconds", 0)), status="active")
 
 
 def _row_from_proof(journal: Journal, proof: dict) -> None:
