@@ -189,6 +189,8 @@ class Sandbox:
         self.oom_guarded = False  # the kernel OOM killer is kept away (the agent ends it)
         self.oom_contained = False  # frozen at the cap by the agent, nothing freed
         self.oom_fallback = False  # the agent handed the cgroup back to the kernel killer
+        self.oom_contain_us = -1  # event to frozen (request freeze, make room, wait)
+        self.oom_over_cap_bytes = -1  # charged beyond the cap when frozen (the headroom used)
         self.ending = False  # destruction began: an exec in flight is not aborted by itself
         # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
         self.interrupted: tuple[int, bytes] | None = None
@@ -234,17 +236,23 @@ class Sandbox:
             log.get().warning("oom_fd_unavailable", session_id=self.session_id,
                               error=_err_text(e))
             await trio.sleep_forever()
+        cap = 0
         if guard:
+            cap = self.cgroup.memory_usage_limit()
             self.oom_guarded = await trio.to_thread.run_sync(self.cgroup.guard_oom, headroom)
             if not self.oom_guarded:
                 log.get().warning("oom_guard_unavailable", session_id=self.session_id)
+        # an OOM while the agent was down (re-adoption) left no event to wait for
+        look_now = self.oom_guarded
         while True:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except (trio.ClosedResourceError, OSError):
-                await trio.sleep_forever()
-            with contextlib.suppress(OSError):
-                os.read(fd, 64)
+            if not look_now:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except (trio.ClosedResourceError, OSError):
+                    await trio.sleep_forever()
+                with contextlib.suppress(OSError):
+                    os.read(fd, 64)
+            look_now = False
             try:
                 stalled = self.oom_guarded and self.cgroup.oom_stalled()
                 killed = self.cgroup.oom_kills() > 0
@@ -252,13 +260,18 @@ class Sandbox:
                 stalled = killed = False
             if stalled and not killed:
                 try:
+                    t0 = time.perf_counter_ns()
                     await trio.to_thread.run_sync(self.cgroup.contain_oom, headroom)
+                    self.oom_contain_us = (time.perf_counter_ns() - t0) // 1000
+                    self.oom_over_cap_bytes = max(0, self.cgroup.memory_usage() - cap)
                     self.oom_contained = True
                 except Exception as e:
                     log.get().error("oom_contain_failed", session_id=self.session_id,
                                     error=_err_text(e))
-            if stalled or killed or not self.oom_guarded:
+            if stalled or killed:
                 break
+            if not self.oom_guarded and self._oom_fd >= 0:
+                break  # the kernel killer acts: any OOM event is one
         log.get().info("sandbox_oom", session_id=self.session_id,
                        contained=self.oom_contained)
         self.oom.set()
@@ -281,8 +294,12 @@ class Sandbox:
             kills = self.cgroup.oom_kills()
         except OSError:
             kills = -1
-        return {"oom_killer_disabled": self.oom_guarded, "oom_contained": self.oom_contained,
-                "oom_kernel_fallback": self.oom_fallback, "kernel_oom_kills": kills}
+        ev = {"oom_killer_disabled": self.oom_guarded, "oom_contained": self.oom_contained,
+              "oom_kernel_fallback": self.oom_fallback, "kernel_oom_kills": kills}
+        if self.oom_contained:
+            ev.update({"oom_contain_us": self.oom_contain_us,
+                       "oom_over_cap_bytes": self.oom_over_cap_bytes})
+        return ev
 
 
     # -- lifetime: each runs its undo from the cleanup stack once -------------------------
