@@ -79,6 +79,9 @@ def test_memory_bombs_end_expired_oom_with_complete_proofs(tmp_path):
             step3 = evidence[2]
             assert step3["oom_killer_disabled"] and step3["oom_contained"]
             assert step3["kernel_oom_kills"] == 0 and not step3["oom_kernel_fallback"]
+            assert step3["oom_over_cap_bytes"] <= 8 * MiB  # within the headroom
+            # SPEC 13 limit, recorded rather than claimed
+            assert step3["pipe_socket_buffers_wiped"] is False and "pipe_buffer_bytes" in step3
             assert evidence[7]["exec_count"] == 1  # the interrupted exec is on the record
             assert verify(proof["cdp"])["valid"] is True
         assert d.call("agent.health")["status"] in ("healthy", "degraded")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from helpers_daemon import AgentDaemon, start_long_exec
 
 from agent.cdp.verify import verify
+from agent.service import faults
 
 CFG = {"sandbox": {"orphan_grace_seconds": 30}}
 
@@ -71,5 +73,63 @@ def test_ttl_that_passed_while_down_ends_the_session_at_restart(tmp_path):
         proof = d.call("proof.get", {"session_id": sid})
         assert proof["reason"] == "ttl_expired" and proof["status"] == "expired"
         assert all(ev["ok"] for ev in proof["cdp"]["evidence"])
+    finally:
+        assert d.stop() == 0
+
+
+def test_readopted_through_the_sandbox_root_when_the_host_view_is_gone(tmp_path):
+    """A restarted agent in a new mount namespace (systemd gives each start one) no longer
+    sees the session tmpfs mount: it re-adopts through the sandbox PID 1's root, /work is
+    intact and destroy gives a complete proof (here the host view is detached while the
+    agent is down to stand in for the new namespace)."""
+    from agent.sandbox import mounts
+
+    d = AgentDaemon(tmp_path, config=CFG)
+    d.start()
+    try:
+        sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        d.call("session.exec", {"session_id": sid, "command": "echo kept > /work/f"})
+        d.kill()
+        assert mounts.detach(mounts.mount_path(d.runtime_dir, sid))
+        d.start()
+        assert d.call("session.get", {"session_id": sid})["status"] == "active"
+        assert d.call("session.exec", {"session_id": sid,
+                                       "command": "cat /work/f"})["output"] == b"kept\n"
+        proof = d.call("session.destroy", {"session_id": sid})
+        assert all(ev["ok"] for ev in proof["cdp"]["evidence"]), proof["cdp"]["evidence"]
+        assert proof["status"] == "destroyed"
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("point", ["adopt.attached", "adopt.confirmed", "adopt.journaled"])
+def test_crash_during_readoption_leaves_each_session_adopted_or_proven(tmp_path, point):
+    """The agent is killed again in the middle of re-adopting (at `point`, a test-only
+    crash point: a kernel cannot crash a process at an exact line on demand); the next
+    start still ends with every session adopted or proven — never both, never neither —
+    and the exec the first crash cut off is on the record exactly once."""
+    d = AgentDaemon(tmp_path, config=CFG)
+    d.start()
+    try:
+        busy, idle = (d.call("session.create", {"customer_id": f"c{i}", "tier": "free"})
+                      ["session_id"] for i in range(2))
+        t = start_long_exec(d, busy)
+        d.kill()
+        t.join(30)
+        d.extra_env[faults.ENV] = point
+        with pytest.raises(RuntimeError, match="exited"):
+            d.start()
+        d.extra_env.clear()
+        d.start()
+        pending = {p["session_id"] for p in d.call("proof.pending")}
+        for sid in (busy, idle):
+            active = d.call("session.get", {"session_id": sid})["status"] == "active"
+            assert active != (sid in pending), (sid, active, pending)
+        for sid, execs in ((busy, 1), (idle, 0)):
+            if sid in pending:
+                continue
+            proof = d.call("session.destroy", {"session_id": sid})
+            assert proof["status"] == "destroyed", proof["cdp"]["evidence"]
+            assert proof["cdp"]["evidence"][7]["exec_count"] == execs
     finally:
         assert d.stop() == 0

@@ -36,10 +36,11 @@ def _testable_copy(tmp_path) -> Path:
 
 
 def test_unit_has_the_required_directives():
-    """Type=notify with a watchdog, delegation, control-group kill, negative OOM score, hardening."""
+    """Type=notify with a watchdog, delegation, KillMode=process (sandboxes outlive an agent
+    crash for re-adoption), negative OOM score, hardening."""
     d = _directives()
     want = {"Type": "notify", "NotifyAccess": "main", "Delegate": "yes",
-            "KillMode": "control-group", "OOMScoreAdjust": "-900", "ProtectSystem": "strict",
+            "KillMode": "process", "OOMScoreAdjust": "-900", "ProtectSystem": "strict",
             "ProtectHome": "yes", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
             "SystemCallArchitectures": "native", "LockPersonality": "yes",
             "StateDirectory": "nanorix-agent", "RuntimeDirectory": "nanorix-agent"}

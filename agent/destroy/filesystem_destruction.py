@@ -388,6 +388,13 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     st.tmpfs_dev_num = rst.st_dev
     st.tmpfs_dev = residue.dev_str(rst.st_dev)
     mine = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
+    if not mine and sb is not None:
+        # a re-adopted sandbox seen through its PID 1's root (the agent's own mount
+        # namespace is new since the restart): its mount table says what the root is
+        try:
+            mine = [m for m in residue.read_mountinfo(sb.init_pid) if m.dev == st.tmpfs_dev]
+        except OSError:
+            mine = []
     if mine:
         ev["fs_type"] = mine[0].fs_type
     try:

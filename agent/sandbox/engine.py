@@ -11,6 +11,7 @@ was done, newest first.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -35,6 +36,8 @@ from .exec import ExecBusy, ExecResult, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
 CREATE_TIMEOUT = 10.0
+SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
 ATTACH_TIMEOUT = 5.0
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -103,6 +106,35 @@ def _pidfd_pid(pidfd: int) -> int:
     return -1
 
 
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    """pidfd_getfd(2) (Python 3.11 has no wrapper): a copy of fd `fd` of that process."""
+    if fd < 0:
+        raise AdoptFailed("the sandbox kept no view of its tmpfs")
+    r = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if r < 0:
+        raise AdoptFailed(f"pidfd_getfd failed ({errno.errorcode.get(ctypes.get_errno())})")
+    return r
+
+
+def _is_tmpfs_root(fd: int, pid: int) -> bool:
+    """`fd` is the root of the sandbox's tmpfs: the device of the sandbox's own root
+    (PID 1's `/`, its pivot_root target), which its mount table says is a tmpfs."""
+    try:
+        dev = os.fstat(fd).st_dev
+        if os.stat(f"/proc/{pid}/root").st_dev != dev:
+            return False
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                major, minor = (int(x) for x in fields[2].split(":"))
+                if fields[4] == "/" and os.makedev(major, minor) == dev:
+                    return right.split()[0] == "tmpfs"
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _exited(pidfd: int) -> bool:
     p = select.poll()
     p.register(pidfd, select.POLLIN)
@@ -160,6 +192,8 @@ class Sandbox:
         self.oom_guarded = False  # the kernel OOM killer is kept away (the agent ends it)
         self.oom_contained = False  # frozen at the cap by the agent, nothing freed
         self.oom_fallback = False  # the agent handed the cgroup back to the kernel killer
+        self.oom_contain_us = -1  # event to frozen (request freeze, make room, wait)
+        self.oom_over_cap_bytes = -1  # charged beyond the cap when frozen (the headroom used)
         self.ending = False  # destruction began: an exec in flight is not aborted by itself
         # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
         self.interrupted: tuple[int, bytes] | None = None
@@ -205,17 +239,23 @@ class Sandbox:
             log.get().warning("oom_fd_unavailable", session_id=self.session_id,
                               error=_err_text(e))
             await trio.sleep_forever()
+        cap = 0
         if guard:
+            cap = self.cgroup.memory_usage_limit()
             self.oom_guarded = await trio.to_thread.run_sync(self.cgroup.guard_oom, headroom)
             if not self.oom_guarded:
                 log.get().warning("oom_guard_unavailable", session_id=self.session_id)
+        # an OOM while the agent was down (re-adoption) left no event to wait for
+        look_now = self.oom_guarded
         while True:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except (trio.ClosedResourceError, OSError):
-                await trio.sleep_forever()
-            with contextlib.suppress(OSError):
-                os.read(fd, 64)
+            if not look_now:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except (trio.ClosedResourceError, OSError):
+                    await trio.sleep_forever()
+                with contextlib.suppress(OSError):
+                    os.read(fd, 64)
+            look_now = False
             try:
                 stalled = self.oom_guarded and self.cgroup.oom_stalled()
                 killed = self.cgroup.oom_kills() > 0
@@ -223,16 +263,26 @@ class Sandbox:
                 stalled = killed = False
             if stalled and not killed:
                 try:
+                    t0 = time.perf_counter_ns()
                     await trio.to_thread.run_sync(self.cgroup.contain_oom, headroom)
+                    self.oom_contain_us = (time.perf_counter_ns() - t0) // 1000
+                    self.oom_over_cap_bytes = max(0, self.cgroup.memory_usage() - cap)
                     self.oom_contained = True
                 except Exception as e:
                     log.get().error("oom_contain_failed", session_id=self.session_id,
                                     error=_err_text(e))
-            if stalled or killed or not self.oom_guarded:
+            if stalled or killed:
                 break
+            if not self.oom_guarded and self._oom_fd >= 0:
+                break  # the kernel killer acts: any OOM event is one
         log.get().info("sandbox_oom", session_id=self.session_id,
                        contained=self.oom_contained)
         self.oom.set()
+
+    async def confirm_adopted(self) -> None:
+        """Tell PID 1 the command the agent's death cut off is on the record (until
+        then a crashed re-adoption reports it again to the next agent)."""
+        await self.control.send(initproto.encode_adopted())
 
     def fall_back_to_kernel_oom(self) -> None:
         """The agent did not end an OOM'd session in bounded time: the kernel killer
@@ -247,8 +297,12 @@ class Sandbox:
             kills = self.cgroup.oom_kills()
         except OSError:
             kills = -1
-        return {"oom_killer_disabled": self.oom_guarded, "oom_contained": self.oom_contained,
-                "oom_kernel_fallback": self.oom_fallback, "kernel_oom_kills": kills}
+        ev = {"oom_killer_disabled": self.oom_guarded, "oom_contained": self.oom_contained,
+              "oom_kernel_fallback": self.oom_fallback, "kernel_oom_kills": kills}
+        if self.oom_contained:
+            ev.update({"oom_contain_us": self.oom_contain_us,
+                       "oom_over_cap_bytes": self.oom_over_cap_bytes})
+        return ev
 
 
     # -- lifetime: each runs its undo from the cleanup stack once -------------------------
@@ -462,11 +516,18 @@ class SandboxEngine:
             undo.push("cgroup_handle", cg.close)
             if int(pid) not in cg.pids():
                 raise AdoptFailed("init process not in the session cgroup")
-            root = Path(row.get("mount_path") or mounts.mount_path(self.runtime_dir, sid))
-            if root != mounts.mount_path(self.runtime_dir, sid) or not mounts.is_mountpoint(root):
-                raise AdoptFailed("session tmpfs not mounted")
+            root = mounts.mount_path(self.runtime_dir, sid)
             control, attached = await self._attach(sid)
             undo.push("control", control.close)
+            if mounts.is_mountpoint(root):
+                root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            else:
+                # a new mount namespace since the restart (systemd gives each start one):
+                # the host view PID 1 kept, which has none of the sandbox's submounts
+                root_fd = _pidfd_getfd(pidfd, attached[2])
+            undo.push("root_fd", lambda: os.close(root_fd))
+            if not _is_tmpfs_root(root_fd, int(pid)):
+                raise AdoptFailed("session tmpfs not found")
             ids = self.slots.reserve(int(row["slot"]))
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -480,12 +541,6 @@ class SandboxEngine:
         cleanup.push("mount", lambda: mounts.detach(root))
         cleanup.push("control", control.close)
         cleanup.push("init", lambda: _kill_and_reap(pidfd, cg, control))
-        try:
-            root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await cleanup.run()
-            raise
         cleanup.push("root_fd", lambda: os.close(root_fd))
         t = self.cfg.tiers.get(row.get("tier") or "")
         sb = Sandbox(session_id=sid, hostname=row.get("hostname") or "", ids=ids,
@@ -494,7 +549,7 @@ class SandboxEngine:
                      cgroup=cg, engine=self, cleanup=cleanup, init_starttime=int(start),
                      namespaces=recorded)
         if attached[0]:
-            sb.interrupted = (attached[1], attached[2])
+            sb.interrupted = (attached[1], attached[3])
         self.live[sid] = sb
         self._log.info("sandbox_adopted", session_id=sid, slot=ids.slot, init_pid=pid,
                        interrupted_exec=bool(attached[0]))

@@ -20,6 +20,7 @@ MSG_SIGNAL = 8
 MSG_EXEC_FAIL = 9
 MSG_ATTACH = 10
 MSG_ATTACHED = 11
+MSG_ADOPTED = 12
 
 T_HOSTNAME = 1
 T_ROOT = 2
@@ -133,6 +134,10 @@ def encode_attach() -> bytes:
     return struct.pack("=I", MSG_ATTACH)
 
 
+def encode_adopted() -> bytes:
+    return struct.pack("=I", MSG_ADOPTED)
+
+
 def encode_signal(pgid: int, sig: int) -> bytes:
     return struct.pack("=Iii", MSG_SIGNAL, pgid, sig)
 
@@ -151,7 +156,7 @@ def decode(msg: bytes) -> tuple[int, tuple]:
         return kind, (body.decode(errors="replace"),)
     if kind == MSG_READY:
         return kind, ()
-    if kind == MSG_ATTACHED:  # (interrupted, wait status, exec tag)
-        interrupted, status = struct.unpack_from("=ii", body)
-        return kind, (bool(interrupted), status, bytes(body[8:]))
+    if kind == MSG_ATTACHED:  # (interrupted, wait status, root view fd in PID 1, exec tag)
+        interrupted, status, view_fd = struct.unpack_from("=iii", body)
+        return kind, (bool(interrupted), status, view_fd, bytes(body[12:]))
     raise ProtocolError(f"unknown message type {kind} from nrx-init")

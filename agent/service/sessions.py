@@ -622,6 +622,9 @@ class Service:
             return False
         fault_point("adopt.attached")
         s = session_from_row(row, self.journal.events(sid))
+        # the audit log is the record of execs (an interrupted receipt of a crashed earlier
+        # re-adoption may be in it before the row's count was updated)
+        s.record.exec_count = sum(1 for e in s.record.audit_events if e["kind"] == "exec")
         now = time.time()
         key = SessionKey.generate(sid)
         s.sandbox, s.session_key = sb, key
@@ -632,7 +635,8 @@ class Service:
         try:
             if sb.interrupted is not None:
                 self.receipts.close_out_crashed(s, *sb.interrupted)
-            fault_point("adopt.receipt")
+            await sb.confirm_adopted()
+            fault_point("adopt.confirmed")
             self.journal.update_session(sid, status="active", exec_count=s.record.exec_count,
                                         receipt_key_id=key.key_id,
                                         receipt_public_key=s.receipt_key["public_key"])

@@ -109,6 +109,7 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
     c->oom_score = 500;
     c->nofile = 1024;
     c->attach_fd = -1;
+    c->root_view_fd = -1;
     while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
         switch (tag) {
         case T_HOSTNAME: c->hostname = tlv_str(v, l); break;
@@ -301,8 +302,15 @@ int main(void)
         FAIL("mounting the session tmpfs at %s: %s", cfg.root, strerror(errno));
     mounted = 1;
 
-    if (cfg.attach_path && cfg.orphan_grace_ms && open_attach_socket(&cfg) < 0)
-        FAIL("re-attach socket %s: %s", cfg.attach_path, strerror(errno));
+    if (cfg.attach_path && cfg.orphan_grace_ms) {
+        if (open_attach_socket(&cfg) < 0)
+            FAIL("re-attach socket %s: %s", cfg.attach_path, strerror(errno));
+        /* a restarted agent may live in a new mount namespace (systemd gives each start
+         * one) where this mount is gone: PID 1 keeps it, without the sandbox's submounts */
+        cfg.root_view_fd = open(cfg.root, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (cfg.root_view_fd < 0)
+            FAIL("opening the session tmpfs: %s", strerror(errno));
+    }
 
     if (pipe2(release, O_CLOEXEC) < 0)
         FAIL("pipe: %s", strerror(errno));
@@ -351,6 +359,8 @@ int main(void)
     close(release[0]);
     if (cfg.attach_fd >= 0)
         close(cfg.attach_fd); /* PID 1 holds it now */
+    if (cfg.root_view_fd >= 0)
+        close(cfg.root_view_fd);
     /* the agent learns the pid first, so it can always kill and reap the child */
     send_ints(CONTROL_FD, MSG_PID, child, 0, 1);
 

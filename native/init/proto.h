@@ -25,7 +25,11 @@ enum msg_type {
     MSG_EXEC_FAIL = 9, /* PID 1 -> agent: text (which step failed, errno) */
     MSG_ATTACH = 10,   /* agent -> PID 1, first message on an attach connection */
     MSG_ATTACHED = 11, /* PID 1 -> agent: int32 interrupted (0/1), int32 wait status,
-                        * then the EXEC_TAG of the command the agent's death cut off */
+                        * int32 fd number (in PID 1) of its host view of the session tmpfs
+                        * (for pidfd_getfd; -1 if none), then the EXEC_TAG of the command
+                        * the agent's death cut off */
+    MSG_ADOPTED = 12,  /* agent -> PID 1: the cut-off command is on the record; forget it
+                        * (until then every ATTACH reports it again) */
 };
 
 enum cfg_tag {
@@ -82,6 +86,8 @@ struct config {
     char *attach_path;        /* NULL: no re-attach, EOF on the lifeline ends the sandbox */
     uint64_t orphan_grace_ms;
     int attach_fd;            /* listening socket inherited by PID 1, -1 when none */
+    int root_view_fd;         /* O_PATH on the tmpfs root as the agent's namespace saw it
+                               * (no submounts), kept by PID 1 for a re-adopting agent */
 };
 
 int parse_config(const unsigned char *buf, size_t len, struct config *c);

@@ -206,7 +206,7 @@ static void orphaned(struct config *c)
 
 /* An agent connected to the attach socket: its first message must be ATTACH; it then
  * becomes the lifeline (fd 3).  Returns 1 when attached. */
-static int attach(int fd)
+static int attach(struct config *c, int fd)
 {
     struct pollfd p = {fd, POLLIN, 0};
     unsigned char msg[64];
@@ -221,14 +221,13 @@ static int attach(int fd)
     if (fd != CONTROL_FD && dup2(fd, CONTROL_FD) < 0) /* accept4 may have reused fd 3 */
         return 0;
     fcntl(CONTROL_FD, F_SETFD, FD_CLOEXEC);
-    unsigned char out[8 + sizeof(cut_tag)];
-    int32_t v[2] = {cut_leader ? 1 : 0, cut_reaped ? cut_status : (int32_t)SIGKILL};
-    memcpy(out, v, 8);
+    unsigned char out[12 + sizeof(cut_tag)];
+    int32_t v[3] = {cut_leader ? 1 : 0, cut_reaped ? cut_status : (int32_t)SIGKILL,
+                    c->root_view_fd};
+    memcpy(out, v, 12);
     uint32_t len = cut_leader ? cut_tag_len : 0;
-    memcpy(out + 8, cut_tag, len);
-    send_msg(CONTROL_FD, MSG_ATTACHED, out, 8 + len);
-    cut_leader = 0;
-    cut_tag_len = 0;
+    memcpy(out + 12, cut_tag, len);
+    send_msg(CONTROL_FD, MSG_ATTACHED, out, 12 + len);
     return 1;
 }
 
@@ -270,7 +269,7 @@ void serve(struct config *c)
         if (lost && p[2].revents) {
             int fd = accept4(c->attach_fd, NULL, NULL, SOCK_CLOEXEC);
             if (fd >= 0) {
-                int ok = attach(fd);
+                int ok = attach(c, fd);
                 if (ok)
                     lost = 0;
                 if (!ok || fd != CONTROL_FD)
@@ -330,6 +329,10 @@ void serve(struct config *c)
             }
             for (int i = 0; i < nfds; i++)
                 close(fds[i]);
+            if (type == MSG_ADOPTED) {
+                cut_leader = 0;
+                cut_tag_len = 0;
+            }
             if (type == MSG_SIGNAL && n >= 12) {
                 int32_t v[2];
                 memcpy(v, buf + 4, 8);

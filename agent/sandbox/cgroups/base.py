@@ -190,6 +190,10 @@ class CgroupHandle(abc.ABC):
         """The cgroup forbids swap (its pages can never be written to a swap device)."""
 
     @abc.abstractmethod
+    def memory_usage_limit(self) -> int:
+        """The session's memory cap as configured (v2 with the guard on: memory.high)."""
+
+    @abc.abstractmethod
     def oom_kills(self) -> int: ...
 
     # -- the agent, not the kernel, handles OOM (issue 12) -------------------------------

@@ -153,6 +153,9 @@ class V1Handle(CgroupHandle):
     def oom_kills(self) -> int:
         return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
 
+    def memory_usage_limit(self) -> int:
+        return int(read_file(self.dirs["memory"] / "memory.limit_in_bytes"))
+
     def guard_oom(self, headroom: int) -> bool:
         try:
             write_file(self.dirs["memory"] / "memory.oom_control", 1)
@@ -376,6 +379,9 @@ class _PartialV1Handle(V1Handle):
 
     def oom_stalled(self) -> bool:
         return super().oom_stalled() if "memory" in self.dirs else False
+
+    def memory_usage_limit(self) -> int:
+        return super().memory_usage_limit() if "memory" in self.dirs else 0
 
     def guard_oom(self, headroom: int) -> bool:
         return super().guard_oom(headroom) if "memory" in self.dirs else False

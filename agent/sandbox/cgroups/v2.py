@@ -117,6 +117,13 @@ class V2Handle(CgroupHandle):
             write_file(self.path / "memory.high", limit_bytes)
         write_file(self.path / "memory.max", limit_bytes + self._headroom)
 
+    def memory_usage_limit(self) -> int:
+        for name in ("memory.high", "memory.max"):
+            v = self._read_limit(name)
+            if v is not None:
+                return v
+        return 0
+
     def _read_limit(self, name: str) -> int | None:
         try:
             v = read_file(self.path / name).strip()
