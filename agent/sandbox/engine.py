@@ -54,6 +54,19 @@ def _err_text(e: BaseException) -> str:
 SO_SNDBUFFORCE = 32  # socket(7): SO_SNDBUF above wmem_max, needs CAP_NET_ADMIN
 
 
+def _size_control_socket(sock: socket.socket) -> None:
+    """A SEQPACKET message must fit the sender's buffer (default net.core.wmem_default,
+    208 KiB): size ours for the largest EXEC request exec.py admits.  SO_SNDBUF is capped
+    at net.core.wmem_max; SO_SNDBUFFORCE is not but needs CAP_NET_ADMIN (dropped by
+    self-hardening); a message still too big is BadRequest (exec.Control.send)."""
+    for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, initproto.MAX_MSG + 64 * 1024)
+            return
+        except PermissionError:
+            continue
+
+
 class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
 
@@ -572,6 +585,7 @@ class SandboxEngine:
             finally:
                 os.close(dfd)
             sock.setblocking(False)
+            _size_control_socket(sock)
             control = _exec.Control(sock)
         except BaseException:
             sock.close()
@@ -606,15 +620,7 @@ class SandboxEngine:
                      cg: CgroupHandle) -> tuple:
         """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # a SEQPACKET message must fit the sender's buffer (default net.core.wmem_default,
-        # 208 KiB): size ours for the largest EXEC request exec.py admits
-        # (SO_SNDBUF is capped at net.core.wmem_max; SO_SNDBUFFORCE is not, with CAP_NET_ADMIN)
-        for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
-            try:
-                ours.setsockopt(socket.SOL_SOCKET, opt, initproto.MAX_MSG + 64 * 1024)
-                break
-            except PermissionError:
-                continue
+        _size_control_socket(ours)
         control = _exec.Control(ours)
         undo.push("control", control.close)
         try:
