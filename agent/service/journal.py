@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ class Journal:
         self.on_failure: Callable[[str | None], None] | None = None  # health: reason/None
         self.last_error: str | None = None
         self._updates: dict[str, dict] = {}  # session_id -> fields not yet written
-        self._events: list[tuple] = []  # (session_id, seq, kind, hash, at) not yet written
+        self._events: deque[tuple] = deque()  # (session_id, seq, kind, hash, at) not written
         self.backlog_dropped = 0
         try:
             self._open()
@@ -186,7 +187,7 @@ class Journal:
             with self.db:
                 self.db.execute("INSERT OR IGNORE INTO events (session_id, seq, kind, hash, at)"
                                 " VALUES (?, ?, ?, ?, ?)", ev)
-            self._events.pop(0)
+            self._events.popleft()
         for sid in list(self._updates):
             self._write_update(sid, self._updates[sid])
             del self._updates[sid]
