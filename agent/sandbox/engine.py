@@ -103,6 +103,33 @@ def _pidfd_pid(pidfd: int) -> int:
     return -1
 
 
+def _open_same_init(pid: int, start: int, namespaces: dict[str, int]) -> int:
+    """A pidfd on `pid` if it still is the journaled sandbox PID 1: alive, same start
+    time (pid reuse), same 7 namespace inodes.  Raises AdoptFailed otherwise."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        raise AdoptFailed("init process gone") from None
+    try:
+        same = (not _exited(pidfd) and namespaces_mod.starttime(pid) == start
+                and namespaces_mod.inodes(pid) == namespaces)
+    except OSError:
+        same = False
+    if not same:
+        os.close(pidfd)
+        raise AdoptFailed("init process gone, pid reused or namespaces differ")
+    return pidfd
+
+
+def _root_view(root: Path, pidfd: int, kept_fd: int) -> int:
+    """An O_PATH fd on the session tmpfs without the sandbox's submounts: the agent's own
+    mount of it, or (a new mount namespace since the restart, as systemd gives each start)
+    the view PID 1 kept, fetched with pidfd_getfd."""
+    if mounts.is_mountpoint(root):
+        return os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return _pidfd_getfd(pidfd, kept_fd)
+
+
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
     """pidfd_getfd(2) (Python 3.11 has no wrapper): a copy of fd `fd` of that process."""
     if fd < 0:
@@ -496,19 +523,8 @@ class SandboxEngine:
             raise AdoptFailed("journal row lacks the sandbox's identity")
         undo = CleanupStack()
         try:
-            try:
-                pidfd = os.pidfd_open(int(pid))
-            except OSError:
-                raise AdoptFailed("init process gone") from None
+            pidfd = _open_same_init(int(pid), int(start), recorded)
             undo.push("pidfd", lambda: os.close(pidfd))
-            try:
-                same = (not _exited(pidfd)
-                        and namespaces_mod.starttime(int(pid)) == int(start)
-                        and namespaces_mod.inodes(int(pid)) == recorded)
-            except OSError:
-                same = False
-            if not same:
-                raise AdoptFailed("init process gone, pid reused or namespaces differ")
             cg = self.cgroups.open(sid)
             undo.push("cgroup_handle", cg.close)
             if int(pid) not in cg.pids():
@@ -516,12 +532,7 @@ class SandboxEngine:
             root = mounts.mount_path(self.runtime_dir, sid)
             control, attached = await self._attach(sid)
             undo.push("control", control.close)
-            if mounts.is_mountpoint(root):
-                root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            else:
-                # a new mount namespace since the restart (systemd gives each start one):
-                # the host view PID 1 kept, which has none of the sandbox's submounts
-                root_fd = _pidfd_getfd(pidfd, attached[2])
+            root_fd = _root_view(root, pidfd, attached[2])
             undo.push("root_fd", lambda: os.close(root_fd))
             if not _is_tmpfs_root(root_fd, int(pid)):
                 raise AdoptFailed("session tmpfs not found")

@@ -29,12 +29,13 @@ import trio
 from agent.config import Config
 from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
-from agent.errors import BadRequest, Conflict, InternalError, NotFound, RateLimited, Unavailable
+from agent.errors import BadRequest, Conflict, InternalError, NotFound, Unavailable
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import AdoptFailed, SandboxEngine
 from agent.sandbox.exec import ExecBusy, ExecProgress
 from agent.sandbox.userns import SlotsExhausted
 from agent.service import views
+from agent.service.admission import Admission
 from agent.service.audit import AuditLog
 from agent.service.faults import fault_point
 from agent.service.journal import Journal
@@ -46,6 +47,7 @@ from agent.service.model import (
     Session,
     SessionRecord,
     new_session_id,
+    readopted_session,
     session_from_row,
 )
 from agent.service.proofs import ProofWriter
@@ -58,25 +60,6 @@ __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 _log = structlog.get_logger("nanorix-agent.sessions")  # lazy: resolved after log.setup()
 
 UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
-
-
-def _row_receipt_key(row: dict) -> dict | None:
-    """The public record of the receipt key a journal row names (None without one)."""
-    if not row.get("receipt_key_id") or not row.get("receipt_public_key"):
-        return None
-    return {"key_id": row["receipt_key_id"], "algorithm": "Ed25519",
-            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
-
-
-def _mem_total() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Service:
@@ -99,11 +82,11 @@ class Service:
         self.proofs = ProofWriter(cfg, key_store, spool)
         self.receipts = Receipts(self.audit)
         self.sessions: dict[str, Session] = {}  # live and ended-since-start
-        self._reserved: dict[str, tuple[str, str]] = {}  # sid -> (customer, tier) while creating
+        self.admission = Admission(cfg)
+        self._reserved = self.admission.reserved  # sid -> (customer, tier) while creating
         self._nursery: trio.Nursery | None = None
         self._adopted: list[Session] = []  # waiting for run() to arm their watchers
-        cap = cfg.node.memory_capacity_bytes
-        self.memory_capacity = cap or int(_mem_total() * 0.8)
+        self.memory_capacity = self.admission.memory_capacity
 
     # -- lifetime ----------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -214,13 +197,7 @@ class Service:
         return views.row_meta(row) if row is not None else None
 
     def capacity(self) -> dict:
-        live = self.live()
-        committed = sum(self.config.tiers[s.record.tier].memory_bytes for s in live)
-        committed += sum(self.config.tiers[t].memory_bytes for _, t in self._reserved.values())
-        return {"sessions_live": len(live) + len(self._reserved),
-                "sessions_max": self.config.node.max_sessions,
-                "memory_committed_bytes": committed,
-                "memory_capacity_bytes": self.memory_capacity}
+        return self.admission.capacity(self.live())
 
     def receipt_key(self, key_id: str) -> dict | None:
         """Public record of a session receipt key (live or destroyed session)."""
@@ -236,36 +213,7 @@ class Service:
 
     # -- create ----------------------------------------------------------------------
     def resolve_ttl(self, tier: str, ttl: int | None) -> int:
-        t = self.config.tiers[tier]
-        if ttl is None:
-            ttl = t.default_ttl_seconds
-            if t.max_ttl_seconds:
-                ttl = min(ttl, t.max_ttl_seconds)
-            return ttl
-        if t.max_ttl_seconds and (ttl == 0 or ttl > t.max_ttl_seconds):
-            if self.config.node.ttl_policy == "refuse":
-                raise BadRequest(f"ttl_seconds must be between 1 and {t.max_ttl_seconds} for "
-                                 f"tier {tier}", field="ttl_seconds")
-            return t.max_ttl_seconds
-        return ttl
-
-    def _admit(self, session_id: str, customer_id: str, tier: str) -> None:
-        if self.draining:
-            raise Unavailable("node is draining")
-        cap = self.capacity()
-        if cap["sessions_live"] >= cap["sessions_max"]:
-            raise Unavailable("node is at session capacity")
-        need = self.config.tiers[tier].memory_bytes
-        if cap["memory_committed_bytes"] + need > cap["memory_capacity_bytes"]:
-            raise Unavailable("node is at memory capacity")
-        limit = self.config.tiers[tier].max_concurrent
-        if limit:
-            mine = sum(1 for s in self.live() if s.record.customer_id == customer_id)
-            mine += sum(1 for c, _ in self._reserved.values() if c == customer_id)
-            if mine >= limit:
-                raise RateLimited(f"customer has {mine} live sessions on this node; tier {tier} "
-                                  f"allows {limit}")
-        self._reserved[session_id] = (customer_id, tier)
+        return self.admission.resolve_ttl(tier, ttl)
 
     async def create(self, *, customer_id: str, tier: str, data_classification: str = "general",
                      jurisdiction: str = "US", ttl_seconds: int | None = None,
@@ -282,7 +230,7 @@ class Service:
         elif (session_id in self.sessions or session_id in self._reserved
               or self.journal.get(session_id) is not None):
             raise Conflict(f"session {session_id} already exists", field="session_id")
-        self._admit(session_id, customer_id, tier)
+        self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
         t0 = time.monotonic()
         try:
             with trio.CancelScope(shield=True):
@@ -553,16 +501,9 @@ class Service:
             _log.info("session_not_adoptable", session_id=sid, why=str(e))
             return False
         fault_point("adopt.attached")
-        s = session_from_row(row, self.journal.events(sid))
-        # the audit log is the record of execs (an interrupted receipt of a crashed earlier
-        # re-adoption may be in it before the row's count was updated)
-        s.record.exec_count = sum(1 for e in s.record.audit_events if e["kind"] == "exec")
-        now = time.time()
-        key = SessionKey.generate(sid)
-        s.sandbox, s.session_key = sb, key
-        s.receipt_key = key.public_record(iso_seconds(now))
-        s.previous_receipt_keys = [k for k in [_row_receipt_key(row)] if k]
-        s.status = "active"
+        s = readopted_session(row, self.journal.events(sid), sb)
+        key = s.session_key
+        assert key is not None
         self.sessions[sid] = s
         try:
             if sb.interrupted is not None:
