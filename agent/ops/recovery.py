@@ -184,11 +184,11 @@ def reclaim_processes(c: _Ctx) -> ReclaimResult:
                         if _kill_verified(int(pid), None):
                             r.count += 1
     for row in c.rows:
-        pid, st = row.get("init_pid"), row.get("init_starttime")
-        if not pid or st is None:
+        holder, start = row.get("init_pid"), row.get("init_starttime")
+        if not holder or start is None:
             continue
         try:
-            if _kill_verified(int(pid), int(st)):
+            if _kill_verified(int(holder), int(start)):
                 r.count += 1
         except OSError as e:
             r.errors.append(f"{row['session_id']}: holder: {e.strerror}")
@@ -233,17 +233,17 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
             by_path.setdefault(os.path.abspath(m), None)
     # deepest first, so nested mounts go before their parents
     for mp in sorted(by_path, key=lambda p: p.count("/"), reverse=True):
-        row = by_path[mp]
+        found = by_path[mp]
         while mp in _mount_points():
             try:
                 try:
-                    _wipe_tree(mp, _wipe_passes(c.cfg, (row or {}).get("classification")))
+                    _wipe_tree(mp, _wipe_passes(c.cfg, (found or {}).get("classification")))
                 except Exception as e:  # the mount still goes; the CDP says unclean
-                    r.errors.append(f"{(row or {}).get('session_id', 'untracked')}: wipe: {e}")
+                    r.errors.append(f"{(found or {}).get('session_id', 'untracked')}: wipe: {e}")
                 umount_detach(mp)
                 r.count += 1
             except OSError as e:
-                r.errors.append(f"{(row or {}).get('session_id', 'untracked')}: umount: "
+                r.errors.append(f"{(found or {}).get('session_id', 'untracked')}: umount: "
                                 f"{e.strerror}")
                 break
     if sessions.is_dir():

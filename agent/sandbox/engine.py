@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -665,7 +666,7 @@ class SandboxEngine:
     def sweep_leftovers(self) -> dict:
         """Detach session mounts under our runtime dir and remove session cgroups under
         our prefix that no live sandbox owns (recovery after a crash)."""
-        out = {"mounts": 0, "cgroups": 0, "errors": []}
+        out: dict[str, Any] = {"mounts": 0, "cgroups": 0, "errors": []}
         sessions = self.runtime_dir / "sessions"
         if sessions.is_dir():
             for d in sessions.iterdir():

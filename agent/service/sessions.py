@@ -20,6 +20,7 @@ operator, recovery) | `expired_unclean` (a destruction step could not be verifie
 
 from __future__ import annotations
 
+import builtins
 import math
 import time
 
@@ -106,7 +107,7 @@ class Service:
         """Forget ended sessions older than node.journal_retention_seconds whose proof was
         acknowledged (their metadata, audit hashes and receipt public key)."""
         before = iso_seconds(time.time() - self.config.node.journal_retention_seconds)
-        keep = {p.get("session_id") for p in self.spool.pending()}
+        keep = {str(p.get("session_id")) for p in self.spool.pending()}
         keep |= set(self.sessions)
         try:
             n = self.journal.prune(before, keep)
@@ -186,7 +187,7 @@ class Service:
         return sorted(out.values(), key=lambda v: (v["created_at"], v["session_id"]))
 
     # E's Service protocol -------------------------------------------------------------
-    def list_sessions(self) -> list[dict]:
+    def list_sessions(self) -> builtins.list[dict]:
         return [views.meta(s) for s in self.sessions.values()]
 
     def get_meta(self, session_id: str) -> dict | None:
@@ -335,7 +336,8 @@ class Service:
                    on_output=None, customer_id: str | None = None) -> dict:
         s, _ = self._lookup(session_id, customer_id)
         if s is None or s.ending or s.status in ENDED_STATUSES:
-            status = s.status if s is not None else self.journal.get(session_id)["status"]
+            status = s.status if s is not None else (self.journal.get(session_id) or {}).get(
+                "status")
             raise Conflict(f"session {session_id} has ended ({status})", field="session_id")
         if s.status == "executing":
             raise Conflict(f"session {session_id} is already executing a command",
@@ -400,7 +402,8 @@ class Service:
             raise Conflict(f"session {session_id} has ended ({view['status']}) and its proof "
                            f"was acknowledged", field="session_id")
         with trio.CancelScope(shield=True):
-            return await self.end(s, reason)
+            result = await self.end(s, reason)
+        return result
 
     async def end(self, s: Session, reason: str) -> dict:
         """End session `s` for `reason`: the exec in flight gets an interrupted receipt,
@@ -431,7 +434,7 @@ class Service:
             s.done.set()
             self._observe("destroy_seconds", time.monotonic() - t0)
 
-    def _passes(self, classification: str) -> list[str]:
+    def _passes(self, classification: str) -> builtins.list[str]:
         cls = self.config.classes.get(classification) or self.config.classes["general"]
         return list(cls.wipe_passes)
 
