@@ -35,6 +35,10 @@ class SessionFacts(Protocol):
     with hash = hex receipt leaf, `destroy_requested`), sealed by step 7."""
 
     session_id: str
+    customer_id: str
+    tier: str
+    classification: str
+    jurisdiction: str
     created_at: str
     receipts: list[dict]
     audit_events: list[dict]

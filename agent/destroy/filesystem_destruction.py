@@ -29,6 +29,7 @@ re-opened through ".." with an identity (st_dev, st_ino) check.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import stat
@@ -65,7 +66,7 @@ class TreeStats:
     deferred: list[int] = field(default_factory=list)  # O_PATH pins of leased inodes
     races: int = 0              # a name changed between fstatat and open (skipped + counted)
     loops: int = 0
-    leaves: list[bytes] = field(default_factory=list)
+    leaves: list[builtins.bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -271,17 +272,20 @@ def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
             cur = stack[-1]
             if not cur.names:
                 stack.pop()
+                assert cur.fd is not None
                 if stack:
                     parent = stack[-1]
                     if parent.fd is None:
                         parent.fd = _reopen_parent(cur.fd, parent.ident)
                     os.close(cur.fd)
+                    assert cur.name_in_parent is not None
                     _remove(parent.fd, cur.name_in_parent, True, s)
                 else:
                     os.close(cur.fd)
                 cur.fd = None
                 continue
             name = cur.names.pop()
+            assert cur.fd is not None
             try:
                 lst = os.stat(name, dir_fd=cur.fd, follow_symlinks=False)
             except FileNotFoundError:

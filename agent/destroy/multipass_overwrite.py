@@ -21,6 +21,7 @@ import os
 import platform
 import termios
 import time
+from typing import Any
 
 import trio
 
@@ -106,7 +107,7 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]]], int]:
+def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]] | None], int]:
     """pid -> present ranges to overwrite (None when unreadable), and the total bytes."""
     plan: dict[int, list[tuple[int, int]] | None] = {}
     for pid in pids:
@@ -130,8 +131,8 @@ def raise_cap(cgroup: CgroupHandle, extra: int) -> bool:
 
 def wipe_processes(plan: dict, passes: list[str]) -> dict:
     """Overwrite the planned memory of each pid; counts and read-back leaves."""
-    out = {"processes": 0, "failed": 0, "exited": 0, "bytes": 0, "blocks": 0, "nonzero": 0,
-           "leaves": []}
+    out: dict[str, Any] = {"processes": 0, "failed": 0, "exited": 0, "bytes": 0, "blocks": 0,
+                           "nonzero": 0, "leaves": []}
     for pid, ranges in plan.items():
         try:
             if ranges is None:
@@ -202,13 +203,13 @@ def pipe_and_socket_buffers(pids: list[int]) -> tuple[int, int]:
 
 
 def _plan_and_wipe(cgroup: CgroupHandle, pids: list[int], passes: list[str],
-                   ipc_fd: int | None) -> tuple[bool, dict, dict | None]:
+                   ipc_fd: int | None) -> tuple[bool, dict, dict]:
     """plan_processes, raise_cap (when there is a cgroup), wipe_processes, then the
     unattached SysV segments of the pinned IPC namespace (None without a pin)."""
     plan, total = plan_processes(pids)
     cap_raised = raise_cap(cgroup, total)
     w = wipe_processes(plan, passes)
-    shm = sysv_shm.wipe_segments(ipc_fd, passes) if ipc_fd is not None else None
+    shm = sysv_shm.wipe_segments(ipc_fd, passes) if ipc_fd is not None else {}
     return cap_raised, w, shm
 
 
@@ -361,7 +362,8 @@ async def release(ctx: DestroyContext, st: DestroyState, ev: dict, errors: list[
     cgroup = sb.cgroup
     t2 = time.perf_counter_ns()
     if st.deferred_fds:  # files step 2 could not open while a (now dead) holder leased them
-        d = await trio.to_thread.run_sync(fsd.wipe_deferred, st.deferred_fds, list(ctx.passes))
+        d: fsd.TreeStats = await trio.to_thread.run_sync(fsd.wipe_deferred, st.deferred_fds,
+                                                         list(ctx.passes))
         st.leaves_fs.extend(d.leaves[i][j:j + 32] for i in range(len(d.leaves))
                             for j in range(0, len(d.leaves[i]), 32))
         ev.update({"deferred_files": d.files, "deferred_bytes": d.bytes,

@@ -53,7 +53,7 @@ def _reason_text(e: BaseException) -> str:
     name); never str() of a foreign exception, which may carry a path or data."""
     if isinstance(e, StepError):
         return str(e)[:200]
-    if isinstance(e, OSError) and e.errno in errno.errorcode:
+    if isinstance(e, OSError) and e.errno is not None and e.errno in errno.errorcode:
         return f"{type(e).__name__} {errno.errorcode[e.errno]}"
     return type(e).__name__
 
@@ -104,7 +104,7 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
             os.close(st.deferred_fds.pop())
         teardown_ok = await _teardown(ctx, logger)
     ev8 = st.evidence[7]
-    status = ev8.get("status") if ev8.get("ok") else "expired_unclean"
+    status = str(ev8.get("status")) if ev8.get("ok") else "expired_unclean"
     out = DestroyOutcome(
         session_id=ctx.session.session_id, created_at=ctx.session.created_at,
         destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,

@@ -184,11 +184,11 @@ def reclaim_processes(c: _Ctx) -> ReclaimResult:
                         if _kill_verified(int(pid), None):
                             r.count += 1
     for row in c.rows:
-        pid, st = row.get("init_pid"), row.get("init_starttime")
-        if not pid or st is None:
+        holder, start = row.get("init_pid"), row.get("init_starttime")
+        if not holder or start is None:
             continue
         try:
-            if _kill_verified(int(pid), int(st)):
+            if _kill_verified(int(holder), int(start)):
                 r.count += 1
         except OSError as e:
             r.errors.append(f"{row['session_id']}: holder: {e.strerror}")
@@ -233,17 +233,17 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
             by_path.setdefault(os.path.abspath(m), None)
     # deepest first, so nested mounts go before their parents
     for mp in sorted(by_path, key=lambda p: p.count("/"), reverse=True):
-        row = by_path[mp]
+        found = by_path[mp]
         while mp in _mount_points():
             try:
                 try:
-                    _wipe_tree(mp, _wipe_passes(c.cfg, (row or {}).get("classification")))
+                    _wipe_tree(mp, _wipe_passes(c.cfg, (found or {}).get("classification")))
                 except Exception as e:  # the mount still goes; the CDP says unclean
-                    r.errors.append(f"{(row or {}).get('session_id', 'untracked')}: wipe: {e}")
+                    r.errors.append(f"{(found or {}).get('session_id', 'untracked')}: wipe: {e}")
                 umount_detach(mp)
                 r.count += 1
             except OSError as e:
-                r.errors.append(f"{(row or {}).get('session_id', 'untracked')}: umount: "
+                r.errors.append(f"{(found or {}).get('session_id', 'untracked')}: umount: "
                                 f"{e.strerror}")
                 break
     if sessions.is_dir():
@@ -371,6 +371,26 @@ RECLAIMERS: tuple[Callable[[_Ctx], ReclaimResult], ...] = (
 assert tuple(f.__name__.removeprefix("reclaim_") for f in RECLAIMERS) == ORDER
 
 
+async def _adopt_all(rows: list[dict], adopt_fn: Callable[[dict], Awaitable[bool]],
+                     report: RecoveryReport, extend: Callable[[], None]) -> set[str]:
+    """Re-adopt what can be; the ids of the sessions that are live again."""
+    lg = log.get().bind(component="recovery")
+    adopted: set[str] = set()
+    for row in rows:
+        extend()
+        try:
+            if await adopt_fn(row):
+                adopted.add(row["session_id"])
+                report.adopted.append(row["session_id"])
+        except Exception as e:  # not adopted: reclaimed and proven below
+            report.errors.append(f"{row['session_id']}: adopt: {type(e).__name__}: {e}")
+            lg.error("recovery_adopt_failed", session_id=row["session_id"],
+                     error=type(e).__name__)
+    if adopted:
+        lg.info("recovery_adopted", sessions=len(adopted))
+    return adopted
+
+
 EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while recovering
 EXTEND_BY = 60.0
 
@@ -414,19 +434,7 @@ async def recover(cfg, *, journal, driver=None,
         lg.error("recovery_journal_unreadable", error=str(e))
         report.errors.append(f"journal: {e}")
         rows = []
-    adopted: set[str] = set()
-    for row in rows if adopt_fn is not None else []:
-        extend()
-        try:
-            if await adopt_fn(row):
-                adopted.add(row["session_id"])
-                report.adopted.append(row["session_id"])
-        except Exception as e:  # not adopted: reclaimed and proven below
-            report.errors.append(f"{row['session_id']}: adopt: {type(e).__name__}: {e}")
-            lg.error("recovery_adopt_failed", session_id=row["session_id"],
-                     error=type(e).__name__)
-    if adopted:
-        lg.info("recovery_adopted", sessions=len(adopted))
+    adopted = await _adopt_all(rows, adopt_fn, report, extend) if adopt_fn else set()
     rows = [r for r in rows if r["session_id"] not in adopted]
     ctx = _Ctx(cfg, rows, driver, keep=adopted)
     if rows:

@@ -65,7 +65,7 @@ class CleanupStack:
     async def run(self, on_error: Callable[[str, BaseException], None] | None = None
                   ) -> list[tuple[str, BaseException]]:
         """Run every undo not yet run, newest first; returns (and keeps) the errors."""
-        errors = []
+        errors: list[tuple[str, BaseException]] = []
         for u in reversed(self._items):
             if u.done:
                 continue

@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -117,6 +118,33 @@ def _pidfd_pid(pidfd: int) -> int:
     except (OSError, ValueError):
         pass
     return -1
+
+
+def _open_same_init(pid: int, start: int, namespaces: dict[str, int]) -> int:
+    """A pidfd on `pid` if it still is the journaled sandbox PID 1: alive, same start
+    time (pid reuse), same 7 namespace inodes.  Raises AdoptFailed otherwise."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        raise AdoptFailed("init process gone") from None
+    try:
+        same = (not _exited(pidfd) and namespaces_mod.starttime(pid) == start
+                and namespaces_mod.inodes(pid) == namespaces)
+    except OSError:
+        same = False
+    if not same:
+        os.close(pidfd)
+        raise AdoptFailed("init process gone, pid reused or namespaces differ")
+    return pidfd
+
+
+def _root_view(root: Path, pidfd: int, kept_fd: int) -> int:
+    """An O_PATH fd on the session tmpfs without the sandbox's submounts: the agent's own
+    mount of it, or (a new mount namespace since the restart, as systemd gives each start)
+    the view PID 1 kept, fetched with pidfd_getfd."""
+    if mounts.is_mountpoint(root):
+        return os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return _pidfd_getfd(pidfd, kept_fd)
 
 
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
@@ -512,19 +540,8 @@ class SandboxEngine:
             raise AdoptFailed("journal row lacks the sandbox's identity")
         undo = CleanupStack()
         try:
-            try:
-                pidfd = os.pidfd_open(int(pid))
-            except OSError:
-                raise AdoptFailed("init process gone") from None
+            pidfd = _open_same_init(int(pid), int(start), recorded)
             undo.push("pidfd", lambda: os.close(pidfd))
-            try:
-                same = (not _exited(pidfd)
-                        and namespaces_mod.starttime(int(pid)) == int(start)
-                        and namespaces_mod.inodes(int(pid)) == recorded)
-            except OSError:
-                same = False
-            if not same:
-                raise AdoptFailed("init process gone, pid reused or namespaces differ")
             cg = self.cgroups.open(sid)
             undo.push("cgroup_handle", cg.close)
             if int(pid) not in cg.pids():
@@ -532,12 +549,7 @@ class SandboxEngine:
             root = mounts.mount_path(self.runtime_dir, sid)
             control, attached = await self._attach(sid)
             undo.push("control", control.close)
-            if mounts.is_mountpoint(root):
-                root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            else:
-                # a new mount namespace since the restart (systemd gives each start one):
-                # the host view PID 1 kept, which has none of the sandbox's submounts
-                root_fd = _pidfd_getfd(pidfd, attached[2])
+            root_fd = _root_view(root, pidfd, attached[2])
             undo.push("root_fd", lambda: os.close(root_fd))
             if not _is_tmpfs_root(root_fd, int(pid)):
                 raise AdoptFailed("session tmpfs not found")
@@ -672,7 +684,7 @@ class SandboxEngine:
     def sweep_leftovers(self) -> dict:
         """Detach session mounts under our runtime dir and remove session cgroups under
         our prefix that no live sandbox owns (recovery after a crash)."""
-        out = {"mounts": 0, "cgroups": 0, "errors": []}
+        out: dict[str, Any] = {"mounts": 0, "cgroups": 0, "errors": []}
         sessions = self.runtime_dir / "sessions"
         if sessions.is_dir():
             for d in sessions.iterdir():

@@ -26,9 +26,10 @@ class AuditLog:
         """Add event `kind` (hash of `payload`, or `hash_hex` as given) as the next seq."""
         seq = len(record.audit_events) + 1
         h = hash_hex if hash_hex is not None else sha256_hex(payload or b"")
-        ev = {"seq": seq, "kind": kind, "hash": h, "at": iso_seconds()}
+        at = iso_seconds()
+        ev = {"seq": seq, "kind": kind, "hash": h, "at": at}
         record.audit_events.append(ev)
-        self.journal.add_event(record.session_id, seq, kind, h, ev["at"])
+        self.journal.add_event(record.session_id, seq, kind, h, at)
         return ev
 
     def created(self, record: SessionRecord, ttl_seconds: int) -> dict:

@@ -24,7 +24,8 @@ from agent.service.journal import LIVE_STATUSES
 from agent.timefmt import iso_seconds, parse_iso
 
 __all__ = ["ENDED_STATUSES", "LIVE_STATUSES", "SESSION_ID_RE", "InFlight", "Session",
-           "SessionRecord", "new_session_id", "session_from_row"]
+           "SessionRecord", "new_session_id", "readopted_session", "row_receipt_key",
+           "session_from_row"]
 
 SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{16}$")
 ENDED_STATUSES = ("destroyed", "expired", "expired_unclean")
@@ -101,6 +102,29 @@ class Session:
     @property
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
+
+
+def row_receipt_key(row: dict) -> dict | None:
+    """The public record of the receipt key a journal row names (None without one)."""
+    if not row.get("receipt_key_id") or not row.get("receipt_public_key"):
+        return None
+    return {"key_id": row["receipt_key_id"], "algorithm": "Ed25519",
+            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
+
+
+def readopted_session(row: dict, events: list[dict], sandbox: Sandbox) -> Session:
+    """The active Session of a re-adopted sandbox: a fresh receipt key (the old private
+    key lived only in the dead agent's locked memory; its public record stays findable),
+    and the audit log as the record of execs (an interrupted receipt of a crashed earlier
+    re-adoption may be in it before the row's count was updated)."""
+    s = session_from_row(row, events)
+    s.record.exec_count = sum(1 for e in events if e["kind"] == "exec")
+    key = SessionKey.generate(row["session_id"])
+    s.sandbox, s.session_key = sandbox, key
+    s.receipt_key = key.public_record(iso_seconds())
+    s.previous_receipt_keys = [k for k in [row_receipt_key(row)] if k]
+    s.status = "active"
+    return s
 
 
 def session_from_row(row: dict, events: list[dict]) -> Session:

@@ -20,6 +20,7 @@ operator, recovery) | `expired_unclean` (a destruction step could not be verifie
 
 from __future__ import annotations
 
+import builtins
 import math
 import os
 import time
@@ -30,12 +31,13 @@ import trio
 from agent.config import Config
 from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
-from agent.errors import BadRequest, Conflict, InternalError, NotFound, RateLimited, Unavailable
+from agent.errors import BadRequest, Conflict, InternalError, NotFound, Unavailable
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import AdoptFailed, SandboxEngine
 from agent.sandbox.exec import ExecBusy, ExecProgress
 from agent.sandbox.userns import SlotsExhausted
 from agent.service import views
+from agent.service.admission import Admission
 from agent.service.audit import AuditLog
 from agent.service.faults import fault_point
 from agent.service.journal import Journal, JournalUnwritable
@@ -47,6 +49,7 @@ from agent.service.model import (
     Session,
     SessionRecord,
     new_session_id,
+    readopted_session,
     session_from_row,
 )
 from agent.service.proofs import ProofWriter
@@ -59,25 +62,6 @@ __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 _log = structlog.get_logger("nanorix-agent.sessions")  # lazy: resolved after log.setup()
 
 UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
-
-
-def _row_receipt_key(row: dict) -> dict | None:
-    """The public record of the receipt key a journal row names (None without one)."""
-    if not row.get("receipt_key_id") or not row.get("receipt_public_key"):
-        return None
-    return {"key_id": row["receipt_key_id"], "algorithm": "Ed25519",
-            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
-
-
-def _mem_total() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Service:
@@ -100,11 +84,11 @@ class Service:
         self.proofs = ProofWriter(cfg, key_store, spool)
         self.receipts = Receipts(self.audit)
         self.sessions: dict[str, Session] = {}  # live and ended-since-start
-        self._reserved: dict[str, tuple[str, str]] = {}  # sid -> (customer, tier) while creating
+        self.admission = Admission(cfg)
+        self._reserved = self.admission.reserved  # sid -> (customer, tier) while creating
         self._nursery: trio.Nursery | None = None
         self._adopted: list[Session] = []  # waiting for run() to arm their watchers
-        cap = cfg.node.memory_capacity_bytes
-        self.memory_capacity = cap or int(_mem_total() * 0.8)
+        self.memory_capacity = self.admission.memory_capacity
 
     # -- lifetime ----------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -124,7 +108,7 @@ class Service:
         """Forget ended sessions older than node.journal_retention_seconds whose proof was
         acknowledged (their metadata, audit hashes and receipt public key)."""
         before = iso_seconds(time.time() - self.config.node.journal_retention_seconds)
-        keep = {p.get("session_id") for p in self.spool.pending()}
+        keep = {str(p.get("session_id")) for p in self.spool.pending()}
         keep |= set(self.sessions)
         try:
             n = self.journal.prune(before, keep)
@@ -221,7 +205,7 @@ class Service:
         return sorted(out.values(), key=lambda v: (v["created_at"], v["session_id"]))
 
     # E's Service protocol -------------------------------------------------------------
-    def list_sessions(self) -> list[dict]:
+    def list_sessions(self) -> builtins.list[dict]:
         return [views.meta(s) for s in self.sessions.values()]
 
     def get_meta(self, session_id: str) -> dict | None:
@@ -232,13 +216,7 @@ class Service:
         return views.row_meta(row) if row is not None else None
 
     def capacity(self) -> dict:
-        live = self.live()
-        committed = sum(self.config.tiers[s.record.tier].memory_bytes for s in live)
-        committed += sum(self.config.tiers[t].memory_bytes for _, t in self._reserved.values())
-        return {"sessions_live": len(live) + len(self._reserved),
-                "sessions_max": self.config.node.max_sessions,
-                "memory_committed_bytes": committed,
-                "memory_capacity_bytes": self.memory_capacity}
+        return self.admission.capacity(self.live())
 
     def receipt_key(self, key_id: str) -> dict | None:
         """Public record of a session receipt key (live or destroyed session)."""
@@ -254,36 +232,7 @@ class Service:
 
     # -- create ----------------------------------------------------------------------
     def resolve_ttl(self, tier: str, ttl: int | None) -> int:
-        t = self.config.tiers[tier]
-        if ttl is None:
-            ttl = t.default_ttl_seconds
-            if t.max_ttl_seconds:
-                ttl = min(ttl, t.max_ttl_seconds)
-            return ttl
-        if t.max_ttl_seconds and (ttl == 0 or ttl > t.max_ttl_seconds):
-            if self.config.node.ttl_policy == "refuse":
-                raise BadRequest(f"ttl_seconds must be between 1 and {t.max_ttl_seconds} for "
-                                 f"tier {tier}", field="ttl_seconds")
-            return t.max_ttl_seconds
-        return ttl
-
-    def _admit(self, session_id: str, customer_id: str, tier: str) -> None:
-        if self.draining:
-            raise Unavailable("node is draining")
-        cap = self.capacity()
-        if cap["sessions_live"] >= cap["sessions_max"]:
-            raise Unavailable("node is at session capacity")
-        need = self.config.tiers[tier].memory_bytes
-        if cap["memory_committed_bytes"] + need > cap["memory_capacity_bytes"]:
-            raise Unavailable("node is at memory capacity")
-        limit = self.config.tiers[tier].max_concurrent
-        if limit:
-            mine = sum(1 for s in self.live() if s.record.customer_id == customer_id)
-            mine += sum(1 for c, _ in self._reserved.values() if c == customer_id)
-            if mine >= limit:
-                raise RateLimited(f"customer has {mine} live sessions on this node; tier {tier} "
-                                  f"allows {limit}")
-        self._reserved[session_id] = (customer_id, tier)
+        return self.admission.resolve_ttl(tier, ttl)
 
     async def create(self, *, customer_id: str, tier: str, data_classification: str = "general",
                      jurisdiction: str = "US", ttl_seconds: int | None = None,
@@ -304,7 +253,7 @@ class Service:
             raise Unavailable(f"the state directory cannot be written "
                               f"({self.journal.last_error}); new sessions are refused until "
                               f"it can")
-        self._admit(session_id, customer_id, tier)
+        self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
         t0 = time.monotonic()
         try:
             with trio.CancelScope(shield=True):
@@ -446,7 +395,8 @@ class Service:
                    on_output=None, customer_id: str | None = None) -> dict:
         s, _ = self._lookup(session_id, customer_id)
         if s is None or s.ending or s.status in ENDED_STATUSES:
-            status = s.status if s is not None else self.journal.get(session_id)["status"]
+            status = s.status if s is not None else (self.journal.get(session_id) or {}).get(
+                "status")
             raise Conflict(f"session {session_id} has ended ({status})", field="session_id")
         if s.status == "executing":
             raise Conflict(f"session {session_id} is already executing a command",
@@ -515,7 +465,8 @@ class Service:
             raise InternalError(f"session {session_id} has ended ({view['status']}) but its "
                                 f"proof is missing (see health state_damage)")
         with trio.CancelScope(shield=True):
-            return await self.end(s, reason)
+            result = await self.end(s, reason)
+        return result
 
     async def end(self, s: Session, reason: str) -> dict:
         """End session `s` for `reason`: the exec in flight gets an interrupted receipt,
@@ -546,7 +497,7 @@ class Service:
             s.done.set()
             self._observe("destroy_seconds", time.monotonic() - t0)
 
-    def _passes(self, classification: str) -> list[str]:
+    def _passes(self, classification: str) -> builtins.list[str]:
         cls = self.config.classes.get(classification) or self.config.classes["general"]
         return list(cls.wipe_passes)
 
@@ -621,16 +572,9 @@ class Service:
             _log.info("session_not_adoptable", session_id=sid, why=str(e))
             return False
         fault_point("adopt.attached")
-        s = session_from_row(row, self.journal.events(sid))
-        # the audit log is the record of execs (an interrupted receipt of a crashed earlier
-        # re-adoption may be in it before the row's count was updated)
-        s.record.exec_count = sum(1 for e in s.record.audit_events if e["kind"] == "exec")
-        now = time.time()
-        key = SessionKey.generate(sid)
-        s.sandbox, s.session_key = sb, key
-        s.receipt_key = key.public_record(iso_seconds(now))
-        s.previous_receipt_keys = [k for k in [_row_receipt_key(row)] if k]
-        s.status = "active"
+        s = readopted_session(row, self.journal.events(sid), sb)
+        key = s.session_key
+        assert key is not None
         self.sessions[sid] = s
         try:
             if sb.interrupted is not None:
