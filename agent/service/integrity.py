@@ -19,6 +19,7 @@ as the evidence allows:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -45,7 +46,7 @@ class IntegrityReport:
         return out
 
 
-def check_state(journal: Journal, spool: Spool, *, host_sessions: set[str] = frozenset(),
+def check_state(journal: Journal, spool: Spool, *, host_sessions: Iterable[str] = (),
                 default_tier: str = "free") -> IntegrityReport:
     """Cross-check journal, spool and host (session ids the host still shows); see the
     module docstring.  Logs and returns what was found."""
@@ -67,7 +68,7 @@ def check_state(journal: Journal, spool: Spool, *, host_sessions: set[str] = fro
         report.damage.append(Damage("journal_row", sid, f"live session missing from the "
                                     f"journal; row rebuilt from {source}"))
     for proof in spool.pending():
-        sid = proof.get("session_id")
+        sid = str(proof.get("session_id"))
         if journal.get(sid) is None:
             try:
                 _row_from_proof(journal, proof)

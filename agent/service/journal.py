@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +299,7 @@ class Journal:
                                "ORDER BY seq", (session_id,)).fetchall()
         return [dict(r) for r in rows]
 
-    def prune(self, before: str, keep: set[str] = frozenset()) -> int:
+    def prune(self, before: str, keep: Collection[str] = frozenset()) -> int:
         """Delete ended sessions (and their events) last updated before `before` (ISO
         time), except ids in `keep` (proofs still spooled).  Returns the count deleted."""
         rows = self.db.execute(

@@ -282,16 +282,18 @@ class Spool:
         """Unacknowledged proofs (spooled, and kept in memory) in session-id order; `after`
         (a session id) and `limit` select one page."""
         names = {m.group(1) for p in self.dir.iterdir() if (m := _NAME.match(p.name))}
-        out = []
+        out: list[dict] = []
         for sid in sorted(names | set(self.unsaved)):
             if after is not None and sid <= after:
                 continue
             if limit is not None and len(out) >= limit:
                 break
             data = self.get_bytes(sid)
+            if data is None:  # acknowledged meanwhile
+                continue
             try:
                 out.append(json.loads(data))
-            except (TypeError, ValueError):
+            except ValueError:
                 continue
         return out
 
