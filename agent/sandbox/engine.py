@@ -177,7 +177,7 @@ def _late_pid(sock: socket.socket) -> int:
             return -1
         try:
             kind, fields = initproto.decode(msg)
-        except initproto.ProtocolError:
+        except initproto.InitProtocolError:
             continue
         if kind == initproto.MSG_PID:
             return fields[0]
@@ -591,7 +591,7 @@ class SandboxEngine:
                 kind, fields = await control.recv()
             if kind != initproto.MSG_ATTACHED:
                 raise AdoptFailed("unexpected answer to ATTACH")
-        except (SandboxGone, trio.TooSlowError, initproto.ProtocolError):
+        except (SandboxGone, trio.TooSlowError, initproto.InitProtocolError):
             control.close()
             raise AdoptFailed("the sandbox did not accept the re-attach") from None
         except BaseException:
