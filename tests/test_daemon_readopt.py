@@ -133,3 +133,30 @@ def test_crash_during_readoption_leaves_each_session_adopted_or_proven(tmp_path,
             assert proof["cdp"]["evidence"][7]["exec_count"] == execs
     finally:
         assert d.stop() == 0
+
+
+def test_oom_while_the_agent_is_down_ends_the_session_after_readoption(tmp_path):
+    """A background memory bomb hits the cap while the agent is down: the guard (still in
+    the cgroup) keeps the kernel killer away, the session waits stalled at its cap, and
+    right after re-adoption it ends `expired`/`oom` with every step ok."""
+    cfg = {**CFG, "tiers": {"free": {"memory_bytes": 64 << 20, "tmpfs_bytes": 16 << 20}}}
+    d = AgentDaemon(tmp_path, config=cfg)
+    d.start()
+    try:
+        sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        d.call("session.exec", {"session_id": sid, "command":
+                                "(sleep 1; exec python3 -c 'b = bytearray(2 << 30)') "
+                                ">/dev/null 2>&1 &"})
+        d.kill()
+        time.sleep(2.5)  # the bomb ran into the cap meanwhile
+        d.start()
+        deadline = time.monotonic() + 20
+        while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proof = d.call("proof.get", {"session_id": sid})
+        assert proof["reason"] == "oom" and proof["status"] == "expired", proof["cdp"]["evidence"]
+        ev3 = proof["cdp"]["evidence"][2]
+        assert ev3["oom_contained"] and ev3["kernel_oom_kills"] == 0
+    finally:
+        assert d.stop() == 0

@@ -674,3 +674,33 @@ async def test_unattached_sysv_shared_memory_is_wiped_and_removed(engine, monkey
     assert seen and seen[0][0] is True and seen[0][1] >= len(secret) * 512 and seen[0][2]
     assert out.evidence[2]["sysv_shm_segments"] == 1
     assert out.evidence[2]["sysv_shm_bytes"] >= len(secret) * 512
+
+
+async def test_oom_fallback_to_the_kernel_is_reported_not_hidden(engine):
+    """When the agent hands an OOM-stalled session back to the kernel killer (its bounded
+    fallback), the kernel frees the memory unwiped and step 3 says so: oom_kernel_fallback
+    true, kernel_oom_kills > 0, the step not ok, the session expired_unclean."""
+    from agent.sandbox.exec import SandboxGone
+
+    sb = await engine.create(new_id(), tier="tiny", classification="general")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(sb.watch_oom, guard=True, headroom=8 << 20))
+
+        async def bomb() -> None:
+            try:
+                await sb.exec("python3 -c 'a = bytearray(96 << 20)'", timeout=20)
+            except SandboxGone:
+                pass
+
+        nursery.start_soon(bomb)
+        with trio.fail_after(10):
+            await sb.oom.wait()
+        sb.fall_back_to_kernel_oom()
+        with trio.fail_after(10):
+            while sb.cgroup.oom_kills() == 0:
+                await trio.sleep(0.01)
+        sb.ending = True
+        out = await run_pipeline(make_ctx(sb, passes=["zeros"], reason="oom"))
+    ev3 = out.evidence[2]
+    assert ev3["oom_kernel_fallback"] is True and ev3["kernel_oom_kills"] >= 1
+    assert ev3["ok"] is False and out.status == "expired_unclean", bad(out)

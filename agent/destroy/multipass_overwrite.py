@@ -390,6 +390,11 @@ async def release(ctx: DestroyContext, st: DestroyState, ev: dict, errors: list[
 
 def verdict(ev: dict, errors: list[str]) -> None:
     """Raise the step's error when anything above could not be done or verified."""
+    kills = ev.get("kernel_oom_kills", 0)
+    if kills > 0:  # the kernel's OOM killer freed a session process's pages before the wipe
+        errors.append("the kernel OOM killer freed session memory unwiped")
+    elif kills < 0:
+        errors.append("kernel OOM kill count not readable")
     if not ev["killed"]:
         errors.append("processes survived the kill")
     if ev["memory_after_bytes"] != 0:

@@ -147,6 +147,33 @@ def _root_view(root: Path, pidfd: int, kept_fd: int) -> int:
     return _pidfd_getfd(pidfd, kept_fd)
 
 
+def _dead_control() -> _exec.Control:
+    """A control connection whose peer is closed: any exec on it is SandboxGone."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    theirs.close()
+    return _exec.Control(ours)
+
+
+def _find_root_view(pidfd: int, pid: int) -> int:
+    """The fd number of the tmpfs view PID 1 keeps (for a PID 1 that cannot be asked):
+    the directory fd among its few fds that is the root of the session tmpfs; -1."""
+    try:
+        fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+    for n in fds:
+        try:
+            fd = _pidfd_getfd(pidfd, n)
+        except AdoptFailed:
+            continue
+        try:
+            if _is_tmpfs_root(fd, pid):
+                return n
+        finally:
+            os.close(fd)
+    return -1
+
+
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
     """pidfd_getfd(2) (Python 3.11 has no wrapper): a copy of fd `fd` of that process."""
     if fd < 0:
@@ -161,8 +188,10 @@ def _is_tmpfs_root(fd: int, pid: int) -> bool:
     """`fd` is the root of the sandbox's tmpfs: the device of the sandbox's own root
     (PID 1's `/`, its pivot_root target), which its mount table says is a tmpfs."""
     try:
-        dev = os.fstat(fd).st_dev
-        if os.stat(f"/proc/{pid}/root").st_dev != dev:
+        st = os.fstat(fd)
+        dev = st.st_dev
+        root = os.stat(f"/proc/{pid}/root")
+        if (root.st_dev, root.st_ino) != (dev, st.st_ino):
             return False
         with open(f"/proc/{pid}/mountinfo") as f:
             for line in f:
@@ -193,7 +222,7 @@ def _late_pid(sock: socket.socket) -> int:
             return -1
         try:
             kind, fields = initproto.decode(msg)
-        except initproto.ProtocolError:
+        except initproto.InitProtocolError:
             continue
         if kind == initproto.MSG_PID:
             return fields[0]
@@ -236,6 +265,7 @@ class Sandbox:
         self.oom_contain_us = -1  # event to frozen (request freeze, make room, wait)
         self.oom_over_cap_bytes = -1  # charged beyond the cap when frozen (the headroom used)
         self.ending = False  # destruction began: an exec in flight is not aborted by itself
+        self.attached = True  # PID 1 listens on `control` (False: adopted frozen at OOM)
         # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
         self.interrupted: tuple[int, bytes] | None = None
         self._engine = engine
@@ -286,6 +316,9 @@ class Sandbox:
             self.oom_guarded = await trio.to_thread.run_sync(self.cgroup.guard_oom, headroom)
             if not self.oom_guarded:
                 log.get().warning("oom_guard_unavailable", session_id=self.session_id)
+        if self.oom_contained:  # adopt() found it stalled at its cap and froze it
+            self.oom.set()
+            return
         # an OOM while the agent was down (re-adoption) left no event to wait for
         look_now = self.oom_guarded
         while True:
@@ -323,7 +356,8 @@ class Sandbox:
     async def confirm_adopted(self) -> None:
         """Tell PID 1 the command the agent's death cut off is on the record (until
         then a crashed re-adoption reports it again to the next agent)."""
-        await self.control.send(initproto.encode_adopted())
+        if self.attached:
+            await self.control.send(initproto.encode_adopted())
 
     def fall_back_to_kernel_oom(self) -> None:
         """The agent did not end an OOM'd session in bounded time: the kernel killer
@@ -547,7 +581,16 @@ class SandboxEngine:
             if int(pid) not in cg.pids():
                 raise AdoptFailed("init process not in the session cgroup")
             root = mounts.mount_path(self.runtime_dir, sid)
-            control, attached = await self._attach(sid)
+            stalled = cg.oom_stalled()
+            if stalled:
+                # it ran into its cap while the agent was down: PID 1, charged to the same
+                # cgroup, cannot answer an attach either.  Contain it (frozen, nothing
+                # freed) and adopt it only to end it: exec gets a dead control socket
+                await trio.to_thread.run_sync(cg.contain_oom, self.cfg.sandbox.oom_headroom_bytes)
+                control, attached = _dead_control(), (False, 0, _find_root_view(pidfd, int(pid)),
+                                                      b"")
+            else:
+                control, attached = await self._attach(sid)
             undo.push("control", control.close)
             root_fd = _root_view(root, pidfd, attached[2])
             undo.push("root_fd", lambda: os.close(root_fd))
@@ -575,6 +618,10 @@ class SandboxEngine:
                      namespaces=recorded)
         if attached[0]:
             sb.interrupted = (attached[1], attached[3])
+        if stalled:
+            sb.oom_guarded = sb.oom_contained = True
+            sb.attached = False
+            self._log.warning("sandbox_adopted_at_oom", session_id=sid)
         self.live[sid] = sb
         self._log.info("sandbox_adopted", session_id=sid, slot=ids.slot, init_pid=pid,
                        interrupted_exec=bool(attached[0]))
@@ -608,7 +655,7 @@ class SandboxEngine:
                 kind, fields = await control.recv()
             if kind != initproto.MSG_ATTACHED:
                 raise AdoptFailed("unexpected answer to ATTACH")
-        except (SandboxGone, trio.TooSlowError, initproto.ProtocolError):
+        except (SandboxGone, trio.TooSlowError, initproto.InitProtocolError):
             control.close()
             raise AdoptFailed("the sandbox did not accept the re-attach") from None
         except BaseException:

@@ -366,7 +366,7 @@ async def _wait_started(control: Control) -> int:
         if kind == initproto.MSG_EXEC_FAIL:
             raise ExecFailed(f"the command could not be started: {fields[0]}")
         if kind != initproto.MSG_EXITED:
-            raise initproto.ProtocolError(f"unexpected reply {kind} to EXEC")
+            raise initproto.InitProtocolError(f"unexpected reply {kind} to EXEC")
 
 
 async def _wait_exit(control: Control, pgid: int) -> int:
@@ -378,7 +378,7 @@ async def _wait_exit(control: Control, pgid: int) -> int:
 
 async def _abort(control: Control, pgid: int | None) -> None:
     """SIGKILL the command's process group and wait (bounded) for its exit report."""
-    with contextlib.suppress(SandboxGone, initproto.ProtocolError, ExecFailed, OSError):
+    with contextlib.suppress(SandboxGone, initproto.InitProtocolError, ExecFailed, OSError):
         with trio.move_on_after(5):
             if pgid is None:
                 pgid = await _wait_started(control)

@@ -48,7 +48,7 @@ MAX_EXEC_TAG = 1024
 MAX_MSG = 1024 * 1024
 
 
-class ProtocolError(RuntimeError):
+class InitProtocolError(RuntimeError):
     """nrx-init sent something this agent does not understand."""
 
 
@@ -145,7 +145,7 @@ def encode_signal(pgid: int, sig: int) -> bytes:
 def decode(msg: bytes) -> tuple[int, tuple]:
     """(type, fields): PID/STARTED -> (pid,), EXITED -> (pid, status), ERROR -> (text,)."""
     if len(msg) < 4:
-        raise ProtocolError("short message from nrx-init")
+        raise InitProtocolError("short message from nrx-init")
     (kind,) = struct.unpack_from("=I", msg)
     body = msg[4:]
     if kind in (MSG_PID, MSG_STARTED):
@@ -159,4 +159,4 @@ def decode(msg: bytes) -> tuple[int, tuple]:
     if kind == MSG_ATTACHED:  # (interrupted, wait status, root view fd in PID 1, exec tag)
         interrupted, status, view_fd = struct.unpack_from("=iii", body)
         return kind, (bool(interrupted), status, view_fd, bytes(body[12:]))
-    raise ProtocolError(f"unknown message type {kind} from nrx-init")
+    raise InitProtocolError(f"unknown message type {kind} from nrx-init")
