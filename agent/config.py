@@ -158,6 +158,20 @@ class SandboxConfig:
     sandbox_oom_score_adj: int = 500
     rlimit_nofile: int = 1024
     rlimit_fsize_bytes: int = 0  # 0: the tier's tmpfs size
+    # OOM (issue 12): the agent, not the kernel, ends a session at its memory cap, so its
+    # memory is wiped before it is freed.  `oom_guard`: keep the kernel OOM killer away
+    # (v1 memory.oom_control, v2 memory.high = cap with memory.max = cap + headroom);
+    # `oom_headroom_bytes`: what a stalled session may get above its cap so its tasks
+    # reach the freezer (v1), or the v2 margin; `oom_fallback_seconds`: a session stalled
+    # at its cap whose destruction has not begun by then goes to the kernel killer
+    # (reported in step 3's evidence).
+    oom_guard: bool = True
+    oom_headroom_bytes: int = 8 * MiB
+    oom_fallback_seconds: float = 10.0
+    # Sessions outlive the agent (issue 12): nrx-init keeps its sandbox this long after
+    # the agent's end of the lifeline closes, waiting for a restarted agent to re-adopt it;
+    # 0 = end the sandbox at once (the old behaviour).
+    orphan_grace_seconds: float = 60.0
 
 
 @dataclass
@@ -179,6 +193,14 @@ class AuditProofConfig:
 
     authority_id: str = ""  # default: "nrx-node:" + node_id
     region: str = ""  # "" = omit the region from the capsule_started event
+
+
+@dataclass
+class SpoolConfig:
+    """The CDP spool's fault handling (docs/operations.md "State faults")."""
+
+    reserve_bytes: int = 64 * 1024  # preallocated per session at create for its proof (~21 KiB)
+    fallback_dir: Path | None = None  # proofs the spool cannot take; default <runtime_dir>/spool-fallback
 
 
 @dataclass
@@ -212,6 +234,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     auditproof: AuditProofConfig = field(default_factory=AuditProofConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
@@ -225,6 +248,10 @@ class Config:
     @property
     def debug_socket_path(self) -> Path:
         return self.debug.socket or self.paths.runtime_dir / "debug.sock"
+
+    @property
+    def spool_fallback_dir(self) -> Path:
+        return self.spool.fallback_dir or self.paths.runtime_dir / "spool-fallback"
 
     @property
     def authority_id(self) -> str:
@@ -378,6 +405,11 @@ def _validate(cfg: Config) -> None:
          "sandbox.uid_base + uid_slot_size * node.max_sessions must stay below 2^32-1")
     need(-1000 <= cfg.sandbox.sandbox_oom_score_adj <= 1000,
          "sandbox.sandbox_oom_score_adj must be between -1000 and 1000")
+    need(0 <= cfg.sandbox.oom_headroom_bytes <= 1024 * MiB,
+         "sandbox.oom_headroom_bytes must be between 0 and 1 GiB")
+    need(cfg.sandbox.oom_fallback_seconds > 0, "sandbox.oom_fallback_seconds must be > 0")
+    need(0 <= cfg.sandbox.orphan_grace_seconds <= 24 * 3600,
+         "sandbox.orphan_grace_seconds must be between 0 and 86400")
     need(cfg.exec.max_input_bytes >= 0, "exec.max_input_bytes must be >= 0")
     need(cfg.exec.output_cap_bytes >= 1024, "exec.output_cap_bytes must be >= 1024")
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
@@ -387,6 +419,8 @@ def _validate(cfg: Config) -> None:
         need(_listen_ok(cfg.metrics.listen),
              f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics.listen!r}")
     need(1 <= cfg.metrics.max_connections <= 256, "metrics.max_connections must be 1..256")
+    need(4096 <= cfg.spool.reserve_bytes <= 64 * MiB,
+         "spool.reserve_bytes must be between 4096 and 64 MiB")
     need(bool(cfg.tiers), "at least one tier must be configured")
     for name, t in cfg.tiers.items():
         for k in ("max_concurrent", "max_ttl_seconds", "tmpfs_bytes"):

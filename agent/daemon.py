@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -42,7 +43,8 @@ from agent.rpc.server import (
     effective_max_connections,
     socket_gid,
 )
-from agent.service.journal import Journal
+from agent.service.integrity import IntegrityReport, check_state
+from agent.service.journal import Journal, JournalUnavailable
 from agent.service.sessions import Service
 from agent.service.spool import Spool
 from agent.timefmt import iso_seconds
@@ -80,6 +82,7 @@ class Daemon:
         self.ready_sent = False
         self._not_ready_logged: str | None = None
         self.remote: RemoteListener | None = None
+        self.integrity: IntegrityReport | None = None
 
     # -- construction ----------------------------------------------------------------
     def build(self) -> Service:
@@ -94,7 +97,8 @@ class Daemon:
         from agent.sandbox.engine import SandboxEngine
 
         journal = Journal(state)
-        spool = Spool(state)
+        spool = Spool(state, reserve_bytes=cfg.spool.reserve_bytes,
+                      fallback_dir=cfg.spool_fallback_dir)
         holder: dict = {}
         key_store = AttestationKeyStore(
             state, cfg.keys.rotate_interval_seconds, credential_name=cfg.keys.credential_name,
@@ -178,7 +182,41 @@ class Daemon:
         if self.remote is not None:
             self.remote.reload()
 
+    def _check_state(self, service: Service) -> IntegrityReport:
+        """Journal, spool and host cross-checked before recovery (agent.service.integrity)."""
+        from agent.service.sessions import SESSION_ID_RE
+
+        host: set[str] = set()
+        driver = getattr(self.engine, "cgroups", None)
+        try:
+            host |= set(driver.leftovers()) if driver is not None else set()
+        except Exception:
+            _log.exception("host_sessions_unreadable")
+        sessions_dir = self.cfg.paths.runtime_dir / "sessions"
+        if sessions_dir.is_dir():
+            host |= {d.name for d in sessions_dir.iterdir()}
+        report = check_state(service.journal, service.spool,
+                             host_sessions={h for h in host if SESSION_ID_RE.match(h)},
+                             default_tier=next(iter(self.cfg.tiers)))
+        for d in report.damage:
+            if service.metrics is not None:
+                service.metrics.inc("state_damage_total", kind=d.kind)
+        return report
+
     async def _recover(self, service: Service) -> None:
+        try:
+            self.integrity = self._check_state(service)
+        except Exception:  # the start goes on: recovery and health still run and say more
+            _log.exception("state_check_failed")
+            self.integrity = IntegrityReport()
+        await self._recover_sessions(service)
+        for row in self.integrity.reprove:  # ended, unacknowledged, proof lost: prove again
+            try:
+                await service.recover_row(row, row.get("reason") or "agent_recovery")
+            except Exception:
+                _log.exception("reprove_failed", session_id=row["session_id"])
+
+    async def _recover_sessions(self, service: Service) -> None:
         recovery = _ops("recovery")
         if recovery is None:
             # minimal, honest recovery until ops.recovery lands: every journaled live
@@ -192,13 +230,18 @@ class Daemon:
         driver = getattr(self.engine, "cgroups", None) or getattr(self.engine, "driver", None)
         self.recovery_report = await recovery.recover(
             self.cfg, journal=service.journal, driver=driver,
-            destroy_fn=service.recover_row, metrics=service.metrics)
+            destroy_fn=service.recover_row, adopt_fn=service.adopt_row,
+            metrics=service.metrics)
 
     async def _start_health(self, nursery: trio.Nursery, service: Service):
         health_mod = _ops("health")
         if health_mod is not None:
             mon = health_mod.HealthMonitor(service, self.cfg)
             service.health = mon
+            service.journal.on_failure = mon.state_fault
+            service.spool.on_failure = mon.state_fault
+            if self.integrity is not None:
+                mon.state_damage = self.integrity.counts()
             await mon.run_once()
             nursery.start_soon(mon.run)
             return mon.snapshot
@@ -356,6 +399,12 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
     except AlreadyRunning as e:
         _log.error("agent_already_running", error=str(e))
         log.console(str(e))
+        return EXIT_FATAL
+    except (OSError, sqlite3.Error, JournalUnavailable) as e:  # e.g. a read-only state fs
+        why = getattr(e, "strerror", None) or str(e)
+        _log.error("state_dir_unusable", error=type(e).__name__)
+        log.console(f"cannot use state directory {cfg.paths.state_dir} or runtime "
+                    f"directory {cfg.paths.runtime_dir}: {why}")
         return EXIT_FATAL
     try:
         trio.run(daemon.run)

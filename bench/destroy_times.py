@@ -24,9 +24,10 @@ from pathlib import Path
 import trio
 
 from agent.config import Config
-from agent.destroy import DestroyContext, SessionRecord, run_pipeline, wipe
+from agent.destroy import DestroyContext, run_pipeline, wipe
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import SandboxEngine
+from agent.service.model import SessionRecord
 
 FILL = """
 head -c 64M /dev/urandom > /work/big

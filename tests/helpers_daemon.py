@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,22 @@ def agent_daemon(tmp_path):
         yield d
     finally:
         d.stop()
+
+
+def start_long_exec(d: AgentDaemon, sid: str, command: str = "sleep 300") -> threading.Thread:
+    """Run `command` in session `sid` from a thread (the agent may die under it on purpose:
+    its errors are swallowed) and return once the session is `executing`."""
+
+    def run() -> None:
+        try:
+            d.call("session.exec", {"session_id": sid, "command": command}, timeout=120)
+        except Exception:  # noqa: S110 - the call is expected to be cut off
+            pass
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 20
+    while d.call("session.get", {"session_id": sid})["status"] != "executing":
+        assert time.monotonic() < deadline, "the exec did not start"
+        time.sleep(0.02)
+    return t

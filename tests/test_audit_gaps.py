@@ -98,7 +98,8 @@ class _RecordingSandbox:
     def __init__(self) -> None:
         self.timeouts: list[float] = []
 
-    async def exec(self, command, *, input_data=None, env=None, timeout=None, on_output=None):
+    async def exec(self, command, *, input_data=None, env=None, timeout=None, on_output=None,
+                   progress=None):
         self.timeouts.append(timeout)
         raise _Recorded
 
@@ -109,8 +110,8 @@ async def test_exec_timeout_defaults_to_and_never_exceeds_the_remaining_ttl(
     """With no `timeout` (or a larger one) the sandbox gets the session's remaining TTL."""
     import trio
 
-    from agent.destroy.context import SessionRecord
-    from agent.service.sessions import _Live
+    from agent.service.model import Session as _Live
+    from agent.service.model import SessionRecord
 
     with bare_service(tmp_path) as svc:
         sb = _RecordingSandbox()

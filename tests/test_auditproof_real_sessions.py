@@ -11,6 +11,7 @@ from test_destroy_pipeline import engine, make_ctx, new_id, signer  # noqa: F401
 from agent.cdp.auditproof import build_auditproof
 from agent.cdp.verify import verify
 from agent.destroy import DestroyHooks, run_pipeline
+from agent.service.proofs import sign_cdp
 
 PASSES = {"general": ["zeros"], "PHI": ["random", "ones", "zeros"]}
 
@@ -30,7 +31,7 @@ async def test_official_verifier_accepts_real_session_rendition(engine, classifi
     outcome = await run_pipeline(ctx)
     assert outcome.status == ("expired_unclean" if fail_step else "destroyed")
     key = signer()
-    cdp = outcome.build_cdp(key)
+    cdp = sign_cdp(outcome, key)
     rendition = build_auditproof(signer=key, customer_id="cust-real", jurisdiction="US",
                                  authority_id="nrx-node:test", signing_key_version=1,
                                  exec_count=1, region=None, cdp_v1=cdp)

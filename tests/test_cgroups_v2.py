@@ -28,7 +28,8 @@ CORE_FILES = {"cgroup.procs": "", "cgroup.events": "populated 0\nfrozen 0\n",
               "cgroup.freeze": "0\n", "cgroup.kill": "", "cgroup.controllers": "cpu memory pids\n",
               "cgroup.subtree_control": "", "memory.max": "max\n", "memory.swap.max": "max\n",
               "memory.oom.group": "0\n", "pids.max": "max\n", "cpu.max": "max 100000\n",
-              "memory.current": "0\n",
+              "memory.current": "0\n", "memory.high": "max\n",
+              "memory.stat": "anon 0\nfile 0\nshmem 0\nkernel 0\n", "memory.reclaim": "",
               "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n"}
 
 
@@ -191,3 +192,44 @@ def test_real_cgroup2_freeze_kill_events(real_v2):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_oom_guard_keeps_the_kernel_killer_away_and_hands_back_on_fallback(fake):
+    """v2 OOM guard (fake cgroupfs: no v2 memory controller here): memory.high = the cap,
+    memory.max = cap + headroom; only unreclaimable anon + shmem at the cap is an OOM (page
+    cache is not); make_room lifts memory.high to memory.max; the fallback restores
+    memory.max to the cap and thaws, so the kernel killer acts."""
+    h = fake.create("s1", CgroupLimits(64 * MiB, 16, 100))
+    d = fake.root / "nanorix-agent" / "s1"
+    assert h.memory_usage_limit() == 64 * MiB
+    assert h.guard_oom(8 * MiB)
+    assert (d / "memory.high").read_text() == str(64 * MiB)
+    assert (d / "memory.max").read_text() == str(72 * MiB)
+    assert h.memory_usage_limit() == 64 * MiB
+    (d / "memory.stat").write_text(f"anon {10 * MiB}\nfile {60 * MiB}\nshmem 0\n")
+    assert not h.oom_stalled()  # page cache over memory.high is reclaimed, not an OOM
+    (d / "memory.stat").write_text(f"anon {50 * MiB}\nfile 0\nshmem {14 * MiB}\n")
+    assert h.oom_stalled()
+    h.make_room(8 * MiB)
+    assert (d / "memory.high").read_text() == str(72 * MiB)
+    h.set_memory_limit(100 * MiB)  # destruction raising the cap keeps the margin
+    assert (d / "memory.high").read_text() == str(100 * MiB)
+    assert (d / "memory.max").read_text() == str(108 * MiB)
+    (d / "cgroup.freeze").write_text("1")
+    h.kernel_oom_fallback()
+    assert (d / "memory.max").read_text() == str(64 * MiB)
+    assert (d / "cgroup.freeze").read_text() == "0"
+
+
+def test_memory_after_reclaim_and_swap_on_the_handle(fake):
+    """Step 3's cgroup reads and writes are handle methods: memory_after from memory.stat
+    (anon + file + swap as user bytes, kernel apart), reclaim writes memory.reclaim,
+    swap_limited reads memory.swap.max."""
+    h = fake.create("s1", CgroupLimits(64 * MiB, 16, 100))
+    d = fake.root / "nanorix-agent" / "s1"
+    (d / "memory.stat").write_text("anon 4096\nfile 8192\nswap 0\nkernel 12288\n")
+    assert h.memory_after() == (12288, 12288)
+    assert h.reclaim() and (d / "memory.reclaim").read_text() == str(1 << 30)
+    assert h.swap_limited()
+    (d / "memory.swap.max").write_text("max\n")
+    assert not h.swap_limited()

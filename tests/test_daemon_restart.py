@@ -3,6 +3,8 @@ proof.pending / proof.get answer the same documents after the daemon comes back.
 
 from __future__ import annotations
 
+import time
+
 from helpers_daemon import AgentDaemon
 
 from agent.cdp.canonical import canonical_json
@@ -56,13 +58,16 @@ def test_sigterm_destroys_live_sessions_with_reason_operator(tmp_path):
 
 
 def test_sigkill_then_start_recovers_sessions(tmp_path):
-    """After a SIGKILL, the next start destroys journaled sessions (agent_recovery) and spools."""
-    d = AgentDaemon(tmp_path)
+    """After a SIGKILL and longer down than the orphan grace (1 s), the sandboxes ended
+    themselves and the next start destroys the journaled sessions (agent_recovery) and
+    spools their proofs."""
+    d = AgentDaemon(tmp_path, config={"sandbox": {"orphan_grace_seconds": 1}})
     d.start()
     sids = [d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
             for _ in range(2)]
     d.call("session.exec", {"session_id": sids[0], "command": "echo x > /work/f"})
     d.kill()
+    time.sleep(1.5)
     d.start()
     try:
         pending = {p["session_id"]: p for p in d.call("proof.pending")}

@@ -4,6 +4,7 @@ injection for every step, no names/commands/data in evidence, every trigger veri
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -18,10 +19,12 @@ from suite import cgroup_prefix
 from agent.cdp.canonical import canonical_json
 from agent.cdp.verify import verify_cdp
 from agent.config import Config, MiB, Tier
-from agent.destroy import REASONS, DestroyContext, DestroyHooks, SessionRecord, run_pipeline
+from agent.destroy import REASONS, DestroyContext, DestroyHooks, run_pipeline
 from agent.keys.attestation import AttestationSigner, make_key_id
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import SandboxEngine
+from agent.service.model import SessionRecord
+from agent.service.proofs import sign_cdp
 
 STRICT = ["random", "ones", "zeros"]
 
@@ -262,7 +265,7 @@ async def test_fault_in_any_step_gives_signed_incomplete_proof_and_no_residue(en
     assert step in failed
     assert out.evidence[step - 1]["error"] == "injected fault"
     assert [e["step"] for e in out.evidence] == list(range(1, 9))
-    cdp = out.build_cdp(signer())
+    cdp = sign_cdp(out, signer())
     res = verify_cdp(cdp)
     assert res["valid"] is True, res
     assert res["checks"]["destruction_complete"] is False
@@ -285,7 +288,7 @@ async def test_evidence_holds_no_names_commands_or_data(engine):
     with structlog.testing.capture_logs() as logs:
         out = await run_pipeline(make_ctx(sb, passes=["zeros"], classification="general"))
     assert out.status == "destroyed", bad(out)
-    blob = canonical_json(out.evidence).decode() + json.dumps(out.build_cdp(signer()))
+    blob = canonical_json(out.evidence).decode() + json.dumps(sign_cdp(out, signer()))
     assert marker not in blob
     assert logs and marker not in repr(logs)
 
@@ -300,21 +303,34 @@ async def test_every_trigger_gives_a_verifying_cdp(engine, reason):
         bad(out)
     assert out.evidence[7]["reason"] == reason
     assert out.evidence[7]["status"] == out.status
-    res = verify_cdp(out.build_cdp(signer()))
+    res = verify_cdp(sign_cdp(out, signer()))
     assert res["valid"] and res["checks"]["destruction_complete"] is True
 
 
 async def test_oom_ends_the_session_through_the_pipeline_as_expired(engine):
-    """A session killed by its memory cap is destroyed with reason oom and status expired."""
+    """With the agent's OOM guard a session at its memory cap is frozen with nothing freed,
+    and the pipeline (reason oom) wipes it before the kill: expired, every step ok."""
+    from agent.sandbox.exec import SandboxGone
+
     sb = await engine.create(new_id(), tier="tiny", classification="general")
-    r = await sb.exec("python3 -c 'a = bytearray(96 << 20)'", timeout=20)
-    assert r.oom_killed or r.exit_code != 0
-    with trio.fail_after(5):
-        await sb.oom.wait()
-    out = await run_pipeline(make_ctx(sb, passes=["zeros"], reason="oom"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(sb.watch_oom, guard=True, headroom=8 << 20))
+
+        async def bomb() -> None:
+            with pytest.raises(SandboxGone):
+                await sb.exec("python3 -c 'a = bytearray(96 << 20)'", timeout=20)
+
+        nursery.start_soon(bomb)
+        with trio.fail_after(10):
+            await sb.oom.wait()
+        assert sb.oom_contained and sb.cgroup.frozen() and sb.cgroup.oom_kills() == 0
+        sb.ending = True
+        out = await run_pipeline(make_ctx(sb, passes=["zeros"], reason="oom"))
     assert out.status == "expired", bad(out)
+    assert all(ev["ok"] for ev in out.evidence), bad(out)
+    assert out.evidence[2]["oom_killer_disabled"] and out.evidence[2]["kernel_oom_kills"] == 0
     assert out.evidence[7]["reason"] == "oom"
-    assert verify_cdp(out.build_cdp(signer()))["valid"]
+    assert verify_cdp(sign_cdp(out, signer()))["valid"]
 
 
 async def test_recovery_without_sandbox_records_failures_without_crashing():
@@ -326,7 +342,7 @@ async def test_recovery_without_sandbox_records_failures_without_crashing():
     for n in (1, 2, 3, 4, 5, 6):
         assert out.evidence[n - 1]["ok"] is False and out.evidence[n - 1]["error"]
     assert out.evidence[7]["reason"] == "agent_recovery"
-    assert verify_cdp(out.build_cdp(signer()))["valid"]
+    assert verify_cdp(sign_cdp(out, signer()))["valid"]
 
 
 async def test_revoke_is_called_and_slot_released(engine):
@@ -592,7 +608,7 @@ async def test_a_write_sealed_memfd_is_reported_not_hidden(engine):
     assert out.status == "expired_unclean"
     assert [e["step"] for e in out.evidence if not e["ok"]] == [2]
     assert "could not be overwritten" in out.evidence[1]["error"]
-    assert verify_cdp(out.build_cdp(signer()))["valid"]
+    assert verify_cdp(sign_cdp(out, signer()))["valid"]
 
 
 async def test_a_failing_hook_is_raised_after_everything_ran(engine):
@@ -658,3 +674,33 @@ async def test_unattached_sysv_shared_memory_is_wiped_and_removed(engine, monkey
     assert seen and seen[0][0] is True and seen[0][1] >= len(secret) * 512 and seen[0][2]
     assert out.evidence[2]["sysv_shm_segments"] == 1
     assert out.evidence[2]["sysv_shm_bytes"] >= len(secret) * 512
+
+
+async def test_oom_fallback_to_the_kernel_is_reported_not_hidden(engine):
+    """When the agent hands an OOM-stalled session back to the kernel killer (its bounded
+    fallback), the kernel frees the memory unwiped and step 3 says so: oom_kernel_fallback
+    true, kernel_oom_kills > 0, the step not ok, the session expired_unclean."""
+    from agent.sandbox.exec import SandboxGone
+
+    sb = await engine.create(new_id(), tier="tiny", classification="general")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(sb.watch_oom, guard=True, headroom=8 << 20))
+
+        async def bomb() -> None:
+            try:
+                await sb.exec("python3 -c 'a = bytearray(96 << 20)'", timeout=20)
+            except SandboxGone:
+                pass
+
+        nursery.start_soon(bomb)
+        with trio.fail_after(10):
+            await sb.oom.wait()
+        sb.fall_back_to_kernel_oom()
+        with trio.fail_after(10):
+            while sb.cgroup.oom_kills() == 0:
+                await trio.sleep(0.01)
+        sb.ending = True
+        out = await run_pipeline(make_ctx(sb, passes=["zeros"], reason="oom"))
+    ev3 = out.evidence[2]
+    assert ev3["oom_kernel_fallback"] is True and ev3["kernel_oom_kills"] >= 1
+    assert ev3["ok"] is False and out.status == "expired_unclean", bad(out)

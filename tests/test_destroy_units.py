@@ -270,7 +270,8 @@ async def test_receipts_root_and_audit_seal_from_the_journal_after_recovery():
     """Without the receipts (recovery), step 8 roots the journal's exec hashes, which
     equal the receipts' leaves, and step 7 seals the log without flagging it."""
     from agent.cdp.receipt import receipt_leaf, receipts_root
-    from agent.destroy.context import DestroyState, SessionRecord
+    from agent.destroy.context import DestroyState
+    from agent.service.model import SessionRecord
 
     sid = "sess_00112233445566ff"
     rs = _receipts(sid, 3)
@@ -294,7 +295,8 @@ async def test_receipts_root_and_audit_seal_from_the_journal_after_recovery():
 async def test_audit_seal_flags_receipts_that_disagree_with_the_log():
     """A receipt missing from the audit log (or an extra one) fails step 7."""
     from agent.cdp.receipt import receipt_leaf
-    from agent.destroy.context import DestroyState, SessionRecord
+    from agent.destroy.context import DestroyState
+    from agent.service.model import SessionRecord
 
     sid = "sess_00112233445566ee"
     rs = _receipts(sid, 2)

@@ -84,3 +84,43 @@ def test_prune_forgets_only_old_ended_unkept_sessions(tmp_path):
     left = {r["session_id"] for r in j.all()}
     assert left == {"sess_000000000000000b", "sess_000000000000000c", "sess_000000000000000d"}
     assert j.events("sess_000000000000000a") == []
+
+
+def test_unopenable_journal_is_quarantined_and_replaced(tmp_path):
+    """A journal file that is not a database is moved to quarantine, a fresh journal
+    starts, and `damage` says what happened."""
+    garbage = b"garbage " * 1000
+    (tmp_path / "journal.sqlite3").write_bytes(garbage)
+    j = Journal(tmp_path)
+    assert j.live() == [] and j.damage[0]["kind"] == "journal"
+    assert "not a database" in j.damage[0]["error"]
+    [q] = (tmp_path / "quarantine").iterdir()
+    assert q.read_bytes() == garbage and q.name.startswith("journal.sqlite3.")
+    j.insert_session(**_row())
+    assert j.get("sess_0123456789abcdef")["status"] == "active"
+    j.close()
+
+
+def test_failed_writes_are_kept_and_replayed(tmp_path):
+    """On a full file system an update and an event are kept (no exception), `writable`
+    turns false and the failure is reported; once space is back `check()` replays both."""
+    from faults import fill_space, free, small_fs
+
+    with small_fs(tmp_path / "st", size="1m") as fs:
+        j = Journal(fs)
+        reports = []
+        j.on_failure = reports.append
+        j.insert_session(**_row())
+        filler = fill_space(fs)
+        wrote = [j.update_session("sess_0123456789abcdef", status="expired", reason="oom")
+                 for _ in range(200)]
+        assert wrote[-1] is False and not j.writable and reports[0]
+        assert j.add_event("sess_0123456789abcdef", 1, "created", "ab" * 32, "t") is False
+        with pytest.raises(Exception, match="cannot be written"):
+            j.insert_session(**_row(session_id="sess_1111111111111111"))
+        free(filler)
+        j.check()
+        assert j.writable and reports[-1] is None
+        assert j.get("sess_0123456789abcdef")["status"] == "expired"
+        assert [e["kind"] for e in j.events("sess_0123456789abcdef")] == ["created"]
+        j.close()

@@ -29,6 +29,7 @@ AGENT_SCRIPT = textwrap.dedent("""
         cfg = Config()
         cfg.paths.state_dir, cfg.paths.runtime_dir = Path(sys.argv[1]), Path(sys.argv[2])
         cfg.sandbox.cgroup_prefix = sys.argv[3]
+        cfg.sandbox.orphan_grace_seconds = 0  # no re-attach: the lifeline ends the sandbox
         cfg.tiers["tiny"] = Tier(memory_bytes=64 * MiB, tmpfs_bytes=16 * MiB, pids_max=32)
         eng = SandboxEngine(cfg)
         out = []
@@ -52,7 +53,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_killing_the_agent_takes_its_sandboxes_down_within_a_second(sandbox_cfg):
-    """SIGKILL of an agent process with 2 sandboxes: every sandbox process is gone in < 1 s."""
+    """SIGKILL of an agent process with 2 sandboxes and no orphan grace: every sandbox
+    process is gone in < 1 s."""
     libc = ctypes.CDLL(None, use_errno=True)
     # orphaned sandbox PID 1s are reparented to us, so we can reap them (no leftovers)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0

@@ -11,7 +11,7 @@ from suite import cgroup_prefix
 
 from agent.config import Config
 from agent.keys.attestation import AttestationKeyStore
-from agent.ops.health import ENGINES, HealthMonitor
+from agent.ops.health import ENGINES, HealthMonitor, SelfTestFailed
 from agent.sandbox.engine import SandboxEngine
 from agent.service.journal import Journal
 from agent.service.spool import Spool
@@ -155,3 +155,34 @@ async def test_ready_waits_for_a_passing_self_test_and_status_names_the_failure(
     finally:
         notifier.close()
         srv.close()
+async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojump_clock):
+    """fault() makes the engine false immediately (no self-test run); run() re-tests it
+    every RECHECK_SECONDS, long before the next interval, and it turns true when its
+    self-test passes again (fake clock)."""
+    from agent.ops.health import RECHECK_SECONDS
+
+    cfg = Config()
+    cfg.health.interval_seconds = 60
+    broken = {"rzl": True}
+
+    def rzl(svc, c):
+        if broken["rzl"]:
+            raise SelfTestFailed("spool not writable")
+
+    checks = {e: (lambda svc, c: None) for e in ENGINES} | {"rzl": rzl}
+    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None))
+    mon = HealthMonitor(svc, cfg, checks=checks)
+    async with trio.open_nursery() as nursery:
+        broken["rzl"] = False
+        await mon.run_once()
+        await nursery.start(mon.run)
+        assert mon.status == "healthy"
+        broken["rzl"] = True
+        mon.state_fault("a spool write failed: ENOSPC")
+        assert mon.snapshot()["engines"]["rzl"] is False and not mon.database
+        await trio.sleep(RECHECK_SECONDS * 3)
+        assert mon.engines["rzl"] is False and mon.reasons["rzl"] == "spool not writable"
+        broken["rzl"] = False
+        await trio.sleep(RECHECK_SECONDS * 2)
+        assert mon.status == "healthy" and mon.runs == 1
+        nursery.cancel_scope.cancel()

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from helpers_daemon import AgentDaemon
+from helpers_daemon import AgentDaemon, start_long_exec
 
 from agent.cdp.verify import verify
 from agent.service.spool import Spool
@@ -26,19 +26,7 @@ def _open_sessions(d, n: int) -> list[str]:
 
 
 def _start_busy(d, sid: str) -> threading.Thread:
-    def run():
-        try:
-            d.call("session.exec", {"session_id": sid, "command": "sleep 300"}, timeout=120)
-        except Exception:  # noqa: S110 - the daemon drains under this call on purpose
-            pass
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 20
-    while d.call("session.get", {"session_id": sid})["status"] != "executing":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return t
+    return start_long_exec(d, sid)
 
 
 def test_sigterm_destroys_every_live_session_with_cdps_and_exits_0(tmp_path):

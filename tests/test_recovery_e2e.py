@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
-from helpers_daemon import AgentDaemon
+from helpers_daemon import AgentDaemon, start_long_exec
 
 from agent.cdp.verify import verify
 from agent.ops import debug, recovery
@@ -37,8 +36,10 @@ def _uids_in_use(lo: int, hi: int) -> list[int]:
 
 
 def test_sigkilled_agent_leaves_nothing_after_restart(tmp_path):
-    """5 live sessions (idle, with files, mid-exec, ...), SIGKILL, restart: 0 leftovers, 5 verifying CDPs."""
-    d = AgentDaemon(tmp_path / "agent")
+    """5 live sessions (idle, with files, mid-exec, ...), SIGKILL, down longer than the
+    orphan grace (1 s) so the sandboxes end themselves, restart: 0 leftovers, 5 verifying
+    CDPs (agent_recovery)."""
+    d = AgentDaemon(tmp_path / "agent", config={"sandbox": {"orphan_grace_seconds": 1}})
     d.start()
     try:
         sids = [d.call("session.create", {"customer_id": f"c{i}", "tier": "starter",
@@ -52,24 +53,14 @@ def test_sigkilled_agent_leaves_nothing_after_restart(tmp_path):
                                 "input_data": b"secret" * 1000})
         d.call("session.exec", {"session_id": idle, "command": "true"})
 
-        def run_forever():
-            try:
-                d.call("session.exec", {"session_id": busy, "command": "sleep 300"}, timeout=120)
-            except Exception:  # noqa: S110 - the daemon dies under this call on purpose
-                pass
-
-        t = threading.Thread(target=run_forever)
-        t.start()
-        deadline = time.monotonic() + 20
-        while d.call("session.get", {"session_id": busy})["status"] != "executing":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        t = start_long_exec(d, busy)
         rows = _journal_rows(d.state_dir)
         assert all(rows[s]["init_pid"] and rows[s]["cgroup_paths"] for s in sids)
         assert all(recovery.alive(rows[s]["init_pid"]) for s in sids)
 
         d.kill()  # crash
         t.join(30)
+        time.sleep(1.5)  # past the grace: nobody re-attached
         d.start()  # recovery runs before the socket is served
 
         cfg_sb = d.config["sandbox"]

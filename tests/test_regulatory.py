@@ -92,6 +92,7 @@ def test_notice_disclaims_certification_and_states_limits():
     notice = regulatory_context("general", "US")["notice"]
     assert "not a compliance certification" in notice
     assert "init_on_free" in notice and "hardware" in notice
+    assert "pipe and socket buffers" in notice and "not drained" in notice
 
 
 def test_result_is_a_copy():

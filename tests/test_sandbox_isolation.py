@@ -3,6 +3,7 @@ against the real kernel."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -130,12 +131,16 @@ async def test_writing_past_the_tmpfs_size_gives_enospc(sandbox):
 
 
 async def test_memory_cap_oom_kills_and_fires_the_event(sandbox):
-    """Allocating past the tier's 64 MiB memory cap is OOM-killed and sets sandbox.oom."""
-    r = await sh(sandbox, "exec python3 -c 'b = bytearray(b\"x\") * (256 * 1024 * 1024)'")
-    assert r.exit_code == 137 and r.signal == 9
-    assert r.oom_killed
-    with trio.fail_after(5):
-        await sandbox.oom.wait()
+    """Without the agent's OOM guard, allocating past the tier's 64 MiB memory cap is
+    OOM-killed by the kernel and the OOM watch reports it (sandbox.oom)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(sandbox.watch_oom, guard=False, headroom=0))
+        r = await sh(sandbox, "exec python3 -c 'b = bytearray(b\"x\") * (256 * 1024 * 1024)'")
+        assert r.exit_code == 137 and r.signal == 9
+        assert r.oom_killed
+        with trio.fail_after(5):
+            await sandbox.oom.wait()
+        assert not sandbox.oom_guarded and sandbox.cgroup.oom_kills() >= 1
 
 
 async def test_fork_bomb_stops_at_pids_max(sandbox):

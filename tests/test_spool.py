@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -45,3 +46,66 @@ def test_rejects_path_like_ids(tmp_path):
     with pytest.raises(ValueError):
         s.put("../../etc/passwd", {})
     assert s.get("../x") is None and s.ack("../x") is False
+
+
+def test_reserved_proof_is_written_without_a_new_inode_or_block(tmp_path):
+    """On a tmpfs with its last inode and block taken after the reservation, put() still
+    stores the proof durably (it fills the preallocated file and renames it)."""
+    from faults import fill_inodes, fill_space, small_fs
+
+    with small_fs(tmp_path / "st", size="1m", inodes=32) as fs:
+        s = Spool(fs, reserve_bytes=64 * 1024)
+        s.reserve(SID, {"customer_id": "c"})
+        assert s.reservations() == {SID: {"nanorix_spool_reservation": 1, "session_id": SID,
+                                          "customer_id": "c"}}
+        fill_space(fs)
+        fill_inodes(fs)
+        rec = {"session_id": SID, "cdp": {"x": "y" * 30_000}}
+        assert s.put(SID, rec) is True
+        assert s.get(SID) == rec and not s.unsaved and s.reservations() == {}
+        from agent.service.spool import SpoolUnavailable
+
+        with pytest.raises(SpoolUnavailable):
+            s.reserve("sess_1111111111111111", {})
+
+
+def test_unwritable_spool_keeps_proof_in_memory_and_fallback(tmp_path):
+    """A put that fails keeps the proof (served by get/pending), writes the fallback copy,
+    reports the failure; retry() lands it once the spool is writable again."""
+    from faults import set_immutable, small_fs
+
+    with small_fs(tmp_path / "st", size="1m") as fs:
+        s = Spool(fs, fallback_dir=tmp_path / "fb")
+        seen = []
+        s.on_failure = seen.append
+        set_immutable(s.dir, True)
+        rec = {"session_id": SID, "cdp": {}}
+        assert s.put(SID, rec) is False
+        assert s.get(SID) == rec and s.pending() == [rec] and s.depth() == 1
+        assert (tmp_path / "fb" / f"{SID}.json").exists() and "EPERM" in seen[0]
+        assert s.retry() == 1
+        set_immutable(s.dir, False)
+        assert s.retry() == 0 and s.last_error is None
+        assert (s.dir / f"{SID}.json").exists() and not (tmp_path / "fb" / f"{SID}.json").exists()
+
+
+def test_scan_quarantines_damage_and_finishes_a_written_reservation(tmp_path):
+    """scan() moves truncated/garbage/misnamed proofs to quarantine and reports them,
+    renames a reservation already holding a complete proof, drops staging files and
+    adopts a proof left in the fallback dir."""
+    s = Spool(tmp_path, fallback_dir=tmp_path / "fb")
+    ids = [f"sess_{i:016x}" for i in range(5)]
+    (s.dir / f"{ids[0]}.json").write_bytes(b'{"session_id": "sess_')
+    (s.dir / f"{ids[1]}.json").write_bytes(b"\xff\x00garbage")
+    (s.dir / f"{ids[2]}.json").write_text(json.dumps({"session_id": ids[0], "cdp": {}}))
+    (s.dir / f"{ids[3]}.resv").write_text(json.dumps({"session_id": ids[3], "cdp": {}}))
+    (s.dir / f".{ids[3]}.tmp").write_text("half")
+    (tmp_path / "fb").mkdir()
+    (tmp_path / "fb" / f"{ids[4]}.json").write_text(json.dumps({"session_id": ids[4],
+                                                                 "cdp": {}}))
+    damage = s.scan()
+    assert sorted((d.kind, d.session_id) for d in damage) == [
+        ("spool_file", ids[0]), ("spool_file", ids[1]), ("spool_file", ids[2])]
+    assert len(list((tmp_path / "quarantine").iterdir())) == 3
+    assert sorted(p.name for p in s.dir.iterdir()) == [f"{ids[3]}.json", f"{ids[4]}.json"]
+    assert not s.unsaved

@@ -27,6 +27,13 @@ __all__ = ["FIELDS", "build_receipt", "receipt_digest", "receipt_leaf", "receipt
 FIELDS = ("session_id", "seq", "command_sha256", "input_sha256", "output_sha256",
           "stderr_sha256", "exit_code", "timed_out", "started_at", "finished_at", "key_id",
           "signature")
+# An exec cut off by the end of its session (TTL, OOM, operator, agent crash) carries
+# `interrupted: <reason>` after `timed_out` (issue 12); every other receipt has FIELDS.
+INTERRUPTED_FIELDS = (*FIELDS[:8], "interrupted", *FIELDS[8:])
+
+
+def _fields_of(body: Mapping) -> tuple[str, ...]:
+    return INTERRUPTED_FIELDS if "interrupted" in body else FIELDS
 
 
 def receipt_digest(fields: Mapping) -> str:
@@ -41,11 +48,12 @@ def build_receipt(fields: Mapping, signer: Signer) -> dict:
     body = dict(fields)
     body.setdefault("key_id", signer.key_id)
     body.pop("signature", None)
-    want = set(FIELDS) - {"signature"}
+    order = _fields_of(body)
+    want = set(order) - {"signature"}
     if set(body) != want:
         raise ValueError(f"receipt fields must be exactly {sorted(want)}")
     sig = signer.sign(receipt_digest(body).encode("ascii"))
-    out = {k: body[k] for k in FIELDS if k != "signature"}
+    out = {k: body[k] for k in order if k != "signature"}
     out["signature"] = b64(sig)
     return out
 
@@ -64,7 +72,9 @@ def verify_receipt(receipt: object, public_key: bytes) -> bool:
     """True when `receipt` is well formed and its signature verifies under `public_key`
     (raw 32 bytes).  Never raises."""
     try:
-        if not isinstance(receipt, Mapping) or set(receipt) != set(FIELDS):
+        if not isinstance(receipt, Mapping) or set(receipt) != set(_fields_of(receipt)):
+            return False
+        if "interrupted" in receipt and not isinstance(receipt["interrupted"], str):
             return False
         sig = receipt["signature"]
         if not isinstance(sig, str) or not sig.startswith("base64:"):

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
+
+from agent.keys.session import SessionKey
+from agent.sandbox.engine import Sandbox
 
 __all__ = ["REASONS", "DestroyContext", "DestroyHooks", "DestroyOutcome", "DestroyState",
-           "InjectedFault", "SessionRecord", "StepError"]
+           "InjectedFault", "SessionFacts", "StepError"]
 
-REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery")
+# sandbox_failed: the sandbox's PID 1 (nrx-init) died on its own (killed from the host,
+# crashed); the agent noticed through its pidfd and ended the session
+REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery", "sandbox_failed")
 
 
 class StepError(RuntimeError):
@@ -23,25 +28,21 @@ class InjectedFault(StepError):
     """Raised inside step N when DestroyHooks.fail_step == N (tests only)."""
 
 
-@dataclass
-class SessionRecord:
-    """The session's metadata as the daemon knows it (SPEC 2): never commands or data.
-
-    `receipts` are the signed exec receipts (SPEC 4) in seq order.  `audit_events` are the
-    audit log entries `{"seq": int, "kind": str, "hash": str, "at": str}` with kinds
-    `created`, `exec` (hash = hex of receipt_leaf(receipt)) and `destroy_requested`; see
-    chain_integrity_seal for the hash chain over them.
-    """
+class SessionFacts(Protocol):
+    """What the pipeline reads of a session (agent.service.model.SessionRecord): never
+    commands or data.  `receipts` are the signed exec receipts in seq order;
+    `audit_events` the audit log `{"seq", "kind", "hash", "at"}` (kinds `created`, `exec`
+    with hash = hex receipt leaf, `destroy_requested`), sealed by step 7."""
 
     session_id: str
-    customer_id: str = ""
-    tier: str = "free"
-    classification: str = "general"
-    jurisdiction: str = "US"
-    created_at: str = ""
-    receipts: list[dict] = field(default_factory=list)
-    audit_events: list[dict] = field(default_factory=list)
-    exec_count: int = 0
+    customer_id: str
+    tier: str
+    classification: str
+    jurisdiction: str
+    created_at: str
+    receipts: list[dict]
+    audit_events: list[dict]
+    exec_count: int
 
 
 @dataclass
@@ -58,9 +59,9 @@ class DestroyHooks:
 
 @dataclass
 class DestroyContext:
-    sandbox: Any | None                 # agent.sandbox.engine.Sandbox; None/partial on recovery
-    session: SessionRecord
-    session_key: Any | None             # agent.keys.session.SessionKey
+    sandbox: Sandbox | None             # None: recovery found no sandbox to re-adopt
+    session: SessionFacts
+    session_key: SessionKey | None
     passes: list[str]                   # config.classes[classification].wipe_passes
     reason: str                         # one of REASONS
     node_id: str
@@ -104,10 +105,3 @@ class DestroyOutcome:
     evidence: list[dict]
     teardown_ok: bool = True            # the final best-effort teardown raised nothing
     duration_us: int = 0
-
-    def build_cdp(self, signer) -> dict:
-        """The signed CDP v1.0 of this outcome (SPEC 6)."""
-        from agent.cdp.document import build_cdp
-
-        return build_cdp(session_id=self.session_id, created_at=self.created_at,
-                         destroyed_at=self.destroyed_at, evidence=self.evidence, signer=signer)

@@ -21,8 +21,8 @@ METHOD = "credential_incineration"
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     sb = ctx.sandbox
     errors: list[str] = []
-    host_uid = getattr(sb, "host_uid", None)
-    host_gid = getattr(sb, "host_gid", None)
+    host_uid = sb.host_uid if sb is not None else None
+    host_gid = sb.host_gid if sb is not None else None
     if not st.uid_ranges and host_uid is not None:
         st.uid_ranges = [(host_uid, host_uid + 1)]
     if not st.gid_ranges and host_gid is not None:
@@ -42,7 +42,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     ev["processes_with_ids"] = n
     if n:
         errors.append("processes still run with session ids")
-    elif sb is not None and hasattr(sb, "release_slot"):
+    elif sb is not None:
         try:
             sb.release_slot()
             ev["slot_released"] = True
@@ -52,10 +52,9 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("no slot to release")
 
     if uts:
-        retire = getattr(sb, "retire_hostname", None)
-        if in_uts == 0 and retire is not None:
+        if in_uts == 0 and sb is not None:
             try:
-                retire()
+                sb.retire_hostname()
             except Exception:
                 in_uts = -1
         ev["hostname_retired"] = in_uts == 0

@@ -17,14 +17,13 @@ import trio
 
 from agent.destroy import residue
 from agent.destroy.context import DestroyContext, DestroyState, StepError
+from agent.sandbox.cgroups import CgroupHandle
 
 METHOD = "procfs_verification"
 
 
-def _freezer_name(cgroup) -> str:
-    mode = getattr(cgroup, "mode", None) or ("v2" if type(cgroup).__name__.startswith("V2")
-                                             else "v1")
-    return "cgroup_v2" if mode == "v2" else "cgroup_v1"
+def _freezer_name(cgroup: CgroupHandle) -> str:
+    return "cgroup_v2" if cgroup.mode == "v2" else "cgroup_v1"
 
 
 def pin_namespaces(pid: int, inodes: dict[str, int], st: DestroyState) -> None:
@@ -44,31 +43,28 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     ev.update({"namespaces": {}, "processes_frozen": 0, "freezer": "none"})
     if sb is None:
         raise StepError("no sandbox to isolate")
-    recorded = dict(getattr(sb, "namespaces", None) or {})
+    recorded = dict(sb.namespaces)
     st.namespaces = {k: v for k, v in recorded.items() if k in residue.NAMESPACES}
     errors = []
 
-    cgroup = getattr(sb, "cgroup", None)
-    if cgroup is None:
-        errors.append("no cgroup")
-    else:
-        ev["freezer"] = _freezer_name(cgroup)
-        try:
-            await trio.to_thread.run_sync(cgroup.freeze, ctx.timeout)
-        except Exception:
-            errors.append("freeze did not complete")
-        frozen = False
-        try:
-            frozen = bool(cgroup.frozen())
-            st.frozen_pids = list(cgroup.pids())
-        except OSError:
-            errors.append("cgroup unreadable")
-        ev["processes_frozen"] = len(st.frozen_pids) if frozen else 0
-        ev["frozen"] = frozen
-        if not frozen:
-            errors.append("cgroup not frozen")
+    cgroup = sb.cgroup
+    ev["freezer"] = _freezer_name(cgroup)
+    try:
+        await trio.to_thread.run_sync(cgroup.freeze, ctx.timeout)
+    except Exception:
+        errors.append("freeze did not complete")
+    frozen = False
+    try:
+        frozen = bool(cgroup.frozen())
+        st.frozen_pids = list(cgroup.pids())
+    except OSError:
+        errors.append("cgroup unreadable")
+    ev["processes_frozen"] = len(st.frozen_pids) if frozen else 0
+    ev["frozen"] = frozen
+    if not frozen:
+        errors.append("cgroup not frozen")
 
-    init_pid = getattr(sb, "init_pid", None)
+    init_pid = sb.init_pid
     live: dict[str, int] = {}
     try:
         live = residue.ns_inodes(init_pid)
@@ -84,7 +80,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
             live = {}
     except (OSError, TypeError):
         errors.append("init process not readable")
-    if not st.uid_ranges and getattr(sb, "host_uid", None) is not None:
+    if not st.uid_ranges:
         st.uid_ranges = [(sb.host_uid, sb.host_uid + 1)]
         st.gid_ranges = [(sb.host_gid, sb.host_gid + 1)]
     # evidence keeps the inodes recorded at creation when they are all there, else the live ones

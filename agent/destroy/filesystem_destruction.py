@@ -29,6 +29,7 @@ re-opened through ".." with an identity (st_dev, st_ino) check.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import stat
@@ -65,7 +66,7 @@ class TreeStats:
     deferred: list[int] = field(default_factory=list)  # O_PATH pins of leased inodes
     races: int = 0              # a name changed between fstatat and open (skipped + counted)
     loops: int = 0
-    leaves: list[bytes] = field(default_factory=list)
+    leaves: list[builtins.bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -271,17 +272,20 @@ def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
             cur = stack[-1]
             if not cur.names:
                 stack.pop()
+                assert cur.fd is not None
                 if stack:
                     parent = stack[-1]
                     if parent.fd is None:
                         parent.fd = _reopen_parent(cur.fd, parent.ident)
                     os.close(cur.fd)
+                    assert cur.name_in_parent is not None
                     _remove(parent.fd, cur.name_in_parent, True, s)
                 else:
                     os.close(cur.fd)
                 cur.fd = None
                 continue
             name = cur.names.pop()
+            assert cur.fd is not None
             try:
                 lst = os.stat(name, dir_fd=cur.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -379,7 +383,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     ev.update({"fs_type": "unknown", "size_limit_bytes": 0, "files": 0, "dirs": 0,
                "symlinks": 0, "bytes": 0, "passes": list(ctx.passes), "readback_blocks": 0,
                "unlinked": 0, "agent_view_unmounted": False})
-    root_fd = getattr(sb, "root_fd", None) if sb is not None else None
+    root_fd = sb.root_fd if sb is not None else None
     if root_fd is None or root_fd < 0:
         raise StepError("no pinned root fd")
     rst = os.fstat(root_fd)
@@ -388,13 +392,20 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     st.tmpfs_dev_num = rst.st_dev
     st.tmpfs_dev = residue.dev_str(rst.st_dev)
     mine = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
+    if not mine and sb is not None:
+        # a re-adopted sandbox seen through its PID 1's root (the agent's own mount
+        # namespace is new since the restart): its mount table says what the root is
+        try:
+            mine = [m for m in residue.read_mountinfo(sb.init_pid) if m.dev == st.tmpfs_dev]
+        except OSError:
+            mine = []
     if mine:
         ev["fs_type"] = mine[0].fs_type
     try:
         vfs = os.fstatvfs(root_fd)
         ev["size_limit_bytes"] = vfs.f_blocks * vfs.f_frsize
     except OSError:
-        ev["size_limit_bytes"] = int(getattr(sb, "tmpfs_bytes", 0) or 0)
+        ev["size_limit_bytes"] = sb.tmpfs_bytes if sb is not None else 0
     errors = []
     if ev["fs_type"] != "tmpfs":
         errors.append("session root is not a mounted tmpfs")

@@ -62,13 +62,13 @@ def release_pin(st: DestroyState) -> None:
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     sb = ctx.sandbox
     errors: list[str] = []
-    if st.tmpfs_dev is None and sb is not None and getattr(sb, "root_fd", -1) is not None:
+    if st.tmpfs_dev is None and sb is not None and sb.root_fd >= 0:
         try:
             st.tmpfs_dev = residue.dev_str(os.fstat(sb.root_fd).st_dev)
         except (OSError, TypeError):
             pass
-    if not st.cgroup_paths and sb is not None and getattr(sb, "cgroup", None) is not None:
-        st.cgroup_paths = [str(p) for p in getattr(sb.cgroup, "paths", [])]
+    if not st.cgroup_paths and sb is not None:
+        st.cgroup_paths = [str(p) for p in sb.cgroup.paths]
     leaves = st.leaves_fs + st.leaves_mem
     blocks = len(leaves)
     pinned = len(st.ns_fds) == len(residue.NAMESPACES)

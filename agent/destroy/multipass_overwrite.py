@@ -15,16 +15,21 @@ then the kernel's build config), with the source it was read from.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import platform
+import termios
 import time
+from typing import Any
 
 import trio
 
 from agent.destroy import filesystem_destruction as fsd
 from agent.destroy import residue, sysv_shm, wipe
 from agent.destroy.context import DestroyContext, DestroyState, StepError
+from agent.sandbox.cgroups import CgroupHandle
+from agent.sandbox.engine import Sandbox
 
 METHOD = "dod_5220_multipass_wipe"
 
@@ -85,22 +90,12 @@ def swap_devices() -> int:
         return -1
 
 
-def cgroup_swap_limited(cgroup) -> bool:
+def cgroup_swap_limited(cgroup: CgroupHandle) -> bool:
     """The session cgroup forbids swap: v2 memory.swap.max == 0, v1 memsw limit == limit."""
-    for p in getattr(cgroup, "paths", []) or []:
-        try:
-            if os.path.exists(os.path.join(p, "memory.swap.max")):
-                with open(os.path.join(p, "memory.swap.max")) as f:
-                    if f.read().strip() == "0":
-                        return True
-            memsw = os.path.join(p, "memory.memsw.limit_in_bytes")
-            if os.path.exists(memsw):
-                with open(memsw) as f, open(os.path.join(p, "memory.limit_in_bytes")) as g:
-                    if int(f.read()) == int(g.read()):
-                        return True
-        except (OSError, ValueError):
-            continue
-    return False
+    try:
+        return cgroup.swap_limited()
+    except (OSError, ValueError):
+        return False
 
 
 def _exited(pid: int) -> bool:
@@ -112,7 +107,7 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]]], int]:
+def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]] | None], int]:
     """pid -> present ranges to overwrite (None when unreadable), and the total bytes."""
     plan: dict[int, list[tuple[int, int]] | None] = {}
     for pid in pids:
@@ -123,15 +118,12 @@ def plan_processes(pids: list[int]) -> tuple[dict[int, list[tuple[int, int]]], i
     return plan, sum(n for r in plan.values() if r for _, n in r)
 
 
-def raise_cap(cgroup, extra: int) -> bool:
+def raise_cap(cgroup: CgroupHandle, extra: int) -> bool:
     """Give the frozen cgroup room for the copy-on-write copies the overwrite may make
     (a page shared after fork is copied when written through /proc/PID/mem): the memory
     limit becomes current usage + the bytes to overwrite + 4 MiB."""
-    setter = getattr(cgroup, "set_memory_limit", None)
-    if setter is None:
-        return False
     try:
-        setter(int(cgroup.memory_usage()) + extra + (4 << 20))
+        cgroup.set_memory_limit(int(cgroup.memory_usage()) + extra + (4 << 20))
         return True
     except (OSError, ValueError):
         return False
@@ -139,8 +131,8 @@ def raise_cap(cgroup, extra: int) -> bool:
 
 def wipe_processes(plan: dict, passes: list[str]) -> dict:
     """Overwrite the planned memory of each pid; counts and read-back leaves."""
-    out = {"processes": 0, "failed": 0, "exited": 0, "bytes": 0, "blocks": 0, "nonzero": 0,
-           "leaves": []}
+    out: dict[str, Any] = {"processes": 0, "failed": 0, "exited": 0, "bytes": 0, "blocks": 0,
+                           "nonzero": 0, "leaves": []}
     for pid, ranges in plan.items():
         try:
             if ranges is None:
@@ -168,89 +160,62 @@ def wipe_processes(plan: dict, passes: list[str]) -> dict:
     return out
 
 
-def _plan_and_wipe(cgroup, pids: list[int], passes: list[str],
-                   ipc_fd: int | None) -> tuple[bool, dict, dict | None]:
+def pipe_and_socket_buffers(pids: list[int]) -> tuple[int, int]:
+    """(bytes queued in the session's pipes, sockets held) of the frozen processes.  Pipes
+    are measured with FIONREAD on a fresh non-blocking read open through /proc/PID/fd
+    (nothing is read); socket queues cannot be reached that way and are only counted.
+    Neither is drained nor wiped (SPEC 13): the evidence says so."""
+    seen: set[int] = set()
+    queued = sockets = 0
+    buf = bytearray(4)
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kind, _, rest = link.partition(":[")
+            if kind not in ("pipe", "socket") or not rest.endswith("]"):
+                continue
+            ino = int(rest[:-1])
+            if ino in seen:
+                continue
+            seen.add(ino)
+            if kind == "socket":
+                sockets += 1
+                continue
+            try:
+                pfd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.ioctl(pfd, termios.FIONREAD, buf)
+                queued += int.from_bytes(buf, "little")
+            except OSError:
+                pass
+            finally:
+                os.close(pfd)
+    return queued, sockets
+
+
+def _plan_and_wipe(cgroup: CgroupHandle, pids: list[int], passes: list[str],
+                   ipc_fd: int | None) -> tuple[bool, dict, dict]:
     """plan_processes, raise_cap (when there is a cgroup), wipe_processes, then the
     unattached SysV segments of the pinned IPC namespace (None without a pin)."""
     plan, total = plan_processes(pids)
-    cap_raised = raise_cap(cgroup, total) if cgroup is not None else False
+    cap_raised = raise_cap(cgroup, total)
     w = wipe_processes(plan, passes)
-    shm = sysv_shm.wipe_segments(ipc_fd, passes) if ipc_fd is not None else None
+    shm = sysv_shm.wipe_segments(ipc_fd, passes) if ipc_fd is not None else {}
     return cap_raised, w, shm
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _v1_counters(p: str) -> tuple[int, int] | None:
-    """(memsw-or-memory usage minus kmem usage, kmem usage) from one consistent reading:
-    the total is read before and after kmem and the reading is retried until both agree
-    (a kernel object freed between the two reads would otherwise show as user memory)."""
-    total_name = "memory.memsw.usage_in_bytes"
-    if not os.path.exists(os.path.join(p, total_name)):
-        total_name = "memory.usage_in_bytes"
-    for _ in range(100):
-        a = _read_int(os.path.join(p, total_name))
-        k = _read_int(os.path.join(p, "memory.kmem.usage_in_bytes"))
-        b = _read_int(os.path.join(p, total_name))
-        if a is None or k is None:
-            return None
-        if a == b:
-            return max(0, a - k), k
-    return None
-
-
-def memory_after(cgroup) -> tuple[int, int]:
-    """(user bytes, kernel bytes) still charged to the cgroup.  User bytes are the pages
-    that can hold the session's data: anonymous, file/shmem (tmpfs) and swap.  v1: the
-    exact page counters, memsw (or memory) usage minus kmem usage (memory.stat is flushed
-    lazily, up to ~2 s stale); v2: memory.stat anon + file + swap.  Kernel bytes (slab
-    objects freed lazily by RCU) are reported apart."""
-    for p in getattr(cgroup, "paths", []) or []:
-        path = os.path.join(p, "memory.stat")
-        if not os.path.exists(path):
-            continue
-        stat: dict[str, int] = {}
-        with open(path) as f:
-            for line in f:
-                k, _, v = line.partition(" ")
-                if v.strip().isdigit():
-                    stat[k] = int(v)
-        if "total_rss" in stat:  # v1: exact page counters, not the lazily flushed stat
-            got = _v1_counters(p)
-            if got is not None:
-                return got
-            user = stat["total_rss"] + stat["total_cache"] + stat.get("total_swap", 0)
-            return user, max(0, cgroup.memory_usage() - user)
-        if "anon" in stat:  # v2
-            user = stat["anon"] + stat["file"] + stat.get("swap", 0)
-            return user, stat.get("kernel", max(0, cgroup.memory_usage() - user))
-    return cgroup.memory_usage(), 0
-
-
-def _reclaim(cgroup) -> bool:
-    """Ask the kernel to drop what the (empty) cgroup still has charged: per-CPU charge
-    stocks and reclaimable caches (v1 memory.force_empty, v2 memory.reclaim)."""
-    done = False
-    for p in getattr(cgroup, "paths", []) or []:
-        for name, value in (("memory.force_empty", "0"), ("memory.reclaim", str(1 << 30))):
-            path = os.path.join(p, name)
-            if os.path.exists(path):
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.write(fd, value.encode())
-                    finally:
-                        os.close(fd)
-                    done = True
-                except OSError:
-                    pass
-    return done
+def memory_after(cgroup: CgroupHandle) -> tuple[int, int]:
+    """(user bytes, kernel bytes) still charged to the cgroup (CgroupHandle.memory_after)."""
+    return cgroup.memory_after()
 
 
 def _pinned(st: DestroyState, name: str) -> int | None:
@@ -260,11 +225,11 @@ def _pinned(st: DestroyState, name: str) -> int | None:
     return st.ns_fds[residue.NAMESPACES.index(name)]
 
 
-def _is_session_init(pid: int, st: DestroyState, sb) -> bool:
+def _is_session_init(pid: int, st: DestroyState, sb: Sandbox) -> bool:
     """A pid outside the cgroup is only wiped when it provably is the session's PID 1
     (its PID namespace is the session's): after a crash the number may name another
     process of the host."""
-    want = st.namespaces.get("pid") or (getattr(sb, "namespaces", None) or {}).get("pid")
+    want = st.namespaces.get("pid") or sb.namespaces.get("pid")
     if not want:
         return False
     try:
@@ -273,7 +238,7 @@ def _is_session_init(pid: int, st: DestroyState, sb) -> bool:
         return False
 
 
-async def _release(cgroup, timeout: float) -> tuple[int, int, int]:
+async def _release(cgroup: CgroupHandle, timeout: float) -> tuple[int, int, int]:
     """Wait (bounded) until no user page is charged to the empty cgroup, asking the kernel
     to reclaim before each look (clean page cache the session read stays charged
     otherwise; pages still in per-CPU LRU batches and the per-CPU charge stock are only
@@ -288,7 +253,7 @@ async def _release(cgroup, timeout: float) -> tuple[int, int, int]:
                 break
             if user == 0:
                 break
-            await trio.to_thread.run_sync(_reclaim, cgroup)
+            await trio.to_thread.run_sync(cgroup.reclaim)
             rounds += 1
             try:
                 user, kernel = memory_after(cgroup)
@@ -317,41 +282,38 @@ async def _poll(pred, timeout: float) -> bool:
         return False
 
 
-async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
-    sb = ctx.sandbox
-    on, source = init_on_free()
-    ev.update({"processes": 0, "bytes": 0, "passes": list(ctx.passes), "readback_blocks": 0,
-               "killed": False, "cgroup_empty": False, "memory_after_bytes": -1,
-               "swap_disabled": False, "init_on_free": on, "init_on_free_source": source})
-    if sb is None:
-        raise StepError("no sandbox")
-    errors: list[str] = []
-    cgroup = getattr(sb, "cgroup", None)
-    devices = swap_devices()
-    limited = cgroup_swap_limited(cgroup) if cgroup is not None else False
-    ev.update({"swap_devices": devices, "swap_cgroup_limited": limited,
-               "swap_disabled": devices == 0 or limited})
-
+async def freeze(sb: Sandbox, st: DestroyState, ev: dict, errors: list[str],
+                 timeout: float) -> list[int]:
+    """The processes to wipe: the frozen cgroup's, plus PID 1 when it provably is the
+    session's (it may sit outside the cgroup after a half-done attach)."""
     pids: list[int] = []
-    if cgroup is not None:
-        try:
-            if not cgroup.frozen():
-                await trio.to_thread.run_sync(cgroup.freeze, ctx.timeout)
-            pids = list(cgroup.pids())
-        except Exception:
-            errors.append("cannot freeze for the memory wipe")
-    init_pid = getattr(sb, "init_pid", None)
-    if init_pid and init_pid not in pids and _is_session_init(init_pid, st, sb):
-        pids.append(init_pid)
+    try:
+        if not sb.cgroup.frozen():
+            await trio.to_thread.run_sync(sb.cgroup.freeze, timeout)
+        pids = list(sb.cgroup.pids())
+    except Exception:
+        errors.append("cannot freeze for the memory wipe")
+    if sb.init_pid and sb.init_pid not in pids and _is_session_init(sb.init_pid, st, sb):
+        pids.append(sb.init_pid)
     ev["processes_found"] = len(pids)
+    queued, sockets = pipe_and_socket_buffers(pids)
+    ev.update({"pipe_buffer_bytes": queued, "sockets": sockets,
+               "pipe_socket_buffers_wiped": False})
+    return pids
+
+
+async def wipe_memory(ctx: DestroyContext, st: DestroyState, ev: dict, pids: list[int],
+                      errors: list[str]) -> None:
+    """Overwrite and read back every process's memory and the unattached SysV segments."""
+    sb = ctx.sandbox
+    assert sb is not None
     t0 = time.perf_counter_ns()
     ipc_fd = _pinned(st, "ipc")
     # plan, cap, overwrite and the SysV segments in one worker-thread call (each thread
     # hop costs the event loop a wake-up and a GIL hand-off)
     cap_raised, w, shm = await trio.to_thread.run_sync(
-        _plan_and_wipe, cgroup, pids, list(ctx.passes), ipc_fd)
-    if cgroup is not None:
-        ev["cap_raised"] = cap_raised
+        _plan_and_wipe, sb.cgroup, pids, list(ctx.passes), ipc_fd)
+    ev["cap_raised"] = cap_raised
     st.leaves_mem = w["leaves"]
     ev.update({"processes": w["processes"], "bytes": w["bytes"], "readback_blocks": w["blocks"],
                "nonzero_blocks": w["nonzero"], "processes_exited": w["exited"]})
@@ -359,7 +321,6 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("memory of a process could not be wiped")
     if w["nonzero"]:
         errors.append("memory read-back not zero")
-
     if ipc_fd is None:
         errors.append("session IPC namespace unknown: shared memory not checked")
     else:
@@ -370,61 +331,70 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         if shm["error"] or shm["failed"] or shm["nonzero"]:
             errors.append(shm["error"] or "a shared memory segment could not be wiped")
     ev["wipe_us"] = (time.perf_counter_ns() - t0) // 1000
-    if ctx.hooks is not None and ctx.hooks.before_kill is not None:
-        await ctx.hooks.before_kill(list(pids))
-    t1 = time.perf_counter_ns()
 
-    # kill: cgroup-wide kill (thaws), then PID 1 via pidfd (waits until reaped)
-    if cgroup is not None:
-        try:
-            cgroup.kill_all()
-        except Exception:
-            errors.append("cgroup kill failed")
-    kill_init = getattr(sb, "kill_init", None)
-    if kill_init is None:  # partial sandbox (recovery): init is dead or was never found
-        init_dead = not (init_pid and os.path.exists(f"/proc/{init_pid}"))
+
+async def kill(ctx: DestroyContext, ev: dict, errors: list[str]) -> None:
+    """Cgroup-wide SIGKILL (thaws), then PID 1 via its pidfd (waits until reaped), then a
+    bounded wait until the cgroup is empty."""
+    sb = ctx.sandbox
+    assert sb is not None
+    t1 = time.perf_counter_ns()
+    try:
+        sb.cgroup.kill_all()
+    except Exception:
+        errors.append("cgroup kill failed")
+    try:
+        with trio.move_on_after(ctx.timeout) as cs:
+            await sb.kill_init()
+        init_dead = not cs.cancelled_caught
+    except Exception:
+        init_dead = False
+    ev["cgroup_empty"] = await _poll(sb.cgroup.empty, ctx.timeout)
+    ev["killed"] = init_dead and ev["cgroup_empty"]
+    ev["kill_us"] = (time.perf_counter_ns() - t1) // 1000
+
+
+async def release(ctx: DestroyContext, st: DestroyState, ev: dict, errors: list[str]) -> None:
+    """Files leased by a (now dead) holder, the cgroup's memory back to 0, the cgroup
+    removed."""
+    sb = ctx.sandbox
+    assert sb is not None
+    cgroup = sb.cgroup
+    t2 = time.perf_counter_ns()
+    if st.deferred_fds:  # files step 2 could not open while a (now dead) holder leased them
+        d: fsd.TreeStats = await trio.to_thread.run_sync(fsd.wipe_deferred, st.deferred_fds,
+                                                         list(ctx.passes))
+        st.leaves_fs.extend(d.leaves[i][j:j + 32] for i in range(len(d.leaves))
+                            for j in range(0, len(d.leaves[i]), 32))
+        ev.update({"deferred_files": d.files, "deferred_bytes": d.bytes,
+                   "deferred_blocks": d.blocks})
+        if d.wipe_failed or d.nonzero_blocks:
+            errors.append("a deferred file could not be overwritten")
+    if ev["cgroup_empty"]:
+        rounds, user, kernel = await _release(cgroup, ctx.timeout)
+        ev.update({"memory_reclaim_rounds": rounds, "memory_after_bytes": user,
+                   "kernel_memory_after_bytes": kernel})
     else:
         try:
-            with trio.move_on_after(ctx.timeout) as cs:
-                await kill_init()
-            init_dead = not cs.cancelled_caught
-        except Exception:
-            init_dead = False
-    if cgroup is not None:
-        ev["cgroup_empty"] = await _poll(cgroup.empty, ctx.timeout)
-        ev["killed"] = init_dead and ev["cgroup_empty"]
-        ev["kill_us"] = (time.perf_counter_ns() - t1) // 1000
-        t2 = time.perf_counter_ns()
-        if st.deferred_fds:  # files step 2 could not open while a (now dead) holder leased them
-            d = await trio.to_thread.run_sync(fsd.wipe_deferred, st.deferred_fds, list(ctx.passes))
-            st.leaves_fs.extend(d.leaves[i][j:j + 32] for i in range(len(d.leaves))
-                                for j in range(0, len(d.leaves[i]), 32))
-            ev.update({"deferred_files": d.files, "deferred_bytes": d.bytes,
-                       "deferred_blocks": d.blocks})
-            if d.wipe_failed or d.nonzero_blocks:
-                errors.append("a deferred file could not be overwritten")
+            ev["memory_after_bytes"], ev["kernel_memory_after_bytes"] = cgroup.memory_after()
+        except OSError:
+            pass
+    ev["release_us"] = (time.perf_counter_ns() - t2) // 1000
+    st.cgroup_paths = [str(p) for p in cgroup.paths]
+    try:
         if ev["cgroup_empty"]:
-            rounds, user, kernel = await _release(cgroup, ctx.timeout)
-            ev.update({"memory_reclaim_rounds": rounds, "memory_after_bytes": user,
-                       "kernel_memory_after_bytes": kernel})
-        else:
-            try:
-                ev["memory_after_bytes"], ev["kernel_memory_after_bytes"] = memory_after(cgroup)
-            except OSError:
-                pass
-        ev["release_us"] = (time.perf_counter_ns() - t2) // 1000
-        st.cgroup_paths = [str(p) for p in getattr(cgroup, "paths", [])]
-        try:
-            if ev["cgroup_empty"]:
-                remove = getattr(sb, "remove_cgroup", None)
-                if remove is not None:
-                    await remove()  # stops the sandbox's OOM watch first
-                else:
-                    cgroup.remove()
-        except Exception:
-            errors.append("cgroup not removable")
-    else:
-        ev["killed"] = init_dead
+            await sb.remove_cgroup()  # stops the sandbox's OOM watch first
+    except Exception:
+        errors.append("cgroup not removable")
+
+
+def verdict(ev: dict, errors: list[str]) -> None:
+    """Raise the step's error when anything above could not be done or verified."""
+    kills = ev.get("kernel_oom_kills", 0)
+    if kills > 0:  # the kernel's OOM killer freed a session process's pages before the wipe
+        errors.append("the kernel OOM killer freed session memory unwiped")
+    elif kills < 0:
+        errors.append("kernel OOM kill count not readable")
     if not ev["killed"]:
         errors.append("processes survived the kill")
     if ev["memory_after_bytes"] != 0:
@@ -433,3 +403,26 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("swap may hold session pages")
     if errors:
         raise StepError("; ".join(errors))
+
+
+async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
+    sb = ctx.sandbox
+    on, source = init_on_free()
+    ev.update({"processes": 0, "bytes": 0, "passes": list(ctx.passes), "readback_blocks": 0,
+               "killed": False, "cgroup_empty": False, "memory_after_bytes": -1,
+               "swap_disabled": False, "init_on_free": on, "init_on_free_source": source})
+    if sb is None:
+        raise StepError("no sandbox")
+    errors: list[str] = []
+    devices = swap_devices()
+    limited = cgroup_swap_limited(sb.cgroup)
+    ev.update({"swap_devices": devices, "swap_cgroup_limited": limited,
+               "swap_disabled": devices == 0 or limited})
+    ev.update(sb.oom_evidence())
+    pids = await freeze(sb, st, ev, errors, ctx.timeout)
+    await wipe_memory(ctx, st, ev, pids, errors)
+    if ctx.hooks is not None and ctx.hooks.before_kill is not None:
+        await ctx.hooks.before_kill(list(pids))
+    await kill(ctx, ev, errors)
+    await release(ctx, st, ev, errors)
+    verdict(ev, errors)

@@ -53,7 +53,7 @@ def _reason_text(e: BaseException) -> str:
     name); never str() of a foreign exception, which may carry a path or data."""
     if isinstance(e, StepError):
         return str(e)[:200]
-    if isinstance(e, OSError) and e.errno in errno.errorcode:
+    if isinstance(e, OSError) and e.errno is not None and e.errno in errno.errorcode:
         return f"{type(e).__name__} {errno.errorcode[e.errno]}"
     return type(e).__name__
 
@@ -106,7 +106,7 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
             os.close(st.deferred_fds.pop())
         teardown_ok = await _teardown(ctx, logger)
     ev8 = st.evidence[7]
-    status = ev8.get("status") if ev8.get("ok") else "expired_unclean"
+    status = str(ev8.get("status")) if ev8.get("ok") else "expired_unclean"
     out = DestroyOutcome(
         session_id=ctx.session.session_id, created_at=ctx.session.created_at,
         destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,
@@ -123,18 +123,16 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
 
 async def _teardown(ctx: DestroyContext, logger) -> bool:
     sb = ctx.sandbox
-    if sb is None or getattr(sb, "teardown", None) is None:
+    if sb is None:
         return True
     with trio.CancelScope(shield=True):
         # A v1-frozen task does not die from SIGKILL until thawed: whatever a failed step
         # left frozen is killed and thawed here, or the kill of PID 1 would wait forever.
-        cgroup = getattr(sb, "cgroup", None)
-        if cgroup is not None:
-            try:
-                if not cgroup.empty():
-                    cgroup.kill_all()
-            except Exception as e:
-                logger.warning("destroy.teardown_kill_failed", error=_reason_text(e))
+        try:
+            if not sb.cgroup.empty():
+                sb.cgroup.kill_all()
+        except Exception as e:
+            logger.warning("destroy.teardown_kill_failed", error=_reason_text(e))
         with trio.move_on_after(max(ctx.timeout, 1.0) * 2) as cs:
             try:
                 await sb.teardown()

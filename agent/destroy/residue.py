@@ -26,7 +26,7 @@ def list_pids() -> list[int]:
 
 def list_tasks() -> list[tuple[int, int]]:
     """Every (pid, tid) on the host: namespaces and credentials are per thread."""
-    out = []
+    out: list[tuple[int, int]] = []
     for pid in list_pids():
         try:
             tids = os.listdir(f"/proc/{pid}/task")

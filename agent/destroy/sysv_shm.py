@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from typing import Any
 
 from agent.destroy import wipe
 
@@ -114,8 +115,8 @@ def _wipe_in_ns_unguarded(ipc_ns_path: str, passes: list[str], out: dict) -> Non
 def wipe_segments(ipc_ns_fd: int, passes: list[str]) -> dict:
     """Overwrite every SysV shm segment of the IPC namespace behind `ipc_ns_fd` (an fd on
     a /proc/PID/ns/ipc).  Blocking; runs in its own short-lived thread."""
-    out = {"segments": 0, "removed": 0, "failed": 0, "bytes": 0, "blocks": 0, "nonzero": 0, "leaves": [],
-           "error": None}
+    out: dict[str, Any] = {"segments": 0, "removed": 0, "failed": 0, "bytes": 0, "blocks": 0,
+                           "nonzero": 0, "leaves": [], "error": None}
     t = threading.Thread(target=_wipe_in_ns, args=(f"/proc/self/fd/{ipc_ns_fd}", list(passes),
                                                    out), name="nrx-sysv-shm-wipe")
     t.start()

@@ -15,6 +15,7 @@ resident pages of its writable shared mappings, so no page is faulted in by the 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import struct
@@ -32,7 +33,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 try:  # the native implementation (A2); optional until it lands
     from agent import fsops as _fsops
 except Exception:  # any import failure means "use the Python path"
-    _fsops = None
+    _fsops = None  # type: ignore[assignment]
 
 
 def native() -> bool:
@@ -42,10 +43,10 @@ def native() -> bool:
 
 @dataclass
 class WipeResult:
-    bytes: int = 0
+    bytes: int = 0  # the evidence's name: annotations below use builtins.bytes
     blocks: int = 0
     nonzero_blocks: int = 0
-    leaf_digests: bytes = b""
+    leaf_digests: builtins.bytes = b""
 
 
 def _pattern(name: str, n: int) -> bytes:
@@ -66,6 +67,7 @@ def _py_wipe(fd: int, ranges: Sequence[tuple[int, int]], passes: Sequence[str]) 
             pos, end = off, off + length
             while pos < end:
                 n = min(CHUNK, end - pos)
+                buf: bytes | memoryview
                 if p == "random":
                     buf = os.urandom(n)
                 elif p == "ones":

@@ -14,6 +14,15 @@ and every `health.interval_seconds`, cached with the time it ran.
 One failing engine makes the status `degraded` (its reason is in `reasons` and in the debug
 socket's `status`); a failing journal makes it `unhealthy`.  The daemon keeps running either
 way.  `faults` (tests only) forces named engines to fail, to test the degraded path.
+
+Health is live, not only periodic: the code that sees a failure reports it at once with
+`fault(engine, reason)` (a failed journal or spool write -> rzl and `database`; EMFILE at
+accept, a failed destruction -> eee); the engine is false from that moment and its
+self-test is re-run every `RECHECK_SECONDS` until it passes again (so is any engine whose
+periodic self-test failed).  rzl also fails while a
+proof is kept only in memory/fallback (each re-run retries writing it into the spool).
+State damage found at start (`agent.service.integrity`) is shown as the extension
+`state_damage: {kind: count}` in the snapshot (present only when something was found).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from agent import log, timefmt
 ENGINES = ("eee", "dire", "rzl", "fgx", "ave")
 SELFTEST = Path(__file__).resolve().parent.parent / "data" / "selftest.json"
 CANARY_TIMEOUT = 30.0
+RECHECK_SECONDS = 1.0  # re-run a faulted engine's self-test this often until it passes
 
 
 class SelfTestFailed(Exception):
@@ -130,6 +140,9 @@ def check_rzl(service, cfg) -> None:
     spool = getattr(service, "spool", None)
     _need(spool is not None, "no CDP spool")
     _check_spool_writable(spool)
+    left = spool.retry()
+    _need(left == 0, f"{left} proof(s) not durably spooled, kept in memory and "
+                     f"{spool.fallback_dir or 'no fallback dir'}: {spool.last_error}")
     _check_chain_vector()
 
 
@@ -186,6 +199,13 @@ class HealthMonitor:
         self.database = False
         self.database_reason: str | None = "not run yet"
         self.faults: set[str] = set()  # tests only: engines forced to fail
+        self.live_faults: dict[str, str] = {}  # engine -> failure reported by fault()
+        self.state_damage: dict[str, int] = {}  # kind -> count, found at start
+        self._wake = trio.Event()
+        try:
+            self._token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:  # built outside trio (a test): no hook from worker threads
+            self._token = None
         self.runs = 0
         self.last_run: str | None = None
         self._started = getattr(service, "started_at", None) or time.monotonic()
@@ -220,6 +240,10 @@ class HealthMonitor:
             reason = f"{type(e).__name__}: {e}"
         self.engines[name] = ok
         self.reasons[name] = reason
+        if ok:
+            self.live_faults.pop(name, None)
+        else:  # re-checked every RECHECK_SECONDS until it passes, not at the next interval
+            self.live_faults[name] = reason or "failed"
         self.checked_at[name] = timefmt.iso_seconds()
         self.durations_ms[name] = int((time.monotonic() - t0) * 1000)
         # the first result is always logged (a first failure too), then every change
@@ -237,6 +261,43 @@ class HealthMonitor:
             self.database, self.database_reason = True, None
         except Exception as e:
             self.database, self.database_reason = False, f"{type(e).__name__}: {e}"
+
+    def fault(self, engine: str, reason: str) -> None:
+        """Flip `engine` false now: code outside the self-tests saw it fail.  Its self-test
+        re-runs every RECHECK_SECONDS (from `run`) until it passes again."""
+        was = self.engines[engine]
+        self.engines[engine] = False
+        self.reasons[engine] = reason
+        self.checked_at[engine] = timefmt.iso_seconds()
+        self.live_faults[engine] = reason
+        if was:
+            self._log.warning("health_engine_changed", engine=engine, ok=False, reason=reason,
+                              live=True)
+        self._wake.set()
+
+    def state_fault(self, reason: str | None) -> None:
+        """Journal/spool hook: a failed write (reason) makes rzl and `database` false at
+        once; None (the backlog was replayed) asks for an immediate re-check.  Callable
+        from a worker thread (the spool writes there): it then runs on the loop."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            if self._token is not None:
+                self._token.run_sync_soon(self.state_fault, reason)
+                return
+        if reason is not None:
+            self.database, self.database_reason = False, reason
+            self.fault("rzl", reason)
+        else:
+            self._wake.set()
+
+    async def recheck(self) -> None:
+        """Re-run the self-tests of the engines reported by fault(), and the journal's."""
+        async with self._lock:
+            async with trio.open_nursery() as nursery:
+                for name in list(self.live_faults):
+                    nursery.start_soon(self._one, name)
+            self._database()
 
     async def run_once(self) -> dict:
         """Run every self-test now (one run at a time) and return the snapshot."""
@@ -259,11 +320,24 @@ class HealthMonitor:
         return self.snapshot()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Re-run the self-tests every `health.interval_seconds`, forever."""
+        """Re-run the self-tests every `health.interval_seconds`, forever; an engine reported
+        by fault() is re-checked every RECHECK_SECONDS until it passes."""
         task_status.started()
+        next_full = trio.current_time() + self.cfg.health.interval_seconds
         while True:
-            await trio.sleep(self.cfg.health.interval_seconds)
-            await self.run_once()
+            at = next_full
+            if self.live_faults or not self.database:
+                at = min(at, trio.current_time() + RECHECK_SECONDS)
+            with trio.move_on_at(at):
+                await self._wake.wait()
+            if self._wake.is_set():  # a new fault: re-check it RECHECK_SECONDS from now
+                self._wake = trio.Event()
+                continue
+            if trio.current_time() >= next_full:
+                await self.run_once()
+                next_full = trio.current_time() + self.cfg.health.interval_seconds
+            else:
+                await self.recheck()
 
     @property
     def status(self) -> str:
@@ -273,9 +347,12 @@ class HealthMonitor:
 
     def snapshot(self) -> dict:
         """SPEC 10: {status, engines, database, uptime_seconds, timestamp}."""
-        return {"status": self.status, "engines": dict(self.engines), "database": self.database,
+        snap = {"status": self.status, "engines": dict(self.engines), "database": self.database,
                 "uptime_seconds": int(time.monotonic() - self._started),
                 "timestamp": timefmt.iso_seconds()}
+        if self.state_damage:
+            snap["state_damage"] = dict(self.state_damage)
+        return snap
 
     def details(self) -> dict:
         """Per engine: ok, reason, when it ran and how long it took (debug socket `status`)."""

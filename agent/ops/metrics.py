@@ -55,16 +55,23 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "destroy_step_failures_total": ("counter", "Destruction steps that could not be verified.",
                                     ("step",)),
     "oom_kills_total": ("counter", "Sessions ended by an out-of-memory kill.", ()),
+    "sessions_adopted_total": ("counter", "Live sessions re-adopted after an agent restart.",
+                               ()),
     "recovery_reclaimed_total": ("counter", "Leftovers reclaimed at start, by resource kind.",
                                  ("kind",)),
     "config_reloads_total": ("counter", "SIGHUP config reloads, by result (applied, rejected).",
                              ("result",)),
+    "state_damage_total": ("counter", "Damaged or lost state found at start (quarantined "
+                           "files, rebuilt journal rows, re-proven sessions), by kind.",
+                           ("kind",)),
     "create_seconds": ("histogram", "Session creation latency.", ()),
     "exec_seconds": ("histogram", "Command execution latency.", ()),
     "destroy_seconds": ("histogram", "Destruction pipeline latency.", ()),
     # gauges, filled from the service at render time
     "sessions": ("gauge", "Live and ended sessions known to the agent, by status.", ("status",)),
     "spool_depth": ("gauge", "CDPs spooled and not yet acknowledged.", ()),
+    "proofs_not_durable": ("gauge", "Proofs kept only in memory/fallback: the spool could not "
+                           "take them (retried).", ()),
     "attestation_key_age_seconds": ("gauge", "Age of the current attestation key.", ()),
     "capacity_sessions_max": ("gauge", "Maximum concurrent sessions on this node.", ()),
     "capacity_sessions_live": ("gauge", "Sessions currently live on this node.", ()),
@@ -161,6 +168,7 @@ class Metrics:
         if spool is not None and hasattr(spool, "depth"):
             try:
                 self.set("spool_depth", int(spool.depth()))
+                self.set("proofs_not_durable", len(spool.unsaved))
             except Exception:  # noqa: S110
                 pass
         age = key_age_seconds(service)

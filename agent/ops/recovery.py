@@ -46,6 +46,7 @@ class ReclaimResult:
 class RecoveryReport:
     reclaimers: list[ReclaimResult] = field(default_factory=list)
     sessions: dict[str, str] = field(default_factory=dict)  # session_id -> final status
+    adopted: list[str] = field(default_factory=list)  # re-adopted, live again
     errors: list[str] = field(default_factory=list)  # per-session pipeline failures
     duration_ms: int = 0
 
@@ -56,7 +57,8 @@ class RecoveryReport:
         return {"reclaimed": self.counts(),
                 "errors": {r.kind: r.errors for r in self.reclaimers if r.errors}
                 | ({"sessions": self.errors} if self.errors else {}),
-                "sessions": dict(self.sessions), "duration_ms": self.duration_ms}
+                "sessions": dict(self.sessions), "adopted": list(self.adopted),
+                "duration_ms": self.duration_ms}
 
 
 # -- /proc helpers -----------------------------------------------------------------------------
@@ -123,10 +125,11 @@ def _under(path: str | os.PathLike, root: Path) -> bool:
 # -- reclaimers (sync; run in a worker thread) ---------------------------------------------------
 
 class _Ctx:
-    def __init__(self, cfg, rows: list[dict], driver) -> None:
+    def __init__(self, cfg, rows: list[dict], driver, keep: set[str] | None = None) -> None:
         self.cfg = cfg
         self.rows = rows
         self.driver = driver
+        self.keep = keep or set()  # re-adopted sessions: live again, never reclaimed
         self.runtime = Path(cfg.paths.runtime_dir)
         self.prefix = driver.prefix if driver is not None else cfg.sandbox.cgroup_prefix
 
@@ -141,7 +144,8 @@ class _Ctx:
         names = list(journaled)
         if self.driver is not None:
             try:
-                names += [n for n in self.driver.leftovers() if n not in names]
+                names += [n for n in self.driver.leftovers()
+                          if n not in names and n not in self.keep]
             except Exception as e:  # reported by the caller through the count
                 log.get().warning("recovery_leftovers_failed", error=str(e))
         return journaled, names
@@ -180,11 +184,11 @@ def reclaim_processes(c: _Ctx) -> ReclaimResult:
                         if _kill_verified(int(pid), None):
                             r.count += 1
     for row in c.rows:
-        pid, st = row.get("init_pid"), row.get("init_starttime")
-        if not pid or st is None:
+        holder, start = row.get("init_pid"), row.get("init_starttime")
+        if not holder or start is None:
             continue
         try:
-            if _kill_verified(int(pid), int(st)):
+            if _kill_verified(int(holder), int(start)):
                 r.count += 1
         except OSError as e:
             r.errors.append(f"{row['session_id']}: holder: {e.strerror}")
@@ -222,26 +226,30 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
         if mp and _under(mp, c.runtime):
             by_path[os.path.abspath(mp)] = row
     sessions = c.runtime / "sessions"
+    kept = {os.path.abspath(sessions / sid / "root") for sid in c.keep}
     mounted = [m for m in _mount_points() if _under(m, c.runtime)]
     for m in mounted:
-        by_path.setdefault(os.path.abspath(m), None)
+        if os.path.abspath(m) not in kept:
+            by_path.setdefault(os.path.abspath(m), None)
     # deepest first, so nested mounts go before their parents
     for mp in sorted(by_path, key=lambda p: p.count("/"), reverse=True):
-        row = by_path[mp]
+        found = by_path[mp]
         while mp in _mount_points():
             try:
                 try:
-                    _wipe_tree(mp, _wipe_passes(c.cfg, (row or {}).get("classification")))
+                    _wipe_tree(mp, _wipe_passes(c.cfg, (found or {}).get("classification")))
                 except Exception as e:  # the mount still goes; the CDP says unclean
-                    r.errors.append(f"{(row or {}).get('session_id', 'untracked')}: wipe: {e}")
+                    r.errors.append(f"{(found or {}).get('session_id', 'untracked')}: wipe: {e}")
                 umount_detach(mp)
                 r.count += 1
             except OSError as e:
-                r.errors.append(f"{(row or {}).get('session_id', 'untracked')}: umount: "
+                r.errors.append(f"{(found or {}).get('session_id', 'untracked')}: umount: "
                                 f"{e.strerror}")
                 break
     if sessions.is_dir():
         for d in sessions.iterdir():
+            if d.name in c.keep:
+                continue
             for sub in (d / "root", d):
                 try:
                     if sub.is_dir() and not sub.is_symlink() and sub.as_posix() not in _mount_points():
@@ -363,15 +371,40 @@ RECLAIMERS: tuple[Callable[[_Ctx], ReclaimResult], ...] = (
 assert tuple(f.__name__.removeprefix("reclaim_") for f in RECLAIMERS) == ORDER
 
 
+async def _adopt_all(rows: list[dict], adopt_fn: Callable[[dict], Awaitable[bool]],
+                     report: RecoveryReport, extend: Callable[[], None]) -> set[str]:
+    """Re-adopt what can be; the ids of the sessions that are live again."""
+    lg = log.get().bind(component="recovery")
+    adopted: set[str] = set()
+    for row in rows:
+        extend()
+        try:
+            if await adopt_fn(row):
+                adopted.add(row["session_id"])
+                report.adopted.append(row["session_id"])
+        except Exception as e:  # not adopted: reclaimed and proven below
+            report.errors.append(f"{row['session_id']}: adopt: {type(e).__name__}: {e}")
+            lg.error("recovery_adopt_failed", session_id=row["session_id"],
+                     error=type(e).__name__)
+    if adopted:
+        lg.info("recovery_adopted", sessions=len(adopted))
+    return adopted
+
+
 EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while recovering
 EXTEND_BY = 60.0
 
 
 async def recover(cfg, *, journal, driver=None,
                   destroy_fn: Callable[..., Awaitable[str]] | None = None,
+                  adopt_fn: Callable[[dict], Awaitable[bool]] | None = None,
                   metrics=None, engine=None, notifier=None) -> RecoveryReport:
-    """Reclaim everything a crashed agent left, then destroy each journaled live session.
+    """Re-adopt every journaled live session whose sandbox outlived the agent, reclaim
+    everything else a crashed agent left, then destroy each session not re-adopted.
 
+    `adopt_fn(row) -> bool` (Service.adopt_row) re-adopts one session (issue 12): True
+    when it is live again (or was ended by it, e.g. a TTL that passed while the agent was
+    down); its cgroup, mount and slot are then left alone by the reclaimers.
     `journal.live_sessions()` gives the rows; `driver` is the engine's cgroup driver (or
     `engine.cgroups`); `destroy_fn(row, "agent_recovery") -> status` runs the pipeline and
     spools the CDP.  Never raises for a leftover it cannot reclaim: the report says so.
@@ -393,7 +426,7 @@ async def recover(cfg, *, journal, driver=None,
     lg = log.get().bind(component="recovery")
     t0 = time.monotonic()
     if driver is None and engine is not None:
-        driver = getattr(engine, "cgroups", None)
+        driver = engine.cgroups
     report = RecoveryReport()
     try:
         rows = list(journal.live_sessions())
@@ -401,7 +434,9 @@ async def recover(cfg, *, journal, driver=None,
         lg.error("recovery_journal_unreadable", error=str(e))
         report.errors.append(f"journal: {e}")
         rows = []
-    ctx = _Ctx(cfg, rows, driver)
+    adopted = await _adopt_all(rows, adopt_fn, report, extend) if adopt_fn else set()
+    rows = [r for r in rows if r["session_id"] not in adopted]
+    ctx = _Ctx(cfg, rows, driver, keep=adopted)
     if rows:
         extend()
     for fn in RECLAIMERS:

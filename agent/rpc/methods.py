@@ -9,6 +9,7 @@ nil value for an optional field means "absent".  An unknown method is `BadReques
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,18 +27,23 @@ from agent.timefmt import iso_seconds
 __all__ = ["METHODS", "Api"]
 
 MAX_ID_LEN = 256
-MAX_COMMAND_BYTES = 256 * 1024
+# the command is one argv string of `/bin/sh -c COMMAND`: Linux caps a single argv or
+# environment string at MAX_ARG_STRLEN (32 pages = 128 KiB, with its NUL), so a longer one
+# could never start (execve E2BIG).  The same cap applies to each `NAME=value` of `env`.
+MAX_COMMAND_BYTES = 128 * 1024 - 1
 MAX_ENV_ENTRIES = 256
 PENDING_PAGE_DEFAULT = 100
 
 _log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.setup()
+# customer ids appear in journal rows, proofs and logs: a safe alphabet, no NUL/newline/path
+CUSTOMER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$")
 
 
 @dataclass(frozen=True)
 class F:
     """One parameter: its type check and whether it is required."""
 
-    kind: str  # str | id | sid | int | number | bool | bytes | env | map
+    kind: str  # str | id | cust | sid | int | number | bool | bytes | env | map
     required: bool = False
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
@@ -45,9 +51,12 @@ class F:
 
 def _check(name: str, spec: F, v: Any, api: Api) -> Any:
     k = spec.kind
-    if k in ("str", "id", "sid"):
+    if k in ("str", "id", "cust", "sid"):
         if not isinstance(v, str):
             raise BadRequest(f"{name} must be a string", field=name)
+        if k == "cust" and not CUSTOMER_ID_RE.match(v):
+            raise BadRequest(f"{name} must be 1..256 characters of A-Z a-z 0-9 . _ : @ - "
+                             f"starting with a letter or digit", field=name)
         if k == "id" and not 0 < len(v) <= MAX_ID_LEN:
             raise BadRequest(f"{name} must be 1..{MAX_ID_LEN} characters", field=name)
         if k == "sid" and not SESSION_ID_RE.match(v):
@@ -87,6 +96,10 @@ def _check(name: str, spec: F, v: Any, api: Api) -> Any:
                     or "=" in key or "\0" in key or "\0" in val):
                 raise BadRequest(f"{name} must map names (no '=' or NUL) to strings",
                                  field=name)
+            if len(key.encode("utf-8", "surrogatepass")) + 1 + len(
+                    val.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+                raise BadRequest(f"{name}: each NAME=value must be at most "
+                                 f"{MAX_COMMAND_BYTES} bytes", field=name)
         return dict(v)
     if k == "map":
         if not isinstance(v, dict):
@@ -241,7 +254,7 @@ async def _proof_pending(api: Api, p: dict, ctx: CallContext) -> list:
 
 
 async def _proof_ack(api: Api, p: dict, ctx: CallContext) -> dict:
-    acked = api.service.spool.ack(p["session_id"])
+    acked = api.service.ack_proof(p["session_id"])
     return {"session_id": p["session_id"], "acked": acked}
 
 
@@ -323,11 +336,11 @@ async def _info(api: Api, p: dict, ctx: CallContext) -> dict:
 
 
 _SID = F("sid", required=True)
-_CUST = F("id")
+_CUST = F("cust")
 
 METHODS: dict[str, Method] = {
     "session.create": Method({
-        "customer_id": F("id", required=True), "tier": F("str", required=True),
+        "customer_id": F("cust", required=True), "tier": F("str", required=True),
         "data_classification": F("str", choices=CLASSIFICATIONS),
         "jurisdiction": F("str", choices=JURISDICTIONS),
         "ttl_seconds": F("int", minimum=0), "session_id": F("sid")}, _create),

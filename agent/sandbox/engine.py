@@ -11,6 +11,7 @@ was done, newest first.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -20,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -27,12 +29,17 @@ from agent import log
 from agent.config import Config
 
 from . import exec as _exec
-from . import initproto, mounts, namespaces, userns, uts
-from .cgroups import CgroupLimits, detect
+from . import initproto, mounts, userns, uts
+from . import namespaces as namespaces_mod
+from .cgroups import CgroupHandle, CgroupLimits, detect
+from .cleanup import CleanupStack
 from .exec import ExecBusy, ExecResult, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
 CREATE_TIMEOUT = 10.0
+SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+ATTACH_TIMEOUT = 5.0
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -45,8 +52,28 @@ def _err_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:200]
 
 
+SO_SNDBUFFORCE = 32  # socket(7): SO_SNDBUF above wmem_max, needs CAP_NET_ADMIN
+
+
+def _size_control_socket(sock: socket.socket) -> None:
+    """A SEQPACKET message must fit the sender's buffer (default net.core.wmem_default,
+    208 KiB): size ours for the largest EXEC request exec.py admits.  SO_SNDBUF is capped
+    at net.core.wmem_max; SO_SNDBUFFORCE is not but needs CAP_NET_ADMIN (dropped by
+    self-hardening); a message still too big is BadRequest (exec.Control.send)."""
+    for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, initproto.MAX_MSG + 64 * 1024)
+            return
+        except PermissionError:
+            continue
+
+
 class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
+
+
+class AdoptFailed(SandboxError):
+    """A journaled sandbox cannot be re-adopted (gone, or not provably the same one)."""
 
 
 def _compile_seccomp(profile: str) -> bytes:
@@ -61,14 +88,121 @@ def _compile_seccomp(profile: str) -> bytes:
 
 
 async def _reap(pidfd: int) -> None:
-    """Wait until the process behind `pidfd` (our child) exits, and reap it."""
+    """Wait until the process behind `pidfd` exits, and reap it if it is our child (a
+    re-adopted sandbox's PID 1 is not: its parent agent died; then wait for the exit)."""
     while True:
         try:
             if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None:
                 return
         except ChildProcessError:
+            # not our child: wait until it exited and its parent (the host's init, or a
+            # subreaper) reaped it — a zombie still counts as a process with the session's
+            # ids, and destruction verifies that none is left
+            if not _exited(pidfd):
+                await trio.lowlevel.wait_readable(pidfd)
+            delay = 0.001
+            while _pidfd_pid(pidfd) > 0:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.02)
             return
         await trio.lowlevel.wait_readable(pidfd)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid behind a pidfd, -1 once the process has been reaped (fdinfo `Pid:`)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def _open_same_init(pid: int, start: int, namespaces: dict[str, int]) -> int:
+    """A pidfd on `pid` if it still is the journaled sandbox PID 1: alive, same start
+    time (pid reuse), same 7 namespace inodes.  Raises AdoptFailed otherwise."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        raise AdoptFailed("init process gone") from None
+    try:
+        same = (not _exited(pidfd) and namespaces_mod.starttime(pid) == start
+                and namespaces_mod.inodes(pid) == namespaces)
+    except OSError:
+        same = False
+    if not same:
+        os.close(pidfd)
+        raise AdoptFailed("init process gone, pid reused or namespaces differ")
+    return pidfd
+
+
+def _root_view(root: Path, pidfd: int, kept_fd: int) -> int:
+    """An O_PATH fd on the session tmpfs without the sandbox's submounts: the agent's own
+    mount of it, or (a new mount namespace since the restart, as systemd gives each start)
+    the view PID 1 kept, fetched with pidfd_getfd."""
+    if mounts.is_mountpoint(root):
+        return os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return _pidfd_getfd(pidfd, kept_fd)
+
+
+def _dead_control() -> _exec.Control:
+    """A control connection whose peer is closed: any exec on it is SandboxGone."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    theirs.close()
+    return _exec.Control(ours)
+
+
+def _find_root_view(pidfd: int, pid: int) -> int:
+    """The fd number of the tmpfs view PID 1 keeps (for a PID 1 that cannot be asked):
+    the directory fd among its few fds that is the root of the session tmpfs; -1."""
+    try:
+        fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+    for n in fds:
+        try:
+            fd = _pidfd_getfd(pidfd, n)
+        except AdoptFailed:
+            continue
+        try:
+            if _is_tmpfs_root(fd, pid):
+                return n
+        finally:
+            os.close(fd)
+    return -1
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    """pidfd_getfd(2) (Python 3.11 has no wrapper): a copy of fd `fd` of that process."""
+    if fd < 0:
+        raise AdoptFailed("the sandbox kept no view of its tmpfs")
+    r = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if r < 0:
+        raise AdoptFailed(f"pidfd_getfd failed ({errno.errorcode.get(ctypes.get_errno())})")
+    return r
+
+
+def _is_tmpfs_root(fd: int, pid: int) -> bool:
+    """`fd` is the root of the sandbox's tmpfs: the device of the sandbox's own root
+    (PID 1's `/`, its pivot_root target), which its mount table says is a tmpfs."""
+    try:
+        st = os.fstat(fd)
+        dev = st.st_dev
+        root = os.stat(f"/proc/{pid}/root")
+        if (root.st_dev, root.st_ino) != (dev, st.st_ino):
+            return False
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                major, minor = (int(x) for x in fields[2].split(":"))
+                if fields[4] == "/" and os.makedev(major, minor) == dev:
+                    return right.split()[0] == "tmpfs"
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _exited(pidfd: int) -> bool:
@@ -88,18 +222,24 @@ def _late_pid(sock: socket.socket) -> int:
             return -1
         try:
             kind, fields = initproto.decode(msg)
-        except initproto.ProtocolError:
+        except initproto.InitProtocolError:
             continue
         if kind == initproto.MSG_PID:
             return fields[0]
 
 
 class Sandbox:
-    """One live session sandbox.  See docs/design.md for the contract."""
+    """One live session sandbox.  See docs/design.md for the contract.
+
+    Everything its creation made is undone by its cleanup stack (`cleanup`), newest
+    first, exactly once: the destruction steps run single pieces early through the
+    methods below, `teardown()` runs the rest."""
 
     def __init__(self, *, session_id: str, hostname: str, ids: userns.IdRange,
                  init_pid: int, pidfd: int, control: _exec.Control, root_mount_path: Path,
-                 root_fd: int, tmpfs_bytes: int, cgroup, engine: SandboxEngine) -> None:
+                 root_fd: int, tmpfs_bytes: int, cgroup: CgroupHandle, engine: SandboxEngine,
+                 cleanup: CleanupStack, init_starttime: int | None = None,
+                 namespaces: dict[str, int] | None = None) -> None:
         self.session_id = session_id
         self.hostname = hostname
         self.slot = ids.slot
@@ -109,28 +249,38 @@ class Sandbox:
         self.init_pid = init_pid
         self.pidfd = pidfd
         self.control = control
-        self.init_starttime = namespaces.starttime(init_pid)
+        self.init_starttime = (init_starttime if init_starttime is not None
+                               else namespaces_mod.starttime(init_pid))
         self.root_fd = root_fd
         self.root_mount_path = root_mount_path
         self.tmpfs_bytes = tmpfs_bytes
-        self.namespaces = namespaces.inodes(init_pid)
+        self.namespaces = (dict(namespaces) if namespaces is not None
+                           else namespaces_mod.inodes(init_pid))
         self.cgroup = cgroup
-        self.oom = trio.Event()
+        self.cleanup = cleanup
+        self.oom = trio.Event()  # set once the cgroup ran out of memory (contained or killed)
+        self.oom_guarded = False  # the kernel OOM killer is kept away (the agent ends it)
+        self.oom_contained = False  # frozen at the cap by the agent, nothing freed
+        self.oom_fallback = False  # the agent handed the cgroup back to the kernel killer
+        self.oom_contain_us = -1  # event to frozen (request freeze, make room, wait)
+        self.oom_over_cap_bytes = -1  # charged beyond the cap when frozen (the headroom used)
+        self.ending = False  # destruction began: an exec in flight is not aborted by itself
+        self.attached = True  # PID 1 listens on `control` (False: adopted frozen at OOM)
+        # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
+        self.interrupted: tuple[int, bytes] | None = None
         self._engine = engine
         self._busy = False
-        self._reaped = False
-        self._slot_released = False
         self._oom_fd = -1
-        self._closed = False
 
     # -- exec --------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return not self._reaped and not _exited(self.pidfd)
+        return not self.cleanup.done("init") and not _exited(self.pidfd)
 
     async def exec(self, command: str, *, input_data: bytes | None = None,
                    env: dict[str, str] | None = None, timeout: float,
-                   on_output: Callable | None = None) -> ExecResult:
+                   on_output: Callable | None = None,
+                   progress: _exec.ExecProgress | None = None) -> ExecResult:
         if self._busy:
             raise ExecBusy()
         if not self.alive:
@@ -144,104 +294,159 @@ class Sandbox:
                                    timeout=timeout, on_output=on_output,
                                    output_cap=cfg.output_cap_bytes,
                                    kill_grace=cfg.kill_grace_seconds,
-                                   max_input=cfg.max_input_bytes)
+                                   max_input=cfg.max_input_bytes, progress=progress)
         finally:
             self._busy = False
 
-    # -- OOM ---------------------------------------------------------------------------
-    def _watch_oom(self) -> None:
+    # -- OOM (issue 12: the agent, not the kernel, ends a session at its cap) -----------
+    async def watch_oom(self, *, guard: bool, headroom: int) -> None:
+        """Return once the cgroup ran out of memory.  With `guard`, the kernel OOM killer
+        is kept away first (CgroupHandle.guard_oom) and the stalled cgroup is frozen here,
+        with nothing freed, so destruction can wipe before the kill; without it (or when
+        the guard cannot be set) the kernel kills and this reports it.  Sets `oom`."""
         try:
-            self._oom_fd = self.cgroup.oom_fd()
+            fd = self._oom_fd = self.cgroup.oom_fd()
         except OSError as e:
             log.get().warning("oom_fd_unavailable", session_id=self.session_id,
                               error=_err_text(e))
+            await trio.sleep_forever()
+        cap = 0
+        if guard:
+            cap = self.cgroup.memory_usage_limit()
+            self.oom_guarded = await trio.to_thread.run_sync(self.cgroup.guard_oom, headroom)
+            if not self.oom_guarded:
+                log.get().warning("oom_guard_unavailable", session_id=self.session_id)
+        if self.oom_contained:  # adopt() found it stalled at its cap and froze it
+            self.oom.set()
             return
-        trio.lowlevel.spawn_system_task(self._oom_task, self._oom_fd,
-                                        name=f"oom-watch-{self.session_id}")
-
-    async def _oom_task(self, fd: int) -> None:
-        try:
-            await trio.lowlevel.wait_readable(fd)
-        except (trio.ClosedResourceError, trio.Cancelled, OSError):
-            return
-        with contextlib.suppress(OSError):
-            os.read(fd, 8)
-        log.get().info("sandbox_oom", session_id=self.session_id)
+        # an OOM while the agent was down (re-adoption) left no event to wait for
+        look_now = self.oom_guarded
+        while True:
+            if not look_now:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except (trio.ClosedResourceError, OSError):
+                    await trio.sleep_forever()
+                with contextlib.suppress(OSError):
+                    os.read(fd, 64)
+            look_now = False
+            try:
+                stalled = self.oom_guarded and self.cgroup.oom_stalled()
+                killed = self.cgroup.oom_kills() > 0
+            except OSError:
+                stalled = killed = False
+            if stalled and not killed:
+                try:
+                    t0 = time.perf_counter_ns()
+                    await trio.to_thread.run_sync(self.cgroup.contain_oom, headroom)
+                    self.oom_contain_us = (time.perf_counter_ns() - t0) // 1000
+                    self.oom_over_cap_bytes = max(0, self.cgroup.memory_usage() - cap)
+                    self.oom_contained = True
+                except Exception as e:
+                    log.get().error("oom_contain_failed", session_id=self.session_id,
+                                    error=_err_text(e))
+            if stalled or killed:
+                break
+            if not self.oom_guarded and self._oom_fd >= 0:
+                break  # the kernel killer acts: any OOM event is one
+        log.get().info("sandbox_oom", session_id=self.session_id,
+                       contained=self.oom_contained)
         self.oom.set()
 
-    def _stop_oom_watch(self) -> None:
-        if self._oom_fd >= 0:
-            trio.lowlevel.notify_closing(self._oom_fd)
-            self._oom_fd = -1
+    async def confirm_adopted(self) -> None:
+        """Tell PID 1 the command the agent's death cut off is on the record (until
+        then a crashed re-adoption reports it again to the next agent)."""
+        if self.attached:
+            await self.control.send(initproto.encode_adopted())
 
-    # -- lifetime (each idempotent) ------------------------------------------------------
+    def fall_back_to_kernel_oom(self) -> None:
+        """The agent did not end an OOM'd session in bounded time: the kernel killer
+        takes over (the memory it frees is not wiped; step 3 reports it)."""
+        self.oom_fallback = True
+        log.get().error("oom_kernel_fallback", session_id=self.session_id)
+        self.cgroup.kernel_oom_fallback()
+
+    def oom_evidence(self) -> dict:
+        """What step 3 records about OOM handling, as measured now."""
+        try:
+            kills = self.cgroup.oom_kills()
+        except OSError:
+            kills = -1
+        ev = {"oom_killer_disabled": self.oom_guarded, "oom_contained": self.oom_contained,
+              "oom_kernel_fallback": self.oom_fallback, "kernel_oom_kills": kills}
+        if self.oom_contained:
+            ev.update({"oom_contain_us": self.oom_contain_us,
+                       "oom_over_cap_bytes": self.oom_over_cap_bytes})
+        return ev
+
+
+    # -- lifetime: each runs its undo from the cleanup stack once -------------------------
     async def kill_init(self) -> None:
         """SIGKILL PID 1 through the pidfd (the whole PID namespace dies with it) and wait
         until it is reaped."""
-        if self._reaped:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        # a frozen task cannot act on SIGKILL until thawed (v1 freezer): a sandbox left
-        # frozen by an interrupted destruction would otherwise never be reaped
-        with contextlib.suppress(Exception):
-            if self.cgroup.frozen():
-                self.cgroup.thaw()
-        await _reap(self.pidfd)
-        self._reaped = True
-        self.control.close()
+        await self.cleanup.acall("init")
 
     def detach_root_mount(self) -> None:
         """Close the root fd and detach the session tmpfs from the host; remove its dir."""
-        if self.root_fd >= 0:
-            os.close(self.root_fd)
-            self.root_fd = -1
-        mounts.detach(self.root_mount_path)
-        mounts.remove_session_dir(self._engine.runtime_dir, self.session_id)
+        if not self.cleanup.done("root_fd"):
+            self.root_fd = -1  # closed by the undo below
+        self.cleanup.call("root_fd")
+        self.cleanup.call("mount")
+        self.cleanup.call("session_dir")
 
     def release_slot(self) -> None:
-        if not self._slot_released:
-            self._slot_released = True
-            self._engine._forget(self)
+        self.cleanup.call("slot")
+
+    def stop_oom_watch(self) -> None:
+        """Close the OOM watcher's fd (a task waiting on it is woken first)."""
+        if self._oom_fd >= 0:
+            trio.lowlevel.notify_closing(self._oom_fd)
+            self._oom_fd = -1
+        self.cgroup.close()
+
+    def retire_hostname(self) -> None:
+        """Nothing to do: hostnames are only unique among live sandboxes (engine.live)."""
 
     async def remove_cgroup(self) -> None:
         """Confirm the cgroup is empty (kill what is left), then remove it."""
-        self._stop_oom_watch()
-        if not self.cgroup.empty():
-            self.cgroup.kill_all()
-            await trio.to_thread.run_sync(self.cgroup.wait_empty)
-        # rmdir of each cgroup directory (css offlining) off the event loop
-        await trio.to_thread.run_sync(self.cgroup.remove)
+        self.stop_oom_watch()
+        await self.cleanup.acall("cgroup")
 
     async def teardown(self) -> None:
-        """Best effort: kill, remove the cgroup, detach the tmpfs, release the slot.
-        Errors of one step do not stop the others; the first is raised at the end."""
+        """Best effort: run every undo not yet run, newest first (kill PID 1, detach the
+        tmpfs, remove the cgroup, release the slot).  Errors of one do not stop the
+        others; the first is raised at the end."""
         with trio.CancelScope(shield=True):  # cleanup must not stop halfway
-            await self._teardown()
+            self.stop_oom_watch()
+            errors = await self.cleanup.run(lambda name, e: log.get().error(
+                "teardown_step_failed", session_id=self.session_id, step=name,
+                error=_err_text(e)))
+        if errors:
+            raise errors[0][1]
 
-    async def _teardown(self) -> None:
-        first: BaseException | None = None
-        for step in (self.kill_init, self.remove_cgroup):
-            try:
-                await step()
-            except Exception as e:
-                first = first or e
-                log.get().error("teardown_step_failed", session_id=self.session_id,
-                                step=step.__name__, error=_err_text(e))
-        for sync_step in (self.detach_root_mount, self.release_slot, self._close_pidfd):
-            try:
-                sync_step()
-            except Exception as e:
-                first = first or e
-                log.get().error("teardown_step_failed", session_id=self.session_id,
-                                step=sync_step.__name__, error=_err_text(e))
-        if first is not None:
-            raise first
 
-    def _close_pidfd(self) -> None:
-        if self._reaped and self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+async def _kill_and_reap(pidfd: int, cgroup: CgroupHandle, control: _exec.Control) -> None:
+    """SIGKILL a sandbox's PID 1 through its pidfd, wait until reaped, close its fds."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    # a frozen task cannot act on SIGKILL until thawed (v1 freezer): a sandbox left
+    # frozen by an interrupted destruction would otherwise never be reaped
+    with contextlib.suppress(Exception):
+        if cgroup.frozen():
+            cgroup.thaw()
+    await _reap(pidfd)
+    control.close()
+    os.close(pidfd)
+
+
+async def _remove_cgroup(cgroup: CgroupHandle) -> None:
+    """Confirm the cgroup is empty (kill what is left), then remove it."""
+    cgroup.close()
+    if not cgroup.empty():
+        cgroup.kill_all()
+        await trio.to_thread.run_sync(cgroup.wait_empty)
+    # rmdir of each cgroup directory (css offlining) off the event loop
+    await trio.to_thread.run_sync(cgroup.remove)
 
 
 try:  # native/ext/nrxspawn.c: the same posix_spawn, without holding the GIL
@@ -288,10 +493,11 @@ class SandboxEngine:
         for cls in cfg.classes.values():  # once per profile, at start: fail early
             self.bpf(cls.seccomp_profile)
 
-    def _forget(self, sb: Sandbox) -> None:
-        if self.live.get(sb.session_id) is sb:
-            del self.live[sb.session_id]
-        self.slots.release(sb.slot)
+    def _forget(self, session_id: str, slot: int) -> None:
+        sb = self.live.get(session_id)
+        if sb is not None and sb.slot == slot:
+            del self.live[session_id]
+        self.slots.release(slot)
 
     def bpf(self, profile: str) -> bytes:
         if profile not in self._bpf:
@@ -308,11 +514,11 @@ class SandboxEngine:
         t = cfg.tiers[tier]
         tmpfs_bytes = cfg.tmpfs_bytes(tier)
         bpf = self.bpf(cfg.classes[classification].seccomp_profile)
-        undo: list[Callable[[], object]] = []
+        undo = CleanupStack()
         t0 = time.monotonic()
         try:
             ids = self.slots.allocate()
-            undo.append(lambda: self.slots.release(ids.slot))
+            undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = hostname or uts.new_hostname(
                 sc.hostname_prefix, {s.hostname for s in self.live.values()})
             # mkdir of ~6 cgroup directories, their limit writes and the mount point's
@@ -321,38 +527,141 @@ class SandboxEngine:
             root = mounts.mount_path(self.runtime_dir, session_id)
             cg = await trio.to_thread.run_sync(self._cgroup_and_root, session_id,
                                                CgroupLimits.from_tier(t), root)
-            undo.append(cg.remove)
-            undo.append(lambda: mounts.remove_session_dir(self.runtime_dir, session_id))
-            undo.append(lambda: mounts.detach(root))
+            undo.push("cgroup", lambda: _remove_cgroup(cg))
+            undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
+                                                                       session_id))
+            undo.push("mount", lambda: mounts.detach(root))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
                 map_size=ids.size, sandbox_id=userns.SANDBOX_ID, ro_binds=self.binds,
                 links=self.links, cgroup_procs=[str(p) for p in cg.procs_files()],
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
-                fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf)
-            pid, pidfd, control = await self._spawn(init_cfg, undo)
+                fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
+                attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
+                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000))
+            pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            undo.append(lambda: os.close(root_fd))
+            undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
                          pidfd=pidfd, control=control, root_mount_path=root, root_fd=root_fd,
-                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self)
-            sb._watch_oom()
+                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo)
         except BaseException:
             with trio.CancelScope(shield=True):
-                for step in reversed(undo):
-                    try:
-                        r = step()
-                        if hasattr(r, "__await__"):
-                            await r
-                    except Exception as e:  # keep undoing; report each
-                        self._log.error("create_undo_failed", session_id=session_id,
-                                        error=_err_text(e))
+                await undo.run(lambda name, e: self._log.error(
+                    "create_undo_failed", session_id=session_id, step=name,
+                    error=_err_text(e)))
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
                        init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2))
         return sb
+
+    async def adopt(self, row: dict) -> Sandbox:
+        """Re-adopt a journaled session whose sandbox outlived the agent (issue 12): its
+        PID 1 kept it for `orphan_grace_seconds` and waits on the re-attach socket.
+        Verifies it is the same sandbox (pidfd on the journaled pid, same start time,
+        same 7 namespace inodes, inside the session cgroup, tmpfs still mounted), attaches
+        (the new connection becomes the lifeline) and returns a real Sandbox whose cleanup
+        stack undoes everything, as for a created one.  Raises AdoptFailed (nothing was
+        changed) when it is not there or not the same."""
+        sid = row["session_id"]
+        if sid in self.live:
+            raise AdoptFailed("already live")
+        pid, start = row.get("init_pid"), row.get("init_starttime")
+        recorded = {k: int(v) for k, v in (row.get("namespaces") or {}).items()}
+        if not pid or start is None or set(recorded) != set(namespaces_mod.NAMESPACES):
+            raise AdoptFailed("journal row lacks the sandbox's identity")
+        undo = CleanupStack()
+        try:
+            pidfd = _open_same_init(int(pid), int(start), recorded)
+            undo.push("pidfd", lambda: os.close(pidfd))
+            cg = self.cgroups.open(sid)
+            undo.push("cgroup_handle", cg.close)
+            if int(pid) not in cg.pids():
+                raise AdoptFailed("init process not in the session cgroup")
+            root = mounts.mount_path(self.runtime_dir, sid)
+            stalled = cg.oom_stalled()
+            if stalled:
+                # it ran into its cap while the agent was down: PID 1, charged to the same
+                # cgroup, cannot answer an attach either.  Contain it (frozen, nothing
+                # freed) and adopt it only to end it: exec gets a dead control socket
+                await trio.to_thread.run_sync(cg.contain_oom, self.cfg.sandbox.oom_headroom_bytes)
+                control, attached = _dead_control(), (False, 0, _find_root_view(pidfd, int(pid)),
+                                                      b"")
+            else:
+                control, attached = await self._attach(sid)
+            undo.push("control", control.close)
+            root_fd = _root_view(root, pidfd, attached[2])
+            undo.push("root_fd", lambda: os.close(root_fd))
+            if not _is_tmpfs_root(root_fd, int(pid)):
+                raise AdoptFailed("session tmpfs not found")
+            ids = self.slots.reserve(int(row["slot"]))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await undo.run()
+            raise
+        # from here on the sandbox is ours: the same stack as create() builds
+        cleanup = CleanupStack()
+        cleanup.push("slot", lambda: self._forget(sid, ids.slot))
+        cleanup.push("cgroup", lambda: _remove_cgroup(cg))
+        cleanup.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir, sid))
+        cleanup.push("mount", lambda: mounts.detach(root))
+        cleanup.push("control", control.close)
+        cleanup.push("init", lambda: _kill_and_reap(pidfd, cg, control))
+        cleanup.push("root_fd", lambda: os.close(root_fd))
+        t = self.cfg.tiers.get(row.get("tier") or "")
+        sb = Sandbox(session_id=sid, hostname=row.get("hostname") or "", ids=ids,
+                     init_pid=int(pid), pidfd=pidfd, control=control, root_mount_path=root,
+                     root_fd=root_fd, tmpfs_bytes=self.cfg.tmpfs_bytes(row["tier"]) if t else 0,
+                     cgroup=cg, engine=self, cleanup=cleanup, init_starttime=int(start),
+                     namespaces=recorded)
+        if attached[0]:
+            sb.interrupted = (attached[1], attached[3])
+        if stalled:
+            sb.oom_guarded = sb.oom_contained = True
+            sb.attached = False
+            self._log.warning("sandbox_adopted_at_oom", session_id=sid)
+        self.live[sid] = sb
+        self._log.info("sandbox_adopted", session_id=sid, slot=ids.slot, init_pid=pid,
+                       interrupted_exec=bool(attached[0]))
+        return sb
+
+    async def _attach(self, session_id: str) -> tuple[_exec.Control, tuple]:
+        """Connect to the session's re-attach socket and send ATTACH; returns the control
+        connection and (interrupted, wait status, exec tag)."""
+        d = mounts.session_dir(self.runtime_dir, session_id)
+        try:
+            dfd = os.open(d, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            raise AdoptFailed("no session directory") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            try:  # sun_path is short; the runtime dir may be deep
+                sock.connect(f"/proc/self/fd/{dfd}/attach")
+            except OSError:
+                raise AdoptFailed("no sandbox listens on the re-attach socket") from None
+            finally:
+                os.close(dfd)
+            sock.setblocking(False)
+            _size_control_socket(sock)
+            control = _exec.Control(sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await control.send(initproto.encode_attach())
+            with trio.fail_after(ATTACH_TIMEOUT):
+                kind, fields = await control.recv()
+            if kind != initproto.MSG_ATTACHED:
+                raise AdoptFailed("unexpected answer to ATTACH")
+        except (SandboxGone, trio.TooSlowError, initproto.InitProtocolError):
+            control.close()
+            raise AdoptFailed("the sandbox did not accept the re-attach") from None
+        except BaseException:
+            control.close()
+            raise
+        return control, fields
 
     def _cgroup_and_root(self, session_id: str, limits: CgroupLimits, root: Path):
         """Create the session cgroups, then the mount point; on failure of the latter
@@ -366,11 +675,13 @@ class SandboxEngine:
             raise
         return cg
 
-    async def _spawn(self, init_cfg: initproto.InitConfig, undo: list) -> tuple:
+    async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
+                     cg: CgroupHandle) -> tuple:
         """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        _size_control_socket(ours)
         control = _exec.Control(ours)
-        undo.append(control.close)
+        undo.push("control", control.close)
         try:
             ours.send(init_cfg.encode())
             fd = theirs.fileno()
@@ -384,12 +695,8 @@ class SandboxEngine:
         helper_fd = os.pidfd_open(helper)
         pid = pidfd = -1
 
-        async def kill_child() -> None:
-            if pidfd >= 0:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                await _reap(pidfd)
-                os.close(pidfd)
+        def push_kill(pidfd: int) -> None:
+            undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
             with trio.fail_after(CREATE_TIMEOUT):
@@ -399,7 +706,7 @@ class SandboxEngine:
                         if kind == initproto.MSG_PID:
                             pid = fields[0]
                             pidfd = os.pidfd_open(pid)
-                            undo.append(kill_child)
+                            push_kill(pidfd)
                         elif kind == initproto.MSG_READY:
                             break
                         elif kind == initproto.MSG_ERROR:
@@ -418,13 +725,13 @@ class SandboxEngine:
                     pid = _late_pid(ours)
                     if pid > 0:
                         pidfd = os.pidfd_open(pid)
-                        undo.append(kill_child)
+                        push_kill(pidfd)
         return pid, pidfd, control
 
     def sweep_leftovers(self) -> dict:
         """Detach session mounts under our runtime dir and remove session cgroups under
         our prefix that no live sandbox owns (recovery after a crash)."""
-        out = {"mounts": 0, "cgroups": 0, "errors": []}
+        out: dict[str, Any] = {"mounts": 0, "cgroups": 0, "errors": []}
         sessions = self.runtime_dir / "sessions"
         if sessions.is_dir():
             for d in sessions.iterdir():

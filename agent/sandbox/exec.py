@@ -74,6 +74,34 @@ class ExecResult:
 OnOutput = Callable[[str, bytes], Awaitable[None]]
 
 
+class ExecProgress:
+    """What an exec in flight has produced so far, for the session to close it out when
+    the sandbox ends under it (TTL, OOM, operator: issue 12 "interrupted execs")."""
+
+    def __init__(self, tag: bytes = b"") -> None:
+        self.tag = tag  # kept by PID 1 while the command runs (see initproto.encode_exec)
+        self.streams: list[_Stream] = []
+        self.on_output: OnOutput | None = None
+        self.started = time.time()
+        self.t0 = time.monotonic()
+
+    async def interrupted(self, *, oom: bool) -> ExecResult:
+        """The result as it stands: what is still in the pipes is drained first (the
+        sandbox is frozen, so nothing more comes); the command is about to be killed by
+        destruction (SIGKILL, exit code 137)."""
+        for st in self.streams:
+            if st.fd >= 0:
+                with contextlib.suppress(OSError):
+                    await _drain(st, self.on_output)
+        caps = [st.capture for st in self.streams] or [Capture(0), Capture(0)]
+        return ExecResult(
+            stdout=caps[0].result(), stderr=caps[1].result(), exit_code=128 + _signal.SIGKILL,
+            timed_out=False, signal=int(_signal.SIGKILL), oom_killed=oom,
+            output_truncated=caps[0].truncated, stderr_truncated=caps[1].truncated,
+            duration_ms=int((time.monotonic() - self.t0) * 1000),
+            started_at=timefmt.iso_seconds(self.started), finished_at=timefmt.iso_seconds())
+
+
 def base_env(home: str = "/work") -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
             "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -182,7 +210,13 @@ class Control:
                                                  array.array("i", fds))])
             else:
                 await self.sock.send(msg)
-        except (trio.ClosedResourceError, OSError) as e:
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
+                raise errors.BadRequest(f"command and env together ({len(msg)} bytes) exceed "
+                                        f"what this host's control socket takes "
+                                        f"(net.core.wmem_max)", field="command") from None
+            raise SandboxGone("the sandbox's init exited") from e
+        except trio.ClosedResourceError as e:
             raise SandboxGone("the sandbox's init exited") from e
 
     def close(self) -> None:
@@ -191,7 +225,8 @@ class Control:
 
 async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
               timeout: float, on_output: OnOutput | None, output_cap: int,
-              kill_grace: float, max_input: int = 8 * 1024 * 1024) -> ExecResult:
+              kill_grace: float, max_input: int = 8 * 1024 * 1024,
+              progress: ExecProgress | None = None) -> ExecResult:
     """Run `command` in sandbox `sb` (see Sandbox.exec)."""
     full_env = base_env()
     if env and len(env) > MAX_ENV:
@@ -212,12 +247,23 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
         raise errors.BadRequest(f"command and env together exceed {MAX_REQUEST} bytes",
                                 field="command")
     if input_data is not None:
-        write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
+        try:
+            write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # the customer filled their own session: their condition, not a server fault
+            raise errors.Conflict(f"input_data ({len(input_data)} bytes) does not fit: the "
+                                  f"session's file system is full (space or inodes)",
+                                  field="input_data") from None
 
     oom_before = _oom_kills(sb)
     started = time.time()
     t0 = time.monotonic()
     streams: list[_Stream] = []
+    if progress is not None:
+        progress.streams, progress.on_output = streams, on_output
+        progress.started, progress.t0 = started, t0
     wends: list[int] = []
     try:
         for name in ("stdout", "stderr"):
@@ -227,8 +273,9 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
                 fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_SIZE)
             os.set_blocking(r, False)
             streams.append(_Stream(name, r, output_cap))
-        await sb.control.send(initproto.encode_exec(["/bin/sh", "-c", command], full_env,
-                                                    "/work"), wends)
+        await sb.control.send(initproto.encode_exec(
+            ["/bin/sh", "-c", command], full_env, "/work",
+            progress.tag if progress is not None else b""), wends)
         for w in wends:
             os.close(w)
         wends.clear()
@@ -263,7 +310,8 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
                 readers.cancel()
         except BaseException:
             # cancelled or failed while the command runs: it must not outlive the exec
-            if status is None:
+            # (unless the sandbox is being destroyed: destruction kills it, frozen)
+            if status is None and not sb.ending:
                 with trio.CancelScope(shield=True):
                     await _abort(sb.control, pgid)
             raise
@@ -274,6 +322,7 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
             os.close(w)
         for s in streams:
             os.close(s.fd)
+            s.fd = -1
 
     finished = time.time()
     exit_code, sig = decode_status(status)
@@ -317,7 +366,7 @@ async def _wait_started(control: Control) -> int:
         if kind == initproto.MSG_EXEC_FAIL:
             raise ExecFailed(f"the command could not be started: {fields[0]}")
         if kind != initproto.MSG_EXITED:
-            raise initproto.ProtocolError(f"unexpected reply {kind} to EXEC")
+            raise initproto.InitProtocolError(f"unexpected reply {kind} to EXEC")
 
 
 async def _wait_exit(control: Control, pgid: int) -> int:
@@ -329,7 +378,7 @@ async def _wait_exit(control: Control, pgid: int) -> int:
 
 async def _abort(control: Control, pgid: int | None) -> None:
     """SIGKILL the command's process group and wait (bounded) for its exit report."""
-    with contextlib.suppress(SandboxGone, initproto.ProtocolError, ExecFailed, OSError):
+    with contextlib.suppress(SandboxGone, initproto.InitProtocolError, ExecFailed, OSError):
         with trio.move_on_after(5):
             if pgid is None:
                 pgid = await _wait_started(control)

@@ -18,6 +18,9 @@ MSG_STARTED = 6
 MSG_EXITED = 7
 MSG_SIGNAL = 8
 MSG_EXEC_FAIL = 9
+MSG_ATTACH = 10
+MSG_ATTACHED = 11
+MSG_ADOPTED = 12
 
 T_HOSTNAME = 1
 T_ROOT = 2
@@ -34,14 +37,18 @@ T_NOFILE = 12
 T_FSIZE = 13
 T_SECCOMP = 14
 T_SANDBOX_ID = 15
+T_ATTACH_PATH = 16
+T_ORPHAN_GRACE_MS = 17
 T_ARG = 20
 T_ENV = 21
 T_CWD = 22
+T_EXEC_TAG = 23
+MAX_EXEC_TAG = 1024
 
 MAX_MSG = 1024 * 1024
 
 
-class ProtocolError(RuntimeError):
+class InitProtocolError(RuntimeError):
     """nrx-init sent something this agent does not understand."""
 
 
@@ -72,6 +79,8 @@ class InitConfig:
     nofile: int = 1024
     fsize: int = 0
     seccomp_bpf: bytes = b""
+    attach_path: str = ""  # re-attach socket (issue 12); "" = the sandbox dies with the agent
+    orphan_grace_ms: int = 0
 
     def encode(self) -> bytes:
         parts = [
@@ -91,6 +100,9 @@ class InitConfig:
         parts += [_tlv(T_RO_BIND, f"{s}\0{d}".encode()) for s, d in self.ro_binds]
         parts += [_tlv(T_LINK, f"{n}\0{t}".encode()) for n, t in self.links]
         parts += [_tlv(T_CGROUP_PROCS, p.encode()) for p in self.cgroup_procs]
+        if self.attach_path and self.orphan_grace_ms:
+            parts.append(_tlv(T_ATTACH_PATH, self.attach_path.encode()))
+            parts.append(_u64(T_ORPHAN_GRACE_MS, self.orphan_grace_ms))
         if self.seccomp_bpf:
             if len(self.seccomp_bpf) % 8:
                 raise ValueError("seccomp BPF must be a whole number of 8-byte instructions")
@@ -101,8 +113,14 @@ class InitConfig:
         return msg
 
 
-def encode_exec(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+def encode_exec(argv: list[str], env: dict[str, str], cwd: str, tag: bytes = b"") -> bytes:
+    """EXEC; `tag` (<= 1 KiB, no customer data) is kept by PID 1 while the command runs and
+    handed back to a re-attaching agent if the agent died during it."""
+    if len(tag) > MAX_EXEC_TAG:
+        raise ValueError("exec tag too large")
     parts = [struct.pack("=I", MSG_EXEC)]
+    if tag:
+        parts.append(_tlv(T_EXEC_TAG, tag))
     parts += [_tlv(T_ARG, a.encode()) for a in argv]
     parts += [_tlv(T_ENV, f"{k}={v}".encode()) for k, v in env.items()]
     parts.append(_tlv(T_CWD, cwd.encode()))
@@ -112,6 +130,14 @@ def encode_exec(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
     return msg
 
 
+def encode_attach() -> bytes:
+    return struct.pack("=I", MSG_ATTACH)
+
+
+def encode_adopted() -> bytes:
+    return struct.pack("=I", MSG_ADOPTED)
+
+
 def encode_signal(pgid: int, sig: int) -> bytes:
     return struct.pack("=Iii", MSG_SIGNAL, pgid, sig)
 
@@ -119,7 +145,7 @@ def encode_signal(pgid: int, sig: int) -> bytes:
 def decode(msg: bytes) -> tuple[int, tuple]:
     """(type, fields): PID/STARTED -> (pid,), EXITED -> (pid, status), ERROR -> (text,)."""
     if len(msg) < 4:
-        raise ProtocolError("short message from nrx-init")
+        raise InitProtocolError("short message from nrx-init")
     (kind,) = struct.unpack_from("=I", msg)
     body = msg[4:]
     if kind in (MSG_PID, MSG_STARTED):
@@ -130,4 +156,7 @@ def decode(msg: bytes) -> tuple[int, tuple]:
         return kind, (body.decode(errors="replace"),)
     if kind == MSG_READY:
         return kind, ()
-    raise ProtocolError(f"unknown message type {kind} from nrx-init")
+    if kind == MSG_ATTACHED:  # (interrupted, wait status, root view fd in PID 1, exec tag)
+        interrupted, status, view_fd = struct.unpack_from("=iii", body)
+        return kind, (bool(interrupted), status, view_fd, bytes(body[12:]))
+    raise InitProtocolError(f"unknown message type {kind} from nrx-init")

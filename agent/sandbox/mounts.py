@@ -29,6 +29,11 @@ def mount_path(runtime_dir: Path, session_id: str) -> Path:
     return session_dir(runtime_dir, session_id) / "root"
 
 
+def attach_path(runtime_dir: Path, session_id: str) -> Path:
+    """The socket a restarted agent re-attaches to the session's PID 1 through."""
+    return session_dir(runtime_dir, session_id) / "attach"
+
+
 def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(ro_binds as (host source, inside target), links as (name, target)).
 

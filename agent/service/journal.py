@@ -7,20 +7,45 @@ chain's hashes.  Never commands, input or output.
 Schema (docs/design.md): `sessions(session_id PK, customer_id, tier, classification,
 jurisdiction, created_at, ttl_seconds, status, hostname, slot, host_uid, init_pid,
 init_starttime, cgroup_paths JSON, mount_path, namespaces JSON, exec_count, updated_at,
-receipt_key_id, receipt_public_key, reason)` and `events(session_id, seq, kind, hash, at)`.
-A live session is one whose status is `active` or `executing`.
+receipt_key_id, receipt_public_key, reason, proof_acked_at)` and `events(session_id, seq,
+kind, hash, at)`.  A live session is one whose status is `active` or `executing`.
+
+Faults (docs/operations.md "State faults"): creating a session needs its row written
+(`insert_session` raises `JournalUnwritable`), but nothing on the destruction path waits
+for the journal — a failed `update_session`/`add_event` is kept in a bounded backlog,
+replayed by the next successful write or `check()`, reported through `on_failure` (the
+health monitor flips rzl and `database` at once) and `writable` is False meanwhile.  A
+journal SQLite cannot open (garbage, not a database, a failed `quick_check`) is moved to
+`<state>/quarantine/` and a fresh one started; `damage` says what happened.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections import deque
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent.timefmt import iso_seconds
 
-__all__ = ["LIVE_STATUSES", "Journal"]
+__all__ = ["LIVE_STATUSES", "Journal", "JournalUnavailable", "JournalUnwritable"]
+
+_log = structlog.get_logger("nanorix-agent.journal")
+MAX_BACKLOG = 100_000  # pending event/update writes kept while the journal cannot be written
+# errors of the program, not of the disk: never kept for later
+_PROGRAM_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+
+
+class JournalUnwritable(Exception):
+    """The journal cannot take a write now; the message says why."""
+
+
+class JournalUnavailable(RuntimeError):
+    """The journal database cannot be opened in its state directory (the agent cannot start)."""
 
 LIVE_STATUSES = ("active", "executing")
 
@@ -46,7 +71,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated_at TEXT NOT NULL,
     receipt_key_id TEXT,
     receipt_public_key TEXT,
-    reason TEXT
+    reason TEXT,
+    proof_acked_at TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL,
@@ -64,7 +90,7 @@ _JSON_COLUMNS = ("cgroup_paths", "namespaces")
 _COLUMNS = frozenset(
     "session_id customer_id tier classification jurisdiction created_at ttl_seconds status "
     "hostname slot host_uid init_pid init_starttime cgroup_paths mount_path namespaces "
-    "exec_count updated_at receipt_key_id receipt_public_key reason".split())
+    "exec_count updated_at receipt_key_id receipt_public_key reason proof_acked_at".split())
 
 
 class Journal:
@@ -73,38 +99,171 @@ class Journal:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "journal.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.damage: list[dict] = []  # what was wrong with the journal at open
+        self.on_failure: Callable[[str | None], None] | None = None  # health: reason/None
+        self.last_error: str | None = None
+        self._updates: dict[str, dict] = {}  # session_id -> fields not yet written
+        self._events: deque[tuple] = deque()  # (session_id, seq, kind, hash, at) not written
+        self.backlog_dropped = 0
+        try:
+            self._open()
+        except sqlite3.OperationalError as e:  # the directory, not the file, is the problem
+            raise JournalUnavailable(
+                f"cannot open the journal {self.path}: {e} (the state directory must be "
+                "writable, on a local file system that supports SQLite's WAL mode: shared "
+                "mmap and POSIX locks, not 9p or NFS)") from None
+        except sqlite3.DatabaseError as e:  # the file is damaged: put it aside, start afresh
+            self._quarantine(f"{type(e).__name__}: {e}")
+            self._open()
+
+    def _open(self) -> None:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
+            verdict = [r[0] for r in self.db.execute("PRAGMA quick_check").fetchall()]
+            if verdict != ["ok"]:
+                raise sqlite3.DatabaseError("quick_check: " + "; ".join(verdict[:3]))
+            self.db.executescript(_SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(sessions)")}
+            if "proof_acked_at" not in cols:  # journals written before this column existed
+                self.db.execute("ALTER TABLE sessions ADD COLUMN proof_acked_at TEXT")
+                # their acks were not recorded: an ended row without a spooled proof was
+                # acknowledged, not lost (a spooled proof is still served and ackable)
+                self.db.execute("UPDATE sessions SET proof_acked_at = updated_at "
+                                "WHERE status NOT IN (?, ?)", LIVE_STATUSES)
+        except BaseException:
+            self.db.close()
+            raise
         self.path.chmod(0o600)
+
+    def _quarantine(self, why: str) -> None:
+        """Put an unusable journal (and its WAL) aside, never delete it."""
+        from agent.service.spool import quarantine
+
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            p = self.path.with_name(self.path.name + suffix)
+            if p.exists():
+                moved.append(quarantine(p, self.path.parent / "quarantine"))
+        self.damage.append({"kind": "journal", "session_id": None, "error": why,
+                            "quarantined_to": moved[0] if moved else None})
+        _log.error("journal_damaged", error=why, quarantined_to=moved,
+                   lost="every session row and audit hash it held; live sessions are "
+                        "rebuilt from the spool reservations")
 
     def close(self) -> None:
         self.db.close()
 
+    # -- fault handling ----------------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        """False while a write failed and its backlog is not yet replayed."""
+        return self.last_error is None and not self._updates and not self._events
+
+    def _failed(self, what: str, e: sqlite3.Error) -> None:
+        first = self.last_error is None
+        self.last_error = f"{what}: {type(e).__name__}: {e}"
+        if first:
+            _log.error("journal_write_failed", what=what, error=f"{type(e).__name__}: {e}")
+        if self.on_failure is not None:
+            self.on_failure(self.last_error)
+
+    def _keep(self, what: str, e: sqlite3.Error, add) -> None:
+        if isinstance(e, _PROGRAM_ERRORS):
+            raise e
+        if len(self._updates) + len(self._events) >= MAX_BACKLOG:
+            self.backlog_dropped += 1
+            _log.error("journal_backlog_full", what=what, dropped=self.backlog_dropped)
+        else:
+            add()
+        self._failed(what, e)
+
+    def flush(self) -> None:
+        """Replay what failed to be written (raises sqlite3.Error if it still fails)."""
+        while self._events:
+            ev = self._events[0]
+            with self.db:
+                self.db.execute("INSERT OR IGNORE INTO events (session_id, seq, kind, hash, at)"
+                                " VALUES (?, ?, ?, ?, ?)", ev)
+            self._events.popleft()
+        for sid in list(self._updates):
+            self._write_update(sid, self._updates[sid])
+            del self._updates[sid]
+        if self.last_error is not None:
+            self.last_error = None
+            _log.info("journal_writable_again")
+            if self.on_failure is not None:
+                self.on_failure(None)
+
     # -- writes ------------------------------------------------------------------------
     def insert_session(self, **fields: Any) -> None:
+        """Write a new session's row; raises JournalUnwritable when it cannot be written."""
         fields = _encode(fields)
         fields.setdefault("updated_at", iso_seconds())
         cols = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
-        with self.db:
-            self.db.execute(f"INSERT INTO sessions ({cols}) VALUES ({marks})",
-                            tuple(fields.values()))
+        try:
+            if not self.writable:
+                self.flush()
+            with self.db:
+                self.db.execute(f"INSERT INTO sessions ({cols}) VALUES ({marks})",
+                                tuple(fields.values()))
+        except sqlite3.Error as e:
+            if isinstance(e, _PROGRAM_ERRORS):
+                raise
+            self._failed("insert_session", e)
+            raise JournalUnwritable(f"the journal cannot be written ({e})") from None
 
-    def update_session(self, session_id: str, **fields: Any) -> None:
+    def update_session(self, session_id: str, **fields: Any) -> bool:
+        """Update a row; never raises for a disk fault (the update is kept and replayed,
+        see the module docstring).  True when it is written now."""
         fields = _encode(fields)
         fields["updated_at"] = iso_seconds()
+        try:
+            if not self.writable:
+                self.flush()
+            self._write_update(session_id, fields)
+            return True
+        except sqlite3.Error as e:
+            self._keep("update_session", e,
+                       lambda: self._updates.setdefault(session_id, {}).update(fields))
+            return False
+
+    def _write_update(self, session_id: str, fields: dict) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self.db:
             self.db.execute(f"UPDATE sessions SET {sets} WHERE session_id = ?",
                             (*fields.values(), session_id))
 
-    def add_event(self, session_id: str, seq: int, kind: str, hash_: str, at: str) -> None:
-        with self.db:
-            self.db.execute("INSERT INTO events (session_id, seq, kind, hash, at) "
-                            "VALUES (?, ?, ?, ?, ?)", (session_id, seq, kind, hash_, at))
+    def add_event(self, session_id: str, seq: int, kind: str, hash_: str, at: str) -> bool:
+        """Record an audit hash; like update_session, a disk fault is kept and replayed."""
+        ev = (session_id, seq, kind, hash_, at)
+        try:
+            if not self.writable:
+                self.flush()
+            with self.db:
+                self.db.execute("INSERT INTO events (session_id, seq, kind, hash, at) "
+                                "VALUES (?, ?, ?, ?, ?)", ev)
+            return True
+        except sqlite3.Error as e:
+            self._keep("add_event", e, lambda: self._events.append(ev))
+            return False
+
+    def mark_acked(self, session_id: str) -> None:
+        """Record that the proof of `session_id` was acknowledged (before the spool drops
+        it, so a later destroy can say so truthfully).  Raises JournalUnwritable."""
+        try:
+            if not self.writable:
+                self.flush()
+            self._write_update(session_id, {"proof_acked_at": iso_seconds(),
+                                            "updated_at": iso_seconds()})
+        except sqlite3.Error as e:
+            if isinstance(e, _PROGRAM_ERRORS):
+                raise
+            self._failed("mark_acked", e)
+            raise JournalUnwritable(f"the journal cannot be written ({e})") from None
 
     # -- reads -------------------------------------------------------------------------
     def get(self, session_id: str) -> dict | None:
@@ -140,7 +299,7 @@ class Journal:
                                "ORDER BY seq", (session_id,)).fetchall()
         return [dict(r) for r in rows]
 
-    def prune(self, before: str, keep: set[str] = frozenset()) -> int:
+    def prune(self, before: str, keep: Collection[str] = frozenset()) -> int:
         """Delete ended sessions (and their events) last updated before `before` (ISO
         time), except ids in `keep` (proofs still spooled).  Returns the count deleted."""
         rows = self.db.execute(
@@ -153,8 +312,17 @@ class Journal:
                 self.db.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
         return len(ids)
 
+    def ended_unacked(self) -> list[dict]:
+        """Ended sessions whose proof was never acknowledged: each must have a proof."""
+        rows = self.db.execute("SELECT * FROM sessions WHERE status NOT IN (?, ?) AND "
+                               "proof_acked_at IS NULL ORDER BY created_at",
+                               LIVE_STATUSES).fetchall()
+        return [_decode(r) for r in rows]
+
     def check(self) -> None:
-        """A write + read round trip (health `database`/rzl); raises on failure."""
+        """Replay the backlog, then a write + read round trip (health `database`/rzl);
+        raises on failure."""
+        self.flush()
         stamp = iso_seconds()
         with self.db:
             self.db.execute("CREATE TABLE IF NOT EXISTS health (at TEXT)")

@@ -23,78 +23,12 @@
 #include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "proto.h"
 
-/* ---- protocol helpers (shared with the sandbox side) ------------------------- */
-
-int tlv_next(struct tlv_iter *it, uint32_t *tag, uint32_t *len, const unsigned char **val)
-{
-    if (it->p == it->end)
-        return 0;
-    if (it->end - it->p < 8)
-        return -1;
-    memcpy(tag, it->p, 4);
-    memcpy(len, it->p + 4, 4);
-    if ((size_t)(it->end - it->p - 8) < *len)
-        return -1;
-    *val = it->p + 8;
-    it->p += 8 + *len;
-    return 1;
-}
-
-uint64_t tlv_u64(const unsigned char *val, uint32_t len)
-{
-    uint64_t v = 0;
-    memcpy(&v, val, len < 8 ? len : 8);
-    return v;
-}
-
-char *tlv_str(const unsigned char *val, uint32_t len)
-{
-    char *s = malloc(len + 1);
-    if (!s)
-        return NULL;
-    memcpy(s, val, len);
-    s[len] = 0;
-    return s;
-}
-
-int send_msg(int fd, uint32_t type, const void *body, size_t len)
-{
-    unsigned char buf[4096];
-    if (len > sizeof(buf) - 4)
-        len = sizeof(buf) - 4;
-    memcpy(buf, &type, 4);
-    if (len)
-        memcpy(buf + 4, body, len);
-    ssize_t n;
-    do
-        n = send(fd, buf, len + 4, MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    return n < 0 ? -1 : 0;
-}
-
-int send_ints(int fd, uint32_t type, int32_t a, int32_t b, int n)
-{
-    int32_t v[2] = {a, b};
-    return send_msg(fd, type, v, (size_t)n * 4);
-}
-
-int send_text(int fd, uint32_t type, const char *fmt, ...)
-{
-    char text[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(text, sizeof(text), fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        n = 0;
-    if ((size_t)n >= sizeof(text))
-        n = sizeof(text) - 1;
-    return send_msg(fd, type, text, (size_t)n);
-}
+/* ---- config ---------------------------------------------------------------- */
 
 int parse_config(const unsigned char *buf, size_t len, struct config *c)
 {
@@ -107,6 +41,8 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
     c->map_size = 65536;
     c->oom_score = 500;
     c->nofile = 1024;
+    c->attach_fd = -1;
+    c->root_view_fd = -1;
     while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
         switch (tag) {
         case T_HOSTNAME: c->hostname = tlv_str(v, l); break;
@@ -120,6 +56,8 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
         case T_OOM_SCORE: c->oom_score = (int32_t)tlv_u64(v, l); break;
         case T_NOFILE: c->nofile = tlv_u64(v, l); break;
         case T_FSIZE: c->fsize = tlv_u64(v, l); break;
+        case T_ATTACH_PATH: c->attach_path = tlv_str(v, l); break;
+        case T_ORPHAN_GRACE_MS: c->orphan_grace_ms = tlv_u64(v, l); break;
         case T_RO_BIND:
             if (c->n_binds < MAX_LIST) c->binds[c->n_binds++] = tlv_str(v, l);
             break;
@@ -192,6 +130,55 @@ static int join_fast(const char *path, int *into_fd, const char **into_procs)
     return 0;
 }
 
+/* The socket a restarted agent re-attaches through (issue 12): bound on the host before
+ * the clone, so PID 1 inherits it and no path inside the sandbox leads to it; owned by
+ * host root, mode 0600, in the agent's runtime directory. */
+static int open_attach_socket(struct config *c)
+{
+    /* bound through /proc/self/fd/N/<name>: sun_path holds 107 bytes, the runtime dir
+     * may be deeper than that */
+    char dir[4096];
+    const char *slash = strrchr(c->attach_path, '/');
+    if (!slash || (size_t)(slash - c->attach_path) >= sizeof(dir)) {
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(dir, c->attach_path, (size_t)(slash - c->attach_path));
+    dir[slash - c->attach_path] = 0;
+    int dfd = open(dir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0)
+        return -1;
+    struct sockaddr_un a;
+    memset(&a, 0, sizeof(a));
+    a.sun_family = AF_UNIX;
+    int n = snprintf(a.sun_path, sizeof(a.sun_path), "/proc/self/fd/%d/%s", dfd, slash + 1);
+    int fd = -1, r = -1;
+    if (n > 0 && (size_t)n < sizeof(a.sun_path))
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    else
+        errno = ENAMETOOLONG;
+    if (fd >= 0) {
+        unlink(c->attach_path);
+        mode_t old = umask(077);
+        r = bind(fd, (struct sockaddr *)&a, sizeof(a));
+        umask(old);
+        if (r == 0)
+            r = chmod(c->attach_path, 0600);
+        if (r == 0)
+            r = listen(fd, 4);
+    }
+    int e = errno;
+    close(dfd);
+    if (r < 0) {
+        if (fd >= 0)
+            close(fd);
+        errno = e;
+        return -1;
+    }
+    c->attach_fd = fd;
+    return 0;
+}
+
 #define FAIL(...) do { send_text(CONTROL_FD, MSG_ERROR, __VA_ARGS__); goto fail; } while (0)
 
 int main(void)
@@ -248,6 +235,16 @@ int main(void)
         FAIL("mounting the session tmpfs at %s: %s", cfg.root, strerror(errno));
     mounted = 1;
 
+    if (cfg.attach_path && cfg.orphan_grace_ms) {
+        if (open_attach_socket(&cfg) < 0)
+            FAIL("re-attach socket %s: %s", cfg.attach_path, strerror(errno));
+        /* a restarted agent may live in a new mount namespace (systemd gives each start
+         * one) where this mount is gone: PID 1 keeps it, without the sandbox's submounts */
+        cfg.root_view_fd = open(cfg.root, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (cfg.root_view_fd < 0)
+            FAIL("opening the session tmpfs: %s", strerror(errno));
+    }
+
     if (pipe2(release, O_CLOEXEC) < 0)
         FAIL("pipe: %s", strerror(errno));
 
@@ -293,6 +290,10 @@ int main(void)
         serve(&cfg);
     }
     close(release[0]);
+    if (cfg.attach_fd >= 0)
+        close(cfg.attach_fd); /* PID 1 holds it now */
+    if (cfg.root_view_fd >= 0)
+        close(cfg.root_view_fd);
     /* the agent learns the pid first, so it can always kill and reap the child */
     send_ints(CONTROL_FD, MSG_PID, child, 0, 1);
 
@@ -310,6 +311,8 @@ int main(void)
     return 0;
 
 fail:
+    if (cfg.attach_fd >= 0)
+        unlink(cfg.attach_path);
     if (child > 0)
         kill(child, SIGKILL); /* the agent reaps it: it is the agent's child */
     if (mounted)

@@ -23,6 +23,13 @@ enum msg_type {
     MSG_EXITED = 7,    /* PID 1 -> agent: int32 pid, int32 wait status */
     MSG_SIGNAL = 8,    /* agent -> PID 1: int32 pgid, int32 signal */
     MSG_EXEC_FAIL = 9, /* PID 1 -> agent: text (which step failed, errno) */
+    MSG_ATTACH = 10,   /* agent -> PID 1, first message on an attach connection */
+    MSG_ATTACHED = 11, /* PID 1 -> agent: int32 interrupted (0/1), int32 wait status,
+                        * int32 fd number (in PID 1) of its host view of the session tmpfs
+                        * (for pidfd_getfd; -1 if none), then the EXEC_TAG of the command
+                        * the agent's death cut off */
+    MSG_ADOPTED = 12,  /* agent -> PID 1: the cut-off command is on the record; forget it
+                        * (until then every ATTACH reports it again) */
 };
 
 enum cfg_tag {
@@ -41,10 +48,14 @@ enum cfg_tag {
     T_FSIZE = 13,       /* u64 (0 = unlimited) */
     T_SECCOMP = 14,     /* raw struct sock_filter[] */
     T_SANDBOX_ID = 15,  /* u32 uid/gid of the sandbox user inside */
+    T_ATTACH_PATH = 16, /* string: host path of the re-attach socket (issue 12) */
+    T_ORPHAN_GRACE_MS = 17, /* u64: how long PID 1 waits for a re-attach after EOF */
     /* EXEC */
     T_ARG = 20,         /* string, repeated */
     T_ENV = 21,         /* string "K=V", repeated */
     T_CWD = 22,         /* string */
+    T_EXEC_TAG = 23,    /* bytes kept by PID 1 while the command runs (<= 1 KiB), handed
+                         * back in ATTACHED when the agent died during the command */
 };
 
 struct tlv_iter {
@@ -72,6 +83,11 @@ struct config {
     char *links[MAX_LIST]; int n_links;       /* "name\0target" */
     char *cgroups[MAX_LIST]; int n_cgroups;
     unsigned char *bpf; uint32_t bpf_len;
+    char *attach_path;        /* NULL: no re-attach, EOF on the lifeline ends the sandbox */
+    uint64_t orphan_grace_ms;
+    int attach_fd;            /* listening socket inherited by PID 1, -1 when none */
+    int root_view_fd;         /* O_PATH on the tmpfs root as the agent's namespace saw it
+                               * (no submounts), kept by PID 1 for a re-adopting agent */
 };
 
 int parse_config(const unsigned char *buf, size_t len, struct config *c);

@@ -1,7 +1,10 @@
 /* nrx-init, PID 1 loop: runs commands on request, reaps every process, dies with the agent.
  *
  * fd 3 is the lifeline: when the agent closes its end (or dies), recv() returns 0 and
- * PID 1 kills everything in the sandbox and exits, which ends the PID namespace.
+ * PID 1 kills everything in the sandbox and exits, which ends the PID namespace — unless
+ * the agent gave it a re-attach socket and a grace (issue 12): then only the command in
+ * flight is killed, and PID 1 waits that long for a restarted agent to connect to the
+ * socket and send ATTACH, which makes the new connection the lifeline.
  * Each EXEC forks one command in its own process group, drops to the sandbox user with
  * no capabilities, no_new_privs, rlimits and the seccomp filter, then execs it.
  */
@@ -22,6 +25,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "proto.h"
@@ -31,6 +35,12 @@
 #endif
 
 static pid_t leader; /* the running command, 0 when idle */
+/* the running command's EXEC_TAG (issue 12): handed back to a re-attaching agent when the
+ * agent died during the command, which PID 1 then killed */
+static unsigned char leader_tag[1024], cut_tag[1024];
+static uint32_t leader_tag_len, cut_tag_len;
+static pid_t cut_leader; /* the command killed at the agent's death, until reported */
+static int cut_status, cut_reaped;
 
 /* child of fork(): report the failing step through `errfd` and exit */
 static void __attribute__((noreturn)) child_fail(int errfd, const char *step)
@@ -110,8 +120,11 @@ static void handle_exec(struct config *c, const unsigned char *body, size_t len,
     uint32_t tag, l;
     const unsigned char *v;
     int r;
+    uint32_t tag_len = 0;
+    const unsigned char *tag_val = NULL;
     while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
-        if (tag == T_ARG && na < 255) argv[na++] = tlv_str(v, l);
+        if (tag == T_EXEC_TAG && l <= sizeof(leader_tag)) { tag_val = v; tag_len = l; }
+        else if (tag == T_ARG && na < 255) argv[na++] = tlv_str(v, l);
         else if (tag == T_ENV && ne < 255) envp[ne++] = tlv_str(v, l);
         else if (tag == T_CWD) cwd = tlv_str(v, l);
     }
@@ -151,6 +164,9 @@ static void handle_exec(struct config *c, const unsigned char *body, size_t len,
         /* the child exits 127; it is reaped by the SIGCHLD path but not reported */
     } else {
         leader = pid;
+        leader_tag_len = tag_len;
+        if (tag_len)
+            memcpy(leader_tag, tag_val, tag_len);
         send_ints(CONTROL_FD, MSG_STARTED, pid, 0, 1);
     }
 out:
@@ -161,8 +177,64 @@ out:
     if (err >= 0) close(err);
 }
 
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The agent's end of the lifeline closed.  Without a re-attach socket the sandbox ends
+ * at once.  With one, the command in flight (if any) is killed (its output had nowhere
+ * to go) and remembered, and PID 1 waits `orphan_grace_ms` for a restarted agent. */
+static void orphaned(struct config *c)
+{
+    if (c->attach_fd < 0 || !c->orphan_grace_ms) {
+        kill(-1, SIGKILL);
+        _exit(0);
+    }
+    close(CONTROL_FD);
+    if (leader) {
+        kill(-leader, SIGKILL);
+        cut_leader = leader;
+        cut_reaped = 0;
+        cut_tag_len = leader_tag_len;
+        memcpy(cut_tag, leader_tag, leader_tag_len);
+        leader = 0;
+    }
+}
+
+/* An agent connected to the attach socket: its first message must be ATTACH; it then
+ * becomes the lifeline (fd 3).  Returns 1 when attached. */
+static int attach(struct config *c, int fd)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    unsigned char msg[64];
+    if (poll(&p, 1, 2000) != 1)
+        return 0;
+    ssize_t n = recv(fd, msg, sizeof(msg), 0);
+    uint32_t type = 0;
+    if (n >= 4)
+        memcpy(&type, msg, 4);
+    if (type != MSG_ATTACH)
+        return 0;
+    if (fd != CONTROL_FD && dup2(fd, CONTROL_FD) < 0) /* accept4 may have reused fd 3 */
+        return 0;
+    fcntl(CONTROL_FD, F_SETFD, FD_CLOEXEC);
+    unsigned char out[12 + sizeof(cut_tag)];
+    int32_t v[3] = {cut_leader ? 1 : 0, cut_reaped ? cut_status : (int32_t)SIGKILL,
+                    c->root_view_fd};
+    memcpy(out, v, 12);
+    uint32_t len = cut_leader ? cut_tag_len : 0;
+    memcpy(out + 12, cut_tag, len);
+    send_msg(CONTROL_FD, MSG_ATTACHED, out, 12 + len);
+    return 1;
+}
+
 void serve(struct config *c)
 {
+    int lost = 0;            /* the lifeline is gone; waiting for a re-attach */
+    long long deadline = 0;
     static unsigned char buf[MAX_MSG];
     sigset_t mask;
     sigemptyset(&mask);
@@ -174,11 +246,35 @@ void serve(struct config *c)
     fcntl(CONTROL_FD, F_SETFD, FD_CLOEXEC);
 
     for (;;) {
-        struct pollfd p[2] = {{CONTROL_FD, POLLIN, 0}, {sfd, POLLIN, 0}};
-        if (poll(p, 2, -1) < 0) {
+        struct pollfd p[3] = {{lost ? -1 : CONTROL_FD, POLLIN, 0}, {sfd, POLLIN, 0},
+                              {lost ? c->attach_fd : -1, POLLIN, 0}};
+        int wait_ms = -1;
+        if (lost) {
+            long long left = deadline - now_ms();
+            if (left <= 0) {
+                /* no agent came back within the grace: end the sandbox as before */
+                kill(-1, SIGKILL);
+                _exit(0);
+            }
+            wait_ms = left > 1000000 ? 1000000 : (int)left;
+        }
+        int pr = poll(p, 3, wait_ms);
+        if (pr < 0) {
             if (errno == EINTR)
                 continue;
             _exit(1);
+        }
+        if (pr == 0)
+            continue;
+        if (lost && p[2].revents) {
+            int fd = accept4(c->attach_fd, NULL, NULL, SOCK_CLOEXEC);
+            if (fd >= 0) {
+                int ok = attach(c, fd);
+                if (ok)
+                    lost = 0;
+                if (!ok || fd != CONTROL_FD)
+                    close(fd);
+            }
         }
         if (p[1].revents) {
             struct signalfd_siginfo si;
@@ -187,6 +283,10 @@ void serve(struct config *c)
             int st;
             pid_t pid;
             while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+                if (pid == cut_leader) {
+                    cut_status = st;
+                    cut_reaped = 1;
+                }
                 if (pid == leader) {
                     leader = 0;
                     send_ints(CONTROL_FD, MSG_EXITED, pid, st, 2);
@@ -205,9 +305,11 @@ void serve(struct config *c)
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0) {
-                /* lifeline: the agent is gone; take the whole sandbox down */
-                kill(-1, SIGKILL);
-                _exit(0);
+                /* lifeline: the agent is gone; end the sandbox, or keep it for a grace */
+                orphaned(c);
+                lost = 1;
+                deadline = now_ms() + (long long)c->orphan_grace_ms;
+                continue;
             }
             int fds[2] = {-1, -1}, nfds = 0;
             for (struct cmsghdr *h = CMSG_FIRSTHDR(&mh); h; h = CMSG_NXTHDR(&mh, h)) {
@@ -227,6 +329,10 @@ void serve(struct config *c)
             }
             for (int i = 0; i < nfds; i++)
                 close(fds[i]);
+            if (type == MSG_ADOPTED) {
+                cut_leader = 0;
+                cut_tag_len = 0;
+            }
             if (type == MSG_SIGNAL && n >= 12) {
                 int32_t v[2];
                 memcpy(v, buf + 4, 8);

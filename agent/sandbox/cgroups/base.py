@@ -102,6 +102,23 @@ def rmdir_retry(path: Path, timeout: float = 1.0) -> None:
             delay = min(delay * 2, 0.02)
 
 
+class _suppress_os:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et, e, tb) -> bool:
+        return et is not None and issubclass(et, (OSError, CgroupError))
+
+
+def write_control(path: Path, value: str) -> bool:
+    """Write `value` to a control file if it exists; True when written."""
+    try:
+        write_file(path, value)
+        return True
+    except OSError:
+        return False
+
+
 class CgroupHandle(abc.ABC):
     """One session's cgroup (one directory per v1 controller, or one v2 directory)."""
 
@@ -158,7 +175,61 @@ class CgroupHandle(abc.ABC):
         before overwriting memory: writing a copy-on-write page allocates."""
 
     @abc.abstractmethod
+    def memory_after(self) -> tuple[int, int]:
+        """(user bytes, kernel bytes) still charged.  User bytes are the pages that can hold
+        the session's data (anonymous, file/shmem i.e. tmpfs, swap); kernel bytes (slab
+        objects freed lazily by RCU) are reported apart."""
+
+    @abc.abstractmethod
+    def reclaim(self) -> bool:
+        """Ask the kernel to drop what the (empty) cgroup still has charged: per-CPU charge
+        stocks and reclaimable caches.  True when a request was made."""
+
+    @abc.abstractmethod
+    def swap_limited(self) -> bool:
+        """The cgroup forbids swap (its pages can never be written to a swap device)."""
+
+    @abc.abstractmethod
+    def memory_usage_limit(self) -> int:
+        """The session's memory cap as configured (v2 with the guard on: memory.high)."""
+
+    @abc.abstractmethod
     def oom_kills(self) -> int: ...
+
+    # -- the agent, not the kernel, handles OOM (issue 12) -------------------------------
+    @abc.abstractmethod
+    def guard_oom(self, headroom: int) -> bool:
+        """Keep the kernel OOM killer away from this cgroup so the agent can end the
+        session itself (wipe before free): v1 memory.oom_control = 1 (a task at the cap
+        sleeps, under_oom); v2 memory.high = the cap and memory.max = cap + `headroom`
+        (a task over the cap is throttled).  True when in force."""
+
+    @abc.abstractmethod
+    def oom_stalled(self) -> bool:
+        """The session is at its cap and cannot get more memory: v1 under_oom; v2 the
+        unreclaimable bytes (anon + shmem, no swap) reached memory.high."""
+
+    @abc.abstractmethod
+    def make_room(self, headroom: int) -> None:
+        """Let a task stalled at the cap run on to the (already requested) freezer: v1
+        raises the limit by `headroom`; v2 lifts memory.high to memory.max."""
+
+    @abc.abstractmethod
+    def kernel_oom_fallback(self) -> None:
+        """Hand the cgroup back to the kernel OOM killer (the agent did not end the
+        session in bounded time): thaw, and let the cap be enforced by killing."""
+
+    def request_freeze(self) -> None:
+        """Ask for a freeze without waiting for it (a task stalled at the cap only
+        reaches the freezer once make_room() lets it run)."""
+        with _suppress_os():
+            self.freeze(timeout=0)
+
+    def contain_oom(self, headroom: int, timeout: float = 5.0) -> None:
+        """Freeze a cgroup stalled at its cap: request the freeze, make room, wait."""
+        self.request_freeze()
+        self.make_room(headroom)
+        self.freeze(timeout)
 
     @abc.abstractmethod
     def oom_fd(self) -> int:

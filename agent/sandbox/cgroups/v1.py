@@ -24,6 +24,7 @@ from .base import (
     read_keyed,
     read_pids,
     rmdir_retry,
+    write_control,
     write_file,
 )
 
@@ -151,6 +152,70 @@ class V1Handle(CgroupHandle):
 
     def oom_kills(self) -> int:
         return read_keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
+
+    def memory_usage_limit(self) -> int:
+        return int(read_file(self.dirs["memory"] / "memory.limit_in_bytes"))
+
+    def guard_oom(self, headroom: int) -> bool:
+        try:
+            write_file(self.dirs["memory"] / "memory.oom_control", 1)
+        except OSError:
+            return False
+        return read_keyed(self.dirs["memory"] / "memory.oom_control").get(
+            "oom_kill_disable", 0) == 1
+
+    def oom_stalled(self) -> bool:
+        return read_keyed(self.dirs["memory"] / "memory.oom_control").get("under_oom", 0) == 1
+
+    def make_room(self, headroom: int) -> None:
+        self.set_memory_limit(int(read_file(self.dirs["memory"] / "memory.limit_in_bytes"))
+                              + headroom)
+
+    def kernel_oom_fallback(self) -> None:
+        write_file(self.dirs["memory"] / "memory.oom_control", 0)
+        self.thaw()
+
+    def _read_int(self, name: str) -> int | None:
+        try:
+            return int(read_file(self.dirs["memory"] / name))
+        except (OSError, ValueError):
+            return None
+
+    def _counters(self) -> tuple[int, int] | None:
+        """(memsw-or-memory usage minus kmem usage, kmem usage) from one consistent reading:
+        the total is read before and after kmem and the reading is retried until both
+        agree (a kernel object freed between the two reads would otherwise show as user
+        memory)."""
+        total = "memory.memsw.usage_in_bytes"
+        if not (self.dirs["memory"] / total).exists():
+            total = "memory.usage_in_bytes"
+        for _ in range(100):
+            a = self._read_int(total)
+            k = self._read_int("memory.kmem.usage_in_bytes")
+            b = self._read_int(total)
+            if a is None or k is None:
+                return None
+            if a == b:
+                return max(0, a - k), k
+        return None
+
+    def memory_after(self) -> tuple[int, int]:
+        """v1: the exact page counters (memory.stat is flushed lazily, up to ~2 s stale);
+        memory.stat total_rss + total_cache + total_swap only when they are unreadable."""
+        got = self._counters()
+        if got is not None:
+            return got
+        stat = read_keyed(self.dirs["memory"] / "memory.stat")
+        user = stat["total_rss"] + stat["total_cache"] + stat.get("total_swap", 0)
+        return user, max(0, self.memory_usage() - user)
+
+    def reclaim(self) -> bool:
+        return write_control(self.dirs["memory"] / "memory.force_empty", "0")
+
+    def swap_limited(self) -> bool:
+        """memsw limit == memory limit: no byte of the session may go to swap."""
+        memsw = self._read_int("memory.memsw.limit_in_bytes")
+        return memsw is not None and memsw == self._read_int("memory.limit_in_bytes")
 
     def set_memory_limit(self, limit_bytes: int) -> None:
         mem = self.dirs["memory"]
@@ -311,3 +376,21 @@ class _PartialV1Handle(V1Handle):
 
     def oom_kills(self) -> int:
         return super().oom_kills() if "memory" in self.dirs else 0
+
+    def oom_stalled(self) -> bool:
+        return super().oom_stalled() if "memory" in self.dirs else False
+
+    def memory_usage_limit(self) -> int:
+        return super().memory_usage_limit() if "memory" in self.dirs else 0
+
+    def guard_oom(self, headroom: int) -> bool:
+        return super().guard_oom(headroom) if "memory" in self.dirs else False
+
+    def memory_after(self) -> tuple[int, int]:
+        return super().memory_after() if "memory" in self.dirs else (0, 0)
+
+    def reclaim(self) -> bool:
+        return super().reclaim() if "memory" in self.dirs else False
+
+    def swap_limited(self) -> bool:
+        return super().swap_limited() if "memory" in self.dirs else False

@@ -25,10 +25,12 @@ from .base import (
     read_keyed,
     read_pids,
     rmdir_retry,
+    write_control,
     write_file,
 )
 
 CONTROLLERS = ("memory", "pids", "cpu")
+OOM_SLACK = 1 << 20  # unreclaimable bytes this close to memory.high count as an OOM
 AGENT_LEAF = "agent"
 _IN_MODIFY = 0x2
 _IN_CLOEXEC = 0o2000000
@@ -65,6 +67,8 @@ class V2Handle(CgroupHandle):
         self.path = path
         self.paths = [path]
         self._ifd = -1
+        self._headroom = 0
+        self._cap: int | None = None
 
     def procs_files(self) -> list[Path]:
         return [self.path / "cgroup.procs"]
@@ -108,7 +112,75 @@ class V2Handle(CgroupHandle):
         return read_keyed(self.path / "memory.events").get("oom_kill", 0)
 
     def set_memory_limit(self, limit_bytes: int) -> None:
-        write_file(self.path / "memory.max", limit_bytes)
+        # with the OOM guard on, memory.high is the cap and memory.max sits above it
+        if self._read_limit("memory.high") is not None:
+            write_file(self.path / "memory.high", limit_bytes)
+        write_file(self.path / "memory.max", limit_bytes + self._headroom)
+
+    def memory_usage_limit(self) -> int:
+        for name in ("memory.high", "memory.max"):
+            v = self._read_limit(name)
+            if v is not None:
+                return v
+        return 0
+
+    def _read_limit(self, name: str) -> int | None:
+        try:
+            v = read_file(self.path / name).strip()
+        except FileNotFoundError:
+            return None
+        return None if v == "max" else int(v)
+
+    def _stat(self) -> dict[str, int]:
+        return read_keyed(self.path / "memory.stat")
+
+    def memory_after(self) -> tuple[int, int]:
+        """v2: memory.stat anon + file + swap as user bytes, `kernel` apart."""
+        stat = self._stat()
+        user = stat.get("anon", 0) + stat.get("file", 0) + stat.get("swap", 0)
+        return user, stat.get("kernel", max(0, self.memory_usage() - user))
+
+    def reclaim(self) -> bool:
+        return write_control(self.path / "memory.reclaim", str(1 << 30))
+
+    def swap_limited(self) -> bool:
+        return self._read_limit("memory.swap.max") == 0
+
+    # -- OOM guard ------------------------------------------------------------------
+    def guard_oom(self, headroom: int) -> bool:
+        """memory.high = the cap (a task above it is throttled in reclaim, never killed),
+        memory.max = cap + headroom (the kernel killer only beyond that, e.g. while the
+        agent is down for longer than the throttle lasts)."""
+        cap = self._read_limit("memory.max")
+        if cap is None:
+            return False
+        try:
+            write_file(self.path / "memory.high", cap)
+            write_file(self.path / "memory.max", cap + headroom)
+        except OSError:
+            return False
+        self._headroom, self._cap = headroom, cap
+        return True
+
+    def oom_stalled(self) -> bool:
+        high = self._read_limit("memory.high")
+        if high is None:
+            return False
+        stat = self._stat()
+        # without swap, anonymous and shmem (tmpfs) pages cannot be reclaimed: once they
+        # reach the cap, throttling cannot help and the session is out of memory (page
+        # cache over the cap is reclaimed, so plain `high` events are not an OOM)
+        return stat.get("anon", 0) + stat.get("shmem", 0) + OOM_SLACK >= high
+
+    def make_room(self, headroom: int) -> None:
+        mx = self._read_limit("memory.max")
+        if mx is not None:
+            write_file(self.path / "memory.high", mx)
+
+    def kernel_oom_fallback(self) -> None:
+        if self._cap is not None:
+            write_file(self.path / "memory.max", self._cap)
+        self.thaw()
 
     def oom_fd(self) -> int:
         if self._ifd < 0:

@@ -1,0 +1,62 @@
+"""Destroy results (SPEC 6, 14): a pipeline outcome signed into the v1.0 CDP and its 2.1
+AuditProof rendition, and spooled durably.  The only place that builds proof documents."""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from agent.cdp.auditproof import build_auditproof
+from agent.cdp.document import build_cdp
+from agent.config import Config
+from agent.destroy.context import DestroyOutcome
+from agent.regulatory import regulatory_context
+from agent.service.model import SessionRecord
+from agent.service.spool import Spool
+
+__all__ = ["ProofWriter", "sign_cdp"]
+
+_log = structlog.get_logger("nanorix-agent.proofs")
+
+
+def sign_cdp(outcome: DestroyOutcome, signer) -> dict:
+    """The signed CDP v1.0 of a pipeline outcome (SPEC 6)."""
+    return build_cdp(session_id=outcome.session_id, created_at=outcome.created_at,
+                     destroyed_at=outcome.destroyed_at, evidence=outcome.evidence,
+                     signer=signer)
+
+
+class ProofWriter:
+    def __init__(self, cfg: Config, key_store, spool: Spool) -> None:
+        self.config = cfg
+        self.key_store = key_store
+        self.spool = spool
+
+    def build(self, record: SessionRecord, outcome: DestroyOutcome) -> dict:
+        """The destroy result `{session_id, status, reason, cdp, regulatory_context,
+        session_context, auditproof}`, signed, not yet spooled."""
+        signer = self.key_store.current()
+        cdp = sign_cdp(outcome, signer)
+        auditproof = build_auditproof(
+            signer=signer, customer_id=record.customer_id, jurisdiction=record.jurisdiction,
+            authority_id=self.config.authority_id, signing_key_version=signer.generation,
+            exec_count=record.exec_count, region=self.config.auditproof.region or None,
+            cdp_v1=cdp)
+        return {"session_id": record.session_id, "status": outcome.status,
+                "reason": outcome.reason, "cdp": cdp,
+                "regulatory_context": regulatory_context(record.classification,
+                                                         record.jurisdiction),
+                "session_context": {"jurisdiction": record.jurisdiction,
+                                    "data_classification": record.classification},
+                "auditproof": auditproof}
+
+    async def write(self, record: SessionRecord, outcome: DestroyOutcome) -> dict:
+        """build() then spool it durably (fsynced before this returns, in a worker
+        thread so the fsyncs do not stall every other session on the event loop)."""
+        result = self.build(record, outcome)
+        # when the spool cannot take it the proof is kept (memory + fallback dir, retried
+        # by the health monitor, rzl false meanwhile): never dropped, never a failed destroy
+        if not await trio.to_thread.run_sync(self.spool.put, record.session_id, result):
+            _log.error("proof_not_durable", session_id=record.session_id,
+                       error=self.spool.last_error)
+        return result
