@@ -593,13 +593,13 @@ class Service:
             signer=signer, customer_id=customer_id, jurisdiction=jurisdiction,
             authority_id=self.config.authority_id, signing_key_version=signer.generation,
             exec_count=exec_count, region=self.config.auditproof.region or None, cdp_v1=cdp)
-        result = {"session_id": session_id, "status": outcome.status,
-                  "reason": outcome.reason, "cdp": cdp,
-                  "regulatory_context": regulatory_context(classification, jurisdiction),
-                  "session_context": {"jurisdiction": jurisdiction,
-                                      "data_classification": classification},
-                  "auditproof": auditproof}
-        return result
+        from agent.cdp.envelope import destroy_result
+
+        return destroy_result(
+            signer=signer, session_id=session_id, status=outcome.status,
+            reason=outcome.reason, cdp=cdp, auditproof=auditproof,
+            regulatory_context=regulatory_context(classification, jurisdiction),
+            session_context={"jurisdiction": jurisdiction, "data_classification": classification})
 
     # -- recovery (E calls this per journaled live session) ------------------------------
     async def recover_row(self, row: dict, reason: str = "agent_recovery") -> str:
