@@ -206,6 +206,26 @@ def cmd_keys_get(args) -> int:
     return 0
 
 
+def cmd_keys_export(args) -> int:
+    """The node's attestation public keys (live and retired) as a trust anchor key set
+    for `verify --trust`: from the running agent (`key.export`), or with `--state-dir`
+    read straight from `<state-dir>/keys/` (root; works while no agent runs)."""
+    if args.state_dir is not None:
+        from agent.keys.attestation import read_keyset
+
+        try:
+            res = read_keyset(args.state_dir)
+        except OSError as e:
+            print(f"nanorix-agent: cannot read keys in {args.state_dir}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
+    else:
+        with _client(args) as c:
+            res = c.call("key.export")
+    _print_json(res)
+    return 0
+
+
 def cmd_health(args) -> int:
     with _client(args) as c:
         res = c.call("agent.health")
@@ -313,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("get")
     p.add_argument("key_id")
     p.set_defaults(fn=cmd_keys_get)
+    p = keys.add_parser("export", help="attestation public keys as a key set for "
+                                       "`verify --trust`")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="read <DIR>/keys directly instead of asking the agent")
+    p.set_defaults(fn=cmd_keys_export)
 
     sub.add_parser("health", help="agent.health").set_defaults(fn=cmd_health)
     sub.add_parser("info", help="agent.info").set_defaults(fn=cmd_info)

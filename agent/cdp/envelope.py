@@ -14,8 +14,9 @@ envelope ties everything else to them and to the node key:
 
 signed by the CDP's attestation key (so whoever trusts the CDP's signer trusts the
 envelope).  Evidence is left out of the hashes so a result may be shared without it (the
-chains bind the evidence).  `check_envelope` also cross-checks the parts, so two sessions'
-parts cannot be paired even in a result whose envelope was removed: the rendition's
+chains bind the evidence).  A destroy result without an envelope is invalid (removing it
+is an edit).  `check_envelope` also cross-checks the parts, so two sessions' parts
+cannot be paired even in a wrapper that is not a destroy result: the rendition's
 `capsule_id`, `destroyed_at`, `destruction_state`, signing key and per-step evidence
 hashes must match the CDP's, and `status`, `reason`, `session_context` must match the
 CDP's step 8 evidence when it is present.
@@ -38,6 +39,7 @@ __all__ = ["ENVELOPE_PURPOSE", "RESULT_FIELDS", "check_envelope", "destroy_resul
 ENVELOPE_PURPOSE = "nanorix-agent/destroy-result/1"
 RESULT_FIELDS = ("session_id", "status", "reason", "cdp", "auditproof", "regulatory_context",
                  "session_context", "envelope")
+UNSIGNED_WITHOUT_ENVELOPE = ("status", "reason", "regulatory_context", "session_context")
 ENVELOPE_FIELDS = {"key_id", "cdp_sha256", "auditproof_sha256", "signature"}
 ENDED = {"destroyed": "complete", "expired": "complete", "expired_unclean": "incomplete"}
 
@@ -133,14 +135,17 @@ def _cross_check(doc: Mapping) -> None:
 
 
 def check_envelope(doc: Mapping) -> None:
-    """The `envelope` check of a destroy result: Fail on any edit or pairing, Unverifiable
-    when the result carries no envelope (status, reason and the contexts then rest on
-    nothing but the cross-checks)."""
+    """The `envelope` check of a destroy result: Fail on any edit, on pairing, and on a
+    destroy result (it has status, reason or a context) without its envelope;
+    Unverifiable for other wrappers (e.g. `{cdp, auditproof}`), which get the
+    cross-checks only."""
     _cross_check(doc)
     env = doc.get("envelope")
     if env is None:
-        raise Unverifiable("no envelope: status, reason, regulatory_context and "
-                           "session_context are not signed")
+        unsigned = [k for k in UNSIGNED_WITHOUT_ENVELOPE if k in doc]
+        if unsigned:  # a destroy result always carries one: removing it is an edit
+            raise Fail(f"destroy result without envelope: {', '.join(unsigned)} not signed")
+        raise Unverifiable("no envelope (not a destroy result): only the proofs are checked")
     if not isinstance(env, Mapping) or set(env) != ENVELOPE_FIELDS:
         raise Fail(f"envelope does not have exactly the fields {sorted(ENVELOPE_FIELDS)}")
     extra = sorted(str(k) for k in doc if k not in RESULT_FIELDS)
