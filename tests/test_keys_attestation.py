@@ -64,7 +64,7 @@ def test_sign_verifies_with_record(tmp_path):
     rec = store.get(s.key_id)
     assert rec == {"key_id": s.key_id, "algorithm": "Ed25519",
                    "public_key": "base64:" + base64.b64encode(s.public_key).decode(),
-                   "created_at": "2026-03-01T00:00:00Z"}
+                   "created_at": "2026-03-01T00:00:00Z", "retired_at": None}
     _pub(rec).verify(s.sign(b"m"), b"m")
 
 
