@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from agent.cdp.checks import finish
+from agent.cdp.checks import LEVELS, finish
 from agent.cdp.trust import KeySet, LookupTrust, TrustSource, parse_keys
 from agent.cdp.verify import verify
 
@@ -148,8 +148,7 @@ def verify_file(path: str, fmt: str = "auto", trust: TrustSource | None = None) 
             error = f"not a {fmt} proof"
     valid = error is None and all(r["valid"] for r in results)
     levels = [r["level"] for r in results] or ["invalid"]
-    level = "invalid" if not valid else min(levels, key=("invalid", "self-consistent",
-                                                         "provenance").index)
+    level = "invalid" if not valid else min(levels, key=LEVELS.index)
     rep = {"file": path, "readable": True, "valid": valid, "level": level,
            "complete": valid and all(r["complete"] for r in results), "results": results}
     if error is not None:

@@ -262,3 +262,17 @@ def test_keyset_shape():
     assert ks == {"format": "nanorix-agent-keyset/1", "node_id": "n", "exported_at": "t",
                   "keys": [{"key_id": "k", "algorithm": None, "public_key": "p",
                             "created_at": "c", "retired_at": None, "generation": 1}]}
+
+
+def test_whole_result_forged_with_foreign_key():
+    """A complete destroy result built and sealed with a foreign key (CDP, rendition,
+    envelope all consistent) is self-consistent at best, and invalid against the node's
+    keys in every part."""
+    fs = foreign_signer()
+    forged = _session("sess_a8f3e71c4b2d9f06", reason="requested", classification="PHI",
+                      jurisdiction="US", signer=fs)
+    res = verify(forged)
+    assert res["valid"] is True and res["level"] == "self-consistent"
+    res = verify(forged, NODE_KEYS)
+    assert res["valid"] is False and res["checks"]["signer"] is False
+    assert res["auditproof"]["checks"]["signer"] is False

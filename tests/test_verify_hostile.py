@@ -8,6 +8,8 @@ import copy
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from vectors.loader import load_vector, vector_signer
 
 from agent.cdp.document import build_cdp
@@ -218,3 +220,26 @@ def test_key_id_must_name_the_key(cdp, key_id):
     """A key_id whose form or fingerprint does not match the embedded key fails signature."""
     cdp["attestation"]["key_id"] = key_id
     _bad(cdp, "signature")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["session_id", "status", "reason", "cdp", "auditproof",
+                                        "regulatory_context", "session_context", "envelope",
+                                        "extra"]), _json, min_size=1))
+def test_hostile_destroy_results_never_raise(doc):
+    """Random destroy-result-shaped wrappers (with a trust source too) give an invalid
+    verdict in the documented shape, never an exception."""
+    from agent.cdp.trust import KeySet
+
+    # with a status it is a destroy result: a real CDP in it, but no real envelope
+    doc.setdefault("cdp", copy.deepcopy(load_vector()["cdp"]) if "status" in doc else None)
+    for trust in (None, KeySet([], "none")):
+        res = verify(doc, trust)
+        assert res["valid"] is False and res["level"] == "invalid"
+        assert type(res["checks"]["step_count"]) is int

@@ -93,7 +93,7 @@ def _cross_check(doc: Mapping) -> None:
     last = ev[-1] if isinstance(ev, list) and ev and isinstance(ev[-1], Mapping) else None
     status = doc.get("status")
     if "status" in doc:
-        if status not in ENDED:
+        if not isinstance(status, str) or status not in ENDED:
             raise Fail("status is not destroyed, expired or expired_unclean")
         if ENDED[status] != cdp.get("destruction_state"):
             raise Fail(f"status {status} contradicts destruction_state")
