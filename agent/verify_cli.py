@@ -187,7 +187,8 @@ def _print_human(rep: dict, out: TextIO, trusted: bool) -> None:
                 label = f"step_count: {r['checks']['step_count']}"
             else:
                 label = name
-            reason = r["errors"].get(name) or r["unverified"].get(name)
+            reason = (r["errors"].get(name) or r["unverified"].get(name)
+                      or r.get("notes", {}).get(name))
             note = ""
             if name == "destruction_complete" and ok is False:
                 note = " (reported, does not make the proof invalid)"

@@ -312,14 +312,14 @@ def verify_auditproof(doc: object, trust: TrustSource | None = None) -> dict:
         if x.get("destruction_failure_step") != (bad[0] if bad else None):
             raise _Fail("destruction_failure_step disagrees with the evidence")
 
-    def session_binding() -> None:
+    def session_binding() -> str | None:
         x = need_doc()
         if not isinstance(x.get("capsule_id"), str):
             raise _Fail("capsule_id is not a string")
         ev = x.get("evidence")
         if ev is None:
             if signed.get("view"):
-                return  # capsule_id and destroyed_at are inside the signed view
+                return "capsule_id and destroyed_at are signed; step 8 evidence stripped"
             raise Unverifiable("evidence stripped and the signature did not verify: "
                                "capsule_id is not bound")
         if not isinstance(ev, list) or len(ev) != len(STEPS_21) or not isinstance(ev[-1], dict):

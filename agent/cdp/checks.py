@@ -5,7 +5,8 @@ verdict and turns anything else the hostile input provokes into a failed check, 
 exception.
 
 Result shape (docs/proofs.md): `{valid, level, complete, format, checks, errors,
-unverified}`.  `checks` holds the seed's `chain_integrity`, `final_hash`, `signature`
+unverified, notes}`; `notes` says on what a passed check rests when that is not the
+obvious (a signed claim standing in for stripped evidence).  `checks` holds the seed's `chain_integrity`, `final_hash`, `signature`
 (booleans) and `step_count` (the number of chain entries, an integer), then our
 `evidence`, `session_binding`, `destruction_complete`, `signer` (true, false, or null
 when unverifiable) and, for a destroy result, `envelope`.
@@ -37,7 +38,7 @@ def new_result(fmt: str) -> dict:
     checks: dict = dict.fromkeys(CHECKS, False)
     checks["step_count"] = 0
     return {"valid": False, "level": "invalid", "complete": False, "format": fmt,
-            "checks": checks, "errors": {}, "unverified": {}}
+            "checks": checks, "errors": {}, "unverified": {}, "notes": {}}
 
 
 def decode_b64(value: object, nbytes: int, what: str) -> bytes:
@@ -58,13 +59,16 @@ def decode_b64(value: object, nbytes: int, what: str) -> bytes:
 
 
 def run(result: dict, name: str, fn: Callable[[], object]) -> None:
-    """Run one check.  `step_count`'s function returns the count it found."""
+    """Run one check.  `step_count`'s function returns the count it found; another
+    check may return a string: it passed, and the string goes to `notes`."""
     checks, errors = result["checks"], result["errors"]
-    errors.pop(name, None)
-    result["unverified"].pop(name, None)
+    for k in ("errors", "unverified", "notes"):
+        result[k].pop(name, None)
     try:
         out = fn()
         checks[name] = out if name == "step_count" else True
+        if isinstance(out, str):
+            result["notes"][name] = out[:MAX_REASON]
     except Fail as e:
         checks[name] = getattr(e, "count", 0) if name == "step_count" else False
         errors[name] = str(e)[:MAX_REASON]
@@ -125,7 +129,7 @@ def run_all(result: dict, checks: dict[str, Callable[[], object]]) -> dict:
     return finish(result)
 
 
-def destruction_complete(doc: object, *, signed_state: bool) -> None:
+def destruction_complete(doc: object, *, signed_state: bool) -> str | None:
     """The `destruction_complete` check, the same for both formats: the document says
     complete and that claim is checked — against the evidence when present (every step
     recorded ok), else only through a signature over `destruction_state`
@@ -141,6 +145,9 @@ def destruction_complete(doc: object, *, signed_state: bool) -> None:
     if ev is None and not signed_state:
         raise Unverifiable("evidence stripped and destruction_state not signed: the "
                            "claim \"complete\" cannot be checked")
+    if ev is None:
+        return "the signed destruction_state; per-step evidence stripped"
+    return None
 
 
 def evidence_matches_chain(doc: dict, n_steps: int,

@@ -163,7 +163,7 @@ def verify_cdp(cdp: object, trust: TrustSource | None = None) -> dict:
             raise _Fail("document is not an object")
         evidence_matches_chain(cdp, len(STEPS), evidence_hash)
 
-    def session_binding() -> None:
+    def session_binding() -> str | None:
         if not isinstance(cdp, dict):
             raise _Fail("document is not an object")
         if not isinstance(cdp.get("session_id"), str):
@@ -171,7 +171,7 @@ def verify_cdp(cdp: object, trust: TrustSource | None = None) -> dict:
         ev = cdp.get("evidence")
         if ev is None:
             if state.get("bound"):
-                return
+                return "signed by binding_signature; step 8 evidence stripped"
             raise Unverifiable("evidence stripped and no binding_signature: session_id, "
                                "created_at and destroyed_at are not bound")
         if not isinstance(ev, list) or len(ev) != len(STEPS) or not isinstance(ev[-1], dict):
@@ -182,6 +182,7 @@ def verify_cdp(cdp: object, trust: TrustSource | None = None) -> dict:
                 raise _Fail(f"step 8 evidence lacks {k}")
             if last[k] != cdp.get(k):
                 raise _Fail(f"{k} differs from step 8 evidence")
+        return None
 
     return run_all(res, {
         "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,
@@ -220,6 +221,7 @@ def _verify_wrapper(doc: dict, trust: TrustSource | None) -> dict:
             and doc["cdp"].get("session_id") != wrapper_sid:
         res["checks"]["session_binding"] = False
         res["unverified"].pop("session_binding", None)
+        res["notes"].pop("session_binding", None)
         res["errors"]["session_binding"] = "wrapper session_id differs from the CDP's"
     run(res, "envelope", lambda: check_envelope(doc))
     finish(res)
