@@ -249,10 +249,15 @@ class AttestationKeyStore:
         if not isinstance(key_id, str) or not key_id or "/" in key_id or key_id.startswith("."):
             return None
         if key_id.startswith("nrx-verify-"):
-            rec = next((r for r in self.records() if r["key_id"] == key_id), None)
-            if rec is not None:
-                return {k: rec[k] for k in ("key_id", "algorithm", "public_key", "created_at",
-                                             "retired_at")}
+            rec = self._read_json(self.dir / f"{key_id}.pub")
+            if rec is not None and rec.get("key_id") == key_id:
+                with self._lock:
+                    live = self._current is not None and self._current.key_id == key_id
+                if not live and rec.get("retired_at") is None:  # an old record: derive it
+                    rec = next((r for r in self.records() if r["key_id"] == key_id), rec)
+                return {"key_id": key_id, "algorithm": rec.get("algorithm"),
+                        "public_key": rec.get("public_key"), "created_at": rec.get("created_at"),
+                        "retired_at": None if live else rec.get("retired_at")}
         if self.fallback is not None:
             return self.fallback(key_id)
         return None
