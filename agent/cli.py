@@ -370,6 +370,26 @@ def cmd_keys_get(args) -> int:
     return EXIT_OK
 
 
+def cmd_keys_export(args) -> int:
+    """The node's attestation public keys (live and retired) as a trust anchor key set
+    for `verify --trust`: from the running agent (`key.export`), or with `--state-dir`
+    read straight from `<state-dir>/keys/` (root; works while no agent runs)."""
+    if args.state_dir is not None:
+        from agent.keys.attestation import read_keyset
+
+        try:
+            res = read_keyset(args.state_dir)
+        except OSError as e:
+            print(f"nanorix-agent: cannot read keys in {args.state_dir}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
+    else:
+        with _client(args) as c:
+            res = c.call("key.export")
+    _print_json(res)
+    return 0
+
+
 def cmd_health(args) -> int:
     with _client(args) as c:
         res = c.call("agent.health")
@@ -558,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print a key record as JSON.")
     p.add_argument("key_id", metavar="KEY_ID", help="nrx-verify-… or nrx-receipt-…")
     p.set_defaults(fn=cmd_keys_get)
+    p = keys.add_parser("export", help="attestation public keys as a key set for "
+                                       "`verify --trust`")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="read <DIR>/keys directly instead of asking the agent")
+    p.set_defaults(fn=cmd_keys_export)
 
     sub.add_parser("health", help="the agent's health (exit 0 only when healthy)",
                    description="Print agent.health; exit 0 when healthy, 1 otherwise."

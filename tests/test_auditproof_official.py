@@ -166,8 +166,9 @@ def test_other_key_signature_fails():
 
 
 def test_wrapper_carries_both():
-    """A destroy result with cdp and auditproof verifies both and nests the rendition's result."""
-    wrapped = {"session_id": VEC["cdp"]["session_id"], "status": "destroyed",
+    """A wrapper with cdp and auditproof verifies both and nests the rendition's result
+    (no status: a destroy result without its envelope would be invalid)."""
+    wrapped = {"session_id": VEC["cdp"]["session_id"],
                "cdp": VEC["cdp"], "auditproof": build_auditproof(
                    cdp_v1=VEC["cdp"], customer_id="c", jurisdiction="US", authority_id="a",
                    signing_key_version=1, exec_count=2, signer=vector_signer(VEC))}

@@ -64,7 +64,7 @@ def test_sign_verifies_with_record(tmp_path):
     rec = store.get(s.key_id)
     assert rec == {"key_id": s.key_id, "algorithm": "Ed25519",
                    "public_key": "base64:" + base64.b64encode(s.public_key).decode(),
-                   "created_at": "2026-03-01T00:00:00Z"}
+                   "created_at": "2026-03-01T00:00:00Z", "retired_at": None}
     _pub(rec).verify(s.sign(b"m"), b"m")
 
 
@@ -247,3 +247,27 @@ def test_bad_credential_refused(tmp_path):
     (creds / "nanorix-attestation-key").write_bytes(b"not a key")
     with pytest.raises(ValueError):
         AttestationKeyStore(tmp_path / "s", 10, clock=Clock(), credentials_dir=creds)
+
+
+def test_retired_at_recorded_and_derived(tmp_path):
+    """Rotation writes the old key's retired_at (the new key's creation); a public record
+    from before that field is given the next generation's creation time; the read-only
+    key set export agrees with the store."""
+    import json
+
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    first = store.current()
+    clock.t += 7200
+    second = store.current()  # rotated: older than the interval
+    assert second.key_id != first.key_id
+    assert store.get(first.key_id)["retired_at"] == second.created_at
+    assert store.get(second.key_id)["retired_at"] is None
+    pub = tmp_path / "keys" / f"{first.key_id}.pub"
+    rec = json.loads(pub.read_text())
+    del rec["retired_at"]
+    pub.write_text(json.dumps(rec))
+    assert store.get(first.key_id)["retired_at"] == second.created_at
+    local = attestation.read_keyset(tmp_path)
+    assert local["keys"] == store.export()["keys"]
+    assert [k["retired_at"] for k in local["keys"]] == [second.created_at, None]

@@ -32,9 +32,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.cdp.canonical import canonical_json
 from agent.cdp.chain import STEPS
 from agent.cdp.checks import Fail as _Fail
+from agent.cdp.checks import (
+    Unverifiable,
+    destruction_complete,
+    evidence_matches_chain,
+    new_result,
+    run_all,
+    step_counter,
+)
 from agent.cdp.checks import decode_b64 as _b64
-from agent.cdp.checks import destruction_complete, evidence_matches_chain, new_result, run_all
 from agent.cdp.document import Signer, b64, destruction_state
+from agent.cdp.trust import TrustSource, check_signer
 
 __all__ = ["AUDITPROOF_VERSION", "GENESIS_512", "RESERVED_SLOTS", "STEPS_21",
            "build_auditproof", "canonical_view", "canonical_view_hash", "chain_512",
@@ -199,12 +207,14 @@ def build_auditproof(*, signer: Signer, customer_id: str, jurisdiction: str,
 # -- verification -------------------------------------------------------------------
 
 
-def verify_auditproof(doc: object) -> dict:
-    """Verify a 2.1 rendition; `{valid, format, checks, errors}` as `verify.verify`.
-    Never raises.  Structural faults (version, modes, reserved slots, missing or unknown
-    fields) fail `chain_integrity`."""
+def verify_auditproof(doc: object, trust: TrustSource | None = None) -> dict:
+    """Verify a 2.1 rendition; the result shape of `verify.verify`.  Never raises.
+    Structural faults (version, modes, reserved slots, missing or unknown fields) fail
+    `chain_integrity`.  The signature covers `capsule_id`, `destroyed_at` (through the
+    chain) and `destruction_state`, so a stripped rendition still binds them."""
     res: dict = new_result("auditproof-2.1")
     d = doc if isinstance(doc, dict) else None
+    signed: dict = {}
 
     def need_doc() -> dict:
         if d is None:
@@ -240,17 +250,12 @@ def verify_auditproof(doc: object) -> dict:
         if not isinstance(x["activity"], list):
             raise _Fail("activity is not a list")
 
-    def step_count() -> None:
-        ch = need_doc().get("chain")
-        if not isinstance(ch, list):
-            raise _Fail("chain is not a list")
-        if len(ch) != len(STEPS_21):
-            raise _Fail(f"chain has {len(ch)} steps, expected {len(STEPS_21)}")
-
     def chain_integrity() -> None:
         structure()
-        step_count()
         x = need_doc()
+        ch = x.get("chain")
+        if not isinstance(ch, list) or len(ch) != len(STEPS_21):
+            raise _Fail(f"chain is not a list of {len(STEPS_21)} steps")
         prev = GENESIS_512
         for i, (entry, (subsystem, method), (step, _s, operation)) in enumerate(
                 zip(x["chain"], STEPS_21, STEPS, strict=True)):
@@ -298,23 +303,25 @@ def verify_auditproof(doc: object) -> dict:
             Ed25519PublicKey.from_public_bytes(pk).verify(sig, msg)
         except (InvalidSignature, ValueError):
             raise _Fail("signature does not verify with the embedded public key") from None
+        signed["view"] = True
 
     def evidence() -> None:
         x = need_doc()
-        ev = evidence_matches_chain(x, len(STEPS_21), evidence_hash_512)
-        if ev is None:
-            return
+        ev = evidence_matches_chain(x, len(STEPS_21), evidence_hash_512) or []
         bad = [i + 1 for i, o in enumerate(ev) if o.get("ok") is not True]
         if x.get("destruction_failure_step") != (bad[0] if bad else None):
             raise _Fail("destruction_failure_step disagrees with the evidence")
 
-    def session_binding() -> None:
+    def session_binding() -> str | None:
         x = need_doc()
         if not isinstance(x.get("capsule_id"), str):
             raise _Fail("capsule_id is not a string")
         ev = x.get("evidence")
         if ev is None:
-            return
+            if signed.get("view"):
+                return "capsule_id and destroyed_at are signed; step 8 evidence stripped"
+            raise Unverifiable("evidence stripped and the signature did not verify: "
+                               "capsule_id is not bound")
         if not isinstance(ev, list) or len(ev) != len(STEPS_21) or not isinstance(ev[-1], dict):
             raise _Fail("no step 8 evidence to bind to")
         last = ev[-1]
@@ -334,5 +341,9 @@ def verify_auditproof(doc: object) -> dict:
 
     return run_all(res, {
         "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,
-        "step_count": step_count, "evidence": evidence, "session_binding": session_binding,
-        "destruction_complete": lambda: destruction_complete(doc)})
+        "step_count": step_counter(doc, len(STEPS_21)), "evidence": evidence,
+        "session_binding": session_binding,
+        "destruction_complete": lambda: destruction_complete(
+            doc, signed_state=bool(signed.get("view"))),
+        "signer": lambda: check_signer(trust, d.get("attestation") if d is not None else None,
+                                       d.get("destroyed_at") if d is not None else None)})

@@ -4,8 +4,9 @@ Layout under `<state_dir>/keys/` (directory 0700, files 0600, owned by the agent
 
 - `<key_id>.key`  JSON `{key_id, created_at, generation, seed: "base64:<32 bytes>"}` —
   the private key, present only while the key is live;
-- `<key_id>.pub`  JSON `{key_id, algorithm, public_key, created_at, generation}` — the
-  public record, kept forever;
+- `<key_id>.pub`  JSON `{key_id, algorithm, public_key, created_at, generation,
+  retired_at?}` — the public record, kept forever; `retired_at` is written when the key
+  stops signing (rotation; a leftover key found at load);
 - `current`       JSON `{key_id}` — which live key signs.
 
 Every file is written atomically (temporary file, fsync, rename, fsync of the directory).
@@ -20,7 +21,11 @@ A key from a systemd credential (`$CREDENTIALS_DIRECTORY/<credential_name>`: a r
 rotated; its public record is still kept in `keys/` so its `key_id` (which includes the
 creation time) is stable across restarts.
 
-`get(key_id)` answers for `nrx-verify-*` keys from the public records.  Session receipt
+`get(key_id)` answers for `nrx-verify-*` keys from the public records, with `retired_at`
+(null while live).  `export()` (and, without a running agent, `read_keyset(state_dir)`,
+which only reads) gives every key as a trust anchor key set (agent.cdp.trust): a record
+without `retired_at` that is not current is taken as retired when the next generation
+was created.  Session receipt
 keys (`nrx-receipt-*`) live in the daemon; it may pass `fallback` (a callable returning a
 record or None) and `get` consults it for ids this store does not know.
 
@@ -48,7 +53,8 @@ from agent import log
 from agent.durable import atomic_write, fsync_dir
 from agent.timefmt import iso_seconds, parse_iso
 
-__all__ = ["AttestationKeyStore", "AttestationSigner", "make_key_id"]
+__all__ = ["AttestationKeyStore", "AttestationSigner", "make_key_id", "public_records",
+           "read_keyset"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -128,6 +134,52 @@ def _parse_credential(raw: bytes) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            rec = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def public_records(keys_dir: Path, current: str | None = None) -> list[dict]:
+    """Public records of every key in `keys_dir`, oldest first, each with `live` and
+    `retired_at` (recorded, else the next generation's `created_at` unless the key is
+    `current` or still has its private key).  Reads only."""
+    recs = []
+    for p in sorted(Path(keys_dir).glob("nrx-verify-*.pub")):
+        rec = _read_json(p)
+        if rec is not None and isinstance(rec.get("key_id"), str):
+            recs.append(rec)
+    recs.sort(key=lambda r: (r.get("generation") or 0, r.get("created_at") or ""))
+    out = []
+    for i, rec in enumerate(recs):
+        kid = rec["key_id"]
+        live = kid == current or (current is None and (Path(keys_dir) / f"{kid}.key").exists())
+        retired = rec.get("retired_at")
+        if retired is None and not live and i + 1 < len(recs):
+            retired = recs[i + 1].get("created_at")
+        out.append({**{k: rec.get(k) for k in ("key_id", "algorithm", "public_key",
+                                                "created_at", "generation")},
+                    "retired_at": None if live else retired, "live": live})
+    return out
+
+
+def read_keyset(state_dir: os.PathLike | str, *, node_id: str | None = None) -> dict:
+    """The key set of the keys in `<state_dir>/keys/` (read only: nothing is created,
+    rotated or shredded), for `keys export --state-dir` when no agent runs."""
+    from agent.cdp.trust import keyset
+
+    kdir = Path(state_dir) / "keys"
+    if not kdir.is_dir():
+        raise FileNotFoundError(f"no keys directory in {state_dir}")
+    cur = _read_json(kdir / "current")
+    current = cur.get("key_id") if cur is not None and isinstance(cur.get("key_id"), str) \
+        else None
+    return keyset(public_records(kdir, current), node_id=node_id, exported_at=iso_seconds())
+
+
 class AttestationKeyStore:
     """Ed25519 attestation keys of this node: current key, rotation, lookup by id."""
 
@@ -188,6 +240,7 @@ class AttestationKeyStore:
             new = self._create((old.generation + 1) if old else 1)
             self._current = new
             if old is not None:
+                self._mark_retired(old.key_id, new.created_at)
                 _shred(self.dir / f"{old.key_id}.key")
             return new
 
@@ -198,33 +251,41 @@ class AttestationKeyStore:
         if key_id.startswith("nrx-verify-"):
             rec = self._read_json(self.dir / f"{key_id}.pub")
             if rec is not None and rec.get("key_id") == key_id:
-                return {k: rec[k] for k in ("key_id", "algorithm", "public_key", "created_at")}
+                with self._lock:
+                    live = self._current is not None and self._current.key_id == key_id
+                if not live and rec.get("retired_at") is None:  # an old record: derive it
+                    rec = next((r for r in self.records() if r["key_id"] == key_id), rec)
+                return {"key_id": key_id, "algorithm": rec.get("algorithm"),
+                        "public_key": rec.get("public_key"), "created_at": rec.get("created_at"),
+                        "retired_at": None if live else rec.get("retired_at")}
         if self.fallback is not None:
             return self.fallback(key_id)
         return None
 
     def records(self) -> list[dict]:
-        """Public records of every key this node ever had, oldest first."""
-        out = []
-        for p in sorted(self.dir.glob("nrx-verify-*.pub")):
-            rec = self._read_json(p)
-            if rec is not None:
-                out.append({**{k: rec.get(k) for k in ("key_id", "algorithm", "public_key",
-                                                        "created_at", "generation")},
-                            "live": (self.dir / f"{rec.get('key_id')}.key").exists()})
-        out.sort(key=lambda r: (r.get("generation") or 0, r.get("created_at") or ""))
-        return out
+        """Public records of every key this node ever had, oldest first, with `live`
+        (signs now) and `retired_at`."""
+        with self._lock:
+            current = self._current.key_id if self._current is not None else None
+        return public_records(self.dir, current)
+
+    def export(self, node_id: str | None = None) -> dict:
+        """Every key, live and retired, as a trust anchor key set (agent.cdp.trust)."""
+        from agent.cdp.trust import keyset
+
+        return keyset(self.records(), node_id=node_id, exported_at=iso_seconds(self.clock()))
 
     # -- internals --------------------------------------------------------------------
 
-    @staticmethod
-    def _read_json(path: Path) -> dict | None:
-        try:
-            with open(path, "rb") as f:
-                rec = json.loads(f.read(1 << 16))
-        except (OSError, ValueError):
-            return None
-        return rec if isinstance(rec, dict) else None
+    _read_json = staticmethod(_read_json)
+
+    def _mark_retired(self, key_id: str, at: str) -> None:
+        """Record in a key's public file when it stopped signing (kept forever)."""
+        path = self.dir / f"{key_id}.pub"
+        rec = self._read_json(path)
+        if rec is None or rec.get("key_id") != key_id or rec.get("retired_at"):
+            return
+        _atomic_write(path, json.dumps({**rec, "retired_at": at}).encode())
 
     def _create(self, generation: int) -> AttestationSigner:
         key = Ed25519PrivateKey.generate()
@@ -269,6 +330,7 @@ class AttestationKeyStore:
         # any other private key is either retired-but-not-yet-shredded or never became current
         for p in self.dir.glob("nrx-verify-*.key"):
             if signer is None or p.name != f"{signer.key_id}.key":
+                self._mark_retired(p.name[:-len(".key")], iso_seconds(self.clock()))
                 _shred(p)
         if signer is None:
             last_gen = max((r.get("generation") or 0 for r in self.records()), default=0)

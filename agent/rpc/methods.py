@@ -236,10 +236,26 @@ async def _destroy(api: Api, p: dict, ctx: CallContext) -> dict:
 
 
 async def _proof_get(api: Api, p: dict, ctx: CallContext) -> dict:
-    stored = api.service.spool.get(p["session_id"])
-    if stored is None:
-        raise NotFound(f"no pending proof for {p['session_id']}", field="session_id")
+    """The spooled destroy result as stored: the same map, in the same (canonical) key
+    order as the destroy response, so the same bytes (docs/proofs.md).  With
+    `customer_id`, a session another customer owns is NotFound."""
+    sid = p["session_id"]
+    stored = api.service.spool.get(sid)
+    if stored is None or not _owns(api, sid, stored, p.get("customer_id")):
+        raise NotFound(f"no pending proof for {sid}", field="session_id")
     return stored
+
+
+def _owns(api: Api, session_id: str, stored: dict, customer_id: str | None) -> bool:
+    """Whether `customer_id` (None: any caller) owns the session: the journal's owner,
+    else (journal row lost) the customer the signed rendition names (`org_id`)."""
+    if customer_id is None:
+        return True
+    row = api.service.journal.get(session_id)
+    if row is not None:
+        return row["customer_id"] == customer_id
+    ap = stored.get("auditproof")
+    return isinstance(ap, dict) and ap.get("org_id") == customer_id
 
 
 async def _proof_pending(api: Api, p: dict, ctx: CallContext) -> list:
@@ -259,9 +275,13 @@ async def _proof_ack(api: Api, p: dict, ctx: CallContext) -> dict:
 
 
 async def _proof_verify(api: Api, p: dict, ctx: CallContext) -> dict:
+    """Verify against this node's own key registry: a proof whose signer is not one of
+    this node's attestation keys (live, or retired after its destroyed_at) is invalid."""
+    from agent.cdp.trust import LookupTrust
     from agent.cdp.verify import verify
 
-    return verify(p["cdp"])
+    trust = LookupTrust(api.service.key_store.get, "this node's key registry")
+    return await trio.to_thread.run_sync(verify, p["cdp"], trust)
 
 
 async def _key_get(api: Api, p: dict, ctx: CallContext) -> dict:
@@ -270,6 +290,11 @@ async def _key_get(api: Api, p: dict, ctx: CallContext) -> dict:
     if rec is None:
         raise NotFound(f"key {key_id} not found", field="key_id")
     return rec
+
+
+async def _key_export(api: Api, p: dict, ctx: CallContext) -> dict:
+    """Every attestation key of this node, live and retired, as a trust anchor key set."""
+    return api.service.key_store.export(api.service.config.node.node_id)
 
 
 def _health_snapshot(api: Api) -> dict:
@@ -351,11 +376,12 @@ METHODS: dict[str, Method] = {
         "timeout": F("number", minimum=0.001), "env": F("env"), "stream": F("bool"),
         "customer_id": _CUST}, _exec),
     "session.destroy": Method({"session_id": _SID, "customer_id": _CUST}, _destroy),
-    "proof.get": Method({"session_id": _SID}, _proof_get),
+    "proof.get": Method({"session_id": _SID, "customer_id": _CUST}, _proof_get),
     "proof.pending": Method({"limit": F("int", minimum=1), "after": F("sid")}, _proof_pending),
     "proof.ack": Method({"session_id": _SID}, _proof_ack),
     "proof.verify": Method({"cdp": F("map", required=True)}, _proof_verify),
     "key.get": Method({"key_id": F("id", required=True)}, _key_get),
+    "key.export": Method({}, _key_export),
     "agent.health": Method({}, _health),
     "agent.info": Method({}, _info),
     "agent.drain": Method({"drain": F("bool", required=True)}, _drain),

@@ -8,6 +8,7 @@ import trio
 
 from agent.cdp.auditproof import build_auditproof
 from agent.cdp.document import build_cdp
+from agent.cdp.envelope import destroy_result
 from agent.config import Config
 from agent.destroy.context import DestroyOutcome
 from agent.regulatory import regulatory_context
@@ -33,8 +34,9 @@ class ProofWriter:
         self.spool = spool
 
     def build(self, record: SessionRecord, outcome: DestroyOutcome) -> dict:
-        """The destroy result `{session_id, status, reason, cdp, regulatory_context,
-        session_context, auditproof}`, signed, not yet spooled."""
+        """The destroy result `{session_id, status, reason, cdp, auditproof,
+        regulatory_context, session_context, envelope}` (agent/cdp/envelope.py: the CDP
+        gets its binding signature, the whole its envelope), signed, not yet spooled."""
         signer = self.key_store.current()
         cdp = sign_cdp(outcome, signer)
         auditproof = build_auditproof(
@@ -42,13 +44,12 @@ class ProofWriter:
             authority_id=self.config.authority_id, signing_key_version=signer.generation,
             exec_count=record.exec_count, region=self.config.auditproof.region or None,
             cdp_v1=cdp)
-        return {"session_id": record.session_id, "status": outcome.status,
-                "reason": outcome.reason, "cdp": cdp,
-                "regulatory_context": regulatory_context(record.classification,
-                                                         record.jurisdiction),
-                "session_context": {"jurisdiction": record.jurisdiction,
-                                    "data_classification": record.classification},
-                "auditproof": auditproof}
+        return destroy_result(
+            signer=signer, session_id=record.session_id, status=outcome.status,
+            reason=outcome.reason, cdp=cdp, auditproof=auditproof,
+            regulatory_context=regulatory_context(record.classification, record.jurisdiction),
+            session_context={"jurisdiction": record.jurisdiction,
+                             "data_classification": record.classification})
 
     async def write(self, record: SessionRecord, outcome: DestroyOutcome) -> dict:
         """build() then spool it durably (fsynced before this returns, in a worker
