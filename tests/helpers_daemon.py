@@ -254,3 +254,12 @@ def start_long_exec(d: AgentDaemon, sid: str, command: str = "sleep 300") -> thr
         assert time.monotonic() < deadline, "the exec did not start"
         time.sleep(0.02)
     return t
+
+
+def wait_ended(d: AgentDaemon, sid: str, timeout: float = 30.0) -> dict:
+    """Poll session.get until the session is no longer active/executing; its proof."""
+    deadline = time.monotonic() + timeout
+    while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
+        assert time.monotonic() < deadline, "the session was not ended"
+        time.sleep(0.05)
+    return d.call("proof.get", {"session_id": sid})

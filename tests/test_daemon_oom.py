@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
-from helpers_daemon import AgentDaemon
+from helpers_daemon import AgentDaemon, wait_ended
 
 from agent.cdp.verify import verify
 
@@ -21,18 +21,10 @@ BOMBS = {
 }
 
 
-def _wait_ended(d: AgentDaemon, sid: str) -> None:
-    t0 = time.monotonic()
-    while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
-        assert time.monotonic() - t0 < 30, "session was not ended after the OOM"
-        time.sleep(0.05)
-
-
 def _bomb(d: AgentDaemon, kind: str, out: dict, n: int) -> None:
     sid = d.call("session.create", {"customer_id": f"c{n}", "tier": "free"})["session_id"]
     res = d.call("session.exec", {"session_id": sid, "command": BOMBS[kind]})
-    _wait_ended(d, sid)
-    out[sid] = (kind, res, d.call("proof.get", {"session_id": sid}))
+    out[sid] = (kind, res, wait_ended(d, sid))
 
 
 def test_memory_bombs_end_expired_oom_with_complete_proofs(tmp_path):

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers_daemon import AgentDaemon, start_long_exec
+from helpers_daemon import AgentDaemon, start_long_exec, wait_ended
 
 from agent.cdp.verify import verify
 from agent.service import faults
@@ -66,11 +66,7 @@ def test_ttl_that_passed_while_down_ends_the_session_at_restart(tmp_path):
         d.kill()
         time.sleep(3.5)
         d.start()
-        deadline = time.monotonic() + 20
-        while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proof = d.call("proof.get", {"session_id": sid})
+        proof = wait_ended(d, sid)
         assert proof["reason"] == "ttl_expired" and proof["status"] == "expired"
         assert all(ev["ok"] for ev in proof["cdp"]["evidence"])
     finally:
@@ -150,11 +146,7 @@ def test_oom_while_the_agent_is_down_ends_the_session_after_readoption(tmp_path)
         d.kill()
         time.sleep(2.5)  # the bomb ran into the cap meanwhile
         d.start()
-        deadline = time.monotonic() + 20
-        while d.call("session.get", {"session_id": sid})["status"] in ("active", "executing"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proof = d.call("proof.get", {"session_id": sid})
+        proof = wait_ended(d, sid)
         assert proof["reason"] == "oom" and proof["status"] == "expired", proof["cdp"]["evidence"]
         ev3 = proof["cdp"]["evidence"][2]
         assert ev3["oom_contained"] and ev3["kernel_oom_kills"] == 0

@@ -27,12 +27,14 @@ def _wait_status(d, sid, statuses, timeout=15.0) -> dict:
 
 
 def test_ttl_expiry_with_nobody_connected(tmp_path):
-    """An idle session reaching its TTL is destroyed by the agent: expired + spooled CDP."""
+    """An idle session reaching its TTL is destroyed by the agent: expired (every step
+    verified, SPEC 2) + spooled CDP."""
     with AgentDaemon(tmp_path, config=SHORT) as d:
         sid = d.call("session.create", {"customer_id": "c", "tier": "free",
                                         "ttl_seconds": 1})["session_id"]
         # every connection is closed now; the agent alone must end the session
         got = _wait_status(d, sid, ("expired", "expired_unclean"))
+        assert got["status"] == "expired"
         spooled = d.state_dir / "spool" / f"{sid}.json"
         assert spooled.exists()
         proof = d.call("proof.get", {"session_id": sid})
@@ -54,7 +56,7 @@ def test_ttl_expiry_mid_exec(tmp_path):
         assert res["timed_out"] is True or res["interrupted"] == "ttl_expired"
         assert res["receipt"]["seq"] == 1
         assert time.monotonic() - t0 < 10
-        _wait_status(d, sid, ("expired", "expired_unclean"))
+        assert _wait_status(d, sid, ("expired", "expired_unclean"))["status"] == "expired"
         assert d.call("proof.get", {"session_id": sid})["reason"] == "ttl_expired"
 
 

@@ -2,8 +2,8 @@
 
 Each step module has `METHOD` and `async run(ctx, state, evidence)`, which fills the
 evidence dict in place with what it measured and raises StepError (a short fixed reason)
-when it could not do or verify its work; a module may also have `base_fields(ctx, state)`
-for fields that must be present even when it fails (step 8's identity).  The pipeline
+when it could not do or verify its work; step 8 also has `base_fields(ctx, state)` for
+its identity fields, which must be present even when it fails.  The pipeline
 adds `step`, `ok`, `method`, `error` (on failure), `duration_us` and `completed_at`, seals
 the chain hash h_i of each step as it ends (re-checked in step 7), awaits the test hooks,
 and always runs every step: a failed step never stops the ones after it, so everything is
@@ -73,9 +73,8 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
             if n == 8:
                 st.destroyed_at = timefmt.iso_seconds()
             ev: dict = {"step": n, "ok": True, "method": mod.METHOD}
-            base = getattr(mod, "base_fields", None)
-            if base is not None:
-                ev.update(base(ctx, st))
+            if n == 8:  # its identity fields are present even when the step fails
+                ev.update(lifecycle_completion.base_fields(ctx, st))
             t0 = time.perf_counter_ns()
             try:
                 if hooks is not None and hooks.fail_step == n:

@@ -248,11 +248,12 @@ class V1Handle(CgroupHandle):
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:
-        for attr in ("_efd", "_oom_ctl_fd"):
-            fd = getattr(self, attr)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, attr, -1)
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+        if self._oom_ctl_fd >= 0:
+            os.close(self._oom_ctl_fd)
+            self._oom_ctl_fd = -1
 
     def remove(self) -> None:
         if self.dirs.get("freezer") is not None and self.dirs["freezer"].exists():
