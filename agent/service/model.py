@@ -68,6 +68,9 @@ class InFlight:
     input_data: bytes | None
     progress: ExecProgress
     result: object | None = None  # (ExecResult, receipt) once closed out by end()
+    # set when end()'s close-out is over (result set or not): an exec that returns while
+    # its session is ending waits for it instead of racing it
+    closed: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass

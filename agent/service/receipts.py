@@ -95,17 +95,22 @@ class Receipts:
         `interrupted: <reason>`, before destruction zeroizes the key and seals the chain:
         the sandbox is frozen first, so its output so far is all there is."""
         inflight, sb = s.inflight, s.sandbox
-        if inflight is None or sb is None or s.session_key is None:
+        if inflight is None:
             return
         try:
-            with trio.move_on_after(5):
-                await trio.to_thread.run_sync(sb.cgroup.freeze, 5.0)
-        except Exception:
-            _log.warning("interrupted_exec_freeze_failed", session_id=s.session_id)
-        try:
-            res = await inflight.progress.interrupted(oom=reason == "oom")
-            receipt = self.sign(s, inflight.command, inflight.input_data, res,
-                                interrupted=reason)
-            inflight.result = (res, receipt)
-        except Exception:
-            _log.exception("interrupted_exec_receipt_failed", session_id=s.session_id)
+            if sb is None or s.session_key is None:
+                return
+            try:
+                with trio.move_on_after(5):
+                    await trio.to_thread.run_sync(sb.cgroup.freeze, 5.0)
+            except Exception:
+                _log.warning("interrupted_exec_freeze_failed", session_id=s.session_id)
+            try:
+                res = await inflight.progress.interrupted(oom=reason == "oom")
+                receipt = self.sign(s, inflight.command, inflight.input_data, res,
+                                    interrupted=reason)
+                inflight.result = (res, receipt)
+            except Exception:
+                _log.exception("interrupted_exec_receipt_failed", session_id=s.session_id)
+        finally:
+            inflight.closed.set()
