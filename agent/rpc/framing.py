@@ -15,6 +15,7 @@ import msgpack
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
+FIRST_BUFFER = 64 * 1024
 
 __all__ = ["MAX_MSGID", "NOTIFICATION", "REQUEST", "RESPONSE", "Decoder", "ProtocolError",
            "Request", "pack", "parse_request", "request", "response", "notification"]
@@ -41,21 +42,45 @@ def notification(method: str, params: dict) -> bytes:
 
 
 class Decoder:
-    """Incremental decoder.  `feed(data)` returns the complete messages now available."""
+    """Incremental decoder.  `feed(data)` returns the complete messages now available.
+
+    The Unpacker keeps every byte it was fed in its own buffer until it happens to be
+    overwritten (consumed frames are not cleared), so a long-lived connection would keep
+    old requests, customer input included, in memory.  Whenever all that was fed has been
+    decoded, the Unpacker is replaced by a fresh one: the old buffer is freed, and the
+    daemon's allocator overwrites freed memory (agent/ops/memory_hygiene.py)."""
 
     def __init__(self, max_frame_bytes: int) -> None:
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
-                                          strict_map_key=True)
+        self._max = max_frame_bytes
+        self._unpacker = self._new()
+        self._fed = 0  # bytes fed to the current Unpacker
+        self._end = 0  # stream offset where its last complete message ended
+
+    def _new(self) -> msgpack.Unpacker:
+        # read_size is the first buffer's size (msgpack's default is 1 MiB, allocated and
+        # overwritten twice per fresh Unpacker); it grows by doubling for larger frames
+        return msgpack.Unpacker(raw=False, max_buffer_size=self._max, strict_map_key=True,
+                                read_size=min(self._max, FIRST_BUFFER))
 
     def feed(self, data: bytes) -> list[Any]:
         try:
             self._unpacker.feed(data)
         except msgpack.BufferFull:
             raise ProtocolError("frame larger than the limit") from None
+        self._fed += len(data)
+        out = self._decode()
+        # tell() alone is not enough: a partly parsed message advances it too
+        if self._end == self._fed:  # nothing pending: drop the old buffer
+            self._unpacker = self._new()
+            self._fed = self._end = 0
+        return out
+
+    def _decode(self) -> list[Any]:
         out = []
         try:
             for msg in self._unpacker:
                 out.append(msg)
+                self._end = self._unpacker.tell()
         except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
             pass
         except Exception as e:  # FormatError, StackError, ValueError, TypeError …

@@ -116,6 +116,7 @@ class Sandbox:
         self.namespaces = namespaces.inodes(init_pid)
         self.cgroup = cgroup
         self.oom = trio.Event()
+        self.buffers_zeroed = 0  # bytes of exec buffers zeroed (exec.py; step 4 evidence)
         self._engine = engine
         self._busy = False
         self._reaped = False
@@ -359,7 +360,7 @@ class SandboxEngine:
         the cgroups are removed again (the caller's undo list does not have them yet)."""
         cg = self.cgroups.create(session_id, limits)
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            mounts.make_mount_point(root)
         except BaseException:
             with contextlib.suppress(Exception):
                 cg.remove()

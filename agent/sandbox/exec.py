@@ -1,8 +1,12 @@
 """Exec (SPEC 4): one command at a time in a sandbox, through its PID 1.
 
 The agent makes two pipes, sends their write ends to nrx-init with the EXEC request
-and reads the read ends itself: each chunk (<= 64 KiB) goes to the bounded head+tail
-capture and, in order, to `on_output`.  Reading never stops while the command runs.
+and reads the read ends itself, each into one read buffer it reuses for the whole exec:
+each chunk (<= 64 KiB) goes to the bounded head+tail capture and, in order, to
+`on_output`.  When the exec ends (whatever way) the read buffers and the captures are
+zeroed and counted in `Sandbox.buffers_zeroed` (step 4 evidence); the request messages
+and results are immutable objects that the daemon's allocator overwrites when freed
+(agent/ops/memory_hygiene.py).  Reading never stops while the command runs.
 When the leader exits, whatever is already in the pipes is drained and the result is
 returned (a background process holding stdout open cannot hold the exec).  At the
 timeout the process group gets SIGTERM, then SIGKILL after the grace.
@@ -122,25 +126,38 @@ class _Stream:
     def __init__(self, name: str, fd: int, cap: int) -> None:
         self.name, self.fd = name, fd
         self.capture = Capture(cap)
+        self.buf = bytearray(CHUNK)  # every read lands here: no bytes object per chunk
         self.eof = False
 
+    def read(self) -> memoryview | None:
+        """The next chunk (a view of `buf`, valid until the next read), None at EOF;
+        raises BlockingIOError when the pipe is empty."""
+        n = os.readv(self.fd, [self.buf])
+        if not n:
+            self.eof = True
+            return None
+        return memoryview(self.buf)[:n]
 
-async def _deliver(stream: _Stream, data: bytes, on_output: OnOutput | None) -> None:
+    def wipe(self) -> int:
+        self.buf[:] = bytes(len(self.buf))
+        return len(self.buf) + self.capture.wipe()
+
+
+async def _deliver(stream: _Stream, data: memoryview, on_output: OnOutput | None) -> None:
     stream.capture.feed(data)
     if on_output is not None:
         with trio.CancelScope(shield=True):  # a chunk is delivered whole or not read
-            await on_output(stream.name, data)
+            await on_output(stream.name, bytes(data))
 
 
 async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
     while not stream.eof:
         try:
-            data = os.read(stream.fd, CHUNK)
+            data = stream.read()
         except BlockingIOError:
             await trio.lowlevel.wait_readable(stream.fd)
             continue
-        if not data:
-            stream.eof = True
+        if data is None:
             return
         await _deliver(stream, data, on_output)
         await trio.lowlevel.checkpoint()
@@ -150,11 +167,10 @@ async def _drain(stream: _Stream, on_output: OnOutput | None) -> None:
     taken = 0
     while not stream.eof and taken < DRAIN_LIMIT:
         try:
-            data = os.read(stream.fd, CHUNK)
+            data = stream.read()
         except BlockingIOError:
             return
-        if not data:
-            stream.eof = True
+        if data is None:
             return
         taken += len(data)
         await _deliver(stream, data, on_output)
@@ -269,21 +285,21 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
             raise
         for s in streams:
             await _drain(s, on_output)
+        finished = time.time()
+        exit_code, sig = decode_status(status)
+        out, err = streams
+        return ExecResult(
+            stdout=out.capture.result(), stderr=err.capture.result(), exit_code=exit_code,
+            timed_out=timed_out, signal=sig, oom_killed=_oom_kills(sb) > oom_before,
+            output_truncated=out.capture.truncated, stderr_truncated=err.capture.truncated,
+            duration_ms=int((time.monotonic() - t0) * 1000),
+            started_at=timefmt.iso_seconds(started), finished_at=timefmt.iso_seconds(finished))
     finally:
         for w in wends:
             os.close(w)
         for s in streams:
             os.close(s.fd)
-
-    finished = time.time()
-    exit_code, sig = decode_status(status)
-    out, err = streams
-    return ExecResult(
-        stdout=out.capture.result(), stderr=err.capture.result(), exit_code=exit_code,
-        timed_out=timed_out, signal=sig, oom_killed=_oom_kills(sb) > oom_before,
-        output_truncated=out.capture.truncated, stderr_truncated=err.capture.truncated,
-        duration_ms=int((time.monotonic() - t0) * 1000),
-        started_at=timefmt.iso_seconds(started), finished_at=timefmt.iso_seconds(finished))
+            sb.buffers_zeroed += s.wipe()
 
 
 @contextlib.asynccontextmanager
