@@ -9,22 +9,25 @@ owns (exec capture, pipe read buffers, the RPC decoder buffer) itself:
 
 - `PYTHONMALLOC=malloc`: no pymalloc arenas; every Python object lives in glibc malloc
   (pymalloc reuses freed 512-byte blocks without ever clearing them);
-- `GLIBC_TUNABLES`: `glibc.malloc.perturb` (freed chunks are filled with PERTURB_BYTE
-  before they go back to a free list or to the kernel), `glibc.malloc.tcache_count=0`
-  (glibc skips the perturb fill for chunks it parks in the per-thread cache) and
-  `glibc.malloc.mmap_threshold` at its maximum (32 MiB): buffers below it come from the
-  heap and are perturbed on free, instead of being unmapped with their content (the kernel
-  would hand those pages out again without clearing them unless init_on_free=1).
+- `GLIBC_TUNABLES`: `glibc.malloc.perturb` (freed heap chunks are filled with
+  PERTURB_BYTE before they go back to a free list or to the kernel) and
+  `glibc.malloc.tcache_count=0` (glibc skips the perturb fill for chunks it parks in the
+  per-thread cache).  Chunks above glibc's mmap threshold (128 KiB, rising to at most
+  32 MiB with use) are unmapped whole when freed: gone from the agent at once, but their
+  pages keep their content in RAM until the kernel reuses them (init_on_free=0).  Raising
+  the threshold to 32 MiB would have them perturbed too, but doubled destroy times here
+  (the wipe and Merkle buffers of steps 2, 3 and 6 then pay a fill on malloc and on free):
+  measured, not chosen; SPEC 13 already reports init_on_free for what the kernel keeps.
 
 These settings act only from process start, so `serve` re-executes itself with them
-(`ensure_wiping_allocator`); the systemd unit sets the same environment.  `measure()` checks
+(`ensure_wiping_allocator`), in the foreground and under systemd alike.  `measure()` checks
 the effect instead of assuming it: it frees a canary object and reads its old address back
 through /proc/self/mem (a read that cannot crash on an unmapped page).  Step 4 of every
 destruction records the result as evidence (`agent_memory`).
 
 What this does not reach is in docs/security.md ("Limits of the claims"): memory freed by
-the kernel (pipe and socket buffers, page cache), allocations over 32 MiB (unmapped whole),
-copies held by live objects the agent still references, and the CLI client.
+the kernel (pipe and socket buffers, page cache, unmapped large chunks), copies held by
+live objects the agent still references, and the CLI client.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ import secrets
 import sys
 
 PERTURB_BYTE = 0xA5
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
 TUNABLES = {
     "glibc.malloc.perturb": str(PERTURB_BYTE),
     "glibc.malloc.tcache_count": "0",
-    "glibc.malloc.mmap_threshold": str(MMAP_THRESHOLD),
 }
+# young and middle generations: cycles made by the session's requests (an exception's
+# traceback holding a frame's locals) are young; a full collection cost 10-270 ms per
+# destroy here, this one well under 1 ms.  Older cycles go at Python's next full collection.
+GC_GENERATION = 1
 _REEXEC_MARK = "NANORIX_AGENT_WIPING_ALLOCATOR"
 _BYTES_HEADER = sys.getsizeof(b"") - 1  # offset of a bytes object's data from id()
 
@@ -104,10 +109,10 @@ def _freed_canary_overwritten(size: int) -> bool:
 
 def measure(buffers_zeroed: int) -> dict:
     """Evidence for step 4: free anything unreachable still holding the session's objects
-    (a full garbage collection), then check that freed memory is cleared (overwritten, or
+    (a garbage collection of the young generations), then check that freed memory is cleared (overwritten, or
     unmapped: no longer readable in the agent) for a small and a large object, and report
     `buffers_zeroed`, the bytes of the session's exec buffers the agent zeroed."""
-    collected = gc.collect()
+    collected = gc.collect(GC_GENERATION)
     small = _freed_canary_overwritten(256)
     large = _freed_canary_overwritten(256 * 1024)
     return {

@@ -16,6 +16,7 @@ import msgpack
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
 FIRST_BUFFER = 64 * 1024
+PACK_BUFFER = 4096
 
 __all__ = ["MAX_MSGID", "NOTIFICATION", "REQUEST", "RESPONSE", "Decoder", "ProtocolError",
            "Request", "pack", "parse_request", "request", "response", "notification"]
@@ -26,7 +27,10 @@ class ProtocolError(Exception):
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    # msgpack's Packer starts with a 256 KiB buffer per call; with the daemon's wiping
+    # allocator every fresh buffer is filled on malloc and again on free, so a frame starts
+    # small and the buffer doubles as needed (at most 2x the frame copied)
+    return msgpack.packb(obj, use_bin_type=True, buf_size=PACK_BUFFER)
 
 
 def request(msgid: int, method: str, params: dict) -> bytes:

@@ -32,9 +32,11 @@ from agent import errors, timefmt
 from agent.fsops import openat2
 
 from . import initproto
-from .output import Capture
+from .output import Capture, zero
 
 CHUNK = 64 * 1024
+FIRST_READ = 4096  # a stream's read buffer starts here and grows to CHUNK once filled
+CONTROL_BUF = 8192  # nrx-init's replies are at most 4 KiB (send_msg in native/init)
 PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
 MAX_ENV = 200  # nrx-init takes up to 255 environment entries
@@ -126,21 +128,27 @@ class _Stream:
     def __init__(self, name: str, fd: int, cap: int) -> None:
         self.name, self.fd = name, fd
         self.capture = Capture(cap)
-        self.buf = bytearray(CHUNK)  # every read lands here: no bytes object per chunk
+        self.buf = bytearray(FIRST_READ)  # every read lands here: no bytes per chunk
+        self.zeroed = 0
+        self._filled = False  # the last read filled the buffer: grow it
         self.eof = False
 
     def read(self) -> memoryview | None:
         """The next chunk (a view of `buf`, valid until the next read), None at EOF;
         raises BlockingIOError when the pipe is empty."""
+        if len(self.buf) < CHUNK and self._filled:
+            self.zeroed += zero(self.buf)  # the small buffer is done with: clear it
+            self.buf = bytearray(CHUNK)
         n = os.readv(self.fd, [self.buf])
+        self._filled = n == len(self.buf)
         if not n:
             self.eof = True
             return None
         return memoryview(self.buf)[:n]
 
     def wipe(self) -> int:
-        self.buf[:] = bytes(len(self.buf))
-        return len(self.buf) + self.capture.wipe()
+        return self.zeroed + zero(self.buf) + self.capture.wipe()
+
 
 
 async def _deliver(stream: _Stream, data: memoryview, on_output: OnOutput | None) -> None:
@@ -181,15 +189,18 @@ class Control:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = trio.socket.from_stdlib_socket(sock)
+        # one receive buffer for the sandbox's life: recv(MAX_MSG) would allocate (and the
+        # wiping allocator fill and clear) 1 MiB per reply
+        self.buf = bytearray(CONTROL_BUF)
 
     async def recv(self) -> tuple[int, tuple]:
         try:
-            msg = await self.sock.recv(initproto.MAX_MSG)
+            n = await self.sock.recv_into(self.buf)
         except (trio.ClosedResourceError, OSError) as e:
             raise SandboxGone("the sandbox was killed") from e
-        if not msg:
+        if not n:
             raise SandboxGone("the sandbox's init exited")
-        return initproto.decode(msg)
+        return initproto.decode(bytes(self.buf[:n]))
 
     async def send(self, msg: bytes, fds: list[int] | None = None) -> None:
         try:

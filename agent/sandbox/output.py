@@ -11,7 +11,8 @@ deleting from the front of a bytearray would, which only moves its start).
 from __future__ import annotations
 
 
-def _zero(buf: bytearray) -> int:
+def zero(buf: bytearray) -> int:
+    """Overwrite `buf` with zeros in place; returns its length."""
     n = len(buf)
     if n:
         memoryview(buf)[:] = bytes(n)
@@ -72,6 +73,6 @@ class Capture:
 
     def wipe(self) -> int:
         """Overwrite both buffers with zeros; returns the bytes overwritten."""
-        n = _zero(self.head) + _zero(self.ring)
+        n = zero(self.head) + zero(self.ring)
         self.ring_pos = self.ring_len = 0
         return n
