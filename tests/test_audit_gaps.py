@@ -230,3 +230,28 @@ async def test_node_memory_capacity_full_is_unavailable(tmp_path):
         with pytest.raises(Unavailable, match="memory capacity"):
             await svc.create(customer_id="c", tier="free")
         assert svc.capacity()["sessions_live"] == 0
+
+
+async def test_ttl_runs_from_the_exact_creation_time(tmp_path, autojump_clock, monkeypatch):
+    """A session created at x.9 s on the wall clock keeps its full TTL: the deadline is the
+    creation instant + ttl, not shortened by the fraction of a second (issue 13)."""
+    import time
+    import types
+
+    import trio
+
+    class _Engine:
+        async def create(self, session_id, **kw):
+            return types.SimpleNamespace()
+
+    with bare_service(tmp_path) as svc:
+        svc.engine = _Engine()
+        monkeypatch.setattr(time, "time", lambda: 1_000_000.9)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            start = trio.current_time()
+            res = await svc.create(customer_id="c", tier="free", ttl_seconds=60)
+            s = svc.sessions[res["session_id"]]
+            assert s.deadline == pytest.approx(start + 60, abs=1e-6)
+            assert s.created_ts == 1_000_000.9
+            nursery.cancel_scope.cancel()

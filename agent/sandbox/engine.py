@@ -263,7 +263,7 @@ def _spawn_helper(path: str, control_fd: int) -> int:
         if pid < 0:
             raise OSError(-pid, os.strerror(-pid))
         return pid
-    return os.posix_spawn(path, [path], {}, file_actions=[
+    return os.posix_spawn(path, ["nrx-init"], {}, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
         (os.POSIX_SPAWN_DUP2, 0, 1),
         (os.POSIX_SPAWN_DUP2, 0, 2),

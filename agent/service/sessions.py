@@ -347,8 +347,8 @@ class Service:
         record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
                                classification=classification, jurisdiction=jurisdiction,
                                created_at=created_at)
-        deadline = start - (now - int(now)) + ttl if ttl else math.inf
-        s = _Live(record=record, ttl_seconds=ttl, created_ts=float(int(now)), deadline=deadline,
+        deadline = start + ttl if ttl else math.inf  # from the exact creation time
+        s = _Live(record=record, ttl_seconds=ttl, created_ts=now, deadline=deadline,
                   sandbox=sandbox, session_key=key, receipt_key=key.public_record(created_at))
         self.sessions[session_id] = s
         try:
