@@ -19,7 +19,7 @@ def markers() -> dict[str, bytes]:
             for k in ("input", "env", "command", "stdout", "stderr")}
 
 
-def one_session(d: AgentDaemon, m: dict[str, bytes] | None, client=None) -> None:
+def one_session(d: AgentDaemon, m: dict[str, bytes] | None, client=None) -> dict:
     """Create, exec once (carrying the markers when given), destroy; on `client` (one
     connection kept open) when given, else a fresh connection per call."""
     call = client.call if client is not None else d.call
@@ -38,7 +38,7 @@ def one_session(d: AgentDaemon, m: dict[str, bytes] | None, client=None) -> None
                                       "env": {"NRX_SECRET": m["env"].decode()}})
         assert res["exit_code"] == 0, res
         assert m["stdout"] in res["output"] and m["stderr"] in res["stderr"]
-    call("session.destroy", {"session_id": sid})
+    return call("session.destroy", {"session_id": sid})
 
 
 def marker_counts(d: AgentDaemon, m: dict[str, bytes]) -> dict[str, int]:
@@ -54,8 +54,36 @@ def test_no_marker_in_agent_memory_after_destroy(tmp_path, later_sessions):
     with AgentDaemon(tmp_path / "agent") as d, d.client() as conn:
         one_session(d, None)  # warm-up: first-use allocations are not the session's
         m = markers()
-        one_session(d, m, conn)
+        ev4 = one_session(d, m, conn)["cdp"]["evidence"][3]["agent_memory"]
         for _ in range(later_sessions):
             one_session(d, None)
         counts = marker_counts(d, m)
     assert counts == dict.fromkeys(m, 0), counts
+    # step 4 records what was measured about the agent's memory
+    assert ev4["allocator"] == "malloc" and ev4["free_perturb_configured"], ev4
+    assert ev4["freed_small_cleared"] and ev4["freed_large_cleared"], ev4
+    assert ev4["exec_buffers_zeroed_bytes"] > 2 * 4096, ev4
+
+
+def test_measure_tells_a_wiping_allocator_from_a_plain_one():
+    """The step-4 measurement is honest both ways: under the plain interpreter a freed small
+    object still holds its bytes (reported false), under the daemon's allocator settings
+    it does not (reported true)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from agent.ops import memory_hygiene
+
+    code = "import json; from agent.ops import memory_hygiene as m; print(json.dumps(m.measure(0)))"
+    plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "GLIBC_TUNABLES")}
+    got = {}
+    for name, env in (("plain", plain), ("wiping", memory_hygiene.wanted_env(plain))):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           check=True, text=True)
+        got[name] = json.loads(r.stdout)
+    assert got["plain"]["allocator"] == "pymalloc" and not got["plain"]["freed_small_cleared"]
+    assert not got["plain"]["free_perturb_configured"]
+    assert got["wiping"]["allocator"] == "malloc" and got["wiping"]["free_perturb_configured"]
+    assert got["wiping"]["freed_small_cleared"] and got["wiping"]["freed_large_cleared"]
