@@ -9,7 +9,8 @@
  *   4. clone the sandbox PID 1 into new user/mnt/uts/ipc/pid/net/cgroup namespaces with
  *      CLONE_PARENT, so it is the agent's own child (pidfd, reaping);
  *   5. report its pid, write its uid/gid maps (only a parent may), release it, exit.
- * The sandbox side is in sandbox.c (setup) and serve.c (PID 1 loop).
+ * The sandbox side is in sandbox.c (setup) and serve.c (PID 1 loop); the wire helpers
+ * all three use (TLV, messages, the CONFIG parser) are in proto.c.
  */
 #include <errno.h>
 #include <fcntl.h>

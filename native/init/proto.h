@@ -47,6 +47,8 @@ enum cfg_tag {
     T_CWD = 22,         /* string */
 };
 
+/* ---- proto.c: shared by the host side (nrx-init.c) and the sandbox side ------------- */
+
 struct tlv_iter {
     const unsigned char *p, *end;
 };
@@ -74,6 +76,8 @@ struct config {
     unsigned char *bpf; uint32_t bpf_len;
 };
 
+/* 0, -1 when malformed, -2 when it carries no usable seccomp filter (fail closed: the
+ * sandbox is not built) */
 int parse_config(const unsigned char *buf, size_t len, struct config *c);
 
 /* sandbox.c: runs in the cloned child; builds the root, returns 0 or -1 with a message sent */
