@@ -26,23 +26,36 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not valid MessagePack-RPC; the connection is closed."""
 
 
-def pack(obj: Any) -> bytes:
-    # msgpack's Packer starts with a 256 KiB buffer per call; with the daemon's wiping
-    # allocator every fresh buffer is filled on malloc and again on free, so a frame starts
-    # small and the buffer doubles as needed (at most 2x the frame copied)
-    return msgpack.packb(obj, use_bin_type=True, buf_size=PACK_BUFFER)
+def pack(obj: Any, size_hint: int = 0) -> bytes:
+    """msgpack's Packer starts with a 256 KiB buffer per call; with the daemon's wiping
+    allocator every fresh buffer is filled on malloc and again on free, and every move of
+    a growing one too.  So the buffer starts at the frame's likely size: `size_hint`
+    (the bytes/str payload of the frame, see `_payload`) plus room for the envelope."""
+    return msgpack.packb(obj, use_bin_type=True, buf_size=PACK_BUFFER + size_hint)
+
+
+def _payload(obj: Any, depth: int = 2) -> int:
+    """Bytes of the bytes/str values in `obj`, looking `depth` levels into maps and lists
+    (an exec result's output, a notification's chunk): a size hint, never exact."""
+    if isinstance(obj, (bytes, bytearray, memoryview, str)):
+        return len(obj)
+    if depth and isinstance(obj, dict):
+        return sum(_payload(v, depth - 1) for v in obj.values())
+    if depth and isinstance(obj, (list, tuple)):
+        return sum(_payload(v, depth - 1) for v in obj)
+    return 0
 
 
 def request(msgid: int, method: str, params: dict) -> bytes:
-    return pack([REQUEST, msgid, method, [params]])
+    return pack([REQUEST, msgid, method, [params]], _payload(params))
 
 
 def response(msgid: int, error: dict | None, result: Any) -> bytes:
-    return pack([RESPONSE, msgid, error, result])
+    return pack([RESPONSE, msgid, error, result], _payload(result))
 
 
 def notification(method: str, params: dict) -> bytes:
-    return pack([NOTIFICATION, method, [params]])
+    return pack([NOTIFICATION, method, [params]], _payload(params))
 
 
 class Decoder:
