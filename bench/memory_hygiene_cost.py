@@ -39,8 +39,11 @@ import run as R  # noqa: E402
 GUARD = "NANORIX_AGENT_WIPING_ALLOCATOR"  # agent/ops/memory_hygiene.py's re-exec guard
 
 
-class Daemon:
+class Daemon(R.Daemon):
+    """bench/run.py's daemon, from any tree, with its own prefix, uid range and env."""
+
     def __init__(self, i: int, tree: Path, extra_env: dict[str, str]) -> None:
+        # not super().__init__: that one has a fixed prefix and uid range per bench process
         self.tmp = Path(tempfile.mkdtemp(prefix="nrx-memcost-"))
         prefix = f"nanorix-agent-bench-mem-{os.getpid()}-{i}"
         cfg = self.tmp / "agent.toml"
@@ -68,13 +71,7 @@ class Daemon:
         raise RuntimeError("daemon did not become ready: " + (self.tmp / "agent.log").read_text()[-2000:])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        super().stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
