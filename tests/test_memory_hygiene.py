@@ -19,9 +19,11 @@ def markers() -> dict[str, bytes]:
             for k in ("input", "env", "command", "stdout", "stderr")}
 
 
-def one_session(d: AgentDaemon, m: dict[str, bytes] | None, client=None) -> dict:
-    """Create, exec once (carrying the markers when given), destroy; on `client` (one
-    connection kept open) when given, else a fresh connection per call."""
+def one_session(d: AgentDaemon, m: dict[str, bytes] | None, client=None,
+                stream: bool = False) -> dict:
+    """Create, exec once (carrying the markers when given; output streamed as
+    notifications when `stream`), destroy; on `client` (one connection kept open) when
+    given, else a fresh connection per call."""
     call = client.call if client is not None else d.call
     sid = call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
     if m is None:
@@ -34,8 +36,12 @@ def one_session(d: AgentDaemon, m: dict[str, bytes] | None, client=None) -> dict
         cmd = (f"wc -l /input/data; printf '%s%s\\n' {out[:8]} {out[8:]}; "
                f"printf '%s%s\\n' {err[:8]} {err[8:]} >&2; : {m['command'].decode()}")
         data = b"".join(b"%05d %s\n" % (i, m["input"]) for i in range(INPUT_LINES))
+        chunks: list[bytes] = []
         res = call("session.exec", {"session_id": sid, "command": cmd, "input_data": data,
-                                      "env": {"NRX_SECRET": m["env"].decode()}})
+                                    "env": {"NRX_SECRET": m["env"].decode()}, "stream": stream},
+                   **({"on_notify": lambda method, p: chunks.append(p["data"])} if stream else {}))
+        if stream:
+            assert any(m["stdout"] in c for c in chunks), chunks
         assert res["exit_code"] == 0, res
         assert m["stdout"] in res["output"] and m["stderr"] in res["stderr"]
     return call("session.destroy", {"session_id": sid})
@@ -46,15 +52,15 @@ def marker_counts(d: AgentDaemon, m: dict[str, bytes]) -> dict[str, int]:
     return {k: found.counts[v] for k, v in m.items()}
 
 
-@pytest.mark.parametrize("later_sessions", [0, 5])
-def test_no_marker_in_agent_memory_after_destroy(tmp_path, later_sessions):
+@pytest.mark.parametrize(("later_sessions", "stream"), [(0, False), (5, False), (0, True)])
+def test_no_marker_in_agent_memory_after_destroy(tmp_path, later_sessions, stream):
     """After destroy (and after 5 unrelated sessions) the daemon's memory holds 0 copies of
     any marker the session's input, env, command, stdout or stderr carried, even while the
-    connection that carried them stays open."""
+    connection that carried them stays open, also when the output was streamed."""
     with AgentDaemon(tmp_path / "agent") as d, d.client() as conn:
         one_session(d, None)  # warm-up: first-use allocations are not the session's
         m = markers()
-        ev4 = one_session(d, m, conn)["cdp"]["evidence"][3]["agent_memory"]
+        ev4 = one_session(d, m, conn, stream)["cdp"]["evidence"][3]["agent_memory"]
         for _ in range(later_sessions):
             one_session(d, None)
         counts = marker_counts(d, m)
