@@ -226,7 +226,7 @@ def _basic_health(service: Service) -> dict:
 def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | None) -> int:
     # issue 13, before any thread: freed memory is overwritten (re-exec with the wiping
     # allocator) and session mounts live in the agent's own mount namespace
-    from agent.ops.memory_hygiene import ensure_wiping_allocator
+    from agent.memory_hygiene import ensure_wiping_allocator
     from agent.sandbox.mounts import enter_private_namespace
 
     ensure_wiping_allocator()

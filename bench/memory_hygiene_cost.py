@@ -7,7 +7,7 @@ every iteration takes one sample on each, in a shuffled order, so the load of a 
 machine hits all of them alike (blocks run one after another differed by ±40% here):
 
 - `after`: `serve` as shipped (re-exec with PYTHONMALLOC=malloc and glibc perturb-on-free
-  without tcache; agent/ops/memory_hygiene.py);
+  without tcache; agent/memory_hygiene.py);
 - `no-wipe-alloc`: the same code started with the re-exec guard already set, so it keeps
   pymalloc and glibc's defaults (the exec buffers are still zeroed and the RPC decoder
   still drops its buffer: not switchable);
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as R  # noqa: E402
 
-GUARD = "NANORIX_AGENT_WIPING_ALLOCATOR"  # agent/ops/memory_hygiene.py's re-exec guard
+GUARD = "NANORIX_AGENT_WIPING_ALLOCATOR"  # agent/memory_hygiene.py's re-exec guard
 
 
 class Daemon(R.Daemon):

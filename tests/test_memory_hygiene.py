@@ -80,9 +80,9 @@ def test_measure_tells_a_wiping_allocator_from_a_plain_one():
     import subprocess
     import sys
 
-    from agent.ops import memory_hygiene
+    from agent import memory_hygiene
 
-    code = "import json; from agent.ops import memory_hygiene as m; print(json.dumps(m.measure(0)))"
+    code = "import json; from agent import memory_hygiene as m; print(json.dumps(m.measure(0)))"
     plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "GLIBC_TUNABLES")}
     got = {}
     for name, env in (("plain", plain), ("wiping", memory_hygiene.wanted_env(plain))):

@@ -7,14 +7,14 @@ recovery: the key died with the old agent process, unverified) fails this step h
 
 `agent_memory` (issue 13) records what the agent did about its own copies of the session's
 data: a garbage collection, the bytes of its exec buffers it zeroed, and whether freed
-memory is measured to be cleared (agent/ops/memory_hygiene.py; docs/security.md).  It is
+memory is measured to be cleared (agent/memory_hygiene.py; docs/security.md).  It is
 evidence, not a pass/fail condition of this step.
 """
 
 from __future__ import annotations
 
+from agent import memory_hygiene
 from agent.destroy.context import DestroyContext, DestroyState, StepError
-from agent.ops import memory_hygiene
 
 METHOD = "ed25519_key_destruction"
 _FIELDS = ("key_id", "purpose", "bytes", "zeroized", "readback_zero")

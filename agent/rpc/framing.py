@@ -65,7 +65,7 @@ class Decoder:
     overwritten (consumed frames are not cleared), so a long-lived connection would keep
     old requests, customer input included, in memory.  Whenever all that was fed has been
     decoded, the Unpacker is replaced by a fresh one: the old buffer is freed, and the
-    daemon's allocator overwrites freed memory (agent/ops/memory_hygiene.py)."""
+    daemon's allocator overwrites freed memory (agent/memory_hygiene.py)."""
 
     def __init__(self, max_frame_bytes: int) -> None:
         self._max = max_frame_bytes

@@ -6,7 +6,7 @@ each chunk (<= 64 KiB) goes to the bounded head+tail capture and, in order, to
 `on_output`.  When the exec ends (whatever way) the read buffers and the captures are
 zeroed and counted in `Sandbox.buffers_zeroed` (step 4 evidence); the request messages
 and results are immutable objects that the daemon's allocator overwrites when freed
-(agent/ops/memory_hygiene.py).  Reading never stops while the command runs.
+(agent/memory_hygiene.py).  Reading never stops while the command runs.
 When the leader exits, whatever is already in the pipes is drained and the result is
 returned (a background process holding stdout open cannot hold the exec).  At the
 timeout the process group gets SIGTERM, then SIGKILL after the grace.
