@@ -84,6 +84,9 @@ class NodeConfig:
 class PathsConfig:
     state_dir: Path = Path("/var/lib/nanorix-agent")
     runtime_dir: Path = Path("/run/nanorix-agent")
+    # host-wide: one lock file per cgroup prefix, so a second agent on the same prefix or an
+    # overlapping sandbox uid range refuses to start (agent/ops/instance_lock.py)
+    lock_dir: Path = Path("/run/lock/nanorix-agent")
 
 
 @dataclass
@@ -95,6 +98,47 @@ class RpcConfig:
     allowed_gids: list[int] = field(default_factory=list)  # plus the socket group's gid
     max_frame_bytes: int = 16 * MiB
     chunk_bytes: int = 64 * 1024
+    # limits shared by the unix socket and the [remote] TLS listener (issue 15, 17)
+    max_connections: int = 512  # open RPC connections at once, both listeners together;
+    #   the daemon lowers it at start to leave fd headroom (see docs/remote.md "Limits")
+    fd_reserve: int = 256  # fds kept free for sessions, destruction, journal and spool
+    fd_reserve_per_session: int = 8  # plus this many per node.max_sessions
+    idle_timeout_seconds: float = 300.0  # a connection with no request in flight and no
+    #   byte received for this long is closed
+    max_inflight_requests: int = 256  # per connection; the server stops reading beyond it
+    max_inflight_bytes: int = 64 * MiB  # per connection: every request from when it is read
+    #   until its answer is sent (its frame or answer, at least 64 KiB); the server stops
+    #   reading beyond it
+    send_timeout_seconds: float = 30.0  # a frame the peer does not read within this is its
+    #   connection's end (a never-reading client cannot hold anything else)
+    stream_queue_bytes: int = 4 * MiB  # streamed exec output waiting for a slow client;
+    #   beyond it that client's stream is dropped (the exec and its result are unaffected)
+    pending_page_max: int = 1000  # proof.pending `limit` upper bound (default page 100)
+    max_array_len: int = 65536  # msgpack decode limits (frames are checked while decoding)
+    max_map_len: int = 4096
+    max_containers: int = 100_000  # arrays + maps in one message, counted while decoding
+
+
+@dataclass
+class RemoteConfig:
+    """The optional TCP listener with mutual TLS for remote control planes (docs/remote.md).
+
+    Off while `listen` is "".  TLS 1.3 only; every client must present a certificate that
+    chains to `client_ca`, is in its validity period and, when `allowed_clients` is not
+    empty, names one of them as its subject CN or a DNS/URI SAN.  `key` is a PEM file, or
+    `key_credential` names a systemd credential ($CREDENTIALS_DIRECTORY/<name>) holding it.
+    SIGHUP reloads cert, key and client_ca for new connections; live ones keep theirs."""
+
+    listen: str = ""  # HOST:PORT ("[::1]:7443" for IPv6; port 0 = any free one); "" = off
+    cert: Path | None = None
+    key: Path | None = None
+    key_credential: str = ""  # systemd credential name; used instead of `key` when set
+    client_ca: Path | None = None
+    allowed_clients: list[str] = field(default_factory=list)  # empty = any cert of client_ca
+    keepalive_idle_seconds: int = 60  # TCP keepalive: first probe after this much silence
+    keepalive_interval_seconds: int = 10
+    keepalive_probes: int = 5
+    handshake_timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -148,10 +192,20 @@ class LogConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus exposition over HTTP (GET /metrics), off by default; the debug socket's
+    `metrics` command serves the same text either way."""
+
+    listen: str = ""  # "HOST:PORT", e.g. "127.0.0.1:9464" (port 0: any free port, logged); "" = off
+    max_connections: int = 8  # concurrent scrapes; more wait in the listen backlog
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     exec: ExecConfig = field(default_factory=ExecConfig)
@@ -159,6 +213,7 @@ class Config:
     auditproof: AuditProofConfig = field(default_factory=AuditProofConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
 
@@ -262,7 +317,8 @@ def _coerce(default, v, key: str):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{key} must be a number, got {v!r}")
         return float(v)
-    if isinstance(default, Path) or (default is None and key.endswith(("socket", "_dir"))):
+    if isinstance(default, Path) or (default is None and key.endswith(
+            ("socket", "_dir", ".cert", ".key", ".client_ca"))):
         if not isinstance(v, str) or not v:
             raise ConfigError(f"{key} must be a non-empty path string, got {v!r}")
         return Path(v)
@@ -275,6 +331,14 @@ def _coerce(default, v, key: str):
             raise ConfigError(f"{key} must be a list, got {v!r}")
         return list(v)
     raise ConfigError(f"{key}: unsupported value {v!r}")
+
+
+def _listen_ok(listen: str) -> bool:
+    try:
+        parse_listen(listen)
+    except ValueError:
+        return False
+    return True
 
 
 def _validate(cfg: Config) -> None:
@@ -293,6 +357,20 @@ def _validate(cfg: Config) -> None:
     need(1024 <= cfg.rpc.max_frame_bytes <= 1024 * MiB,
          "rpc.max_frame_bytes must be between 1024 and 1 GiB")
     need(1024 <= cfg.rpc.chunk_bytes <= 64 * 1024, "rpc.chunk_bytes must be between 1024 and 65536")
+    r = cfg.rpc
+    need(r.max_connections >= 1, "rpc.max_connections must be >= 1")
+    need(r.fd_reserve >= 16 and r.fd_reserve_per_session >= 0,
+         "rpc.fd_reserve must be >= 16 and rpc.fd_reserve_per_session >= 0")
+    need(r.idle_timeout_seconds > 0, "rpc.idle_timeout_seconds must be > 0")
+    need(r.max_inflight_requests >= 1, "rpc.max_inflight_requests must be >= 1")
+    need(r.max_inflight_bytes >= r.max_frame_bytes,
+         "rpc.max_inflight_bytes must be >= rpc.max_frame_bytes")
+    need(r.send_timeout_seconds > 0, "rpc.send_timeout_seconds must be > 0")
+    need(r.stream_queue_bytes >= r.chunk_bytes, "rpc.stream_queue_bytes must be >= rpc.chunk_bytes")
+    need(1 <= r.pending_page_max <= 100000, "rpc.pending_page_max must be between 1 and 100000")
+    need(r.max_array_len >= 16 and r.max_map_len >= 16 and r.max_containers >= 16,
+         "rpc.max_array_len, rpc.max_map_len and rpc.max_containers must be >= 16")
+    _validate_remote(cfg.remote, need)
     need(cfg.sandbox.uid_base >= 65536, "sandbox.uid_base must be >= 65536 (above host users)")
     need(cfg.sandbox.uid_slot_size >= 1001,
          "sandbox.uid_slot_size must be >= 1001 (uid 1000 inside must map)")
@@ -305,6 +383,10 @@ def _validate(cfg: Config) -> None:
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
     need(cfg.keys.rotate_interval_seconds >= 60, "keys.rotate_interval_seconds must be >= 60")
     need(cfg.health.interval_seconds >= 1, "health.interval_seconds must be >= 1")
+    if cfg.metrics.listen:
+        need(_listen_ok(cfg.metrics.listen),
+             f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics.listen!r}")
+    need(1 <= cfg.metrics.max_connections <= 256, "metrics.max_connections must be 1..256")
     need(bool(cfg.tiers), "at least one tier must be configured")
     for name, t in cfg.tiers.items():
         for k in ("max_concurrent", "max_ttl_seconds", "tmpfs_bytes"):
@@ -327,3 +409,35 @@ def _validate(cfg: Config) -> None:
              f"classes.{name}.wipe_passes must be a non-empty list of {', '.join(WIPE_PATTERNS)}")
         need(c.wipe_passes[-1] == "zeros",
              f"classes.{name}.wipe_passes must end with zeros (the read-back is checked against zero)")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[V6]:PORT" -> (host, port); ValueError when malformed."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(listen)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(listen)
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _validate_remote(rm: RemoteConfig, need) -> None:
+    if not rm.listen:
+        return
+    try:
+        parse_listen(rm.listen)
+    except ValueError:
+        need(False, f"remote.listen must be HOST:PORT (\"[::1]:7443\" for IPv6); got {rm.listen!r}")
+    need(rm.cert is not None, "remote.cert is required when remote.listen is set")
+    need(rm.key is not None or bool(rm.key_credential),
+         "remote.key or remote.key_credential is required when remote.listen is set")
+    need(rm.client_ca is not None,
+         "remote.client_ca is required when remote.listen is set (client certificates are "
+         "mandatory)")
+    need(all(isinstance(c, str) and c for c in rm.allowed_clients),
+         "remote.allowed_clients must be a list of non-empty names")
+    need(rm.keepalive_idle_seconds >= 1 and rm.keepalive_interval_seconds >= 1
+         and rm.keepalive_probes >= 1, "remote.keepalive_* must be >= 1")
+    need(rm.handshake_timeout_seconds > 0, "remote.handshake_timeout_seconds must be > 0")

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/run.py            # full run (a few minutes)
     .venv/bin/python bench/run.py --quick    # fewer iterations, smaller density
+    .venv/bin/python bench/run.py --only transport   # exec round trip and lifecycle over
+                                                      # the unix socket and over mTLS
 
 Starts a real daemon on a temporary socket (temporary state/runtime dirs, its own
 cgroup prefix and host uid range), drives it with a plain msgpack-rpc client, and runs bubblewrap with an
@@ -89,9 +91,11 @@ def summary(xs: list[float]) -> dict:
 class Client:
     """A minimal blocking msgpack-rpc client (one request at a time per instance)."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+        self.sock = sock
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
         self.msgid = 0
 
@@ -119,13 +123,14 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_config: str = "") -> None:
         self.tmp = tmp
         self.prefix = f"nanorix-agent-bench-{os.getpid()}"
         self.uid_base = UID_BASE
         cfg = tmp / "agent.toml"
         cfg.write_text(BENCH_CONFIG.format(prefix=self.prefix, uid_base=self.uid_base,
-                                           level=os.environ.get("NRX_BENCH_LOG", "warning")))
+                                           level=os.environ.get("NRX_BENCH_LOG", "warning"))
+                       + extra_config)
         self.state, self.run = tmp / "state", tmp / "run"
         self.state.mkdir()
         self.run.mkdir()
@@ -290,6 +295,65 @@ def bench_lifecycle(d: Daemon, n: int, rows: list) -> None:
     c.close()
     rows.append(("full lifecycle create/exec/destroy+CDP (ms)", summary(ours), summary(peer),
                  "goal p50 <= 15 ms; peer: bwrap one-shot"))
+
+
+class Tls:
+    """The [remote] side of the transport rows: certificates made with tests/pki.py, a free
+    loopback port, and clients that present the listed client certificate."""
+
+    def __init__(self, tmp: Path) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pki import Pki
+
+        self.pki = Pki(tmp / "pki")
+        self.pki.issue("node", "node-1", server=True)
+        self.pki.issue("client", "control-plane")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        b = self.pki.base
+        self.config = (f'\n[remote]\nlisten = "127.0.0.1:{self.port}"\ncert = "{b}/node.crt"\n'
+                       f'key = "{b}/node.key"\nclient_ca = "{b}/ca.crt"\n'
+                       'allowed_clients = ["control-plane"]\n')
+
+    def client(self) -> Client:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.pki.base / "ca.crt"))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(self.pki.base / "client.crt", self.pki.base / "client.key")
+        raw = socket.create_connection(("127.0.0.1", self.port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Client("", sock=ctx.wrap_socket(raw, server_hostname="localhost"))
+
+
+def bench_transport(d: Daemon, tls: Tls, n: int, rows: list) -> None:
+    """Exec round trip and full lifecycle over the unix socket and over mTLS, alternating
+    run by run on one live daemon (one connection per transport, set up once)."""
+    clients = {"unix": Client(d.sock), "mTLS": tls.client()}
+    sids = {k: create(c) for k, c in clients.items()}
+    rtt: dict[str, list[float]] = {k: [] for k in clients}
+    life: dict[str, list[float]] = {k: [] for k in clients}
+    for _ in range(n * 2):
+        for k, c in clients.items():
+            rtt[k].append(timed(exec_true, c, sids[k]))
+    for _ in range(n):
+        for k, c in clients.items():
+            life[k].append(timed(lifecycle, c))
+    for k, c in clients.items():
+        count_status(destroy(c, sids[k]))
+        c.close()
+    for k in clients:
+        rows.append((f"exec `true` round trip over {k} (ms)", summary(rtt[k]), None,
+                     "same daemon, alternating"))
+    for k in clients:
+        rows.append((f"full lifecycle over {k} (ms)", summary(life[k]), None,
+                     "create/exec/destroy+CDP"))
+    tls_conn = timed(lambda: tls.client().close())
+    rows.append(("mTLS connect + handshake (ms)", {"p50": tls_conn, "p95": tls_conn,
+                                                   "p99": tls_conn, "min": tls_conn,
+                                                   "max": tls_conn, "n": 1}, None,
+                 "once; a control plane keeps its connection"))
 
 
 def _concurrently(k: int, per_client: int, one) -> tuple[float, list[float]]:
@@ -501,11 +565,13 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--only", choices=("all", "transport"), default="all",
+                    help="transport: just the unix-socket vs mTLS rows (about a minute)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench needs root (namespaces, cgroups)", file=sys.stderr)
         return 2
-    if not shutil.which("bwrap"):
+    if args.only == "all" and not shutil.which("bwrap"):
         print("bench needs bubblewrap: apt-get install bubblewrap", file=sys.stderr)
         return 2
     n = 30 if args.quick else 200
@@ -517,9 +583,11 @@ def main() -> int:
     print(f"machine: {machine()}", flush=True)
     left: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nrx-bench-") as td:
-        d = Daemon(Path(td))
-        try:
-            for name, fn in [
+        tls = Tls(Path(td))
+        d = Daemon(Path(td), tls.config)
+        benches = [
+                ("transport", lambda: bench_transport(d, tls, n, rows)),
+        ] if args.only == "transport" else [
                 ("create+exec", lambda: bench_create_exec(d, n, rows)),
                 ("exec rtt", lambda: bench_exec_rtt(d, n * 2, rows)),
                 ("lifecycle", lambda: bench_lifecycle(d, n, rows)),
@@ -527,14 +595,18 @@ def main() -> int:
                 ("streaming", lambda: bench_streaming(d, rows)),
                 ("density", lambda: bench_density(d, [100] if args.quick else [100, 500, 1000],
                                                   rows)),
-            ]:
+                ("transport", lambda: bench_transport(d, tls, n, rows)),
+        ]
+        try:
+            for name, fn in benches:
                 print(f"... {name}", file=sys.stderr, flush=True)
                 fn()
         finally:
             d.stop()
             left = leftovers(d)
-    bench_wipe(rows)
-    bench_cdp(rows)
+    if args.only == "all":
+        bench_wipe(rows)
+        bench_cdp(rows)
     print()
     print(f"{'what':<48} | {'nanorix-agent p50 / p95 / p99 (min-max)':<44} | "
           f"{'bubblewrap p50 / p95 / p99 (min-max)':<44} | note")

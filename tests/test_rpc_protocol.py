@@ -258,13 +258,14 @@ def _as_other_uid(path, uid: int, gid: int = 0, groups: tuple[int, ...] = ()) ->
 
 
 def test_peer_uid_not_allowed_gets_unauthorized_then_close(daemon):
-    """A peer whose uid/gid is not allowed gets Unauthorized for its msgid, then EOF."""
+    """A peer whose uid/gid is not allowed gets Unauthorized (msgid 0: its request is
+    never decoded), then EOF."""
     data = _as_other_uid(daemon.socket, 65534)
     u = msgpack.Unpacker(raw=False)
     u.feed(data)
     msgs = list(u)
     assert len(msgs) == 1
-    assert msgs[0][:2] == [1, 77] and msgs[0][3] is None
+    assert msgs[0][:2] == [1, 0] and msgs[0][3] is None
     assert msgs[0][2]["error"] == "Unauthorized" and msgs[0][2]["status"] == 401
     _still_serving(daemon)
 

@@ -1,4 +1,5 @@
-"""A small blocking MessagePack-RPC client over the agent's unix socket (used by the CLI).
+"""A small blocking MessagePack-RPC client over the agent's unix socket (used by the CLI),
+or over TCP with mutual TLS to a `[remote]` listener (`Client.tls`, docs/remote.md).
 
 `call(method, params, on_notify=None)` sends one request and reads until the response
 with the same msgid, handing every notification (e.g. `exec.output`) to `on_notify`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,17 +44,36 @@ def error_from_wire(err: Any) -> ApiError:
 
 class Client:
     def __init__(self, path: Path | str | None = None, *, timeout: float | None = None,
-                 max_buffer: int = 64 * 1024 * 1024) -> None:
-        self.path = str(path or default_socket())
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except OSError:
-            self.sock.close()
-            raise
+                 max_buffer: int = 64 * 1024 * 1024, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            self.path = str(path or default_socket())
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+        self.sock = sock
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_buffer)
         self._ids = itertools.count(1)
+
+    @classmethod
+    def tls(cls, host: str, port: int, *, cert: Path | str, key: Path | str,
+            ca: Path | str, server_name: str | None = None,
+            timeout: float | None = None) -> Client:
+        """Connect to a `[remote]` listener: TLS 1.3, our certificate `cert`/`key`, the
+        agent's certificate checked against `ca` and `server_name` (default `host`)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(str(cert), str(key))
+        raw = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock = ctx.wrap_socket(raw, server_hostname=server_name or host)
+        except BaseException:
+            raw.close()
+            raise
+        return cls(sock=sock)
 
     def close(self) -> None:
         self.sock.close()

@@ -15,7 +15,7 @@ import msgpack
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
-FIRST_BUFFER = 64 * 1024
+FIRST_BUFFER = 16 * 1024
 PACK_BUFFER = 4096
 
 __all__ = ["MAX_MSGID", "NOTIFICATION", "REQUEST", "RESPONSE", "Decoder", "ProtocolError",
@@ -26,17 +26,18 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not valid MessagePack-RPC; the connection is closed."""
 
 
-def pack(obj: Any, size_hint: int = 0) -> bytes:
+def pack(obj: Any) -> bytes:
     """msgpack's Packer starts with a 256 KiB buffer per call; with the daemon's wiping
     allocator every fresh buffer is filled on malloc and again on free, and every move of
-    a growing one too.  So the buffer starts at the frame's likely size: `size_hint`
-    (the bytes/str payload of the frame, see `_payload`) plus room for the envelope."""
-    return msgpack.packb(obj, use_bin_type=True, buf_size=PACK_BUFFER + size_hint)
+    a growing one too.  So the buffer starts at the frame's likely size: its bytes/str
+    payload (`_payload`) plus room for the envelope."""
+    return msgpack.packb(obj, use_bin_type=True, buf_size=PACK_BUFFER + _payload(obj))
 
 
-def _payload(obj: Any, depth: int = 2) -> int:
+def _payload(obj: Any, depth: int = 4) -> int:
     """Bytes of the bytes/str values in `obj`, looking `depth` levels into maps and lists
-    (an exec result's output, a notification's chunk): a size hint, never exact."""
+    (a frame's params or result, an exec's output, a notification's chunk): a size hint,
+    never exact."""
     if isinstance(obj, (bytes, bytearray, memoryview, str)):
         return len(obj)
     if depth and isinstance(obj, dict):
@@ -47,57 +48,67 @@ def _payload(obj: Any, depth: int = 2) -> int:
 
 
 def request(msgid: int, method: str, params: dict) -> bytes:
-    return pack([REQUEST, msgid, method, [params]], _payload(params))
+    return pack([REQUEST, msgid, method, [params]])
 
 
 def response(msgid: int, error: dict | None, result: Any) -> bytes:
-    return pack([RESPONSE, msgid, error, result], _payload(result))
+    return pack([RESPONSE, msgid, error, result])
 
 
 def notification(method: str, params: dict) -> bytes:
-    return pack([NOTIFICATION, method, [params]], _payload(params))
+    return pack([NOTIFICATION, method, [params]])
 
 
 class Decoder:
     """Incremental decoder.  `feed(data)` returns the complete messages now available.
 
     The Unpacker keeps every byte it was fed in its own buffer until it happens to be
-    overwritten (consumed frames are not cleared), so a long-lived connection would keep
-    old requests, customer input included, in memory.  Whenever all that was fed has been
-    decoded, the Unpacker is replaced by a fresh one: the old buffer is freed, and the
-    daemon's allocator overwrites freed memory (agent/memory_hygiene.py)."""
+    overwritten (consumed frames are not cleared), so a decoder kept for a long-lived
+    connection would keep old requests, customer input included, in memory.  Its owner
+    drops it whenever `empty` (the server does, agent/rpc/server.py): the buffer is freed,
+    and the daemon's allocator overwrites freed memory (agent/memory_hygiene.py)."""
 
-    def __init__(self, max_frame_bytes: int) -> None:
-        self._max = max_frame_bytes
-        self._unpacker = self._new()
-        self._fed = 0  # bytes fed to the current Unpacker
-        self._end = 0  # stream offset where its last complete message ended
-
-    def _new(self) -> msgpack.Unpacker:
+    def __init__(self, max_frame_bytes: int, *, max_array_len: int = 65536,
+                 max_map_len: int = 4096, max_containers: int = 100_000) -> None:
+        # the limits are checked while decoding: an array or map header over its length
+        # limit fails at once, and a message holding more than `max_containers` arrays and
+        # maps in all (16 MiB of empty maps would be 16 M dicts, ~1.2 GiB) fails at the
+        # first one too many, before the rest is built
+        self._containers, self._max_containers = 0, max_containers
         # read_size is the first buffer's size (msgpack's default is 1 MiB, allocated and
-        # overwritten twice per fresh Unpacker); it grows by doubling for larger frames
-        return msgpack.Unpacker(raw=False, max_buffer_size=self._max, strict_map_key=True,
-                                read_size=min(self._max, FIRST_BUFFER))
+        # filled on malloc and on free under the wiping allocator); it doubles as needed
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
+                                          strict_map_key=True, max_array_len=max_array_len,
+                                          max_map_len=max_map_len, object_hook=self._count,
+                                          list_hook=self._count,
+                                          read_size=min(max_frame_bytes, FIRST_BUFFER))
+        self._fed = self._boundary = 0  # bytes fed; stream offset after the last message
+
+    def _count(self, obj: Any) -> Any:
+        self._containers += 1
+        if self._containers > self._max_containers:
+            raise ValueError("too many arrays and maps in one message")
+        return obj
+
+    @property
+    def empty(self) -> bool:
+        """Every byte fed belongs to a complete message (the Unpacker parses partial data
+        into its own state, so its buffer alone cannot say): the owner may drop this
+        decoder until more bytes come (an Unpacker costs ~40 KiB)."""
+        return self._boundary == self._fed
 
     def feed(self, data: bytes) -> list[Any]:
         try:
             self._unpacker.feed(data)
+            self._fed += len(data)
         except msgpack.BufferFull:
             raise ProtocolError("frame larger than the limit") from None
-        self._fed += len(data)
-        out = self._decode()
-        # tell() alone is not enough: a partly parsed message advances it too
-        if self._end == self._fed:  # nothing pending: drop the old buffer
-            self._unpacker = self._new()
-            self._fed = self._end = 0
-        return out
-
-    def _decode(self) -> list[Any]:
         out = []
         try:
             for msg in self._unpacker:
                 out.append(msg)
-                self._end = self._unpacker.tell()
+                self._boundary = self._unpacker.tell()
+                self._containers = 0
         except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
             pass
         except Exception as e:  # FormatError, StackError, ValueError, TypeError …

@@ -8,14 +8,18 @@ nil value for an optional field means "absent".  An unknown method is `BadReques
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+import trio
+
 from agent.config import CLASSIFICATIONS, JURISDICTIONS
 from agent.errors import BadRequest, NotFound
-from agent.rpc.server import CallContext
+from agent.rpc.server import CallContext, Limits
 from agent.service.sessions import SESSION_ID_RE, Service
 from agent.timefmt import iso_seconds
 
@@ -24,6 +28,9 @@ __all__ = ["METHODS", "Api"]
 MAX_ID_LEN = 256
 MAX_COMMAND_BYTES = 256 * 1024
 MAX_ENV_ENTRIES = 256
+PENDING_PAGE_DEFAULT = 100
+
+_log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.setup()
 
 
 @dataclass(frozen=True)
@@ -100,9 +107,10 @@ class Method:
 class Api:
     """Binds the method table to a Service; `dispatch` is what the RpcServer calls."""
 
-    def __init__(self, service: Service, health=None) -> None:
+    def __init__(self, service: Service, health=None, rpc=None) -> None:
         self.service = service
         self.health = health  # callable -> dict (agent.health); set by the daemon
+        self.rpc = rpc  # the listeners' ConnectionGate (connections, accept health)
 
     async def dispatch(self, method: str, params: dict, ctx: CallContext) -> Any:
         m = METHODS.get(method)
@@ -150,18 +158,63 @@ async def _exec(api: Api, p: dict, ctx: CallContext) -> dict:
         raise BadRequest(f"command must be 1..{MAX_COMMAND_BYTES} bytes", field="command")
     if "\0" in command:
         raise BadRequest("command must not contain NUL", field="command")
-    on_output = None
-    if p.get("stream"):
-        chunk = api.service.config.rpc.chunk_bytes
-        msgid = ctx.msgid
+    def run(on_output=None):
+        return api.service.exec(
+            p["session_id"], command, input_data=p.get("input_data"), timeout=p.get("timeout"),
+            env=p.get("env"), on_output=on_output, customer_id=p.get("customer_id"))
 
-        async def on_output(stream: str, data: bytes) -> None:
-            for i in range(0, len(data), chunk):
-                await ctx.notify("exec.output", {"msgid": msgid, "stream": stream,
-                                                 "data": bytes(data[i:i + chunk])})
-    return await api.service.exec(
-        p["session_id"], command, input_data=p.get("input_data"), timeout=p.get("timeout"),
-        env=p.get("env"), on_output=on_output, customer_id=p.get("customer_id"))
+    if not p.get("stream"):
+        return await run()
+    out = _OutputStream(ctx, api.service.config.rpc.chunk_bytes,
+                        (ctx.limits or Limits()).stream_queue_bytes)
+    failed: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.sender)
+        try:
+            result = await run(out.put)
+        except Exception as e:  # re-raised bare below, not inside the nursery's group
+            failed = e
+        finally:
+            out.close()  # the sender delivers what is queued, then ends
+    if failed is not None:
+        raise failed
+    result["stream_dropped"] = out.dropped
+    return result
+
+
+class _OutputStream:
+    """Streamed exec output on its way to one client: `put` never waits (the exec's
+    reader and its timeout never depend on the client), at most `cap` bytes wait in the
+    queue, and a client that falls further behind loses the rest of its stream (the
+    result still carries the head+tail capture and says `stream_dropped`)."""
+
+    def __init__(self, ctx: CallContext, chunk: int, cap: int) -> None:
+        self.ctx, self.chunk, self.cap = ctx, chunk, cap
+        self.queued = 0
+        self.dropped = False
+        self._send, self._recv = trio.open_memory_channel(math.inf)  # bounded by bytes
+
+    async def put(self, stream: str, data: bytes) -> None:
+        if self.dropped:
+            return
+        if self.queued + len(data) > self.cap:
+            self.dropped = True
+            _log.warning("exec_stream_dropped", msgid=self.ctx.msgid, queued_bytes=self.queued)
+            return
+        self.queued += len(data)
+        self._send.send_nowait((stream, data))
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def sender(self) -> None:
+        async with self._recv:
+            async for stream, data in self._recv:
+                for i in range(0, len(data), self.chunk):
+                    await self.ctx.notify("exec.output", {
+                        "msgid": self.ctx.msgid, "stream": stream,
+                        "data": bytes(data[i:i + self.chunk])})
+                self.queued -= len(data)
 
 
 async def _destroy(api: Api, p: dict, ctx: CallContext) -> dict:
@@ -177,7 +230,14 @@ async def _proof_get(api: Api, p: dict, ctx: CallContext) -> dict:
 
 
 async def _proof_pending(api: Api, p: dict, ctx: CallContext) -> list:
-    return api.service.spool.pending()
+    """One page of unacknowledged CDPs in session-id order (`after` = the last session id
+    of the previous page; a page shorter than `limit` is the last).  Read in a worker
+    thread so a large spool never stalls the event loop."""
+    cap = api.service.config.rpc.pending_page_max
+    limit = p.get("limit", min(PENDING_PAGE_DEFAULT, cap))
+    if limit > cap:
+        raise BadRequest(f"limit must be between 1 and {cap}", field="limit")
+    return await trio.to_thread.run_sync(api.service.spool.pending, limit, p.get("after"))
 
 
 async def _proof_ack(api: Api, p: dict, ctx: CallContext) -> dict:
@@ -199,12 +259,35 @@ async def _key_get(api: Api, p: dict, ctx: CallContext) -> dict:
     return rec
 
 
-async def _health(api: Api, p: dict, ctx: CallContext) -> dict:
+def _health_snapshot(api: Api) -> dict:
     if api.health is not None:
-        return api.health()
-    return {"status": "unhealthy", "engines": {}, "database": False,
-            "uptime_seconds": int(time.monotonic() - api.service.started_at),
-            "timestamp": iso_seconds()}
+        res = dict(api.health())
+    else:
+        res = {"status": "unhealthy", "engines": {}, "database": False,
+               "uptime_seconds": int(time.monotonic() - api.service.started_at),
+               "timestamp": iso_seconds()}
+    res["draining"] = api.service.draining
+    res["sessions_live"] = api.service.capacity()["sessions_live"]
+    if api.rpc is not None:
+        rpc = api.rpc.status()
+        res["rpc"] = rpc
+        if rpc["accept_starved"] and res["status"] == "healthy":
+            res["status"] = "degraded"  # out of fds or memory: new clients wait
+    return res
+
+
+async def _health(api: Api, p: dict, ctx: CallContext) -> dict:
+    return _health_snapshot(api)
+
+
+async def _drain(api: Api, p: dict, ctx: CallContext) -> dict:
+    """Start or end draining: new creates answer Unavailable, live sessions go on."""
+    s = api.service
+    if s.draining != p["drain"]:
+        s.draining = p["drain"]
+        _log.warning("agent_draining" if s.draining else "agent_undrained",
+                     sessions_live=s.capacity()["sessions_live"])
+    return {"draining": s.draining, "sessions_live": s.capacity()["sessions_live"]}
 
 
 async def _info(api: Api, p: dict, ctx: CallContext) -> dict:
@@ -216,12 +299,27 @@ async def _info(api: Api, p: dict, ctx: CallContext) -> dict:
         from agent.sandbox.cgroups import detect_mode
 
         mode = detect_mode()
-    tiers = {name: {"max_concurrent": t.max_concurrent, "max_ttl_seconds": t.max_ttl_seconds,
-                    "default_ttl_seconds": t.default_ttl_seconds,
-                    "memory_bytes": t.memory_bytes} for name, t in cfg.tiers.items()}
-    return {"version": s.version, "node_id": cfg.node.node_id, "capacity": s.capacity(),
+    cap = dict(s.capacity())
+    sessions_free = max(0, cap["sessions_max"] - cap["sessions_live"])
+    memory_free = max(0, cap["memory_capacity_bytes"] - cap["memory_committed_bytes"])
+    cap["sessions_free"] = sessions_free
+    cap["memory_free_bytes"] = memory_free
+    live_by_tier: dict[str, int] = {}
+    for sess in s.live():
+        live_by_tier[sess.record.tier] = live_by_tier.get(sess.record.tier, 0) + 1
+    tiers = {}
+    for name, t in cfg.tiers.items():
+        # how many more sessions of this tier the node would admit now (the per-customer
+        # max_concurrent still applies on top)
+        free = 0 if s.draining else min(sessions_free, memory_free // t.memory_bytes)
+        tiers[name] = {"max_concurrent": t.max_concurrent, "max_ttl_seconds": t.max_ttl_seconds,
+                       "default_ttl_seconds": t.default_ttl_seconds,
+                       "memory_bytes": t.memory_bytes, "sessions_live": live_by_tier.get(name, 0),
+                       "free_slots": free}
+    health = _health_snapshot(api)
+    return {"version": s.version, "node_id": cfg.node.node_id, "capacity": cap,
             "cgroup_mode": mode, "ttl_policy": cfg.node.ttl_policy, "draining": s.draining,
-            "tiers": tiers}
+            "health": health["status"], "tiers": tiers}
 
 
 _SID = F("sid", required=True)
@@ -241,10 +339,11 @@ METHODS: dict[str, Method] = {
         "customer_id": _CUST}, _exec),
     "session.destroy": Method({"session_id": _SID, "customer_id": _CUST}, _destroy),
     "proof.get": Method({"session_id": _SID}, _proof_get),
-    "proof.pending": Method({}, _proof_pending),
+    "proof.pending": Method({"limit": F("int", minimum=1), "after": F("sid")}, _proof_pending),
     "proof.ack": Method({"session_id": _SID}, _proof_ack),
     "proof.verify": Method({"cdp": F("map", required=True)}, _proof_verify),
     "key.get": Method({"key_id": F("id", required=True)}, _key_get),
     "agent.health": Method({}, _health),
     "agent.info": Method({}, _info),
+    "agent.drain": Method({"drain": F("bool", required=True)}, _drain),
 }

@@ -1,11 +1,31 @@
-"""The RPC listener (SPEC 8): a unix socket (mode and group from config), a SO_PEERCRED
-check per connection, and per-connection concurrency.
+"""The RPC listeners (SPEC 8, docs/remote.md): the local unix socket (mode and group from
+config, SO_PEERCRED per connection) and the optional TCP listener with mutual TLS 1.3
+(`[remote]`).  Both serve the same MessagePack-RPC through `_Connection` with the same
+limits, all from `[rpc]` config:
+
+- connections: one cap for both listeners together, lowered at start so the fd limit
+  keeps headroom for sessions and destruction (`effective_max_connections`); a peer over
+  the cap gets `Unavailable` (unix) or a closed socket (TCP) at once.  An accept that
+  fails for lack of fds/memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off (10 ms
+  doubling to 1 s) and marks the gate `accept_starved` (agent.health turns degraded)
+  until an accept succeeds again;
+- per connection: an idle timeout (no request in flight and nothing received), at most
+  `max_inflight_requests` requests and `max_inflight_bytes` of request frames plus
+  answers waiting to be sent (beyond either the connection is not read), and a send
+  timeout (a frame the peer does not take in time ends that connection);
+- a refused unix peer gets `Unauthorized` (msgid 0) before any of its bytes is decoded;
+  a refused TLS client fails the handshake (no/foreign/expired certificate) or gets
+  `Unauthorized` right after it (name not in `allowed_clients`).  Both are logged with
+  who the peer is, never with what it sent.
 
 Every request on a connection runs in its own task of the connection's nursery; replies
 are matched by msgid and written under a lock so frames never interleave.  A protocol
 error (oversized frame, malformed msgpack, wrong envelope) closes that connection only.
 When the peer disconnects, its in-flight requests are cancelled (a running exec is
 killed); work that must finish (create, destroy) shields itself in the service.
+
+Why an own accept loop instead of `trio.serve_listeners`: that one logs and sleeps 100 ms
+on EMFILE with no way to tell health, and has no connection cap.
 """
 
 from __future__ import annotations
@@ -13,7 +33,9 @@ from __future__ import annotations
 import errno
 import grp
 import os
+import resource
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,22 +45,37 @@ from typing import Any
 import structlog
 import trio
 
-from agent.errors import ApiError, BadRequest, InternalError, Unauthorized
+from agent.errors import ApiError, BadRequest, InternalError, Unauthorized, Unavailable
 from agent.rpc import framing
 
-__all__ = ["CallContext", "Peer", "RpcServer", "bind_unix_socket"]
+__all__ = ["CallContext", "ConnectionGate", "Limits", "Peer", "RemoteListener", "RpcServer",
+           "TlsPeer", "bind_unix_socket", "effective_max_connections"]
 
 _log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.setup()
-READ_SIZE = 256 * 1024
-FIRST_REQUEST_WAIT = 2.0
-MAX_INFLIGHT = 256  # concurrent requests per connection before the server stops reading  # how long a refused peer gets to send the msgid we answer
+READ_SIZE = 64 * 1024
+REFUSE_DISCARD_BYTES = 64 * 1024  # a refused unix peer's bytes thrown away (never decoded)
+REFUSE_DISCARD_SECONDS = 0.5  # so it reads our answer instead of a reset
+ANSWER_RESERVE = 64 * 1024  # budget each request holds at least, for the answer it will get
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
 
 
 @dataclass(frozen=True)
 class Peer:
+    """A unix-socket peer (SO_PEERCRED)."""
+
     pid: int
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class TlsPeer:
+    """A TLS client: its address and the certificate name that admitted it."""
+
+    address: str
+    subject: str
+    name: str
 
 
 @dataclass
@@ -46,12 +83,138 @@ class CallContext:
     """What a method handler gets besides its params."""
 
     msgid: int | None
-    peer: Peer
+    peer: Peer | TlsPeer
     notify: Callable[[str, dict], Awaitable[None]]
+    limits: Limits | None = None
 
 
 Dispatch = Callable[[str, dict, CallContext], Awaitable[Any]]
 
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection bounds, the same on every listener (from `[rpc]`)."""
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_inflight_requests: int = 256
+    max_inflight_bytes: int = 64 * 1024 * 1024
+    idle_timeout: float = 300.0
+    send_timeout: float = 30.0
+    stream_queue_bytes: int = 4 * 1024 * 1024
+    max_array_len: int = 65536
+    max_map_len: int = 4096
+    max_containers: int = 100_000
+
+    @classmethod
+    def from_config(cls, rpc) -> Limits:
+        return cls(max_frame_bytes=rpc.max_frame_bytes,
+                   max_inflight_requests=rpc.max_inflight_requests,
+                   max_inflight_bytes=rpc.max_inflight_bytes,
+                   idle_timeout=rpc.idle_timeout_seconds, send_timeout=rpc.send_timeout_seconds,
+                   stream_queue_bytes=rpc.stream_queue_bytes, max_array_len=rpc.max_array_len,
+                   max_map_len=rpc.max_map_len, max_containers=rpc.max_containers)
+
+    def decoder(self) -> framing.Decoder:
+        return framing.Decoder(self.max_frame_bytes, max_array_len=self.max_array_len,
+                               max_map_len=self.max_map_len,
+                               max_containers=self.max_containers)
+
+
+def effective_max_connections(rpc, max_sessions: int, nofile: int | None = None) -> int:
+    """The connection cap actually used: `rpc.max_connections`, lowered so that the fds
+    left under RLIMIT_NOFILE cover `fd_reserve + fd_reserve_per_session * max_sessions`
+    (sessions, destruction, journal, spool) and never below 16."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            nofile = 1 << 20
+    room = nofile - rpc.fd_reserve - rpc.fd_reserve_per_session * max_sessions
+    cap = max(16, min(rpc.max_connections, room))
+    if cap < rpc.max_connections:
+        _log.warning("rpc_connection_cap_lowered", configured=rpc.max_connections,
+                     effective=cap, nofile=nofile, max_sessions=max_sessions)
+    return cap
+
+
+class ConnectionGate:
+    """The connection count and cap shared by every listener, and the accept health."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.connections = 0
+        self.refused_at_cap = 0
+        self.accept_starved = False
+        self.accept_errors = 0
+        self.idle_closed = 0
+
+    def try_enter(self) -> bool:
+        if self.connections >= self.max_connections:
+            self.refused_at_cap += 1
+            if self.refused_at_cap == 1 or self.refused_at_cap % 1000 == 0:
+                _log.warning("rpc_connection_cap", max_connections=self.max_connections,
+                             refused_total=self.refused_at_cap)
+            return False
+        self.connections += 1
+        return True
+
+    def leave(self) -> None:
+        self.connections -= 1
+
+    def starved(self, err: OSError) -> None:
+        self.accept_errors += 1
+        if not self.accept_starved:
+            self.accept_starved = True
+            _log.error("rpc_accept_starved", errno=errno.errorcode.get(err.errno, err.errno),
+                       connections=self.connections)
+
+    def fed(self) -> None:
+        if self.accept_starved:
+            self.accept_starved = False
+            _log.warning("rpc_accept_recovered", connections=self.connections)
+
+    def status(self) -> dict:
+        return {"connections": self.connections, "max_connections": self.max_connections,
+                "accept_starved": self.accept_starved, "refused_at_cap": self.refused_at_cap,
+                "accept_errors": self.accept_errors, "idle_closed": self.idle_closed}
+
+
+async def accept_loop(listen_sock: trio.socket.SocketType, gate: ConnectionGate,
+                      handle: Callable[[trio.socket.SocketType, Any], Awaitable[None]],
+                      refuse: Callable[[trio.socket.SocketType], None]) -> None:
+    """Accept until cancelled: over-cap peers are refused at once, capacity errors back
+    off and mark the gate starved, every other accepted socket runs `handle` in its task."""
+    backoff = ACCEPT_BACKOFF_MIN
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                sock, addr = await listen_sock.accept()
+            except OSError as e:
+                if e.errno not in CAPACITY_ERRNOS:
+                    raise
+                gate.starved(e)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            backoff = ACCEPT_BACKOFF_MIN
+            gate.fed()
+            if not gate.try_enter():
+                try:
+                    refuse(sock)
+                finally:
+                    sock.close()
+                continue
+            nursery.start_soon(_guarded, gate, handle, sock, addr)
+
+
+async def _guarded(gate: ConnectionGate, handle, sock, addr) -> None:
+    try:
+        await handle(sock, addr)
+    finally:
+        gate.leave()
+        sock.close()
+
+
+# -- unix socket -------------------------------------------------------------------------
 
 def peer_credentials(sock) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -107,14 +270,30 @@ def bind_unix_socket(path: Path, *, mode: int, group: str | None) -> socket.sock
     return sock
 
 
+def _send_nowait(sock, data: bytes) -> None:
+    try:
+        os.write(sock.fileno(), data)  # a fresh non-blocking socket takes a small frame
+    except OSError:
+        pass
+
+
 class RpcServer:
-    def __init__(self, dispatch: Dispatch, *, max_frame_bytes: int, allowed_uids: list[int],
-                 allowed_gids: list[int]) -> None:
+    """The unix-socket listener and the owner of the shared gate and limits."""
+
+    def __init__(self, dispatch: Dispatch, *, max_frame_bytes: int | None = None,
+                 allowed_uids: list[int], allowed_gids: list[int],
+                 limits: Limits | None = None, gate: ConnectionGate | None = None) -> None:
         self.dispatch = dispatch
-        self.max_frame_bytes = max_frame_bytes
+        if limits is None:
+            limits = Limits(max_frame_bytes=max_frame_bytes or Limits.max_frame_bytes)
+        self.limits = limits
+        self.gate = gate or ConnectionGate(512)
         self.allowed_uids = set(allowed_uids)
         self.allowed_gids = set(allowed_gids)
-        self.connections = 0
+
+    @property
+    def connections(self) -> int:
+        return self.gate.connections
 
     def allowed(self, peer: Peer) -> bool:
         if peer.uid in self.allowed_uids or peer.gid in self.allowed_gids:
@@ -125,86 +304,315 @@ class RpcServer:
                                                  & self.allowed_gids)
 
     async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        await trio.serve_listeners(self.handle_stream, [listener], task_status=task_status)
+        listen_sock = trio.socket.from_stdlib_socket(sock)
+        task_status.started()
+        await accept_loop(listen_sock, self.gate, self._handle, self._refuse_over_cap)
 
-    # -- one connection ----------------------------------------------------------------
-    async def handle_stream(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
+    def _refuse_over_cap(self, sock) -> None:
+        err = Unavailable(f"too many connections (max {self.gate.max_connections})")
+        _send_nowait(sock, framing.response(0, err.to_wire(), None))
+
+    async def _handle(self, sock, addr) -> None:
+        stream = trio.SocketStream(sock)
         try:
             try:
-                peer = peer_credentials(stream.socket)
+                peer = peer_credentials(sock)
             except OSError:
                 return
             if not self.allowed(peer):
                 _log.warning("rpc_peer_refused", uid=peer.uid, gid=peer.gid, pid=peer.pid)
                 await self._refuse(stream)
                 return
-            await _Connection(self, stream, peer).run()
+            await _Connection(self, stream, peer, _log.bind(peer_uid=peer.uid,
+                                                            peer_pid=peer.pid)).run()
         finally:
-            self.connections -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
-        """Answer Unauthorized to the first request (msgid 0 if none comes), then close."""
-        msgid = 0
-        decoder = framing.Decoder(self.max_frame_bytes)
-        with trio.move_on_after(FIRST_REQUEST_WAIT):
-            try:
-                while True:
-                    data = await stream.receive_some(READ_SIZE)
-                    if not data:
-                        break
-                    msgs = decoder.feed(data)
-                    if msgs:
-                        try:
-                            req = framing.parse_request(msgs[0])
-                            msgid = req.msgid or 0
-                        except framing.ProtocolError:
-                            pass
-                        break
-            except (framing.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        """Answer Unauthorized (msgid 0) before decoding anything the peer sent, then
+        discard at most REFUSE_DISCARD_BYTES for REFUSE_DISCARD_SECONDS so that closing
+        does not turn into a reset that hides the answer from the peer."""
         err = Unauthorized("peer uid/gid is not allowed on this socket").to_wire()
         try:
-            await stream.send_all(framing.response(msgid, err, None))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(REFUSE_DISCARD_SECONDS):
+                await stream.send_all(framing.response(0, err, None))
+                await stream.send_eof()
+                taken = 0
+                while taken < REFUSE_DISCARD_BYTES:
+                    data = await stream.receive_some(REFUSE_DISCARD_BYTES - taken)
+                    if not data:
+                        break
+                    taken += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
 
-class _Connection:
-    def __init__(self, server: RpcServer, stream: trio.SocketStream, peer: Peer) -> None:
+# -- TCP + mutual TLS -------------------------------------------------------------------
+
+def _subject_name(cert: dict) -> str:
+    parts = []
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            parts.append(f"{ {'commonName': 'CN', 'organizationName': 'O'}.get(k, k)}={v}")
+    return ",".join(parts)
+
+
+def cert_names(cert: dict) -> list[str]:
+    """The names a client certificate can be listed by: subject CN, DNS and URI SANs."""
+    names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    names += [v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "URI")]
+    return names
+
+
+def _tls_refusal_reason(exc: BaseException) -> str:
+    """The OpenSSL reason for a failed handshake, without any request data."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur.verify_message or cur.reason or "certificate verify failed"
+        if isinstance(cur, ssl.SSLError):  # e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE
+            return (cur.reason or type(cur).__name__).replace("_", " ").lower()
+        cur = cur.__cause__ or cur.__context__
+    return type(exc).__name__
+
+
+class RemoteListener:
+    """The `[remote]` listener: TCP with TLS 1.3 and mandatory client certificates,
+    serving the same RPC as the unix socket.  `reload()` re-reads cert, key and client CA
+    for new connections (live ones keep the context they were accepted with)."""
+
+    def __init__(self, server: RpcServer, remote_cfg) -> None:
         self.server = server
+        self.cfg = remote_cfg
+        self.allowed = set(remote_cfg.allowed_clients)
+        self.context = self._build_context()
+        self.sock: socket.socket | None = None
+        self.reloads = 0
+
+    # -- certificates ------------------------------------------------------------------
+    def _key_path(self) -> Path:
+        if self.cfg.key_credential:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise RuntimeError("remote.key_credential is set but $CREDENTIALS_DIRECTORY "
+                                   "is not")
+            return Path(creds) / self.cfg.key_credential
+        return Path(self.cfg.key)
+
+    def _build_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(str(self.cfg.cert), str(self._key_path()))
+        ctx.load_verify_locations(cafile=str(self.cfg.client_ca))
+        ctx.options |= ssl.OP_NO_TICKET  # every connection shows its certificate again
+        return ctx
+
+    def reload(self) -> bool:
+        """Re-read cert, key and client CA (SIGHUP).  On an error the old context stays
+        and the error is logged; live connections are never touched."""
+        try:
+            ctx = self._build_context()
+        except (OSError, ssl.SSLError, RuntimeError) as e:
+            _log.error("rpc_remote_reload_failed", error=type(e).__name__,
+                       reason=getattr(e, "reason", None) or getattr(e, "strerror", None))
+            return False
+        self.context = ctx
+        self.reloads += 1
+        _log.info("rpc_remote_reloaded", reloads=self.reloads)
+        return True
+
+    # -- listening ---------------------------------------------------------------------
+    def bind(self) -> socket.socket:
+        from agent.config import parse_listen
+
+        host, port = parse_listen(self.cfg.listen)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+        self.sock = sock
+        return sock
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = self.sock or self.bind()
+        listen_sock = trio.socket.from_stdlib_socket(sock)
+        _log.info("rpc_remote_listening", address=f"{self.address[0]}:{self.address[1]}",
+                  allowed_clients=len(self.allowed))
+        task_status.started()
+        await accept_loop(listen_sock, self.server.gate, self._handle, lambda s: None)
+
+    def _keepalive(self, sock) -> None:
+        c = self.cfg
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, c.keepalive_idle_seconds)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, c.keepalive_interval_seconds)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, c.keepalive_probes)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def _handle(self, sock, addr) -> None:
+        address = f"{addr[0]}:{addr[1]}"
+        try:
+            self._keepalive(sock)
+        except OSError:
+            return
+        stream = trio.SSLStream(trio.SocketStream(sock), self.context, server_side=True)
+        try:
+            await self._serve_tls(stream, address)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await stream.aclose()
+
+    async def _serve_tls(self, stream: trio.SSLStream, address: str) -> None:
+        try:
+            with trio.fail_after(self.cfg.handshake_timeout_seconds):
+                await stream.do_handshake()
+        except trio.TooSlowError:
+            _log.warning("rpc_remote_refused", peer=address, subject=None,
+                         reason="handshake timed out")
+            return
+        except (trio.BrokenResourceError, OSError) as e:
+            # no certificate, another CA, expired, not a TLS 1.3 client: OpenSSL stopped it
+            # before any request; the certificate is not available to Python after a
+            # failed verification, so the log has the reason instead of the subject
+            _log.warning("rpc_remote_refused", peer=address, subject=None,
+                         reason=_tls_refusal_reason(e))
+            return
+        cert = stream.getpeercert() or {}
+        subject = _subject_name(cert)
+        names = cert_names(cert)
+        matched = next((n for n in names if n in self.allowed), None)
+        if self.allowed and matched is None:
+            _log.warning("rpc_remote_refused", peer=address, subject=subject,
+                         reason="certificate name not in remote.allowed_clients")
+            err = Unauthorized("client certificate is not in remote.allowed_clients")
+            with trio.move_on_after(REFUSE_DISCARD_SECONDS):
+                try:
+                    await stream.send_all(framing.response(0, err.to_wire(), None))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            return
+        peer = TlsPeer(address, subject, matched or (names[0] if names else subject))
+        log = _log.bind(peer=address, subject=subject)
+        log.info("rpc_remote_accepted")
+        await _Connection(self.server, stream, peer, log).run()
+        log.info("rpc_remote_closed")
+
+
+# -- one connection, either listener -----------------------------------------------------
+
+class _ByteBudget:
+    """Bytes a connection holds: each request from when it is read until its answer is
+    sent.  Only the reader waits for room (so nothing can wait on itself); an answer that
+    turns out larger than its request's share is charged at once (it exists already), and
+    the reader stops until it is sent.  An amount larger than the whole budget is taken
+    when nothing else is held."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._changed = trio.Event()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.cap)
+        while self.used + n > self.cap:
+            await self._changed.wait()
+        self.used += n
+        return n
+
+    def charge(self, n: int) -> int:
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class _Connection:
+    def __init__(self, server: RpcServer, stream, peer: Peer | TlsPeer, log) -> None:
+        self.server = server
+        self.limits = server.limits
         self.stream = stream
         self.peer = peer
         self.lock = trio.Lock()
-        self.inflight = trio.Semaphore(MAX_INFLIGHT)
-        self.log = _log.bind(peer_uid=peer.uid, peer_pid=peer.pid)
+        self.inflight = trio.Semaphore(self.limits.max_inflight_requests)
+        self.budget = _ByteBudget(self.limits.max_inflight_bytes)
+        self.active = 0
+        self.log = log
+        self.scope: trio.CancelScope | None = None
 
     async def send(self, data: bytes) -> None:
+        """One frame, whole, within the send timeout; a peer that does not take it in
+        time (or a cancelled partial write) ends the connection."""
         async with self.lock:
-            await self.stream.send_all(data)
+            with trio.move_on_after(self.limits.send_timeout) as cs:
+                try:
+                    await self.stream.send_all(data)
+                except trio.Cancelled:
+                    # part of the frame may be out: the stream is unusable either way.
+                    # (Once _abort cancels the connection's scope, that outer scope is the
+                    # one that catches this, so the timeout is logged here.)
+                    if cs.cancel_called:
+                        self.log.warning("rpc_send_timeout", seconds=self.limits.send_timeout)
+                    self._abort()
+                    raise
+            if cs.cancelled_caught:  # not reached while _abort has a scope to cancel
+                raise trio.BrokenResourceError("peer did not read in time")
+
+    def _abort(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
 
     async def run(self) -> None:
-        decoder = framing.Decoder(self.server.max_frame_bytes)
+        decoder = None  # made when bytes come, dropped between frames (memory per idle peer)
+        idle = self.limits.idle_timeout
         async with trio.open_nursery() as nursery:
+            self.scope = nursery.cancel_scope
             try:
                 while True:
-                    try:
-                        data = await self.stream.receive_some(READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
+                    with trio.move_on_after(idle) as cs:
+                        try:
+                            data = await self.stream.receive_some(READ_SIZE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            data = b""
+                    if cs.cancelled_caught:
+                        if self.active:
+                            continue
+                        self.server.gate.idle_closed += 1
+                        self.log.info("rpc_idle_closed", seconds=idle)
+                        break
                     if not data:
                         break
-                    for msg in decoder.feed(data):
+                    if decoder is None:
+                        decoder = self.limits.decoder()
+                    msgs = decoder.feed(data)
+                    del data
+                    if decoder.empty:
+                        decoder = None
+                    for msg in msgs:
                         req = framing.parse_request(msg)
                         if req.msgid is None:
                             self.log.info("rpc_notification_ignored")
                             continue
-                        # bounded in-flight requests: a flooding client stops being read
+                        # bounded in-flight requests and bytes: a flooding client stops
+                        # being read
                         await self.inflight.acquire()
-                        nursery.start_soon(self.call, req)
+                        size = len(framing.pack(req.params)) + len(req.method)
+                        held = await self.budget.acquire(max(size, ANSWER_RESERVE))
+                        self.active += 1
+                        nursery.start_soon(self.call, req, held)
             except framing.ProtocolError as e:
                 self.log.warning("rpc_protocol_error", reason=str(e))
             except OSError as e:
@@ -213,16 +621,24 @@ class _Connection:
             # peer gone or misbehaving: cancel its in-flight requests (kills its execs)
             nursery.cancel_scope.cancel()
 
-    async def call(self, req: framing.Request) -> None:
+    async def call(self, req: framing.Request, held: int) -> None:
         try:
-            await self._call(req)
+            await self._call(req, held)
         finally:
+            self.active -= 1
             self.inflight.release()
 
-    async def _call(self, req: framing.Request) -> None:
+    async def _call(self, req: framing.Request, held: int) -> None:
+        try:
+            await self._answer(req, held)
+        finally:
+            self.budget.release(held)
+
+    async def _answer(self, req: framing.Request, held: int) -> None:
         try:
             params = _single_map(req.params)
-            ctx = CallContext(req.msgid, self.peer, self._notifier())
+            req.params = []  # the handler's copy is the only one kept
+            ctx = CallContext(req.msgid, self.peer, self._notifier(), self.limits)
             result = await self.server.dispatch(req.method, params, ctx)
             frame = framing.response(req.msgid, None, result)
         except ApiError as e:
@@ -232,15 +648,19 @@ class _Connection:
         except Exception:
             self.log.exception("rpc_internal_error", method=req.method)
             frame = framing.response(req.msgid, InternalError("internal error").to_wire(), None)
+        extra = self.budget.charge(max(0, len(frame) - held))
         try:
             await self.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        finally:
+            self.budget.release(extra)
 
     def _notifier(self):
         async def notify(method: str, params: dict) -> None:
             # a vanished peer is noticed by the reader, which cancels this request
             try:
+                # bounded by the exec's stream queue (`stream_queue_bytes`), not the budget
                 await self.send(framing.notification(method, params))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

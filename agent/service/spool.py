@@ -57,9 +57,14 @@ class Spool:
         fsync_dir(self.dir)
         return True
 
-    def pending(self) -> list[dict]:
+    def pending(self, limit: int | None = None, after: str | None = None) -> list[dict]:
+        """Unacknowledged CDPs in session-id order; `after` (a session id) and `limit`
+        select one page (proof.pending), so no answer holds the whole spool."""
         out = []
-        for p in sorted(self.dir.iterdir()):
+        floor = f"{after}.json" if after else ""
+        for p in sorted(p for p in self.dir.iterdir() if p.name > floor):
+            if limit is not None and len(out) >= limit:
+                break
             if _NAME.match(p.name):
                 try:
                     out.append(json.loads(p.read_bytes()))
