@@ -1,6 +1,6 @@
-"""The /proc scans of destruction steps 5 and 6 fail on read errors instead of counting the
-task as gone (issue 13).  The live /proc cannot be made to fail a read on demand, so these
-tests point the same C scans (`nrx_scan_*_at`) at a /proc-shaped tree in a temporary
+"""The /proc scans of destruction steps 5 and 6 (the C scans and the mountinfo scan) fail
+on read errors instead of counting the task as gone (issue 13).  The live /proc cannot be made to fail a read on demand, so these
+tests point the same scans (`nrx_scan_*_at`, `residue.mounts_of(proc=)`) at a /proc-shaped tree in a temporary
 directory whose files give real kernel errors (a directory where a file is read: EISDIR;
 a file where a directory is opened: ENOTDIR); a vanished task (ENOENT) is still skipped."""
 
@@ -95,3 +95,29 @@ async def test_scan_read_error_fails_steps_5_and_6(engine, tmp_path, monkeypatch
     ev = {e["step"]: e for e in out.evidence}
     assert not ev[5]["ok"] and "EISDIR" in ev[5]["error"], bad(out)
     assert out.status == "expired_unclean"
+
+
+MOUNTINFO = "36 35 0:99 / /x rw,relatime shared:1 - tmpfs tmpfs rw\n"
+
+
+def fake_mount_proc(root, *, mountinfo="file", ns=True) -> str:
+    """A one-process /proc tree for the mountinfo scan: 100/{ns/mnt,mountinfo,status}."""
+    p = root / "100"
+    (p / "ns").mkdir(parents=True)
+    (p / "status").write_text(STATUS.replace("NSpid:\t100", "NSpid:\t100\t1"))
+    if ns:
+        os.symlink("mnt:[4026531841]", p / "ns" / "mnt")
+    if mountinfo == "file":
+        (p / "mountinfo").write_text(MOUNTINFO)
+    elif mountinfo == "dir":
+        (p / "mountinfo").mkdir()
+    return str(root)
+
+
+def test_mountinfo_scan_fails_on_a_read_error(tmp_path):
+    """Step 6's scan of every mount namespace counts a readable tree, skips a process that
+    is gone, and raises on a mountinfo it cannot read (it used to skip it and say 0)."""
+    assert residue.mounts_of("0:99", proc=fake_mount_proc(tmp_path / "ok")) == (1, 1)
+    assert residue.mounts_of("0:99", proc=fake_mount_proc(tmp_path / "gone", ns=False)) == (0, 0)
+    with pytest.raises(IsADirectoryError):
+        residue.mounts_of("0:99", proc=fake_mount_proc(tmp_path / "bad", mountinfo="dir"))
