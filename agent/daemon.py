@@ -370,6 +370,15 @@ def _basic_health(service: Service) -> dict:
 
 def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | None) -> int:
     """Run the daemon until SIGTERM/SIGINT; the exit status is in the module docstring."""
+    # issue 13, before any thread: freed memory is overwritten (re-exec with the wiping
+    # allocator) and session mounts live in the agent's own mount namespace (as root only:
+    # anyone else is refused below with a clear message)
+    if os.geteuid() == 0:
+        from agent.memory_hygiene import ensure_wiping_allocator
+        from agent.sandbox.mounts import enter_private_namespace
+
+        ensure_wiping_allocator()
+        enter_private_namespace()
     try:
         cfg = config_mod.load(config_path, state_dir=state_dir, runtime_dir=runtime_dir)
     except config_mod.ConfigError as e:

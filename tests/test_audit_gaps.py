@@ -9,6 +9,7 @@ import json
 import pytest
 from helpers_daemon import AgentDaemon
 from service_fixtures import bare_service
+from suite import cgroup_prefix
 from test_destroy_pipeline import engine  # noqa: F401 (fixture)
 
 from agent.cdp.verify import verify
@@ -232,3 +233,41 @@ async def test_node_memory_capacity_full_is_unavailable(tmp_path):
         with pytest.raises(Unavailable, match="memory capacity"):
             await svc.create(customer_id="c", tier="free")
         assert svc.capacity()["sessions_live"] == 0
+
+
+async def test_ttl_runs_from_the_exact_creation_time(agent_dirs, mock_clock):
+    """The deadline is the creation instant + ttl and created_ts keeps its fraction of a
+    second, not truncated to whole seconds (issue 13): a real service and sandbox, with
+    trio's clock stopped so the deadline can be compared exactly."""
+    import time
+
+    import trio
+
+    from agent import config as config_mod
+    from agent.keys.attestation import AttestationKeyStore
+    from agent.sandbox.engine import SandboxEngine
+    from agent.service.journal import Journal
+    from agent.service.sessions import Service
+    from agent.service.spool import Spool
+
+    state, runtime = agent_dirs
+    cfg = config_mod.load(None, state_dir=state, runtime_dir=runtime)
+    cfg.sandbox.cgroup_prefix = cgroup_prefix("ttl")
+    eng = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
+    journal = Journal(state)
+    svc = Service(cfg, engine=eng, key_store=AttestationKeyStore(state), journal=journal,
+                  spool=Spool(state), version="test")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            start, before = trio.current_time(), time.time()
+            res = await svc.create(customer_id="c", tier="free", ttl_seconds=60)
+            after = time.time()
+            s = svc.sessions[res["session_id"]]
+            assert s.deadline == start + 60  # the clock is stopped: exactly
+            assert before <= s.created_ts <= after  # truncation would put it before `before`
+            await svc.destroy(res["session_id"])
+            nursery.cancel_scope.cancel()
+    finally:
+        await eng.aclose()
+        journal.close()

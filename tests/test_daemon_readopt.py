@@ -5,6 +5,7 @@ with a complete proof."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -76,8 +77,8 @@ def test_ttl_that_passed_while_down_ends_the_session_at_restart(tmp_path):
 def test_readopted_through_the_sandbox_root_when_the_host_view_is_gone(tmp_path):
     """A restarted agent in a new mount namespace (systemd gives each start one) no longer
     sees the session tmpfs mount: it re-adopts through the sandbox PID 1's root, /work is
-    intact and destroy gives a complete proof (here the host view is detached while the
-    agent is down to stand in for the new namespace)."""
+    intact and destroy gives a complete proof (the agent's private mount namespace
+    makes that every restart)."""
     from agent.sandbox import mounts
 
     d = AgentDaemon(tmp_path, config=CFG)
@@ -86,7 +87,9 @@ def test_readopted_through_the_sandbox_root_when_the_host_view_is_gone(tmp_path)
         sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
         d.call("session.exec", {"session_id": sid, "command": "echo kept > /work/f"})
         d.kill()
-        assert mounts.detach(mounts.mount_path(d.runtime_dir, sid))
+        # the agent mounts in its own mount namespace (issue 13), which died with it: the
+        # host never saw the session tmpfs, and the restarted agent has a new namespace
+        assert not os.path.ismount(mounts.mount_path(d.runtime_dir, sid))
         d.start()
         assert d.call("session.get", {"session_id": sid})["status"] == "active"
         assert d.call("session.exec", {"session_id": sid,

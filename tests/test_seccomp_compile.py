@@ -138,6 +138,24 @@ def test_socket_families(default, strict):
     assert run_bpf(strict, s, (1, 5)) == ALLOW  # AF_UNIX SOCK_SEQPACKET
 
 
+def test_socket_protocols_by_explicit_list(default, strict):
+    """socket(2)'s protocol is allowed by list: 0, TCP (6) and UDP (17) for inet, 0 for
+    AF_UNIX; MPTCP, UDPLITE, SCTP (also with junk in the ignored high bits of another
+    protocol) get EPERM in both profiles, and strict ties TCP to streams, UDP to datagrams."""
+    s = nr("socket")
+    for prog in (default, strict):
+        for fam in (2, 10):
+            assert run_bpf(prog, s, (fam, 1, 6)) == ALLOW
+            assert run_bpf(prog, s, (fam, 2 | 0x80000, 17)) == ALLOW
+            for proto in (262, 136, 132, 1, 0x1_0000_0106):
+                assert run_bpf(prog, s, (fam, 1, proto)) == errno_act(errno.EPERM), proto
+                assert run_bpf(prog, s, (fam, 2, proto)) == errno_act(errno.EPERM), proto
+        assert run_bpf(prog, s, (1, 1, 0)) == ALLOW
+        assert run_bpf(prog, s, (1, 1, 6)) == errno_act(errno.EPERM)
+    assert run_bpf(strict, s, (2, 2, 6)) == errno_act(errno.EPERM)
+    assert run_bpf(strict, s, (2, 1, 17)) == errno_act(errno.EPERM)
+
+
 def test_personality_only_default_persona(default, strict):
     """personality may query or set PER_LINUX (default); strict may only query."""
     p = nr("personality")

@@ -44,11 +44,12 @@ DEFAULT = {
         "swapoff", "clone_newuser", "clone_newns", "clone_newnet", "clone_newpid",
         "ioctl_tiocsti", "ioctl_tiocsti_hi", "socket_inet_raw", "socket_netlink",
         "socket_packet", "socket_vsock", "socket_alg", "personality_linux32",
+        "socket_mptcp", "socket_mptcp6", "socket_udplite", "socket_sctp",
         "personality_rie", "open_by_handle_at")},
     "clone3": ENOSYS,
     "clone_fork": 0,
     "ioctl_tcgets": ENOTTY,  # ioctl itself passes; stdin is /dev/null, not a terminal
-    "socket_unix": 0, "socket_inet": 0, "socket_inet6": 0,
+    "socket_unix": 0, "socket_inet": 0, "socket_inet6": 0, "socket_tcp": 0, "socket_udp6": 0,
     "personality_query": 0, "personality_linux": 0,
     "memfd_create": 0, "getpid": 0,
     "foreign_abi": SIGSYS_EXIT, "x32_abi": SIGSYS_EXIT,

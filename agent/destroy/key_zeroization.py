@@ -4,10 +4,16 @@ Zeroize the session's own secret key (the exec-receipt key, SPEC 7) in its locke
 and read it back: `SessionKey.zeroize()` reports per key `{key_id, purpose, bytes,
 zeroized, readback_zero}` as measured in C.  A session without a key object (agent
 recovery: the key died with the old agent process, unverified) fails this step honestly.
+
+`agent_memory` (issue 13) records what the agent did about its own copies of the session's
+data: a garbage collection, the bytes of its exec buffers it zeroed, and whether freed
+memory is measured to be cleared (agent/memory_hygiene.py; docs/security.md).  It is
+evidence, not a pass/fail condition of this step.
 """
 
 from __future__ import annotations
 
+from agent import memory_hygiene
 from agent.destroy.context import DestroyContext, DestroyState, StepError
 
 METHOD = "ed25519_key_destruction"
@@ -31,6 +37,8 @@ def _normalise(rep) -> list[dict]:
 
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     ev["keys"] = []
+    zeroed = ctx.sandbox.buffers_zeroed if ctx.sandbox is not None else 0
+    ev["agent_memory"] = memory_hygiene.measure(zeroed)
     if ctx.session_key is None:
         raise StepError("no session key in this agent to zeroize")
     keys = _normalise(ctx.session_key.zeroize())

@@ -195,25 +195,50 @@ def read_mountinfo(pid: int | str = "self") -> list[Mount]:
         return parse_mountinfo(f.read())
 
 
-def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = ()) -> tuple[int, int]:
+def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = (),
+              proc: str = "/proc") -> tuple[int, int]:
     """(mounts, mount namespaces scanned): mounts in ANY mount namespace on the host whose
     superblock is `dev`, plus nsfs mounts pinning one of the given namespace inodes.  Each
-    mount namespace is read once (through the first process found in it)."""
+    mount namespace is read once (through the first process found in it).  A process that
+    exited meanwhile is skipped; any other read error raises (a scan that could not look
+    never answers "none"), except a refused one for a process provably outside every
+    sandbox (`_outside_sandboxes`).  `proc` is for tests on a /proc-shaped tree."""
     pinned = {f"{n}:[{i}]" for i in ns_inodes_ for n in NAMESPACES}
     seen_ns: set[str] = set()
     count = 0
-    for pid in list_pids():
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
         try:
-            mnt_ns = os.readlink(f"/proc/{pid}/ns/mnt")  # "mnt:[inode]"
+            mnt_ns = os.readlink(f"{proc}/{name}/ns/mnt")  # "mnt:[inode]"
             if mnt_ns in seen_ns:
                 continue
-            with open(f"/proc/{pid}/mountinfo") as f:
+            with open(f"{proc}/{name}/mountinfo") as f:
                 text = f.read()
-        except OSError:
-            continue
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited
+        except PermissionError:
+            if _outside_sandboxes(f"{proc}/{name}"):
+                continue
+            raise
         seen_ns.add(mnt_ns)
         count += _count_mounts(text, dev, pinned)
     return count, len(seen_ns)
+
+
+def _outside_sandboxes(pid_dir: str) -> bool:
+    """True when the process lives in the PID namespace of the /proc being read and in no
+    namespace below it (one NSpid entry), or exited: every sandbox process is in its
+    sandbox's own PID namespace, a child of the agent's (this VM's PID 1 refuses its
+    ns links and mountinfo even to root with CAP_SYS_PTRACE; procscan.c does the same)."""
+    try:
+        with open(f"{pid_dir}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) == 2
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return False
 
 
 def _count_mounts(text: str, dev: str | None, pinned: set[str]) -> int:

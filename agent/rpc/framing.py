@@ -15,6 +15,8 @@ import msgpack
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
+FIRST_BUFFER = 16 * 1024
+PACK_BUFFER = 4096
 
 __all__ = ["MAX_MSGID", "NOTIFICATION", "REQUEST", "RESPONSE", "Decoder", "ProtocolError",
            "Request", "pack", "parse_request", "request", "response", "notification"]
@@ -25,7 +27,24 @@ class ProtocolError(Exception):
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    """msgpack's Packer starts with a 256 KiB buffer per call; with the daemon's wiping
+    allocator every fresh buffer is filled on malloc and again on free, and every move of
+    a growing one too.  So the buffer starts at the frame's likely size: its bytes/str
+    payload (`_payload`) plus room for the envelope."""
+    return msgpack.packb(obj, use_bin_type=True, buf_size=PACK_BUFFER + _payload(obj))
+
+
+def _payload(obj: Any, depth: int = 4) -> int:
+    """Bytes of the bytes/str values in `obj`, looking `depth` levels into maps and lists
+    (a frame's params or result, an exec's output, a notification's chunk): a size hint,
+    never exact."""
+    if isinstance(obj, (bytes, bytearray, memoryview, str)):
+        return len(obj)
+    if depth and isinstance(obj, dict):
+        return sum(_payload(v, depth - 1) for v in obj.values())
+    if depth and isinstance(obj, (list, tuple)):
+        return sum(_payload(v, depth - 1) for v in obj)
+    return 0
 
 
 def request(msgid: int, method: str, params: dict) -> bytes:
@@ -41,7 +60,13 @@ def notification(method: str, params: dict) -> bytes:
 
 
 class Decoder:
-    """Incremental decoder.  `feed(data)` returns the complete messages now available."""
+    """Incremental decoder.  `feed(data)` returns the complete messages now available.
+
+    The Unpacker keeps every byte it was fed in its own buffer until it happens to be
+    overwritten (consumed frames are not cleared), so a decoder kept for a long-lived
+    connection would keep old requests, customer input included, in memory.  Its owner
+    drops it whenever `empty` (the server does, agent/rpc/server.py): the buffer is freed,
+    and the daemon's allocator overwrites freed memory (agent/memory_hygiene.py)."""
 
     def __init__(self, max_frame_bytes: int, *, max_array_len: int = 65536,
                  max_map_len: int = 4096, max_containers: int = 100_000) -> None:
@@ -50,10 +75,13 @@ class Decoder:
         # maps in all (16 MiB of empty maps would be 16 M dicts, ~1.2 GiB) fails at the
         # first one too many, before the rest is built
         self._containers, self._max_containers = 0, max_containers
+        # read_size is the first buffer's size (msgpack's default is 1 MiB, allocated and
+        # filled on malloc and on free under the wiping allocator); it doubles as needed
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_frame_bytes,
                                           strict_map_key=True, max_array_len=max_array_len,
                                           max_map_len=max_map_len, object_hook=self._count,
-                                          list_hook=self._count)
+                                          list_hook=self._count,
+                                          read_size=min(max_frame_bytes, FIRST_BUFFER))
         self._fed = self._boundary = 0  # bytes fed; stream offset after the last message
 
     def _count(self, obj: Any) -> Any:

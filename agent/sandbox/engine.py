@@ -268,6 +268,7 @@ class Sandbox:
         self.attached = True  # PID 1 listens on `control` (False: adopted frozen at OOM)
         # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
         self.interrupted: tuple[int, bytes] | None = None
+        self.buffers_zeroed = 0  # bytes of exec buffers zeroed (exec.py; step 4 evidence)
         self._engine = engine
         self._busy = False
         self._oom_fd = -1
@@ -467,7 +468,7 @@ def _spawn_helper(path: str, control_fd: int) -> int:
         if pid < 0:
             raise OSError(-pid, os.strerror(-pid))
         return pid
-    return os.posix_spawn(path, [path], {}, file_actions=[
+    return os.posix_spawn(path, ["nrx-init"], {}, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
         (os.POSIX_SPAWN_DUP2, 0, 1),
         (os.POSIX_SPAWN_DUP2, 0, 2),
@@ -668,7 +669,7 @@ class SandboxEngine:
         the cgroups are removed again (the caller's undo list does not have them yet)."""
         cg = self.cgroups.create(session_id, limits)
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            mounts.make_mount_point(root)
         except BaseException:
             with contextlib.suppress(Exception):
                 cg.remove()

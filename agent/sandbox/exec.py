@@ -1,8 +1,12 @@
 """Exec (SPEC 4): one command at a time in a sandbox, through its PID 1.
 
 The agent makes two pipes, sends their write ends to nrx-init with the EXEC request
-and reads the read ends itself: each chunk (<= 64 KiB) goes to the bounded head+tail
-capture and, in order, to `on_output`.  Reading never stops while the command runs.
+and reads the read ends itself, each into one read buffer it reuses for the whole exec:
+each chunk (<= 64 KiB) goes to the bounded head+tail capture and, in order, to
+`on_output`.  When the exec ends (whatever way) the read buffers and the captures are
+zeroed and counted in `Sandbox.buffers_zeroed` (step 4 evidence); the request messages
+and results are immutable objects that the daemon's allocator overwrites when freed
+(agent/memory_hygiene.py).  Reading never stops while the command runs.
 When the leader exits, whatever is already in the pipes is drained and the result is
 returned (a background process holding stdout open cannot hold the exec).  At the
 timeout the process group gets SIGTERM, then SIGKILL after the grace.
@@ -28,9 +32,11 @@ from agent import errors, timefmt
 from agent.fsops import openat2
 
 from . import initproto
-from .output import Capture
+from .output import Capture, zero
 
 CHUNK = 64 * 1024
+FIRST_READ = 4096  # a stream's read buffer starts here and grows to CHUNK once filled
+CONTROL_BUF = 8192  # nrx-init's replies are at most 4 KiB (send_msg in native/init)
 PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
 MAX_ENV = 200  # nrx-init takes up to 255 environment entries
@@ -84,6 +90,7 @@ class ExecProgress:
         self.on_output: OnOutput | None = None
         self.started = time.time()
         self.t0 = time.monotonic()
+        self.zeroed = 0  # bytes of stream buffers interrupted() wiped (step 4 evidence)
 
     async def interrupted(self, *, oom: bool) -> ExecResult:
         """The result as it stands: what is still in the pipes is drained first (the
@@ -94,12 +101,15 @@ class ExecProgress:
                 with contextlib.suppress(OSError):
                     await _drain(st, self.on_output)
         caps = [st.capture for st in self.streams] or [Capture(0), Capture(0)]
-        return ExecResult(
+        res = ExecResult(
             stdout=caps[0].result(), stderr=caps[1].result(), exit_code=128 + _signal.SIGKILL,
             timed_out=False, signal=int(_signal.SIGKILL), oom_killed=oom,
             output_truncated=caps[0].truncated, stderr_truncated=caps[1].truncated,
             duration_ms=int((time.monotonic() - self.t0) * 1000),
             started_at=timefmt.iso_seconds(self.started), finished_at=timefmt.iso_seconds())
+        # the exec's own finally left the buffers for this read (the sandbox is ending)
+        self.zeroed += sum(st.wipe() for st in self.streams)
+        return res
 
 
 def base_env(home: str = "/work") -> dict[str, str]:
@@ -150,25 +160,44 @@ class _Stream:
     def __init__(self, name: str, fd: int, cap: int) -> None:
         self.name, self.fd = name, fd
         self.capture = Capture(cap)
+        self.buf = bytearray(FIRST_READ)  # every read lands here: no bytes per chunk
+        self.zeroed = 0
+        self._filled = False  # the last read filled the buffer: grow it
         self.eof = False
 
+    def read(self) -> memoryview | None:
+        """The next chunk (a view of `buf`, valid until the next read), None at EOF;
+        raises BlockingIOError when the pipe is empty."""
+        if len(self.buf) < CHUNK and self._filled:
+            self.zeroed += zero(self.buf)  # the small buffer is done with: clear it
+            self.buf = bytearray(CHUNK)
+        n = os.readv(self.fd, [self.buf])
+        self._filled = n == len(self.buf)
+        if not n:
+            self.eof = True
+            return None
+        return memoryview(self.buf)[:n]
 
-async def _deliver(stream: _Stream, data: bytes, on_output: OnOutput | None) -> None:
+    def wipe(self) -> int:
+        return self.zeroed + zero(self.buf) + self.capture.wipe()
+
+
+
+async def _deliver(stream: _Stream, data: memoryview, on_output: OnOutput | None) -> None:
     stream.capture.feed(data)
     if on_output is not None:
         with trio.CancelScope(shield=True):  # a chunk is delivered whole or not read
-            await on_output(stream.name, data)
+            await on_output(stream.name, bytes(data))
 
 
 async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
     while not stream.eof:
         try:
-            data = os.read(stream.fd, CHUNK)
+            data = stream.read()
         except BlockingIOError:
             await trio.lowlevel.wait_readable(stream.fd)
             continue
-        if not data:
-            stream.eof = True
+        if data is None:
             return
         await _deliver(stream, data, on_output)
         await trio.lowlevel.checkpoint()
@@ -178,11 +207,10 @@ async def _drain(stream: _Stream, on_output: OnOutput | None) -> None:
     taken = 0
     while not stream.eof and taken < DRAIN_LIMIT:
         try:
-            data = os.read(stream.fd, CHUNK)
+            data = stream.read()
         except BlockingIOError:
             return
-        if not data:
-            stream.eof = True
+        if data is None:
             return
         taken += len(data)
         await _deliver(stream, data, on_output)
@@ -193,15 +221,18 @@ class Control:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = trio.socket.from_stdlib_socket(sock)
+        # one receive buffer for the sandbox's life: recv(MAX_MSG) would allocate (and the
+        # wiping allocator fill and clear) 1 MiB per reply
+        self.buf = bytearray(CONTROL_BUF)
 
     async def recv(self) -> tuple[int, tuple]:
         try:
-            msg = await self.sock.recv(initproto.MAX_MSG)
+            n = await self.sock.recv_into(self.buf)
         except (trio.ClosedResourceError, OSError) as e:
             raise SandboxGone("the sandbox was killed") from e
-        if not msg:
+        if not n:
             raise SandboxGone("the sandbox's init exited")
-        return initproto.decode(msg)
+        return initproto.decode(bytes(self.buf[:n]))
 
     async def send(self, msg: bytes, fds: list[int] | None = None) -> None:
         try:
@@ -317,22 +348,23 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
             raise
         for s in streams:
             await _drain(s, on_output)
+        finished = time.time()
+        exit_code, sig = decode_status(status)
+        out, err = streams
+        return ExecResult(
+            stdout=out.capture.result(), stderr=err.capture.result(), exit_code=exit_code,
+            timed_out=timed_out, signal=sig, oom_killed=_oom_kills(sb) > oom_before,
+            output_truncated=out.capture.truncated, stderr_truncated=err.capture.truncated,
+            duration_ms=int((time.monotonic() - t0) * 1000),
+            started_at=timefmt.iso_seconds(started), finished_at=timefmt.iso_seconds(finished))
     finally:
         for w in wends:
             os.close(w)
         for s in streams:
             os.close(s.fd)
             s.fd = -1
-
-    finished = time.time()
-    exit_code, sig = decode_status(status)
-    out, err = streams
-    return ExecResult(
-        stdout=out.capture.result(), stderr=err.capture.result(), exit_code=exit_code,
-        timed_out=timed_out, signal=sig, oom_killed=_oom_kills(sb) > oom_before,
-        output_truncated=out.capture.truncated, stderr_truncated=err.capture.truncated,
-        duration_ms=int((time.monotonic() - t0) * 1000),
-        started_at=timefmt.iso_seconds(started), finished_at=timefmt.iso_seconds(finished))
+            if not sb.ending:  # ending: the session's close-out reads them, then wipes them
+                sb.buffers_zeroed += s.wipe()
 
 
 @contextlib.asynccontextmanager

@@ -107,6 +107,7 @@ class Receipts:
                 _log.warning("interrupted_exec_freeze_failed", session_id=s.session_id)
             try:
                 res = await inflight.progress.interrupted(oom=reason == "oom")
+                sb.buffers_zeroed += inflight.progress.zeroed
                 receipt = self.sign(s, inflight.command, inflight.input_data, res,
                                     interrupted=reason)
                 inflight.result = (res, receipt)

@@ -301,10 +301,9 @@ class Service:
         record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
                                classification=classification, jurisdiction=jurisdiction,
                                created_at=created_at)
-        deadline = start - (now - int(now)) + ttl if ttl else math.inf
-        s = Session(record=record, ttl_seconds=ttl, created_ts=float(int(now)),
-                    deadline=deadline, sandbox=sandbox, session_key=key,
-                    receipt_key=key.public_record(created_at))
+        deadline = start + ttl if ttl else math.inf  # from the exact creation time
+        s = Session(record=record, ttl_seconds=ttl, created_ts=now, deadline=deadline,
+                    sandbox=sandbox, session_key=key, receipt_key=key.public_record(created_at))
         self.sessions[session_id] = s
         try:
             self.journal.insert_session(

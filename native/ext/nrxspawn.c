@@ -38,7 +38,9 @@ int nrx_spawn_helper(const char *path, int control_fd)
         (rc = posix_spawnattr_setsigmask(&at, &mask)) == 0 &&
         (rc = posix_spawnattr_setsigdefault(&at, &def)) == 0 &&
         (rc = posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)) == 0) {
-        char *argv[] = {(char *)path, NULL};
+        /* argv[0] is a neutral name: the sandbox's /proc/1/cmdline must not show where
+         * the agent is installed on the host */
+        char *argv[] = {(char *)"nrx-init", NULL};
         char *envp[] = {NULL};
         rc = posix_spawn(&pid, path, &fa, &at, argv, envp);
     }

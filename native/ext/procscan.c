@@ -11,6 +11,55 @@
 static const char *const NS_NAMES[] = {"user", "mnt", "uts", "ipc", "pid", "net", "cgroup"};
 #define N_NS (sizeof NS_NAMES / sizeof NS_NAMES[0])
 
+/* The errors that mean "this task exited while we looked": its /proc directory (or a file
+ * in it) is gone.  Every other error (EIO, EACCES, ENOMEM, EISDIR, ...) is a failure of the
+ * scan, reported as -errno: a scan that could not look must not answer "nothing found". */
+static int gone(int e)
+{
+    return e == ENOENT || e == ESRCH;
+}
+
+/* 1 when the task lives in the PID namespace of the /proc being read and in no namespace
+ * below it (its status has one NSpid entry), 0 when it is in a nested PID namespace, or
+ * -errno.  Used when a task's ns links are refused (EACCES: e.g. this VM's PID 1 is not
+ * readable even with CAP_SYS_PTRACE): every sandbox process is in the sandbox's own PID
+ * namespace, a child of the agent's, so a task with one NSpid entry is no sandbox process;
+ * it could have joined a sandbox's other namespaces only by setns with CAP_SYS_ADMIN over
+ * the sandbox's user namespace (host root).  docs/security.md lists this limit. */
+static int in_top_pidns(int taskfd, const char *tid)
+{
+    char path[300], buf[8192];
+    snprintf(path, sizeof path, "%s/status", tid);
+    int fd = openat(taskfd, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    int e = errno;
+    close(fd);
+    if (n < 0)
+        return -e;
+    buf[n] = 0;
+    const char *p = strstr(buf, "\nNSpid:");
+    const char *end = p ? strchr(p + 1, '\n') : NULL;
+    if (!p || !end)
+        return -EIO;
+    int fields = 0;
+    for (const char *q = p + 7; q < end; q++)
+        if ((*q >= '0' && *q <= '9') && (q[-1] == ' ' || q[-1] == '\t'))
+            fields++;
+    return fields == 1;
+}
+
+/* a refused ns link (EACCES/EPERM): not a hit when the task is provably outside every
+ * sandbox (in_top_pidns), else the scan fails with the original error */
+static int refused(int taskfd, const char *tid, int e)
+{
+    int top = in_top_pidns(taskfd, tid);
+    if (top < 0)
+        return gone(-top) ? 0 : top;
+    return top ? 0 : -e;
+}
+
 static int is_number(const char *s)
 {
     if (!*s)
@@ -21,42 +70,68 @@ static int is_number(const char *s)
     return 1;
 }
 
-/* calls fn(pid, tid, arg) for every task; fn returns 1 when the task matched.  Returns
- * the number of processes with a matching task (and adds matching tasks to *tasks), or
- * -errno when /proc cannot be listed. */
+/* calls fn(taskfd, tid, arg) for every task; fn returns 1 when the task matched, 0 when
+ * not (or the task is gone), -errno when it could not be read.  Returns the number of
+ * processes with a matching task (and adds matching tasks to *tasks), or -errno when
+ * /proc or a task could not be read.  after(arg) runs after each process, when given. */
 typedef int (*task_fn)(int taskfd, const char *tid, void *arg);
 
-static int for_each_task(task_fn fn, void *arg, int *tasks)
+static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
+                            void (*after)(void *))
 {
-    DIR *proc = opendir("/proc");
+    DIR *proc = opendir(root);
     if (!proc)
         return -errno;
-    int procs = 0;
+    int procs = 0, err = 0;
     struct dirent *de;
-    char path[300];
-    while ((de = readdir(proc)) != NULL) {
+    char path[4200];
+    for (;;) {
+        errno = 0;
+        if ((de = readdir(proc)) == NULL) {
+            err = errno ? -errno : 0;
+            break;
+        }
         if (!is_number(de->d_name))
             continue;
-        snprintf(path, sizeof path, "/proc/%s/task", de->d_name);
+        snprintf(path, sizeof path, "%s/%s/task", root, de->d_name);
         DIR *task = opendir(path);
-        if (!task)
-            continue; /* exited */
+        if (!task) {
+            if (gone(errno))
+                continue; /* exited */
+            err = -errno;
+            break;
+        }
         int hit = 0;
         struct dirent *te;
-        while ((te = readdir(task)) != NULL) {
+        for (;;) {
+            errno = 0;
+            if ((te = readdir(task)) == NULL) {
+                if (errno && !gone(errno))
+                    err = -errno;
+                break;
+            }
             if (!is_number(te->d_name))
                 continue;
-            if (fn(dirfd(task), te->d_name, arg)) {
+            int r = fn(dirfd(task), te->d_name, arg);
+            if (r < 0) {
+                err = r;
+                break;
+            }
+            if (r) {
                 hit = 1;
                 if (tasks)
                     (*tasks)++;
             }
         }
         closedir(task);
+        if (err)
+            break;
         procs += hit;
+        if (after)
+            after(arg);
     }
     closedir(proc);
-    return procs;
+    return err ? err : procs;
 }
 
 struct ns_arg {
@@ -74,19 +149,35 @@ static int task_in_ns(int taskfd, const char *tid, void *p)
     char path[300], link[64];
     snprintf(path, sizeof path, "%s/ns", tid);
     int nsfd = openat(taskfd, path, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (nsfd < 0)
-        return 0; /* exited */
+    if (nsfd < 0) {
+        int e = errno;
+        if (e == EACCES || e == EPERM)
+            return refused(taskfd, tid, e);
+        return gone(e) ? 0 : -e;
+    }
     int hit = 0;
     for (size_t i = 0; i < N_NS && !hit; i++) {
         if (!(a->mask & (1u << i)))
             continue;
         ssize_t len = readlinkat(nsfd, NS_NAMES[i], link, sizeof link - 1); /* "<name>:[<inode>]" */
-        if (len <= 0)
-            continue;
+        if (len < 0 && gone(errno))
+            break; /* exited */
+        if (len < 0 && (errno == EACCES || errno == EPERM)) {
+            int e = errno;
+            close(nsfd);
+            return refused(taskfd, tid, e);
+        }
+        if (len <= 0) {
+            int e = len < 0 ? errno : EIO;
+            close(nsfd);
+            return -e;
+        }
         link[len] = 0;
         const char *lb = strchr(link, '[');
-        if (!lb)
-            continue;
+        if (!lb) {
+            close(nsfd);
+            return -EIO; /* not a namespace link: nothing can be concluded */
+        }
         uint64_t ino = strtoull(lb + 1, NULL, 10);
         for (size_t j = 0; j < a->n; j++)
             if (a->inodes[j] == ino)
@@ -96,19 +187,25 @@ static int task_in_ns(int taskfd, const char *tid, void *p)
     return hit;
 }
 
-int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int *procs,
-                int *threads)
+int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
+                   unsigned name_mask, int *procs, int *threads)
 {
     struct ns_arg a = {inodes, ninodes, name_mask};
     *threads = 0;
     *procs = 0;
     if (ninodes == 0)
         return 0;
-    int r = for_each_task(task_in_ns, &a, threads);
+    int r = for_each_task_at(root, task_in_ns, &a, threads, NULL);
     if (r < 0)
         return r;
     *procs = r;
     return 0;
+}
+
+int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int *procs,
+                int *threads)
+{
+    return nrx_scan_ns_at("/proc", inodes, ninodes, name_mask, procs, threads);
 }
 
 struct ids_arg {
@@ -143,21 +240,32 @@ static int task_has_ids(int taskfd, const char *tid, void *p)
     snprintf(path, sizeof path, "%s/status", tid);
     int fd = openat(taskfd, path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return gone(errno) ? 0 : -errno;
     size_t got = 0;
-    ssize_t r;
+    ssize_t r = 0;
     while (got < sizeof buf - 1 && (r = read(fd, buf + got, sizeof buf - 1 - got)) > 0)
         got += (size_t)r;
+    int e = errno;
     close(fd);
+    if (r < 0)
+        return gone(e) ? 0 : -e;
     buf[got] = 0;
+    if (!strstr(buf, "\nUid:") || !strstr(buf, "\nGid:"))
+        return got == 0 ? 0 : -EIO; /* empty: the task went away; garbled: cannot tell */
     return ids_in(buf, "\nUid:", a->u, a->nu) || ids_in(buf, "\nGid:", a->g, a->ng);
+}
+
+int nrx_scan_ids_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
+                    const uint64_t *gid_ranges, size_t ngid)
+{
+    struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
+    return for_each_task_at(root, task_has_ids, &a, NULL, NULL);
 }
 
 int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                  size_t ngid)
 {
-    struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
-    return for_each_task(task_has_ids, &a, NULL);
+    return nrx_scan_ids_at("/proc", uid_ranges, nuid, gid_ranges, ngid);
 }
 
 struct both_arg {
@@ -170,21 +278,47 @@ struct both_arg {
 static int task_both(int taskfd, const char *tid, void *p)
 {
     struct both_arg *a = p;
-    if (task_has_ids(taskfd, tid, &a->ids))
+    int r = task_has_ids(taskfd, tid, &a->ids);
+    if (r < 0)
+        return r;
+    if (r)
         a->ids_hit = 1;
-    if (a->ns.n && task_in_ns(taskfd, tid, &a->ns)) {
-        a->ns_hit = 1;
-        a->ns_threads++;
+    if (a->ns.n) {
+        r = task_in_ns(taskfd, tid, &a->ns);
+        if (r < 0)
+            return r;
+        if (r) {
+            a->ns_hit = 1;
+            a->ns_threads++;
+        }
     }
     return 0;
 }
 
-static int end_process(void *p)
+static void end_process(void *p)
 {
     struct both_arg *a = p;
     a->ids_procs += a->ids_hit;
     a->ns_procs += a->ns_hit;
     a->ids_hit = a->ns_hit = 0;
+}
+
+int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
+                       const uint64_t *gid_ranges, size_t ngid, const uint64_t *inodes,
+                       size_t ninodes, unsigned name_mask, int *ids_procs, int *ns_procs,
+                       int *ns_threads)
+{
+    struct both_arg a;
+    memset(&a, 0, sizeof a);
+    a.ids = (struct ids_arg){uid_ranges, gid_ranges, nuid, ngid};
+    a.ns = (struct ns_arg){inodes, ninodes, name_mask};
+    *ids_procs = *ns_procs = *ns_threads = 0;
+    int r = for_each_task_at(root, task_both, &a, NULL, end_process);
+    if (r < 0)
+        return r;
+    *ids_procs = a.ids_procs;
+    *ns_procs = a.ns_procs;
+    *ns_threads = a.ns_threads;
     return 0;
 }
 
@@ -192,32 +326,6 @@ int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid
                     size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
                     int *ids_procs, int *ns_procs, int *ns_threads)
 {
-    struct both_arg a;
-    memset(&a, 0, sizeof a);
-    a.ids = (struct ids_arg){uid_ranges, gid_ranges, nuid, ngid};
-    a.ns = (struct ns_arg){inodes, ninodes, name_mask};
-    DIR *proc = opendir("/proc");
-    if (!proc)
-        return -errno;
-    struct dirent *de;
-    char path[300];
-    while ((de = readdir(proc)) != NULL) {
-        if (!is_number(de->d_name))
-            continue;
-        snprintf(path, sizeof path, "/proc/%s/task", de->d_name);
-        DIR *task = opendir(path);
-        if (!task)
-            continue;
-        struct dirent *te;
-        while ((te = readdir(task)) != NULL)
-            if (is_number(te->d_name))
-                task_both(dirfd(task), te->d_name, &a);
-        closedir(task);
-        end_process(&a);
-    }
-    closedir(proc);
-    *ids_procs = a.ids_procs;
-    *ns_procs = a.ns_procs;
-    *ns_threads = a.ns_threads;
-    return 0;
+    return nrx_scan_ids_ns_at("/proc", uid_ranges, nuid, gid_ranges, ngid, inodes, ninodes,
+                              name_mask, ids_procs, ns_procs, ns_threads);
 }

@@ -9,13 +9,15 @@
 /* Every thread of every process in /proc whose namespace link ns/<name> (for the names
  * whose bit is set in name_mask; bit i = user, mnt, uts, ipc, pid, net, cgroup) names
  * one of `inodes`.  *procs = processes with such a thread, *threads = such threads.
- * Tasks that exit while being read are skipped.  Returns 0 or -errno (/proc unreadable). */
+ * Tasks that exit while being read are skipped (ENOENT/ESRCH); any other error reading
+ * /proc or a task (EIO, EACCES, ...) fails the whole scan.  Returns 0 or -errno. */
 int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int *procs,
                 int *threads);
 
 /* Processes with any thread whose real/effective/saved/fs uid lies in one of the
  * [lo, hi) pairs of `uid_ranges` (flattened: lo0, hi0, lo1, hi1, ...; nuid values) or whose gid lies
- * in one of `gid_ranges`.  Returns the count, or -errno when /proc is unreadable. */
+ * in one of `gid_ranges`.  Returns the count, or -errno when /proc or a task could not be
+ * read (a task that exited meanwhile is skipped, as above). */
 int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                  size_t ngid);
 /* Both scans above in one walk of /proc (destruction step 5 asks both questions of the
@@ -24,4 +26,14 @@ int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ra
 int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                     size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
                     int *ids_procs, int *ns_procs, int *ns_threads);
+/* The same scans of a /proc-like tree at `root` (tests: a tree whose files give read
+ * errors the live /proc cannot be made to give on demand). */
+int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
+                   unsigned name_mask, int *procs, int *threads);
+int nrx_scan_ids_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
+                    const uint64_t *gid_ranges, size_t ngid);
+int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
+                       const uint64_t *gid_ranges, size_t ngid, const uint64_t *inodes,
+                       size_t ninodes, unsigned name_mask, int *ids_procs, int *ns_procs,
+                       int *ns_threads);
 #endif

@@ -9,13 +9,13 @@
  *   4. clone the sandbox PID 1 into new user/mnt/uts/ipc/pid/net/cgroup namespaces with
  *      CLONE_PARENT, so it is the agent's own child (pidfd, reaping);
  *   5. report its pid, write its uid/gid maps (only a parent may), release it, exit.
- * The sandbox side is in sandbox.c (setup) and serve.c (PID 1 loop).
+ * The sandbox side is in sandbox.c (setup) and serve.c (PID 1 loop); the wire helpers
+ * all three use (TLV, messages, the CONFIG parser) are in proto.c.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,57 +27,6 @@
 #include <unistd.h>
 
 #include "proto.h"
-
-/* ---- config ---------------------------------------------------------------- */
-
-int parse_config(const unsigned char *buf, size_t len, struct config *c)
-{
-    struct tlv_iter it = {buf, buf + len};
-    uint32_t tag, l;
-    const unsigned char *v;
-    int r;
-    memset(c, 0, sizeof(*c));
-    c->sandbox_id = 1000;
-    c->map_size = 65536;
-    c->oom_score = 500;
-    c->nofile = 1024;
-    c->attach_fd = -1;
-    c->root_view_fd = -1;
-    while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
-        switch (tag) {
-        case T_HOSTNAME: c->hostname = tlv_str(v, l); break;
-        case T_ROOT: c->root = tlv_str(v, l); break;
-        case T_TMPFS_SIZE: c->tmpfs_size = tlv_u64(v, l); break;
-        case T_TMPFS_INODES: c->tmpfs_inodes = tlv_u64(v, l); break;
-        case T_UID_BASE: c->uid_base = (uint32_t)tlv_u64(v, l); break;
-        case T_GID_BASE: c->gid_base = (uint32_t)tlv_u64(v, l); break;
-        case T_MAP_SIZE: c->map_size = (uint32_t)tlv_u64(v, l); break;
-        case T_SANDBOX_ID: c->sandbox_id = (uint32_t)tlv_u64(v, l); break;
-        case T_OOM_SCORE: c->oom_score = (int32_t)tlv_u64(v, l); break;
-        case T_NOFILE: c->nofile = tlv_u64(v, l); break;
-        case T_FSIZE: c->fsize = tlv_u64(v, l); break;
-        case T_ATTACH_PATH: c->attach_path = tlv_str(v, l); break;
-        case T_ORPHAN_GRACE_MS: c->orphan_grace_ms = tlv_u64(v, l); break;
-        case T_RO_BIND:
-            if (c->n_binds < MAX_LIST) c->binds[c->n_binds++] = tlv_str(v, l);
-            break;
-        case T_LINK:
-            if (c->n_links < MAX_LIST) c->links[c->n_links++] = tlv_str(v, l);
-            break;
-        case T_CGROUP_PROCS:
-            if (c->n_cgroups < MAX_LIST) c->cgroups[c->n_cgroups++] = tlv_str(v, l);
-            break;
-        case T_SECCOMP:
-            c->bpf = malloc(l ? l : 1);
-            if (c->bpf) { memcpy(c->bpf, v, l); c->bpf_len = l; }
-            break;
-        default: break; /* unknown tags are ignored: newer agent, older init */
-        }
-    }
-    if (r < 0 || !c->hostname || !c->root || !c->uid_base || !c->gid_base)
-        return -1;
-    return 0;
-}
 
 /* ---- host side ---------------------------------------------------------------- */
 
@@ -179,6 +128,28 @@ static int open_attach_socket(struct config *c)
     return 0;
 }
 
+/* The audit login uid is inherited and can be set once, without privilege, while unset:
+ * left unset, the sandbox user could claim any login uid for itself in the host's audit
+ * trail.  Set it here, in the initial user namespace (the sandbox user's host uid), unless
+ * the agent's is already set (then it is inherited, and changing it needs
+ * CAP_AUDIT_CONTROL, which no sandbox has).  No audit support (no file): nothing to seal. */
+static int seal_loginuid(uint32_t host_uid)
+{
+    char text[32];
+    int fd = open("/proc/self/loginuid", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : -1;
+    ssize_t n = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    text[n] = 0;
+    if (strtoul(text, NULL, 10) != 4294967295UL)
+        return 0;
+    snprintf(text, sizeof(text), "%u", host_uid);
+    return write_file("/proc/self/loginuid", text);
+}
+
 #define FAIL(...) do { send_text(CONTROL_FD, MSG_ERROR, __VA_ARGS__); goto fail; } while (0)
 
 int main(void)
@@ -202,7 +173,13 @@ int main(void)
     }
     uint32_t type;
     memcpy(&type, buf, 4);
-    if (type != MSG_CONFIG || parse_config(buf + 4, (size_t)n - 4, &cfg) < 0) {
+    int parsed = type == MSG_CONFIG ? parse_config(buf + 4, (size_t)n - 4, &cfg) : -1;
+    if (parsed == -2) {
+        send_text(CONTROL_FD, MSG_ERROR, "nrx-init: the config carries no usable seccomp "
+                  "filter; refusing to build a sandbox without one");
+        return 2;
+    }
+    if (parsed < 0) {
         send_text(CONTROL_FD, MSG_ERROR, "nrx-init: malformed config message");
         return 2;
     }
@@ -244,6 +221,8 @@ int main(void)
         if (cfg.root_view_fd < 0)
             FAIL("opening the session tmpfs: %s", strerror(errno));
     }
+    if (seal_loginuid(cfg.uid_base + cfg.sandbox_id) < 0)
+        FAIL("setting the audit login uid: %s", strerror(errno));
 
     if (pipe2(release, O_CLOEXEC) < 0)
         FAIL("pipe: %s", strerror(errno));

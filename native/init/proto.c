@@ -1,8 +1,9 @@
-/* The wire protocol's helpers (TLV parsing, sending replies), used by every part of
- * nrx-init: the host side (nrx-init.c), the sandbox setup (sandbox.c) and the PID 1 loop
- * (serve.c).  Their own file, so no part depends on another for them.
+/* nrx-init, the wire protocol's helpers (TLV records, messages, the CONFIG parser),
+ * shared by the host side (nrx-init.c) and the sandbox side (sandbox.c, serve.c), so that
+ * neither of those depends on the other for them.  Formats: proto.h.
  */
 #include <errno.h>
+#include <linux/filter.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,7 +11,6 @@
 #include <sys/socket.h>
 
 #include "proto.h"
-
 
 int tlv_next(struct tlv_iter *it, uint32_t *tag, uint32_t *len, const unsigned char **val)
 {
@@ -78,3 +78,60 @@ int send_text(int fd, uint32_t type, const char *fmt, ...)
         n = sizeof(text) - 1;
     return send_msg(fd, type, text, (size_t)n);
 }
+
+int parse_config(const unsigned char *buf, size_t len, struct config *c)
+{
+    struct tlv_iter it = {buf, buf + len};
+    uint32_t tag, l;
+    const unsigned char *v;
+    int r;
+    memset(c, 0, sizeof(*c));
+    c->sandbox_id = 1000;
+    c->map_size = 65536;
+    c->oom_score = 500;
+    c->nofile = 1024;
+    c->attach_fd = -1;
+    c->root_view_fd = -1;
+    while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
+        switch (tag) {
+        case T_HOSTNAME: c->hostname = tlv_str(v, l); break;
+        case T_ROOT: c->root = tlv_str(v, l); break;
+        case T_TMPFS_SIZE: c->tmpfs_size = tlv_u64(v, l); break;
+        case T_TMPFS_INODES: c->tmpfs_inodes = tlv_u64(v, l); break;
+        case T_UID_BASE: c->uid_base = (uint32_t)tlv_u64(v, l); break;
+        case T_GID_BASE: c->gid_base = (uint32_t)tlv_u64(v, l); break;
+        case T_MAP_SIZE: c->map_size = (uint32_t)tlv_u64(v, l); break;
+        case T_SANDBOX_ID: c->sandbox_id = (uint32_t)tlv_u64(v, l); break;
+        case T_OOM_SCORE: c->oom_score = (int32_t)tlv_u64(v, l); break;
+        case T_NOFILE: c->nofile = tlv_u64(v, l); break;
+        case T_FSIZE: c->fsize = tlv_u64(v, l); break;
+        case T_ATTACH_PATH: c->attach_path = tlv_str(v, l); break;
+        case T_ORPHAN_GRACE_MS: c->orphan_grace_ms = tlv_u64(v, l); break;
+        case T_RO_BIND:
+            if (c->n_binds < MAX_LIST) c->binds[c->n_binds++] = tlv_str(v, l);
+            break;
+        case T_LINK:
+            if (c->n_links < MAX_LIST) c->links[c->n_links++] = tlv_str(v, l);
+            break;
+        case T_CGROUP_PROCS:
+            if (c->n_cgroups < MAX_LIST) c->cgroups[c->n_cgroups++] = tlv_str(v, l);
+            break;
+        case T_SECCOMP:
+            /* a filter that cannot be kept is an error, never "no filter" */
+            if (c->bpf || !l || l % sizeof(struct sock_filter) ||
+                l / sizeof(struct sock_filter) > BPF_MAXINSNS || !(c->bpf = malloc(l)))
+                return -1;
+            memcpy(c->bpf, v, l);
+            c->bpf_len = l;
+            break;
+        default: break; /* unknown tags are ignored: newer agent, older init */
+        }
+    }
+    if (r < 0 || !c->hostname || !c->root || !c->uid_base || !c->gid_base)
+        return -1;
+    /* fail closed: no sandbox is built without the seccomp filter its commands need */
+    if (!c->bpf || !c->bpf_len)
+        return -2;
+    return 0;
+}
+

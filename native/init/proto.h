@@ -58,6 +58,8 @@ enum cfg_tag {
                          * back in ATTACHED when the agent died during the command */
 };
 
+/* ---- proto.c: shared by the host side (nrx-init.c) and the sandbox side ------------- */
+
 struct tlv_iter {
     const unsigned char *p, *end;
 };
@@ -90,6 +92,8 @@ struct config {
                                * (no submounts), kept by PID 1 for a re-adopting agent */
 };
 
+/* 0, -1 when malformed, -2 when it carries no usable seccomp filter (fail closed: the
+ * sandbox is not built) */
 int parse_config(const unsigned char *buf, size_t len, struct config *c);
 
 /* sandbox.c: runs in the cloned child; builds the root, returns 0 or -1 with a message sent */

@@ -22,6 +22,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -51,6 +52,21 @@ static void __attribute__((noreturn)) child_fail(int errfd, const char *step)
         /* nothing left to tell */
     }
     _exit(127);
+}
+
+/* Fail closed: the command never runs without its seccomp filter in force.  A config
+ * without one is refused at start (parse_config); this is the last line, right before
+ * execve. */
+static void load_filter(const struct config *c, int errfd)
+{
+    if (!c->bpf || !c->bpf_len) {
+        errno = EPERM;
+        child_fail(errfd, "seccomp filter missing, refusing to run the command");
+    }
+    struct sock_fprog prog = {(unsigned short)(c->bpf_len / sizeof(struct sock_filter)),
+                              (struct sock_filter *)c->bpf};
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
+        child_fail(errfd, "loading the seccomp filter");
 }
 
 static void __attribute__((noreturn))
@@ -97,17 +113,14 @@ run_command(struct config *c, int out, int err, int errfd, char **argv, char **e
     if (chdir(cwd) < 0)
         child_fail(errfd, "chdir");
 
+    /* files the command creates are its own: 0600/0700 unless it asks otherwise */
+    umask(077);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     for (int s = 1; s < NSIG; s++)
         signal(s, SIG_DFL);
 
-    if (c->bpf_len) {
-        struct sock_fprog prog = {(unsigned short)(c->bpf_len / sizeof(struct sock_filter)),
-                                  (struct sock_filter *)c->bpf};
-        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
-            child_fail(errfd, "seccomp");
-    }
+    load_filter(c, errfd);
     execve(argv[0], argv, envp);
     child_fail(errfd, "execve");
 }

@@ -148,6 +148,12 @@ P(socket_unix, do_socket(AF_UNIX, SOCK_STREAM, 0))
 P(socket_inet, do_socket(AF_INET, SOCK_STREAM, 0))
 P(socket_inet6, do_socket(AF_INET6, SOCK_DGRAM, 0))
 P(socket_inet_raw, do_socket(AF_INET, SOCK_RAW, 1 /* IPPROTO_ICMP */))
+P(socket_tcp, do_socket(AF_INET, SOCK_STREAM, 6 /* IPPROTO_TCP */))
+P(socket_udp6, do_socket(AF_INET6, SOCK_DGRAM, 17 /* IPPROTO_UDP */))
+P(socket_mptcp, do_socket(AF_INET, SOCK_STREAM, 262 /* IPPROTO_MPTCP */))
+P(socket_mptcp6, do_socket(AF_INET6, SOCK_STREAM, 262 /* IPPROTO_MPTCP */))
+P(socket_udplite, do_socket(AF_INET, SOCK_DGRAM, 136 /* IPPROTO_UDPLITE */))
+P(socket_sctp, do_socket(AF_INET, SOCK_STREAM, 132 /* IPPROTO_SCTP */))
 P(socket_netlink, do_socket(AF_NETLINK, SOCK_RAW, 0))
 P(socket_packet, do_socket(AF_PACKET, SOCK_RAW, 0))
 P(socket_vsock, do_socket(AF_VSOCK, SOCK_STREAM, 0))
@@ -172,7 +178,8 @@ static const struct probe probes[] = {
     E(reboot), E(swapon), E(swapoff), E(clone3), E(clone_newuser), E(clone_newns),
     E(clone_newnet), E(clone_newpid), E(clone_fork), E(ioctl_tiocsti), E(ioctl_tiocsti_hi),
     E(ioctl_tcgets), E(socket_unix), E(socket_inet), E(socket_inet6), E(socket_inet_raw),
-    E(socket_netlink), E(socket_packet), E(socket_vsock), E(socket_alg),
+    E(socket_tcp), E(socket_udp6), E(socket_mptcp), E(socket_mptcp6), E(socket_udplite),
+    E(socket_sctp), E(socket_netlink), E(socket_packet), E(socket_vsock), E(socket_alg),
     E(personality_query), E(personality_linux), E(personality_linux32), E(personality_rie),
     E(open_by_handle_at), E(memfd_create), E(getpid), E(foreign_abi), E(x32_abi),
 };
