@@ -26,7 +26,7 @@ from agent import config as config_mod
 from agent import log
 from agent.rpc.methods import Api
 from agent.rpc.server import RpcServer, bind_unix_socket, socket_gid
-from agent.service.journal import Journal
+from agent.service.journal import Journal, JournalUnavailable
 from agent.service.sessions import Service
 from agent.service.spool import Spool
 from agent.timefmt import iso_seconds
@@ -242,6 +242,10 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
         daemon.build()
     except AlreadyRunning as e:
         _log.error("agent_already_running")
+        print(f"nanorix-agent: {e}", file=sys.stderr)
+        return 1
+    except JournalUnavailable as e:
+        _log.error("journal_unavailable")
         print(f"nanorix-agent: {e}", file=sys.stderr)
         return 1
     trio.run(daemon.run)

@@ -67,17 +67,28 @@ _COLUMNS = frozenset(
     "exec_count updated_at receipt_key_id receipt_public_key reason".split())
 
 
+class JournalUnavailable(RuntimeError):
+    """The journal database cannot be opened in its state directory (the agent cannot start)."""
+
+
 class Journal:
     """Synchronous and small: each call is one short transaction on the agent's thread."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "journal.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            # e.g. "disk I/O error" on a 9p or NFS state dir: WAL needs a shared-memory mmap
+            raise JournalUnavailable(
+                f"cannot open the journal {self.path}: {e} (the state directory must be on a "
+                "local file system that supports SQLite's WAL mode: shared mmap and POSIX "
+                "locks, not 9p or NFS)") from None
         self.path.chmod(0o600)
 
     def close(self) -> None:
