@@ -10,8 +10,8 @@
 # Set-up (idempotent, everything cached under .vmtest/ of the clone, gitignored): apt packages
 # qemu-system-x86 busybox-static kmod; Debian's generic kernel (the version linux-image-amd64
 # depends on; the -cloud flavour has no 9p) unpacked with dpkg -x and its modules indexed
-# there (depmod -b); virtme-ng in its own venv .vmtest/venv; the agent installed with
-# `pip install .` into .vmtest/sysvenv (the distribution's python3) for the systemd lane.
+# there (depmod -b); virtme-ng in its own venv .vmtest/venv; scripts/install.sh run with
+# --root .vmtest/instroot --prefix .vmtest/sysvenv for the systemd lane.
 # The host's own kernel and boot are not touched.
 #
 # The guest sees this host's root read-only over 9p; .vmtest/out/<lane> is shared writable and
@@ -56,19 +56,21 @@ setup() {
     python3 -m venv "$CACHE/venv"
     "$CACHE/venv/bin/pip" install -q virtme-ng
   fi
-  # the systemd lane's installed agent: `pip install .` (docs/operations.md) into a venv of
-  # the distribution's python3, as on a production host (the unit's ProtectHome= hides /root,
-  # where the interpreter of the clone's .venv may live); rebuilt when the sources change
+  # the systemd lane's agent, installed by scripts/install.sh (docs/operations.md) in its
+  # packaging mode here on the host, as the guest has no network for pip: the venv
+  # .vmtest/sysvenv with the distribution's python3, as on a production host (the unit's
+  # ProtectHome= hides /root, where the interpreter of the clone's .venv may live), the
+  # unit and snippets under .vmtest/instroot; redone when the sources change
   local stamp
-  stamp=$( (git rev-parse HEAD; git diff HEAD -- agent native seccomp setup.py pyproject.toml;
-            git status --porcelain -- agent native seccomp) 2>/dev/null | sha256sum)
-  if [ "$(cat "$CACHE/sysvenv.stamp" 2>/dev/null)" != "$stamp" ]; then
-    rm -rf "$CACHE/sysvenv"
-    /usr/bin/python3 -m venv "$CACHE/sysvenv"
-    { "$CACHE/sysvenv/bin/pip" install -q --upgrade pip setuptools wheel cffi &&
-      "$CACHE/sysvenv/bin/pip" install -q --no-build-isolation "$ROOT"; } >"$CACHE/pip.log" 2>&1 \
-      || { tail -n 30 "$CACHE/pip.log" >&2; exit 1; }
-    echo "$stamp" > "$CACHE/sysvenv.stamp"
+  stamp=$( (git rev-parse HEAD; git diff HEAD -- agent native seccomp systemd scripts/install.sh \
+              setup.py pyproject.toml; git status --porcelain -- agent native seccomp systemd) \
+           2>/dev/null | sha256sum)
+  if [ "$(cat "$CACHE/install.stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$CACHE/sysvenv" "$CACHE/instroot"
+    PYTHON=/usr/bin/python3 bash scripts/install.sh --no-apt --prefix "$CACHE/sysvenv" \
+      --root "$CACHE/instroot" >"$CACHE/install.log" 2>&1 \
+      || { tail -n 30 "$CACHE/install.log" >&2; exit 1; }
+    echo "$stamp" > "$CACHE/install.stamp"
   fi
 }
 
