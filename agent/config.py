@@ -84,6 +84,9 @@ class NodeConfig:
 class PathsConfig:
     state_dir: Path = Path("/var/lib/nanorix-agent")
     runtime_dir: Path = Path("/run/nanorix-agent")
+    # host-wide: one lock file per cgroup prefix, so a second agent on the same prefix or an
+    # overlapping sandbox uid range refuses to start (agent/ops/instance_lock.py)
+    lock_dir: Path = Path("/run/lock/nanorix-agent")
 
 
 @dataclass
@@ -148,6 +151,15 @@ class LogConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus exposition over HTTP (GET /metrics), off by default; the debug socket's
+    `metrics` command serves the same text either way."""
+
+    listen: str = ""  # "HOST:PORT", e.g. "127.0.0.1:9464" (port 0: any free port, logged); "" = off
+    max_connections: int = 8  # concurrent scrapes; more wait in the listen backlog
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -159,6 +171,7 @@ class Config:
     auditproof: AuditProofConfig = field(default_factory=AuditProofConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
 
@@ -277,6 +290,16 @@ def _coerce(default, v, key: str):
     raise ConfigError(f"{key}: unsupported value {v!r}")
 
 
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """"HOST:PORT" or "[V6]:PORT" -> (host, port); None when malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 def _validate(cfg: Config) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -305,6 +328,10 @@ def _validate(cfg: Config) -> None:
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
     need(cfg.keys.rotate_interval_seconds >= 60, "keys.rotate_interval_seconds must be >= 60")
     need(cfg.health.interval_seconds >= 1, "health.interval_seconds must be >= 1")
+    if cfg.metrics.listen:
+        need(parse_listen(cfg.metrics.listen) is not None,
+             f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics.listen!r}")
+    need(1 <= cfg.metrics.max_connections <= 256, "metrics.max_connections must be 1..256")
     need(bool(cfg.tiers), "at least one tier must be configured")
     for name, t in cfg.tiers.items():
         for k in ("max_concurrent", "max_ttl_seconds", "tmpfs_bytes"):

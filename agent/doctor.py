@@ -335,8 +335,18 @@ def check_init_binary() -> Check:
                  "reinstall: pip install . (builds native parts)")
 
 
+def check_root() -> Check:
+    uid = os.geteuid()
+    if uid == 0:
+        return Check("root", "ok", "running as root")
+    return Check("root", "fail", f"running as uid {uid}: the agent needs root (namespaces, "
+                 "cgroups, uid maps), and so do several checks below, which fail for that "
+                 "reason alone", "run `nanorix-agent doctor` as root (sudo)")
+
+
 def run_checks(cfg) -> list[Check]:
-    checks: list[Check] = [check_namespace(k) for k in NAMESPACES]
+    checks: list[Check] = [check_root()] if os.geteuid() != 0 else []
+    checks += [check_namespace(k) for k in NAMESPACES]
     checks += check_userns_limits(cfg)
     checks += check_cgroups()
     checks += [check_libseccomp(), check_pidfd(), check_openat2(), check_swap(),
@@ -348,9 +358,12 @@ def run_checks(cfg) -> list[Check]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nanorix-agent doctor",
                                  description="check that this host can run nanorix-agent")
-    ap.add_argument("--config", type=Path, default=None)
+    ap.add_argument("--config", type=Path, default=None, metavar="FILE",
+                    help="check against this config (default /etc/nanorix-agent/agent.toml "
+                         "when it exists)")
     ap.add_argument("--json", action="store_true", help="one JSON list instead of text lines")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:

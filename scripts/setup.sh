@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-PKGS="build-essential pkg-config libseccomp-dev libsodium-dev libcap-dev python3-venv python3-dev bubblewrap"
+# systemd: systemd-analyze verify/security for the unit tests (nothing is started)
+PKGS="build-essential pkg-config libseccomp-dev libsodium-dev libcap-dev python3-venv python3-dev bubblewrap systemd"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -113,6 +113,17 @@ class AgentDaemon:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> AgentDaemon:
+        for _ in range(4):
+            try:
+                return self._start()
+            except RuntimeError as e:
+                # another suite's daemon drew an overlapping random uid range: draw again
+                if "overlap ours" not in str(e):
+                    raise
+                self.config["sandbox"]["uid_base"] = (1 << 21) * (2 + secrets.randbelow(1800))
+        return self._start()
+
+    def _start(self) -> AgentDaemon:
         self.base.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config))
         self._runs += 1
@@ -190,8 +201,10 @@ class AgentDaemon:
     def cli(self, *args: str, input: bytes | None = None, timeout: float = 60,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run `python -m agent.cli --socket SOCK ARGS…` and capture its output."""
+        # no input: stdin is /dev/null (run/exec read a non-terminal stdin as the input)
+        stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
         return subprocess.run([sys.executable, "-m", "agent.cli", "--socket", str(self.socket),
-                               *args], input=input, capture_output=True, timeout=timeout,
+                               *args], **stdin, capture_output=True, timeout=timeout,
                               cwd=cwd or self.base, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     def raw_connect(self) -> socket.socket:

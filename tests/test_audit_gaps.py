@@ -41,7 +41,8 @@ def test_clean_destroy_is_destroyed_and_file_names_never_logged(tmp_path):
         out = tmp_path / "rendition.json"
         r = d.cli("session", "destroy", sid, "--out", str(out), "--format", "auditproof")
         assert r.returncode == 0, r.stderr
-        result = json.loads(r.stdout)
+        assert r.stdout.decode().startswith(f"{sid}: destroyed")  # --out: a one-line summary
+        result = d.call("proof.get", {"session_id": sid})
         assert result["status"] == "destroyed"
         assert result["cdp"]["destruction_state"] == "complete"
         assert verify(result["cdp"])["checks"]["destruction_complete"] is True

@@ -63,26 +63,27 @@ def test_session_commands(daemon, tmp_path):
     out = tmp_path / "cdp.json"
     r = daemon.cli("session", "destroy", sid, "--out", str(out))
     assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    assert json.loads(out.read_text()) == res["cdp"]
-    key = daemon.cli("keys", "get", res["cdp"]["attestation"]["key_id"])
+    assert r.stdout.decode().startswith(f"{sid}: destroyed")  # --out: one summary line
+    cdp = json.loads(out.read_text())
+    assert cdp == json.loads(daemon.cli("proof", "get", sid).stdout)["cdp"]
+    key = daemon.cli("keys", "get", cdp["attestation"]["key_id"])
     assert key.returncode == 0 and json.loads(key.stdout)["algorithm"] == "Ed25519"
     r = daemon.cli("session", "exec", sid, "--", "true")
     assert r.returncode == 125 and b"Conflict" in r.stderr
 
 
 def test_errors_and_unreachable_agent(daemon, tmp_path):
-    """Agent errors exit 1 with the error name; an unreachable socket exits 2."""
+    """Agent errors and an unreachable socket exit 125 with the error in one line."""
     r = daemon.cli("session", "get", "sess_0000000000000001")
-    assert r.returncode == 1 and b"NotFound 404" in r.stderr
+    assert r.returncode == 125 and b"NotFound 404" in r.stderr
     r = daemon.cli("keys", "get", "nrx-verify-nothing")
-    assert r.returncode == 1 and b"NotFound" in r.stderr
+    assert r.returncode == 125 and b"NotFound" in r.stderr
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-m", "agent.cli", "--socket",
                         str(tmp_path / "none.sock"), "health"], capture_output=True,
                        cwd=daemon.base, timeout=60)
-    assert r.returncode == 2 and b"cannot reach the agent" in r.stderr
+    assert r.returncode == 125 and b"cannot reach the agent" in r.stderr
     h = daemon.cli("health")
     assert json.loads(h.stdout)["database"] is True
 

@@ -118,3 +118,40 @@ async def test_full_node_skips_the_canary_and_keeps_the_last_result(service):
     snap = await mon.run_once()
     assert snap["engines"]["eee"] is True and "capacity" in mon.details()["eee"]["reason"]
     assert not service.engine.live
+
+
+async def test_ready_waits_for_a_passing_self_test_and_status_names_the_failure(service, tmp_path):
+    """A first failing self-test is logged (warning, then health_status_changed at error);
+    READY=1 is held back while STATUS= names the engine and reason; once the self-test passes
+    READY=1 goes out with a "ready: …" status."""
+    import socket
+
+    import structlog
+
+    from agent.daemon import Daemon
+    from agent.ops.notify import Notifier
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(tmp_path / "notify.sock"))
+    srv.settimeout(5)
+    notifier = Notifier(str(tmp_path / "notify.sock"))
+    mon = HealthMonitor(service, service.config)
+    service.health = mon
+    mon.faults.add("eee")
+    with structlog.testing.capture_logs() as logs:
+        await mon.run_once()
+    assert any(e["event"] == "health_engine_changed" and e["engine"] == "eee" and not e["ok"]
+               and e["log_level"] == "warning" for e in logs)
+    assert any(e["event"] == "health_status_changed" and e["status"] == "degraded"
+               and e["log_level"] == "error" for e in logs)
+    daemon = Daemon(service.config)
+    try:
+        assert not daemon._ready_if_healthy(notifier, service)
+        assert srv.recv(4096).decode() == "STATUS=degraded: eee — fault injected"
+        mon.faults.clear()
+        await mon.run_once()
+        assert daemon._ready_if_healthy(notifier, service)
+        assert srv.recv(4096).decode().startswith("READY=1\nSTATUS=ready: ")
+    finally:
+        notifier.close()
+        srv.close()

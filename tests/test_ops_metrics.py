@@ -90,5 +90,5 @@ def test_label_values_are_escaped():
     m = Metrics()
     m.inc("destroys_total", reason='x"y\nz', status="destroyed")
     fams = _families(m.render())
-    s = [s for s in fams[PREFIX + "destroys"].samples if s.name.endswith("_total")][0]
-    assert s.labels["reason"] == 'x"y\nz'
+    s = [s for s in fams[PREFIX + "destroys"].samples if s.value == 1]
+    assert [x.labels["reason"] for x in s] == ['x"y\nz']

@@ -90,9 +90,11 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
             prev = chain.chain_step(prev, n, subsystem, operation,
                                     chain.evidence_hash(ev)[len(chain.PREFIX):])
             st.chain_at_step[n] = prev
-            logger.info("destroy.step", step=n, operation=operation, ok=ev["ok"],
-                        error=ev.get("error"), duration_ms=ev["duration_us"] // 1000,
-                        duration_us=ev["duration_us"])
+            # a failed step is a warning (journald priority 4), never info
+            (logger.info if ev["ok"] else logger.warning)(
+                "destroy.step", step=n, operation=operation, ok=ev["ok"],
+                error=ev.get("error"), duration_ms=ev["duration_us"] // 1000,
+                duration_us=ev["duration_us"])
             if hooks is not None and hooks.after_step is not None:
                 try:
                     await hooks.after_step(n, ev)
@@ -110,9 +112,10 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
         destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,
         destruction_state=destruction_state(st.evidence), evidence=st.evidence,
         teardown_ok=teardown_ok, duration_us=(time.perf_counter_ns() - t_start) // 1000)
-    logger.info("destroy.done", status=out.status, destruction_state=out.destruction_state,
-                teardown_ok=teardown_ok, duration_ms=out.duration_us // 1000,
-                duration_us=out.duration_us)
+    (logger.info if out.status != "expired_unclean" else logger.error)(
+        "destroy.done", status=out.status, destruction_state=out.destruction_state,
+        teardown_ok=teardown_ok, duration_ms=out.duration_us // 1000,
+        duration_us=out.duration_us)
     if hook_error is not None:
         raise hook_error
     return out

@@ -258,13 +258,21 @@ def request(path: Path, command: str, timeout: float = DESTROY_TIMEOUT + 10) -> 
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+UNREACHABLE_EXIT = 125  # the CLI's "agent error or unreachable" code (agent/cli.py)
+
+
 def client_main(argv: list[str] | None = None) -> int:
-    """`nanorix-agent debug [--socket P | --config F --runtime-dir D] CMD [ARG]`; exit 1 on error."""
+    """`nanorix-agent debug [--socket P | --config F --runtime-dir D] CMD [ARG]`; exit 1 when
+    the answer is an error, 125 when the socket cannot be reached."""
     ap = argparse.ArgumentParser(prog="nanorix-agent debug", description=HELP)
-    ap.add_argument("--socket", type=Path, default=None, help="debug socket path")
-    ap.add_argument("--config", type=Path, default=None)
-    ap.add_argument("--runtime-dir", type=Path, default=None)
-    ap.add_argument("command", nargs="+")
+    ap.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                    help="debug socket (default: $NANORIX_AGENT_DEBUG_SOCKET, beside the "
+                         "agent's --socket, or from the config)")
+    ap.add_argument("--config", type=Path, default=None, metavar="FILE",
+                    help="config whose runtime dir holds the debug socket")
+    ap.add_argument("--runtime-dir", type=Path, default=None, metavar="DIR",
+                    help="runtime dir holding debug.sock")
+    ap.add_argument("command", nargs="+", metavar="CMD", help="a debug command and its argument")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     path = args.socket or (Path(os.environ["NANORIX_AGENT_DEBUG_SOCKET"])
                            if os.environ.get("NANORIX_AGENT_DEBUG_SOCKET") else None)
@@ -280,9 +288,14 @@ def client_main(argv: list[str] | None = None) -> int:
         path = cfg.debug_socket_path
     try:
         answer = request(path, " ".join(args.command))
+    except PermissionError:
+        print(f"error: permission denied on the debug socket {path}: it is root only (0600); "
+              "run as root", file=sys.stderr)
+        return UNREACHABLE_EXIT
     except OSError as e:
-        print(f"error: cannot reach the debug socket {path}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        print(f"error: cannot reach the debug socket {path}: {e.strerror or e} (is the agent "
+              "running?)", file=sys.stderr)
+        return UNREACHABLE_EXIT
     sys.stdout.write(answer)
     sys.stdout.flush()
     return 1 if answer.startswith("error:") else 0

@@ -190,6 +190,9 @@ class HealthMonitor:
         self.last_run: str | None = None
         self._started = getattr(service, "started_at", None) or time.monotonic()
         self._lock = trio.Lock()
+        self._last_status: str | None = None
+        # called with the monitor after every run (the daemon keeps systemd's STATUS= current)
+        self.listeners: list[Callable] = []
         self._log = log.get().bind(component="health")
 
     async def _one(self, name: str) -> None:
@@ -219,7 +222,8 @@ class HealthMonitor:
         self.reasons[name] = reason
         self.checked_at[name] = timefmt.iso_seconds()
         self.durations_ms[name] = int((time.monotonic() - t0) * 1000)
-        if ok != was:
+        # the first result is always logged (a first failure too), then every change
+        if ok != was or self.runs == 0:
             (self._log.info if ok else self._log.warning)(
                 "health_engine_changed", engine=name, ok=ok, duration_ms=self.durations_ms[name],
                 reason=reason)
@@ -243,6 +247,15 @@ class HealthMonitor:
             self._database()
             self.runs += 1
             self.last_run = timefmt.iso_seconds()
+            status = self.status
+            if status != self._last_status:
+                (self._log.info if status == "healthy" else self._log.error)(
+                    "health_status_changed", status=status, previous=self._last_status,
+                    reasons={n: r for n, r in self.reasons.items() if r and not self.engines[n]},
+                    database_reason=self.database_reason)
+                self._last_status = status
+            for listener in list(self.listeners):
+                listener(self)
         return self.snapshot()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -1,20 +1,46 @@
-"""Prometheus text-format metrics (SPEC 9 `metrics`), without a runtime dependency.
+"""Prometheus metrics (SPEC 9 `metrics`) through `prometheus_client`.
 
 Counters and histograms are recorded by the daemon (`inc`, `observe`); gauges that describe the
 current state (sessions by status, spool depth, key age, capacity, health) are read from the
 service when `render(service)` runs, so they cannot go stale.  Names are declared once in
-`METRICS`; an undeclared name raises KeyError so a typo cannot silently make a new series.
-Labels never carry customer data (only status, reason, step, engine, kind values).
+`METRICS`; an undeclared name or label set raises KeyError so a typo cannot silently make a new
+series.  Every labelled series whose label values are known in advance (destroy reasons ×
+statuses, steps 1–8, recovery kinds, engines, session statuses) exists from the start with 0,
+so `rate()` and alerts work before the first event.  Besides the agent's own series the
+registry carries the standard `process_*` and `python_info` collectors and
+`nanorix_agent_build_info{version=…}`.  Labels never carry customer data.
+
+The same text is served by the debug socket (`metrics`) and, when `[metrics] listen` is set,
+by `serve_http` at `GET /metrics`.  That endpoint is a few lines of trio instead of
+`prometheus_client.start_http_server` because the latter starts one thread per connection with
+no limit and no timeout; here at most `metrics.max_connections` scrapes are served at once,
+each request head is capped at 8 KiB and must arrive within 5 s.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterable
+from itertools import product
 
-from agent import timefmt
+import prometheus_client
+import trio
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import generate_latest
+
+from agent import log, timefmt
+
+# `_created` timestamps per counter/histogram only add noise to a node agent's scrape
+prometheus_client.disable_created_metrics()
 
 PREFIX = "nanorix_agent_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -31,6 +57,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "oom_kills_total": ("counter", "Sessions ended by an out-of-memory kill.", ()),
     "recovery_reclaimed_total": ("counter", "Leftovers reclaimed at start, by resource kind.",
                                  ("kind",)),
+    "config_reloads_total": ("counter", "SIGHUP config reloads, by result (applied, rejected).",
+                             ("result",)),
     "create_seconds": ("histogram", "Session creation latency.", ()),
     "exec_seconds": ("histogram", "Command execution latency.", ()),
     "destroy_seconds": ("histogram", "Destruction pipeline latency.", ()),
@@ -44,75 +72,77 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "capacity_memory_committed_bytes": ("gauge", "Memory committed to live sessions.", ()),
     "health_engine_ok": ("gauge", "1 when the engine's last self-test passed.", ("engine",)),
     "draining": ("gauge", "1 while the agent refuses new work (shutdown).", ()),
+    "log_lines_dropped": ("gauge", "Log lines lost since start (stderr broken or full).", ()),
 }
 
 STATUSES = ("active", "executing", "destroyed", "expired", "expired_unclean")
-
-
-def _fmt_labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _escape(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(v: float) -> str:
-    if isinstance(v, int):
-        return str(v)
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
+DESTROY_REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery")
+FINAL_STATUSES = ("destroyed", "expired", "expired_unclean")
+# the label values known in advance: each combination starts at 0
+LABEL_VALUES: dict[str, list[tuple[str, ...]]] = {
+    "destroys_total": list(product(DESTROY_REASONS, FINAL_STATUSES)),
+    "destroy_step_failures_total": [(str(n),) for n in range(1, 9)],
+    "recovery_reclaimed_total": [(k,) for k in ("processes", "mounts", "cgroups", "network",
+                                                "slots")],
+    "config_reloads_total": [("applied",), ("rejected",)],
+    "sessions": [(s,) for s in STATUSES],
+    "health_engine_ok": [(e,) for e in ("eee", "dire", "rzl", "fgx", "ave")],
+}
 
 
 class Metrics:
-    """The agent's metric registry.  Thread-safe (sync code in worker threads may record)."""
+    """The agent's metric registry (one `CollectorRegistry` per instance).  Thread-safe."""
 
-    def __init__(self, buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
+    def __init__(self, buckets: Iterable[float] = LATENCY_BUCKETS, *, version: str | None = None,
+                 process_metrics: bool = True) -> None:
+        from agent import __version__
+
         self.buckets = tuple(sorted(buckets))
+        self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
-        self._values: dict[str, dict[tuple[str, ...], float]] = {k: {} for k in METRICS}
-        self._hist: dict[str, dict[tuple[str, ...], list]] = {}
+        self._m: dict = {}
+        for name, (kind, help_, labels) in METRICS.items():
+            full = PREFIX + name
+            if kind == "counter":
+                m = Counter(full.removesuffix("_total"), help_, labels, registry=self.registry)
+            elif kind == "gauge":
+                m = Gauge(full, help_, labels, registry=self.registry)
+            else:
+                m = Histogram(full, help_, labels, buckets=self.buckets, registry=self.registry)
+            for values in LABEL_VALUES.get(name, []):
+                m.labels(*values)
+            self._m[name] = m
+        Info(PREFIX + "build", "Version of the running agent.", registry=self.registry).info(
+            {"version": version or __version__})
+        if process_metrics:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
 
-    def _key(self, name: str, labels: dict) -> tuple[str, ...]:
-        kind, _help, names = METRICS[name]
+    def _series(self, name: str, kind: str, labels: dict):
+        want, _help, names = METRICS[name]
+        if want != kind:
+            raise KeyError(f"{name} is not a {kind}")
         if set(labels) != set(names):
             raise KeyError(f"metric {name} takes labels {names}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in names)
+        m = self._m[name]
+        return m.labels(*(str(labels[n]) for n in names)) if names else m
 
     def inc(self, name: str, by: float = 1, **labels) -> None:
-        if METRICS[name][0] != "counter":
-            raise KeyError(f"{name} is not a counter")
-        key = self._key(name, labels)
-        with self._lock:
-            self._values[name][key] = self._values[name].get(key, 0) + by
+        self._series(name, "counter", labels).inc(by)
 
     def set(self, name: str, value: float, **labels) -> None:
-        if METRICS[name][0] != "gauge":
-            raise KeyError(f"{name} is not a gauge")
-        key = self._key(name, labels)
-        with self._lock:
-            self._values[name][key] = value
+        self._series(name, "gauge", labels).set(value)
 
     def observe(self, name: str, seconds: float, **labels) -> None:
-        if METRICS[name][0] != "histogram":
-            raise KeyError(f"{name} is not a histogram")
-        key = self._key(name, labels)
-        with self._lock:
-            h = self._hist.setdefault(name, {}).setdefault(
-                key, [[0] * len(self.buckets), 0, 0.0])
-            for i, b in enumerate(self.buckets):
-                if seconds <= b:
-                    h[0][i] += 1
-            h[1] += 1
-            h[2] += seconds
+        self._series(name, "histogram", labels).observe(seconds)
 
     def value(self, name: str, **labels) -> float:
         """Current value of a counter/gauge series (0 when never recorded)."""
-        return self._values[name].get(self._key(name, labels), 0)
+        kind, _help, names = METRICS[name]
+        if set(labels) != set(names):
+            raise KeyError(f"metric {name} takes labels {names}, got {tuple(labels)}")
+        v = self.registry.get_sample_value(PREFIX + name, {k: str(v) for k, v in labels.items()})
+        return v or 0
 
     # -- gauges from the service -----------------------------------------------------------
     def refresh(self, service) -> None:
@@ -125,8 +155,8 @@ class Metrics:
                     counts[st] += 1
         except Exception:  # noqa: S110 - a gauge must never break the metrics answer
             pass
-        with self._lock:
-            self._values["sessions"] = {(k,): v for k, v in counts.items()}
+        for st, n in counts.items():
+            self.set("sessions", n, status=st)
         spool = getattr(service, "spool", None)
         if spool is not None and hasattr(spool, "depth"):
             try:
@@ -151,36 +181,14 @@ class Metrics:
             for eng, ok in mon.engines.items():
                 self.set("health_engine_ok", 1 if ok else 0, engine=eng)
         self.set("draining", 1 if getattr(service, "draining", False) else 0)
+        self.set("log_lines_dropped", log.dropped_lines())
 
     def render(self, service=None) -> str:
         """Prometheus text exposition format 0.0.4."""
-        if service is not None:
-            self.refresh(service)
-        out: list[str] = []
         with self._lock:
-            for name, (kind, help_, names) in METRICS.items():
-                full = PREFIX + name
-                out.append(f"# HELP {full} {help_}")
-                out.append(f"# TYPE {full} {kind}")
-                if kind == "histogram":
-                    series = self._hist.get(name, {})
-                    if not series and not names:
-                        series = {(): [[0] * len(self.buckets), 0, 0.0]}
-                    for key, (counts, n, total) in sorted(series.items()):
-                        for b, c in zip(self.buckets, counts, strict=True):
-                            le = 'le="' + _num(b) + '"'
-                            out.append(f"{full}_bucket{_fmt_labels(names, key, le)} {c}")
-                        inf = 'le="+Inf"'
-                        out.append(f"{full}_bucket{_fmt_labels(names, key, inf)} {n}")
-                        out.append(f"{full}_sum{_fmt_labels(names, key)} {_num(total)}")
-                        out.append(f"{full}_count{_fmt_labels(names, key)} {n}")
-                    continue
-                series = self._values[name]
-                if not series and not names:
-                    series = {(): 0}
-                for key, v in sorted(series.items()):
-                    out.append(f"{full}{_fmt_labels(names, key)} {_num(v)}")
-        return "\n".join(out) + "\n"
+            if service is not None:
+                self.refresh(service)
+            return generate_latest(self.registry).decode("utf-8")
 
 
 def key_age_seconds(service) -> int | None:
@@ -199,3 +207,89 @@ def key_age_seconds(service) -> int | None:
         return max(0, int(time.time() - timefmt.parse_iso(created)))
     except Exception:
         return None
+
+
+# -- GET /metrics ---------------------------------------------------------------------------
+
+MAX_REQUEST_HEAD = 8192
+# what generate_latest writes for our (legacy-valid) names: text format 0.0.4
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REQUEST_TIMEOUT = 5.0
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
+              head_only: bool = False) -> bytes:
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii")
+    return head if head_only else head + body
+
+
+def answer(request_head: bytes, metrics: Metrics, service) -> bytes:
+    """The whole HTTP response to one request head (never raises)."""
+    line = request_head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return _response("400 Bad Request", b"bad request\n")
+    method, target = parts[0], parts[1].split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return _response("405 Method Not Allowed", b"only GET\n")
+    if target not in ("/metrics", "/"):
+        return _response("404 Not Found", b"see /metrics\n")
+    try:
+        body = metrics.render(service).encode("utf-8")
+    except Exception as e:
+        log.get().warning("metrics_render_failed", error=type(e).__name__)
+        return _response("500 Internal Server Error", b"metrics unavailable\n")
+    return _response("200 OK", body, CONTENT_TYPE, head_only=method == "HEAD")
+
+
+async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service,
+                      slots: trio.Semaphore) -> None:
+    try:
+        async with stream:
+            buf = b""
+            with trio.move_on_after(REQUEST_TIMEOUT) as cs:
+                while b"\r\n\r\n" not in buf and len(buf) <= MAX_REQUEST_HEAD:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+            if cs.cancelled_caught or b"\r\n\r\n" not in buf:
+                resp = _response("400 Bad Request", b"incomplete or oversized request\n")
+            else:
+                resp = answer(buf, metrics, service)
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await stream.send_all(resp)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        slots.release()
+
+
+async def _accept_loop(listener, metrics: Metrics, service, slots: trio.Semaphore,
+                       nursery: trio.Nursery) -> None:
+    async with listener:
+        while True:
+            await slots.acquire()  # at the limit, further clients wait in the listen backlog
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                slots.release()
+                raise
+            nursery.start_soon(_serve_conn, stream, metrics, service, slots)
+
+
+async def serve_http(mcfg, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `GET /metrics` on `mcfg.listen` ("HOST:PORT") until cancelled; `started()` gets
+    the bound (host, port) pairs."""
+    from agent.config import parse_listen
+
+    host, port = parse_listen(mcfg.listen)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    slots = trio.Semaphore(mcfg.max_connections)
+    bound = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]
+    log.get().info("metrics_http_listening", address=[f"{h}:{p}" for h, p in bound])
+    async with trio.open_nursery() as nursery:
+        for ls in listeners:
+            nursery.start_soon(_accept_loop, ls, service.metrics, service, slots, nursery)
+        task_status.started(bound)

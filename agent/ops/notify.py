@@ -1,4 +1,5 @@
-"""systemd notify protocol (sd_notify) over $NOTIFY_SOCKET: READY, STOPPING, STATUS, WATCHDOG.
+"""systemd notify protocol (sd_notify) over $NOTIFY_SOCKET: READY, RELOADING, STOPPING, STATUS,
+WATCHDOG; and `status_text`, the one-line STATUS= the daemon keeps current.
 
 The watchdog ping is sent by a trio task, so it stops when the trio loop is stuck and systemd
 restarts the agent (WatchdogSec in the unit).  Without $NOTIFY_SOCKET every call is a no-op.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import trio
 
@@ -75,6 +77,11 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
 
+    def reloading(self) -> bool:
+        """RELOADING=1 with MONOTONIC_USEC (systemd >= 253 needs it; older ones ignore it)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
@@ -95,3 +102,25 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def status_text(health, service) -> str:
+    """"ready: 12 sessions", "degraded: eee — <reason>", "unhealthy: database — <reason>",
+    "draining: 3 sessions" (what `systemctl status` shows)."""
+    try:
+        live = int(service.capacity().get("sessions_live", 0))
+    except Exception:
+        live = -1
+    sessions = f"{live} session{'' if live == 1 else 's'}" if live >= 0 else "sessions unknown"
+    if getattr(service, "draining", False):
+        return f"draining: {sessions}"
+    if health is None:
+        return f"ready: {sessions}"
+    if not health.database:
+        return f"unhealthy: database — {health.database_reason}"
+    failed = [n for n, ok in health.engines.items() if not ok]
+    if failed:
+        first = failed[0]
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        return f"degraded: {first} — {health.reasons.get(first) or 'failed'}{more}"
+    return f"ready: {sessions}"
