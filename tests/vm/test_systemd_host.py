@@ -84,7 +84,8 @@ def install_documented() -> None:
     pip, so scripts/vmtest.sh ran the script on the host in its packaging mode (--root
     .vmtest/instroot, --prefix .vmtest/sysvenv with the distribution's python3); here its
     files are copied in and applied as the script's last step does on a systemd host."""
-    sh("cp", "-a", f"{ROOT}/.vmtest/instroot/.", "/")
+    for top in sorted((ROOT / ".vmtest" / "instroot").iterdir()):  # etc, usr (/ is read-only)
+        sh("cp", "-a", f"{top}/.", f"/{top.name}/")
     sh("systemd-sysusers", "/etc/sysusers.d/nanorix-agent.conf")
     sh("systemd-tmpfiles", "--create", "/etc/tmpfiles.d/nanorix-agent.conf")
     # the VM only: TCG is 20-40x slower than the hosts the unit's timeouts are sized for
