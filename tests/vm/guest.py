@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.cdp.verify import verify
@@ -22,3 +23,18 @@ def complete(proof: dict) -> None:
     res = verify(proof["cdp"])
     assert res["valid"] is True, res["errors"]
     assert proof["cdp"]["destruction_state"] == "complete"
+
+
+def session_survived_restart(call: Callable[[str, dict], object], sid: str) -> None:
+    """A session whose agent died is never lost: recovery ended it (reason agent_recovery,
+    a valid proof that says honestly whether the destruction could be completed), or the
+    restarted agent re-adopted it (live again, and its destroy proof is complete)."""
+    pending = {p["session_id"]: p for p in call("proof.pending", {})}
+    if sid in pending:
+        assert pending[sid]["reason"] == "agent_recovery"
+        assert pending[sid]["status"] in ("expired", "expired_unclean")
+        assert verify(pending[sid]["cdp"])["valid"] is True
+        call("proof.ack", {"session_id": sid})
+    else:
+        assert call("session.get", {"session_id": sid})["status"] == "active"
+        complete(call("session.destroy", {"session_id": sid}))

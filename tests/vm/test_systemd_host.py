@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from guest import complete, memory_cap
+from guest import complete, memory_cap, session_survived_restart
 
 from agent.cdp.verify import verify
 from agent.rpc.client import Client
@@ -62,21 +62,6 @@ def wait_restarted(before: dict[str, str]) -> dict[str, str]:
             return now
         assert time.monotonic() - t0 < RESTART_TIMEOUT, f"not restarted: {now}"
         time.sleep(2)
-
-
-def session_survived_restart(sid: str) -> None:
-    """A session whose agent died is never lost: recovery ended it (reason agent_recovery,
-    a valid proof that says honestly whether the destruction could be completed), or
-    (re-adoption) it is live again and its destroy proof is complete."""
-    pending = {p["session_id"]: p for p in call("proof.pending")}
-    if sid in pending:
-        assert pending[sid]["reason"] == "agent_recovery"
-        assert pending[sid]["status"] in ("expired", "expired_unclean")
-        assert verify(pending[sid]["cdp"])["valid"] is True
-        call("proof.ack", {"session_id": sid})
-    else:
-        assert call("session.get", {"session_id": sid})["status"] == "active"
-        complete(call("session.destroy", {"session_id": sid}))
 
 
 def install_documented() -> None:
@@ -158,7 +143,7 @@ def test_watchdog_restarts_a_stopped_agent():
     os.kill(int(before["MainPID"]), signal.SIGSTOP)
     wait_restarted(before)
     assert "result 'watchdog'" in sh("journalctl", "-u", UNIT, "-o", "cat", "--no-pager")
-    session_survived_restart(sid)
+    session_survived_restart(call, sid)
 
 
 def test_kill_9_restarts_and_recovers():
@@ -168,7 +153,7 @@ def test_kill_9_restarts_and_recovers():
     before = show("MainPID", "NRestarts")
     sh("systemctl", "kill", "-s", "KILL", UNIT)
     wait_restarted(before)
-    session_survived_restart(sid)
+    session_survived_restart(call, sid)
     unit_cg = CG / show("ControlGroup")["ControlGroup"].lstrip("/")
     assert not [p for p in unit_cg.rglob(sid)]
 
