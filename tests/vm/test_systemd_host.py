@@ -136,14 +136,29 @@ def test_run_through_the_socket_and_cgroups_under_the_unit(tmp_path):
 
 
 def test_watchdog_restarts_a_stopped_agent():
-    """SIGSTOP of the main pid stops the WATCHDOG=1 pings: systemd restarts the unit (result
-    watchdog) and the session the stopped agent held is not lost."""
+    """SIGSTOP of the main pid stops the WATCHDOG=1 pings: systemd restarts the unit once
+    (result watchdog) and the session the stopped agent held is not lost."""
     sid = call("session.create", {"customer_id": "vm", "tier": "free"})["session_id"]
     before = show("MainPID", "NRestarts")
     os.kill(int(before["MainPID"]), signal.SIGSTOP)
-    wait_restarted(before)
-    assert "result 'watchdog'" in sh("journalctl", "-u", UNIT, "-o", "cat", "--no-pager")
+    now = wait_restarted(before)
+    journal = sh("journalctl", "-u", UNIT, "-o", "cat", "--no-pager")
+    assert "result 'watchdog'" in journal
     session_survived_restart(call, sid)
+    restarts = int(now["NRestarts"]) - int(before["NRestarts"])
+    if restarts != 1 and "219/CGROUP" in journal and _restart_blocked_by_survivors():
+        pytest.xfail(
+            f"{restarts} restarts, each failing with 219/CGROUP: with KillMode=process the "
+            "sandboxes outlive the agent in the unit's cgroup, whose subtree_control has "
+            "controllers, so systemd < 254 (no DelegateSubgroup=) cannot start the new main "
+            "process there until they are gone (sandbox.orphan_grace_seconds): no re-adoption")
+    assert restarts == 1, f"the watchdog took {restarts} restarts"
+
+
+def _restart_blocked_by_survivors() -> bool:
+    """KillMode=process on a systemd without DelegateSubgroup= (v254): the known limit."""
+    version = int(sh("systemctl", "--version").split()[1])
+    return show("KillMode")["KillMode"] == "process" and version < 254
 
 
 def test_kill_9_restarts_and_recovers():
