@@ -22,7 +22,9 @@ def complete(proof: dict) -> None:
     """A proof whose CDP verifies and says the destruction was complete."""
     res = verify(proof["cdp"])
     assert res["valid"] is True, res["errors"]
-    assert proof["cdp"]["destruction_state"] == "complete"
+    failed = {i + 1: e.get("error") for i, e in enumerate(proof["cdp"]["evidence"])
+              if e.get("ok") is not True}
+    assert proof["cdp"]["destruction_state"] == "complete", f"failed steps: {failed}"
 
 
 def session_survived_restart(call: Callable[[str, dict], object], sid: str) -> None:
