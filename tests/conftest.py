@@ -33,7 +33,8 @@ def _cgroup_dirs() -> set[str]:
     found = set()
     if not CGROUP_ROOT.exists():
         return found
-    for ctrl in CGROUP_ROOT.iterdir():
+    # v1: one hierarchy per controller below the root; v2: the root is the one hierarchy
+    for ctrl in (CGROUP_ROOT, *CGROUP_ROOT.iterdir()):
         for prefix in ctrl.glob(f"{SUITE_PREFIX}*"):
             for dirpath, _dirs, _files in os.walk(prefix):
                 found.add(dirpath)

@@ -110,6 +110,7 @@ class AgentDaemon:
         self._runs = 0
         self.log_path: Path | None = None
         self.extra_env: dict[str, str] = {}  # e.g. NOTIFY_SOCKET, as systemd would set it
+        self.cgroup: Path | None = None  # start inside this (v2) cgroup, as systemd would
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> AgentDaemon:
@@ -132,11 +133,14 @@ class AgentDaemon:
         env.pop("NOTIFY_SOCKET", None)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)
+        argv = [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config_path),
+                "--state-dir", str(self.state_dir), "--runtime-dir", str(self.runtime_dir)]
+        if self.cgroup is not None:  # join it before exec: the daemon starts there
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.cgroup),
+                    *argv]
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "serve", "--config", str(self.config_path),
-                 "--state-dir", str(self.state_dir), "--runtime-dir", str(self.runtime_dir)],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=env)
         self.wait_ready()
         return self
