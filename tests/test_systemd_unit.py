@@ -36,12 +36,12 @@ def _testable_copy(tmp_path) -> Path:
 
 
 def test_unit_has_the_required_directives():
-    """Type=notify with a watchdog and a SIGHUP reload, delegation, KillMode=process
-    (sandboxes outlive an agent crash for re-adoption), negative OOM score, hardening, and
-    the host-wide lock directory."""
+    """Type=notify with a watchdog and a SIGHUP reload, delegation, KillMode=control-group
+    (systemd < 254 cannot restart a v2 unit whose cgroup still holds sandboxes), negative OOM
+    score, hardening, and the host-wide lock directory."""
     d = _directives()
     want = {"Type": "notify", "NotifyAccess": "main", "Delegate": "yes",
-            "KillMode": "process", "OOMScoreAdjust": "-900", "ProtectSystem": "strict",
+            "KillMode": "control-group", "OOMScoreAdjust": "-900", "ProtectSystem": "strict",
             "ProtectHome": "yes", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
             "SystemCallArchitectures": "native", "LockPersonality": "yes",
             "PrivateNetwork": "yes", "ProtectProc": "invisible",
