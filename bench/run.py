@@ -13,6 +13,7 @@ status is counted (a lifecycle only counts as fast if its proof says every step 
 verified), and after the daemon stopped the run checks that nothing is left behind:
 no cgroup under its prefix, no mount under its temporary dir, no process in its uid
 range.  Set NRX_BENCH_LOG=info to keep the daemon's log (in the temporary dir).
+crun, runc and the C floor (bench/peers.py, bench/floor/) are peers the same way.
 """
 
 from __future__ import annotations
