@@ -158,6 +158,12 @@ class Daemon:
                     return int(line.split()[1])
         return 0
 
+    def cpu_ms(self) -> float:
+        """CPU time of the daemon (all threads) and of its reaped children (nrx-init), ms."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -357,13 +363,15 @@ def bench_throughput(d: Daemon, per_client: int, rows: list, px: peers.Peers,
         return [timed(bwrap_true) for _ in range(n)]
 
     for k in (1, 4, 16):
+        cpu = d.cpu_ms()
         rate, lat = _concurrently(k, per_client, agent_runs)
+        cpu = (d.cpu_ms() - cpu) / len(lat)
         prate, plat = _concurrently(k, per_client, peer_runs)
         goal = " (goal >= 100/s, p99 <= 200 ms)" if k == 16 else ""
         so = summary(lat)
         rows.append((f"throughput, {k} clients (lifecycle ms)", so, summary(plat),
-                     f"{rate:.0f} lifecycles/s{goal}; bwrap {prate:.0f} one-shots/s "
-                     f"(ours {rate / prate:.2f}x)"))
+                     f"{rate:.0f} lifecycles/s{goal}, daemon CPU {cpu:.1f} ms each; bwrap "
+                     f"{prate:.0f} one-shots/s (ours {rate / prate:.2f}x)"))
         if not px.floor.missing:
             frate, flat = px.floor.concurrently(k, per_client)
             rows.append(peer_row(f"C floor, {k} processes (lifecycle ms)", so, flat,
@@ -382,6 +390,22 @@ def _cgroup_charged(d: Daemon) -> int:
         return -1
 
 
+def destroy_all(d: Daemon, sids: list[str], clients: int = 4) -> float:
+    """Destroy every session from `clients` connections; returns the seconds taken."""
+    def destroy_chunk(chunk):
+        cc = Client(d.sock)
+        try:
+            for sid in chunk:
+                count_status(destroy(cc, sid))
+        finally:
+            cc.close()
+
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as ex:
+        list(ex.map(destroy_chunk, [sids[i::clients] for i in range(clients)]))
+    return time.perf_counter() - t
+
+
 def bench_density(d: Daemon, sizes: list[int], rows: list) -> None:
     c = Client(d.sock)
     for n in sizes:
@@ -395,20 +419,7 @@ def bench_density(d: Daemon, sizes: list[int], rows: list) -> None:
         charged = _cgroup_charged(d)
         per = used / n / 1024
         cg = f", {charged / n / (1 << 20):.2f} MiB charged to its cgroup" if charged >= 0 else ""
-        t = time.perf_counter()
-        chunks = [sids[i::4] for i in range(4)]
-
-        def destroy_chunk(chunk):
-            cc = Client(d.sock)
-            try:
-                for sid in chunk:
-                    count_status(destroy(cc, sid))
-            finally:
-                cc.close()
-
-        with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            list(ex.map(destroy_chunk, chunks))
-        destroy_s = time.perf_counter() - t
+        destroy_s = destroy_all(d, sids)
         rows.append((f"density: {n} idle sessions", None, None,
                      f"host {per:.2f} MiB/session{cg}; agent RSS {rss / 1024:.0f} MiB "
                      f"(+{(rss - base_rss) / 1024:.0f}); created in {create_s:.1f} s, destroyed "
@@ -430,8 +441,7 @@ def bench_destroy_idle(d: Daemon, sizes: list[int], n: int, rows: list) -> None:
             t = time.perf_counter()
             count_status(destroy(c, sid))
             xs.append((time.perf_counter() - t) * 1000)
-        for sid in idle:
-            count_status(destroy(c, sid))
+        destroy_all(d, idle)
         s = summary(xs)
         base = base or s
         rows.append((f"destroy with {size} live idle sessions (ms)", s, None,
