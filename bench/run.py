@@ -603,7 +603,8 @@ def main() -> int:
     left: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nrx-bench-") as td:
         px = peers.Peers(Path(td), ident.uid_base + UID_SPAN, ident.prefix)
-        print(f"machine: {machine()}; {px.versions()}", flush=True)
+        print(f"machine: {machine()}" + (f"; {px.versions()}" if px.versions() else ""),
+              flush=True)
         print(f"at start: {load()}; uid base {ident.uid_base}, cgroup prefix {ident.prefix}")
         for why in px.skipped:
             print(f"skipped peer: {why}")
