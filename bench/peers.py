@@ -357,8 +357,9 @@ class Floor:
         return [str(self.binary), "-n", str(n), "-u", str(self.uid_base + j * SLOT),
                 "-p", f"{self.prefix}-{j}", "-d", str(work)]
 
-    def one(self) -> float:
-        """One lifecycle in ms, from a floor process kept running between calls."""
+    def one(self) -> list[float]:
+        """One lifecycle from a floor process kept running between calls: its ms in all,
+        then of create + exec `true`, destroy, and the signed, fsynced proof."""
         if self._serial is None:
             self._serial = subprocess.Popen(self._argv(0, 0), stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, text=True)
@@ -367,7 +368,7 @@ class Floor:
         line = self._serial.stdout.readline()
         if not line:
             raise RuntimeError("nrx-floor failed")
-        return float(line)
+        return [float(x) for x in line.split()]
 
     def concurrently(self, k: int, per_client: int) -> tuple[float, list[float]]:
         """(lifecycles per second, latencies in ms) of k floor processes, per_client each;
@@ -379,7 +380,7 @@ class Floor:
         wall = time.perf_counter() - t
         if any(p.returncode for p in procs):
             raise RuntimeError("nrx-floor failed")
-        lat = [float(x) for out in outs for x in out.split()]
+        lat = [float(line.split()[0]) for out in outs for line in out.splitlines()]
         return len(lat) / wall, lat
 
     def close(self) -> None:

@@ -17,7 +17,8 @@
  *      umount + rmdir the tmpfs mount point, memory.force_empty, rmdir the four cgroups;
  *   6. two Ed25519 signatures (libsodium) over a ~1.5 KB proof text, written to a new
  *      file, fsynced, renamed into place, directory fsynced.
- * It prints one line per lifecycle: the milliseconds from step 1 to the end of step 6.
+ * It prints one line per lifecycle: the milliseconds from step 1 to the end of step 6,
+ * then those of steps 1-4 (create + exec `true`), step 5 (destroy) and step 6 (proof).
  *
  *   nrx-floor -n COUNT -u UID_BASE -p CGROUP_PREFIX -d WORKDIR
  *
@@ -222,7 +223,8 @@ static void rmdir_retry(const char *path)
     }
 }
 
-static double lifecycle(unsigned long i)
+/* one lifecycle; phase[] gets the ms of create + exec `true`, destroy, proof */
+static double lifecycle(unsigned long i, double phase[3])
 {
     double t0 = now_ms();
     char path[600], text[2048];
@@ -293,6 +295,7 @@ static double lifecycle(unsigned long i)
     close(report[0]);
 
     /* 5. destroy */
+    double t_exec = now_ms();
     wait_frozen();
     if (kill(pid, SIGKILL) < 0)
         die("kill");
@@ -314,6 +317,7 @@ static double lifecycle(unsigned long i)
     }
 
     /* 6. two signatures, the proof fsynced */
+    double t_destroy = now_ms();
     int n = snprintf(text, sizeof(text), "{\"session\":\"s%lu\",\"steps\":[", i);
     for (int s = 0; s < 8; s++)
         n += snprintf(text + n, sizeof(text) - n,
@@ -335,7 +339,17 @@ static double lifecycle(unsigned long i)
         die("proof dir");
     double t1 = now_ms();
     unlink(final); /* bookkeeping of the bench, not timed */
+    phase[0] = t_exec - t0;
+    phase[1] = t_destroy - t_exec;
+    phase[2] = t1 - t_destroy;
     return t1 - t0;
+}
+
+static void one(unsigned long i)
+{
+    double phase[3];
+    double total = lifecycle(i, phase);
+    printf("%.3f %.3f %.3f %.3f\n", total, phase[0], phase[1], phase[2]);
 }
 
 /* on exit, also after a failure halfway through a lifecycle: nothing stays behind */
@@ -399,13 +413,13 @@ usage:
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (count) {
         for (unsigned long i = 0; i < count; i++)
-            printf("%.3f\n", lifecycle(i));
+            one(i);
         return 0;
     }
     /* -n 0: one lifecycle per line read on stdin, until EOF (so a caller can alternate
      * the floor with other runs without paying a process start each time) */
     char line[16];
     for (unsigned long i = 0; fgets(line, sizeof(line), stdin); i++)
-        printf("%.3f\n", lifecycle(i));
+        one(i);
     return 0;
 }
