@@ -221,16 +221,17 @@ class _OciWorker:
         self.count_lock = threading.Lock()
         self.live_ids: dict[str, str] = {}
         self.logs = threading.local()
-        self._hide_cgroup2()
+        self.hidden = self._hide_cgroup2()
 
     @staticmethod
-    def _hide_cgroup2() -> None:
+    def _hide_cgroup2() -> bool:
         with open("/proc/self/mountinfo") as f:
             hybrid = any(line.split()[4] == "/sys/fs/cgroup/unified" for line in f)
         if hybrid:
             subprocess.run(["umount", "/sys/fs/cgroup/unified"], check=True)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "nrx-bench-no-cgroup2",
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "nrx-bench-no-cgroup2",
                             "/sys/fs/cgroup/unified"], check=True)
+        return hybrid
 
     def _bundle(self, rt: str, args: list[str]) -> tuple[str, Path]:
         with self.count_lock:
@@ -255,8 +256,12 @@ class _OciWorker:
             raise RuntimeError(f"{rt} {args[0]} exited {r.returncode}: "
                                f"{log.read().decode(errors='replace')[-500:]}")
 
-    def _done(self, b: Path) -> None:
+    def _done(self, cid: str, b: Path) -> None:
         shutil.rmtree(b, ignore_errors=True)
+        if self.hidden:
+            # crun leaves <path>/cgroup.procs in the stand-in tmpfs (not a cgroup, so its
+            # rmdir fails): remove it, or the tmpfs fills up after a few hundred containers
+            shutil.rmtree(Path("/sys/fs/cgroup/unified", self.prefix, cid), ignore_errors=True)
 
     def one(self, rt: str, what: str) -> float:
         """One timed operation (bundle made before the clock starts, removed after)."""
@@ -276,7 +281,7 @@ class _OciWorker:
             self._force_delete(rt, cid)
             raise
         finally:
-            self._done(b)
+            self._done(cid, b)
         return ms
 
     def _force_delete(self, rt: str, cid: str) -> None:
@@ -302,7 +307,7 @@ class _OciWorker:
         if op == "delete":
             self._rt(rt, "delete", "--force", req["id"])
             self.live_ids.pop(req["id"], None)
-            self._done(self.dir / "bundles" / req["id"])
+            self._done(req["id"], self.dir / "bundles" / req["id"])
             return {"ok": True}
         if op == "batch":
             return self.batch(rt, req["what"], req["k"], req["n"])
