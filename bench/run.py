@@ -121,9 +121,10 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, ident: peers.RunIdentity) -> None:
+    def __init__(self, tmp: Path, ident: peers.RunIdentity | None = None) -> None:
         self.tmp = tmp
-        self.ident = ident
+        # a random claimed uid block and cgroup prefix unless the caller shares its own
+        self.ident = ident = ident or peers.RunIdentity(RUN_SPAN)
         self.prefix = ident.prefix
         self.uid_base = ident.uid_base
         cfg = tmp / "agent.toml"
@@ -174,6 +175,8 @@ class Daemon:
         self.log.close()
 
 
+# a fixed range, only for bench scripts that pick their own (run.py takes a random block)
+UID_BASE = 3_000_000_000
 UID_SPAN = 65536 * 1100  # uid_slot_size * max_sessions
 # the agent's range, then one slot per peer container range and floor process
 RUN_SPAN = UID_SPAN + 64 * peers.SLOT
@@ -611,7 +614,7 @@ def main() -> int:
         for why in px.skipped:
             print(f"skipped peer: {why}")
         try:
-            d = Daemon(Path(td), ident)
+            d = Daemon(Path(td), ident=ident)
         except BaseException:
             px.close()
             raise
