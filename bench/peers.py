@@ -228,9 +228,11 @@ class _OciWorker:
         with open("/proc/self/mountinfo") as f:
             hybrid = any(line.split()[4] == "/sys/fs/cgroup/unified" for line in f)
         if hybrid:
-            subprocess.run(["umount", "/sys/fs/cgroup/unified"], check=True)
+            # (their stdout is the worker's answer channel: keep it clean)
+            subprocess.run(["umount", "/sys/fs/cgroup/unified"], check=True,
+                           stdout=subprocess.DEVNULL)
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "nrx-bench-no-cgroup2",
-                            "/sys/fs/cgroup/unified"], check=True)
+                            "/sys/fs/cgroup/unified"], check=True, stdout=subprocess.DEVNULL)
         return hybrid
 
     def _bundle(self, rt: str, args: list[str]) -> tuple[str, Path]:
