@@ -15,6 +15,7 @@ status is counted (a lifecycle only counts as fast if its proof says every step 
 verified), and after the daemon stopped the run checks that nothing is left behind:
 no cgroup under its prefix, no mount under its temporary dir, no process in its uid
 range.  Set NRX_BENCH_LOG=info to keep the daemon's log (in the temporary dir).
+crun, runc and the C floor (bench/peers.py, bench/floor/) are peers the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import peers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -123,10 +125,13 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, extra_config: str = "") -> None:
+    def __init__(self, tmp: Path, extra_config: str = "",
+                 ident: peers.RunIdentity | None = None) -> None:
         self.tmp = tmp
-        self.prefix = f"nanorix-agent-bench-{os.getpid()}"
-        self.uid_base = UID_BASE
+        # a random claimed uid block and cgroup prefix unless the caller shares its own
+        self.ident = ident = ident or peers.RunIdentity(RUN_SPAN)
+        self.prefix = ident.prefix
+        self.uid_base = ident.uid_base
         cfg = tmp / "agent.toml"
         cfg.write_text(BENCH_CONFIG.format(prefix=self.prefix, uid_base=self.uid_base,
                                            level=os.environ.get("NRX_BENCH_LOG", "warning"))
@@ -160,6 +165,12 @@ class Daemon:
                     return int(line.split()[1])
         return 0
 
+    def cpu_ms(self) -> float:
+        """CPU time of the daemon (all threads) and of its reaped children (nrx-init), ms."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -170,17 +181,19 @@ class Daemon:
         self.log.close()
 
 
+# a fixed range, only for bench scripts that pick their own (run.py takes a random block)
 UID_BASE = 3_000_000_000
 UID_SPAN = 65536 * 1100  # uid_slot_size * max_sessions
+# the agent's range, then one slot per peer container range and floor process
+RUN_SPAN = UID_SPAN + 64 * peers.SLOT
 
 
 def leftovers(d: Daemon) -> list[str]:
-    """What the stopped daemon left behind: cgroups under its prefix, mounts under its
-    temporary dir, processes in its uid range or still alive."""
+    """What the stopped daemon and the peers left behind: cgroups under the run's prefix,
+    mounts under its temporary dir, processes in its uid range, the daemon alive."""
     out = []
     for ctrl in Path("/sys/fs/cgroup").iterdir():
-        if (ctrl / d.prefix).exists():
-            out.append(f"cgroup {ctrl.name}/{d.prefix}")
+        out += [f"cgroup {ctrl.name}/{cg.name}" for cg in ctrl.glob(f"{d.prefix}*")]
     with open("/proc/self/mountinfo") as f:
         n = sum(1 for line in f if str(d.tmp) in line)
     if n:
@@ -193,7 +206,7 @@ def leftovers(d: Daemon) -> list[str]:
                 uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if d.uid_base <= uid < d.uid_base + UID_SPAN:
+        if d.ident.contains(uid):
             out.append(f"process {pid} in the bench uid range")
     if d.proc.poll() is None:
         out.append("daemon still running")
@@ -253,11 +266,18 @@ def timed(fn, *a) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def peer_row(label: str, ours: dict, peer: list[float], goal: str = "") -> tuple:
+    """A row under one of ours: the peer's figures and our p50 as a multiple of its p50."""
+    sp = summary(peer)
+    return (f"  peer: {label}", None, sp, f"ours {ours['p50'] / sp['p50']:.2f}x its p50{goal}")
+
+
 # ----------------------------------------------------------------------------- benches
 
-def bench_create_exec(d: Daemon, n: int, rows: list) -> None:
+def bench_create_exec(d: Daemon, n: int, rows: list, px: peers.Peers) -> None:
     c = Client(d.sock)
     ours, peer, kill_ms, create_ms = [], [], [], []
+    oci: dict[str, list[float]] = {rt: [] for rt in px.oci.available}
     for _ in range(n):
         t = time.perf_counter()
         sid = create(c)
@@ -268,33 +288,61 @@ def bench_create_exec(d: Daemon, n: int, rows: list) -> None:
         count_status(destroy(c, sid))
         kill_ms.append((time.perf_counter() - t) * 1000)
         peer.append(timed(bwrap_true))
+        for rt, xs in oci.items():
+            xs.append(px.oci.run(rt))
     c.close()
     so, sp = summary(ours), summary(peer)
-    rows.append(("create + exec `true` (ms)", so, sp, f"ratio {so['p50'] / sp['p50']:.2f} (goal <= 1.0)"))
+    rows.append(("create + exec `true` (ms)", so, sp,
+                 f"ours {so['p50'] / sp['p50']:.2f}x bwrap one-shot (goal <= 1.0, <= 0.5 warm pool)"))
+    rows += [peer_row(f"{rt} run `true` (one-shot)", so, xs) for rt, xs in oci.items()]
     rows.append(("  of which session.create (ms)", summary(create_ms), None,
                  "sandbox + session key + journal row"))
     rows.append(("destroy alone, empty session, signed CDP (ms)", summary(kill_ms), None,
                  "8 steps + proof spooled (fsync)"))
 
 
-def bench_exec_rtt(d: Daemon, n: int, rows: list) -> None:
+def bench_exec_rtt(d: Daemon, n: int, rows: list, px: peers.Peers) -> None:
     c = Client(d.sock)
     sid = create(c)
-    xs = [timed(exec_true, c, sid) for _ in range(n)]
+    live = {rt: px.oci.live(rt) for rt in px.oci.available}
+    xs, oci = [], {rt: [] for rt in live}
+    try:
+        for _ in range(n):
+            xs.append(timed(exec_true, c, sid))
+            for rt, cid in live.items():
+                oci[rt].append(px.oci.exec_true(rt, cid))
+    finally:
+        for rt, cid in live.items():
+            px.oci.delete(rt, cid)
     count_status(destroy(c, sid))
     c.close()
-    rows.append(("exec `true` round trip, live session (ms)", summary(xs), None, "goal p50 <= 2 ms"))
+    so = summary(xs)
+    rows.append(("exec `true` round trip, live session (ms)", so, None, "goal p50 <= 2 ms"))
+    rows += [peer_row(f"{rt} exec `true` into a live container", so, ys,
+                      " (goal <= 0.4x crun exec)" if rt == "crun" else "") for rt, ys in oci.items()]
 
 
-def bench_lifecycle(d: Daemon, n: int, rows: list) -> None:
+def bench_lifecycle(d: Daemon, n: int, rows: list, px: peers.Peers) -> None:
     c = Client(d.sock)
-    ours, peer = [], []
+    ours, peer, floor = [], [], []
+    oci: dict[str, list[float]] = {rt: [] for rt in px.oci.available}
     for _ in range(n):
         ours.append(timed(lifecycle, c))
         peer.append(timed(bwrap_true))
+        if not px.floor.missing:
+            floor.append(px.floor.one())
+        for rt, xs in oci.items():
+            xs.append(px.oci.create_start_delete(rt))
     c.close()
-    rows.append(("full lifecycle create/exec/destroy+CDP (ms)", summary(ours), summary(peer),
+    so = summary(ours)
+    rows.append(("full lifecycle create/exec/destroy+CDP (ms)", so, summary(peer),
                  "goal p50 <= 15 ms; peer: bwrap one-shot"))
+    if floor:
+        split = ", ".join(f"{what} {statistics.median(f[i] for f in floor):.1f}"
+                          for i, what in ((1, "create+exec"), (2, "destroy"), (3, "proof")))
+        rows.append(peer_row("C floor (bench/floor), same kernel work", so, [f[0] for f in floor],
+                             f" (goal <= 2.5x); floor p50s: {split} ms"))
+    rows += [peer_row(f"{rt} create/start/delete `true`", so, xs) for rt, xs in oci.items()]
 
 
 class Tls:
@@ -372,7 +420,8 @@ def _concurrently(k: int, per_client: int, one) -> tuple[float, list[float]]:
     return len(lat) / (time.perf_counter() - t), lat
 
 
-def bench_throughput(d: Daemon, per_client: int, rows: list) -> None:
+def bench_throughput(d: Daemon, per_client: int, rows: list, px: peers.Peers,
+                     oci_too: bool) -> None:
     def agent_runs(n):
         c = Client(d.sock)
         try:
@@ -384,11 +433,23 @@ def bench_throughput(d: Daemon, per_client: int, rows: list) -> None:
         return [timed(bwrap_true) for _ in range(n)]
 
     for k in (1, 4, 16):
+        cpu = d.cpu_ms()
         rate, lat = _concurrently(k, per_client, agent_runs)
+        cpu = (d.cpu_ms() - cpu) / len(lat)
         prate, plat = _concurrently(k, per_client, peer_runs)
-        goal = " (goal >= 100/s, p99 <= 100 ms)" if k == 16 else ""
-        rows.append((f"throughput, {k} clients (lifecycle ms)", summary(lat), summary(plat),
-                     f"{rate:.0f} lifecycles/s{goal}; bwrap {prate:.0f} one-shots/s"))
+        goal = " (goal >= 100/s, p99 <= 200 ms)" if k == 16 else ""
+        so = summary(lat)
+        rows.append((f"throughput, {k} clients (lifecycle ms)", so, summary(plat),
+                     f"{rate:.0f} lifecycles/s{goal}, daemon CPU {cpu:.1f} ms each; bwrap "
+                     f"{prate:.0f} one-shots/s (ours {rate / prate:.2f}x)"))
+        if not px.floor.missing:
+            frate, flat = px.floor.concurrently(k, per_client)
+            rows.append(peer_row(f"C floor, {k} processes (lifecycle ms)", so, flat,
+                                 f"; {frate:.0f} lifecycles/s, ours {rate / frate:.2f}x that"))
+        for rt in px.oci.available if oci_too else ():
+            orate, olat = px.oci.concurrently(rt, "run", k, per_client)
+            rows.append(peer_row(f"{rt} run `true`, {k} clients (ms)", so, olat,
+                                 f"; {orate:.0f} one-shots/s, ours {rate / orate:.2f}x that"))
 
 
 def _cgroup_charged(d: Daemon) -> int:
@@ -397,6 +458,22 @@ def _cgroup_charged(d: Daemon) -> int:
         return int((Path("/sys/fs/cgroup/memory") / d.prefix / "memory.usage_in_bytes").read_text())
     except (OSError, ValueError):
         return -1
+
+
+def destroy_all(d: Daemon, sids: list[str], clients: int = 4) -> float:
+    """Destroy every session from `clients` connections; returns the seconds taken."""
+    def destroy_chunk(chunk):
+        cc = Client(d.sock)
+        try:
+            for sid in chunk:
+                count_status(destroy(cc, sid))
+        finally:
+            cc.close()
+
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as ex:
+        list(ex.map(destroy_chunk, [sids[i::clients] for i in range(clients)]))
+    return time.perf_counter() - t
 
 
 def bench_density(d: Daemon, sizes: list[int], rows: list) -> None:
@@ -412,24 +489,34 @@ def bench_density(d: Daemon, sizes: list[int], rows: list) -> None:
         charged = _cgroup_charged(d)
         per = used / n / 1024
         cg = f", {charged / n / (1 << 20):.2f} MiB charged to its cgroup" if charged >= 0 else ""
-        t = time.perf_counter()
-        chunks = [sids[i::4] for i in range(4)]
-
-        def destroy_chunk(chunk):
-            cc = Client(d.sock)
-            try:
-                for sid in chunk:
-                    count_status(destroy(cc, sid))
-            finally:
-                cc.close()
-
-        with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            list(ex.map(destroy_chunk, chunks))
-        destroy_s = time.perf_counter() - t
+        destroy_s = destroy_all(d, sids)
         rows.append((f"density: {n} idle sessions", None, None,
                      f"host {per:.2f} MiB/session{cg}; agent RSS {rss / 1024:.0f} MiB "
                      f"(+{(rss - base_rss) / 1024:.0f}); created in {create_s:.1f} s, destroyed "
                      f"(4 clients) in {destroy_s:.1f} s (goal 1000: <= 1 MiB each, agent <= 200 MiB)"))
+    c.close()
+
+
+def bench_destroy_idle(d: Daemon, sizes: list[int], n: int, rows: list) -> None:
+    """Destroy p50 of a fresh session (created, `true` run) while N idle sessions stay
+    alive, against the same with none: what host-wide scans cost per live session."""
+    c = Client(d.sock)
+    base: dict | None = None
+    for size in sizes:
+        idle = [create(c, customer=f"idle-{i % 50}") for i in range(size)]
+        xs = []
+        for _ in range(n):
+            sid = create(c)
+            exec_true(c, sid)
+            t = time.perf_counter()
+            count_status(destroy(c, sid))
+            xs.append((time.perf_counter() - t) * 1000)
+        destroy_all(d, idle)
+        s = summary(xs)
+        base = base or s
+        rows.append((f"destroy with {size} live idle sessions (ms)", s, None,
+                     f"{s['p50'] / base['p50']:.2f}x the empty node"
+                     + (" (goal <= 1.2x)" if size else "")))
     c.close()
 
 
@@ -562,6 +649,10 @@ def machine() -> str:
             f"{subprocess.run(['bwrap', '--version'], capture_output=True, text=True).stdout.strip()}")
 
 
+def load() -> str:
+    return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -580,46 +671,61 @@ def main() -> int:
     # as the systemd unit does (LimitNOFILE): 1,000 sessions hold a few fds each
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    print(f"machine: {machine()}", flush=True)
+    ident = peers.RunIdentity(RUN_SPAN)
     left: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nrx-bench-") as td:
-        tls = Tls(Path(td))
-        d = Daemon(Path(td), tls.config)
+        px = peers.Peers(Path(td), ident.uid_base + UID_SPAN, ident.prefix)
+        print(f"machine: {machine()}" + (f"; {px.versions()}" if px.versions() else ""),
+              flush=True)
+        print(f"at start: {load()}; uid base {ident.uid_base}, cgroup prefix {ident.prefix}")
+        for why in px.skipped:
+            print(f"skipped peer: {why}")
+        try:
+            tls = Tls(Path(td))
+            d = Daemon(Path(td), tls.config, ident=ident)
+        except BaseException:
+            px.close()
+            raise
         benches = [
-                ("transport", lambda: bench_transport(d, tls, n, rows)),
+            ("transport", lambda: bench_transport(d, tls, n, rows)),
         ] if args.only == "transport" else [
-                ("create+exec", lambda: bench_create_exec(d, n, rows)),
-                ("exec rtt", lambda: bench_exec_rtt(d, n * 2, rows)),
-                ("lifecycle", lambda: bench_lifecycle(d, n, rows)),
-                ("throughput", lambda: bench_throughput(d, 10 if args.quick else 40, rows)),
-                ("streaming", lambda: bench_streaming(d, rows)),
-                ("density", lambda: bench_density(d, [100] if args.quick else [100, 500, 1000],
-                                                  rows)),
-                ("transport", lambda: bench_transport(d, tls, n, rows)),
+            ("create+exec", lambda: bench_create_exec(d, n, rows, px)),
+            ("exec rtt", lambda: bench_exec_rtt(d, n * 2, rows, px)),
+            ("lifecycle", lambda: bench_lifecycle(d, n, rows, px)),
+            ("throughput", lambda: bench_throughput(d, 10 if args.quick else 40, rows, px,
+                                                    not args.quick)),
+            ("destroy vs idle", lambda: bench_destroy_idle(
+                d, [0, 200] if args.quick else [0, 50, 200], 10 if args.quick else 40, rows)),
+            ("streaming", lambda: bench_streaming(d, rows)),
+            ("density", lambda: bench_density(d, [100] if args.quick else [100, 500, 1000],
+                                              rows)),
+            ("transport", lambda: bench_transport(d, tls, n, rows)),
         ]
         try:
             for name, fn in benches:
-                print(f"... {name}", file=sys.stderr, flush=True)
+                t = time.perf_counter()
                 fn()
+                print(f"... {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         finally:
             d.stop()
+            px.close()
             left = leftovers(d)
     if args.only == "all":
         bench_wipe(rows)
         bench_cdp(rows)
     print()
-    print(f"{'what':<48} | {'nanorix-agent p50 / p95 / p99 (min-max)':<44} | "
-          f"{'bubblewrap p50 / p95 / p99 (min-max)':<44} | note")
+    print(f"{'what':<52} | {'nanorix-agent p50 / p95 / p99 (min-max)':<44} | "
+          f"{'peer (bwrap unless named) p50 / p95 / p99':<44} | note")
     print("-" * 180)
     for what, ours, peer, note in rows:
-        print(f"{what:<48} | {fmt(ours):<44} | {fmt(peer):<44} | {note}")
+        print(f"{what:<52} | {fmt(ours):<44} | {fmt(peer):<44} | {note}")
     total = sum(STATUSES.values())
     clean = STATUSES.get("destroyed/complete", 0)
     print(f"destroys: {clean}/{total} destroyed with every step verified"
           + ("" if clean == total else f" (others: {STATUSES})"))
     print("left behind after the daemon stopped: " + ("; ".join(left) if left else "nothing "
           "(no cgroup under the prefix, no mount, no process in the uid range)"))
-    print(f"bench wall time: {time.perf_counter() - t_start:.0f} s")
+    print(f"bench wall time: {time.perf_counter() - t_start:.0f} s; at the end: {load()}")
     return 0 if not left and clean == total else 1
 
 
