@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +32,7 @@ async def service(agent_dirs):
     engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
     journal = Journal(state)
     svc = SimpleNamespace(config=cfg, engine=engine, journal=journal, spool=Spool(state),
-                          key_store=AttestationKeyStore(state), started_at=None)
+                          key_store=AttestationKeyStore(state), started_at=time.monotonic())
     yield svc
     await engine.aclose()
     journal.close()
@@ -95,7 +96,7 @@ async def test_self_tests_rerun_every_interval(autojump_clock):
     cfg.health.interval_seconds = 60
     calls = []
     checks = {e: (lambda svc, c, e=e: calls.append(e)) for e in ENGINES}
-    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None))
+    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None), started_at=0.0)
     mon = HealthMonitor(svc, cfg, checks=checks)
     async with trio.open_nursery() as nursery:
         await nursery.start(mon.run)
@@ -170,7 +171,7 @@ async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojum
             raise SelfTestFailed("spool not writable")
 
     checks = {e: (lambda svc, c: None) for e in ENGINES} | {"rzl": rzl}
-    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None))
+    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None), started_at=0.0)
     mon = HealthMonitor(svc, cfg, checks=checks)
     async with trio.open_nursery() as nursery:
         broken["rzl"] = False

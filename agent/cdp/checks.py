@@ -141,7 +141,7 @@ def destruction_complete(doc: object, *, signed_state: bool) -> str | None:
         bad = [i + 1 for i, o in enumerate(ev) if not (isinstance(o, dict) and o.get("ok") is True)]
         if bad:
             raise Fail(f"step {bad[0]} did not complete")
-        return
+        return None
     if ev is None and not signed_state:
         raise Unverifiable("evidence stripped and destruction_state not signed: the "
                            "claim \"complete\" cannot be checked")

@@ -38,6 +38,9 @@ from pathlib import Path
 import trio
 
 from agent import log, timefmt
+from agent.config import Config
+from agent.ops.view import ServiceView
+from agent.service.spool import Spool
 
 ENGINES = ("eee", "dire", "rzl", "fgx", "ave")
 SELFTEST = Path(__file__).resolve().parent.parent / "data" / "selftest.json"
@@ -65,9 +68,8 @@ def _selftest_data() -> dict:
 
 # -- the five engines --------------------------------------------------------------------------
 
-async def check_eee(service, cfg) -> None:
-    engine = getattr(service, "engine", None)
-    _need(engine is not None, "no sandbox engine")
+async def check_eee(service: ServiceView, cfg: Config) -> None:
+    engine = service.engine
     try:
         cap = service.capacity()
         full = cap.get("sessions_live", 0) >= cap.get("sessions_max", 1 << 30)
@@ -87,7 +89,7 @@ async def check_eee(service, cfg) -> None:
             await sb.teardown()
 
 
-async def check_dire(service, cfg) -> None:
+async def check_dire(service: ServiceView, cfg: Config) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from agent.keys.session import KeyZeroized, SessionKey
@@ -106,7 +108,7 @@ async def check_dire(service, cfg) -> None:
     raise SelfTestFailed("a zeroized session key still signs")
 
 
-def _check_spool_writable(spool) -> None:
+def _check_spool_writable(spool: Spool) -> None:
     d = Path(spool.dir)
     p = d / f".health-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     data = b"nanorix-agent rzl self-test " + os.urandom(8)
@@ -133,12 +135,9 @@ def _check_chain_vector() -> None:
           "chain hashes of the test vector do not recompute")
 
 
-def check_rzl(service, cfg) -> None:
-    journal = getattr(service, "journal", None)
-    _need(journal is not None, "no journal")
-    journal.check()
-    spool = getattr(service, "spool", None)
-    _need(spool is not None, "no CDP spool")
+def check_rzl(service: ServiceView, cfg: Config) -> None:
+    service.journal.check()
+    spool = service.spool
     _check_spool_writable(spool)
     left = spool.retry()
     _need(left == 0, f"{left} proof(s) not durably spooled, kept in memory and "
@@ -146,7 +145,7 @@ def check_rzl(service, cfg) -> None:
     _check_chain_vector()
 
 
-def check_fgx(service, cfg) -> None:
+def check_fgx(service: ServiceView, cfg: Config) -> None:
     from agent.cdp.merkle import ZERO_BLOCK_LEAF, merkle_root, zero_root
 
     stat = Path("/proc/self/stat").read_text()
@@ -163,13 +162,11 @@ def check_fgx(service, cfg) -> None:
           "zero-Merkle root of 683 blocks differs from the test vector")
 
 
-def check_ave(service, cfg) -> None:
+def check_ave(service: ServiceView, cfg: Config) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    ks = getattr(service, "key_store", None)
-    _need(ks is not None, "no attestation key store")
-    signer = ks.current()
+    signer = service.key_store.current()
     msg = hashlib.sha256(b"nanorix-agent ave self-test " + os.urandom(16)).hexdigest().encode()
     sig = signer.sign(msg)
     pub = Ed25519PublicKey.from_public_bytes(bytes(signer.public_key))
@@ -188,12 +185,12 @@ CHECKS: dict[str, Callable] = {"eee": check_eee, "dire": check_dire, "rzl": chec
 class HealthMonitor:
     """Runs the self-tests and caches their results (`snapshot()` is what `agent.health` returns)."""
 
-    def __init__(self, service, cfg, *, checks: dict[str, Callable] | None = None) -> None:
+    def __init__(self, service: ServiceView, cfg: Config, *, checks: dict[str, Callable] | None = None) -> None:
         self.service = service
         self.cfg = cfg
         self.checks = dict(CHECKS if checks is None else checks)
         self.engines: dict[str, bool] = dict.fromkeys(ENGINES, False)
-        self.reasons: dict[str, str] = dict.fromkeys(ENGINES, "not run yet")
+        self.reasons: dict[str, str | None] = dict.fromkeys(ENGINES, "not run yet")
         self.checked_at: dict[str, str | None] = dict.fromkeys(ENGINES, None)
         self.durations_ms: dict[str, int] = dict.fromkeys(ENGINES, 0)
         self.database = False
@@ -208,7 +205,7 @@ class HealthMonitor:
             self._token = None
         self.runs = 0
         self.last_run: str | None = None
-        self._started = getattr(service, "started_at", None) or time.monotonic()
+        self._started = service.started_at
         self._lock = trio.Lock()
         self._last_status: str | None = None
         # called with the monitor after every run (the daemon keeps systemd's STATUS= current)
@@ -253,11 +250,8 @@ class HealthMonitor:
                 reason=reason)
 
     def _database(self) -> None:
-        journal = getattr(self.service, "journal", None)
         try:
-            if journal is None:
-                raise SelfTestFailed("no journal")
-            journal.check()
+            self.service.journal.check()
             self.database, self.database_reason = True, None
         except Exception as e:
             self.database, self.database_reason = False, f"{type(e).__name__}: {e}"

@@ -110,6 +110,7 @@ class Metrics:
         self._m: dict = {}
         for name, (kind, help_, labels) in METRICS.items():
             full = PREFIX + name
+            m: Counter | Gauge | Histogram
             if kind == "counter":
                 m = Counter(full.removesuffix("_total"), help_, labels, registry=self.registry)
             elif kind == "gauge":

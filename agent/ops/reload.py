@@ -43,7 +43,8 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
 def diff(old: config_mod.Config, new: config_mod.Config) -> tuple[list[str], list[str]]:
     """(changed keys that can apply live, changed keys that need a restart)."""
     a, b = _flatten(old), _flatten(new)
-    live, restart = [], []
+    live: list[str] = []
+    restart: list[str] = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, _MISSING) == b.get(key, _MISSING):
             continue

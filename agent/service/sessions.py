@@ -32,6 +32,7 @@ from agent.config import Config
 from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
 from agent.errors import BadRequest, Conflict, InternalError, NotFound, Unavailable
+from agent.keys.attestation import AttestationKeyStore
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import AdoptFailed, SandboxEngine
 from agent.sandbox.exec import ExecBusy, ExecProgress
@@ -40,6 +41,7 @@ from agent.service import views
 from agent.service.admission import Admission
 from agent.service.audit import AuditLog
 from agent.service.faults import fault_point
+from agent.service.hooks import HealthHook, MetricsHook
 from agent.service.journal import Journal, JournalUnwritable
 from agent.service.model import (
     ENDED_STATUSES,
@@ -69,8 +71,9 @@ class Service:
     """Owns every session of this node.  Also the object the ops modules (health, debug
     socket, metrics, recovery) are given: see docs/design.md "E: daemon hooks"."""
 
-    def __init__(self, cfg: Config, *, engine: SandboxEngine, key_store, journal: Journal,
-                 spool: Spool, version: str, metrics=None) -> None:
+    def __init__(self, cfg: Config, *, engine: SandboxEngine, key_store: AttestationKeyStore,
+                 journal: Journal, spool: Spool, version: str,
+                 metrics: MetricsHook | None = None) -> None:
         self.config = cfg
         self.engine = engine
         self.key_store = key_store
@@ -78,7 +81,7 @@ class Service:
         self.spool = spool
         self.version = version
         self.metrics = metrics
-        self.health = None
+        self.health: HealthHook | None = None  # set by the daemon once the monitor runs
         self.draining = False
         self.started_at = time.monotonic()
         self.audit = AuditLog(journal)
