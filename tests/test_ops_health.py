@@ -32,7 +32,8 @@ async def service(agent_dirs):
     engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
     journal = Journal(state)
     svc = SimpleNamespace(config=cfg, engine=engine, journal=journal, spool=Spool(state),
-                          key_store=AttestationKeyStore(state), started_at=time.monotonic())
+                          key_store=AttestationKeyStore(state), started_at=time.monotonic(),
+                          draining=False)
     yield svc
     await engine.aclose()
     journal.close()

@@ -25,6 +25,9 @@ import trio
 
 from agent import config as config_mod
 from agent import log
+from agent.ops import recovery
+from agent.ops.metrics import Metrics
+from agent.ops.view import ServiceView
 
 MAX_LINE = 4096
 READ_TIMEOUT = 10.0
@@ -47,20 +50,18 @@ def _error(msg: str) -> str:
     return f"error: {msg}\n"
 
 
-def _by_status(service) -> dict[str, int]:
+def _by_status(service: ServiceView) -> dict[str, int]:
     out: dict[str, int] = {}
     for m in service.list_sessions():
         out[m.get("status", "?")] = out.get(m.get("status", "?"), 0) + 1
     return out
 
 
-def _status(service) -> dict:
-    mon = getattr(service, "health", None)
-    out: dict = {"log_level": log.get_level(), "draining": bool(getattr(service, "draining", False))}
-    cfg = getattr(service, "config", None)
-    if cfg is not None:
-        out["node_id"] = cfg.node.node_id
-    if getattr(service, "version", None):
+def _status(service: ServiceView) -> dict:
+    mon = service.health
+    out: dict = {"log_level": log.get_level(), "draining": service.draining,
+                 "node_id": service.config.node.node_id}
+    if service.version:
         out["version"] = service.version
     if mon is not None:
         out.update(mon.snapshot())
@@ -76,17 +77,13 @@ def _status(service) -> dict:
             out[name] = fn()
         except Exception as e:
             out[name] = f"unavailable: {type(e).__name__}"
-    rep = getattr(service, "recovery_report", None)
-    if rep is None:
-        from agent.ops import recovery
-
-        rep = recovery.LAST_REPORT
-    if rep is not None and hasattr(rep, "to_dict"):
+    rep = recovery.LAST_REPORT  # the service holds no report: the module keeps the last one
+    if rep is not None:
         out["recovery"] = rep.to_dict()
     return out
 
 
-def _config(service) -> dict:
+def _config(service: ServiceView) -> dict:
     cfg = service.config
     d = dataclasses.asdict(cfg)
     d["derived"] = {"socket_path": str(cfg.socket_path),
@@ -95,20 +92,19 @@ def _config(service) -> dict:
     return d
 
 
-def _keys(service) -> dict:
+def _keys(service: ServiceView) -> dict:
     ks = service.key_store
-    out: dict = {"attestation": ks.records() if hasattr(ks, "records") else []}
+    out: dict = {"attestation": ks.records()}
     try:
         cur = ks.current()
         out["current"] = cur.key_id
+        out["current_age_seconds"] = int(ks.age_seconds())
     except Exception as e:
         out["current"] = f"unavailable: {type(e).__name__}"
-    if hasattr(ks, "age_seconds"):
-        out["current_age_seconds"] = int(ks.age_seconds())
     return out
 
 
-async def handle_command(line: str, service) -> str:
+async def handle_command(line: str, service: ServiceView) -> str:
     """The answer to one command line (never raises)."""
     parts = line.strip().split()
     if not parts:
@@ -125,8 +121,8 @@ async def handle_command(line: str, service) -> str:
             m = _meta(service.get_meta(args[0]))
             return _json(m) if m is not None else _error("session not found")
         if cmd == "metrics" and not args:
-            m = getattr(service, "metrics", None)
-            return m.render(service) if m is not None else _error("metrics unavailable")
+            metrics = service.metrics  # the service sees a MetricsHook; rendering is ours
+            return metrics.render(service) if isinstance(metrics, Metrics) else _error("metrics unavailable")
         if cmd == "config" and not args:
             return _json(_config(service))
         if cmd == "keys" and not args:

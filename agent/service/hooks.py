@@ -4,10 +4,7 @@ checker still proves `agent.ops.health.HealthMonitor` and `agent.ops.metrics.Met
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from agent.service.sessions import Service
+from typing import Protocol
 
 
 class HealthHook(Protocol):
@@ -38,5 +35,3 @@ class MetricsHook(Protocol):
     def set(self, name: str, value: float, **labels: object) -> None: ...
 
     def observe(self, name: str, seconds: float, **labels: object) -> None: ...
-
-    def render(self, service: Service | None = None) -> str: ...
