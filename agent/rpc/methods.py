@@ -331,12 +331,7 @@ async def _drain(api: Api, p: dict, ctx: CallContext) -> dict:
 async def _info(api: Api, p: dict, ctx: CallContext) -> dict:
     s = api.service
     cfg = s.config
-    driver = getattr(s.engine, "cgroups", None) or getattr(s.engine, "driver", None)
-    mode = getattr(driver, "mode", None)
-    if mode is None:
-        from agent.sandbox.cgroups import detect_mode
-
-        mode = detect_mode()
+    mode = s.engine.cgroups.mode
     cap = dict(s.capacity())
     sessions_free = max(0, cap["sessions_max"] - cap["sessions_live"])
     memory_free = max(0, cap["memory_capacity_bytes"] - cap["memory_committed_bytes"])
