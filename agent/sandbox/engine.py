@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from agent import log
+from agent._native import lib as _native_lib
 from agent.config import Config
 
 from . import exec as _exec
@@ -450,30 +451,15 @@ async def _remove_cgroup(cgroup: CgroupHandle) -> None:
     await trio.to_thread.run_sync(cgroup.remove)
 
 
-try:  # native/ext/nrxspawn.c: the same posix_spawn, without holding the GIL
-    from agent._native import lib as _native_lib
-
-    _NATIVE_SPAWN = hasattr(_native_lib, "nrx_spawn_helper")
-except Exception:  # any import failure means "use os.posix_spawn"
-    _NATIVE_SPAWN = False
-
-
 def _spawn_helper(path: str, control_fd: int) -> int:
     """Start nrx-init: stdio on /dev/null, the control socket on fd 3, empty signal mask,
-    SIGPIPE/SIGXFSZ default, empty environment.  os.posix_spawn holds the GIL through
-    the whole vfork+exec (~6% of the trio thread's time under 16 clients); the native
-    call releases it."""
-    if _NATIVE_SPAWN:
-        pid = _native_lib.nrx_spawn_helper(os.fsencode(path), control_fd)
-        if pid < 0:
-            raise OSError(-pid, os.strerror(-pid))
-        return pid
-    return os.posix_spawn(path, ["nrx-init"], {}, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-        (os.POSIX_SPAWN_DUP2, 0, 1),
-        (os.POSIX_SPAWN_DUP2, 0, 2),
-        (os.POSIX_SPAWN_DUP2, control_fd, 3),
-    ], setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    SIGPIPE/SIGXFSZ default, empty environment (native/ext/nrxspawn.c: posix_spawn without
+    holding the GIL; os.posix_spawn held it through the whole vfork+exec, ~6% of the trio
+    thread's time under 16 clients)."""
+    pid = _native_lib.nrx_spawn_helper(os.fsencode(path), control_fd)
+    if pid < 0:
+        raise OSError(-pid, os.strerror(-pid))
+    return pid
 
 
 class SandboxEngine:
