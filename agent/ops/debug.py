@@ -156,7 +156,7 @@ def _peer_uid(sock: trio.socket.SocketType) -> int:
     return struct.unpack("3i", raw)[1]
 
 
-async def _serve_conn(stream: trio.SocketStream, service) -> None:
+async def _serve_conn(stream: trio.SocketStream, service: ServiceView) -> None:
     async with stream:
         try:
             uid = _peer_uid(stream.socket)
@@ -218,7 +218,7 @@ def bind_debug_socket(path: Path) -> socket.socket:
     return s
 
 
-async def serve_debug(path: Path, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_debug(path: Path, service: ServiceView, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the debug socket until cancelled (use with `await nursery.start(...)`)."""
     raw = bind_debug_socket(path)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))

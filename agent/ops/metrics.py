@@ -241,7 +241,7 @@ def answer(request_head: bytes, metrics: Metrics, service: ServiceView) -> bytes
     return _response("200 OK", body, CONTENT_TYPE, head_only=method == "HEAD")
 
 
-async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service,
+async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service: ServiceView,
                       slots: trio.Semaphore) -> None:
     try:
         async with stream:

@@ -25,6 +25,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -33,6 +34,9 @@ from agent.fsops import openat2
 
 from . import initproto
 from .output import Capture, zero
+
+if TYPE_CHECKING:  # engine imports this module
+    from .engine import Sandbox
 
 CHUNK = 64 * 1024
 FIRST_READ = 4096  # a stream's read buffer starts here and grows to CHUNK once filled
@@ -254,7 +258,7 @@ class Control:
         self.sock.close()
 
 
-async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
+async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
               timeout: float, on_output: OnOutput | None, output_cap: int,
               kill_grace: float, max_input: int = 8 * 1024 * 1024,
               progress: ExecProgress | None = None) -> ExecResult:
@@ -418,7 +422,7 @@ async def _abort(control: Control, pgid: int | None) -> None:
             await _wait_exit(control, pgid)
 
 
-def _oom_kills(sb) -> int:
+def _oom_kills(sb: Sandbox) -> int:
     try:
         return sb.cgroup.oom_kills()
     except OSError as e:
