@@ -223,6 +223,22 @@ class MetricsConfig:
 
 
 @dataclass
+class TimeoutsConfig:
+    """[timeouts]: how long the agent waits for its own work, in seconds (each > 0).  One
+    table instead of module constants (issue 11); the values are the former constants.
+    Read when used, but a change still needs a restart (agent/ops/reload.py LIVE)."""
+
+    create_seconds: float = 10.0  # a new sandbox's nrx-init must report READY within this
+    attach_seconds: float = 5.0  # re-attaching to a surviving nrx-init at a restart
+    stop_seconds: float = 60.0  # the drain at SIGTERM; then every sandbox is killed outright
+    close_out_seconds: float = 15.0  # an interrupted exec: freeze + reading what it produced
+    health_canary_seconds: float = 30.0  # one self-test (eee runs a canary session)
+    debug_read_seconds: float = 10.0  # a debug-socket command line must arrive within this
+    debug_destroy_seconds: float = 120.0  # `destroy ID` on the debug socket
+    metrics_request_seconds: float = 5.0  # one GET /metrics request head, then the answer
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -237,6 +253,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
 
@@ -374,6 +391,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.node.max_sessions >= 1, "node.max_sessions must be >= 1")
+    for key, seconds in dataclasses.asdict(cfg.timeouts).items():
+        need(seconds > 0, f"timeouts.{key} must be > 0")
     need(cfg.node.journal_retention_seconds >= 60,
          "node.journal_retention_seconds must be >= 60")
     need(cfg.node.ttl_policy in ("clamp", "refuse"),

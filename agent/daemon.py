@@ -55,7 +55,6 @@ from agent.service.spool import Spool
 
 __all__ = ["VERSION", "AlreadyRunning", "Daemon", "serve"]
 
-STOP_TIMEOUT = 60.0  # seconds the drain may take before every sandbox is killed outright
 STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes (sent only when the text changed)
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -291,7 +290,7 @@ class Daemon:
                 notifier.stopping()
             service.draining = True
             rpc_scope.cancel()  # stop accepting; live connections are dropped
-            with trio.move_on_after(STOP_TIMEOUT) as timeout_scope:
+            with trio.move_on_after(self.cfg.timeouts.stop_seconds) as timeout_scope:
                 async with trio.open_nursery() as nursery:
 
                     async def second_signal():
@@ -305,7 +304,7 @@ class Daemon:
                     await service.drain("operator")
                     nursery.cancel_scope.cancel()
             if timeout_scope.cancelled_caught:
-                _log.warning("agent_stop_timeout", seconds=STOP_TIMEOUT)
+                _log.warning("agent_stop_timeout", seconds=self.cfg.timeouts.stop_seconds)
 
 
 def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | None) -> int:

@@ -30,8 +30,6 @@ from agent.ops.metrics import Metrics
 from agent.ops.view import ServiceView
 
 MAX_LINE = 4096
-READ_TIMEOUT = 10.0
-DESTROY_TIMEOUT = 120.0
 SESSION_KEYS = ("session_id", "customer_id", "tier", "status", "created_at", "expires_at",
                 "ttl_seconds", "data_classification", "jurisdiction", "exec_count", "reason")
 HELP = ("commands: status | sessions | session ID | metrics | config | keys | "
@@ -135,7 +133,7 @@ async def handle_command(line: str, service: ServiceView) -> str:
         if cmd == "destroy" and len(args) == 1:
             if service.get_meta(args[0]) is None:
                 return _error("session not found")
-            with trio.move_on_after(DESTROY_TIMEOUT) as cs:
+            with trio.move_on_after(service.config.timeouts.debug_destroy_seconds) as cs:
                 res = await service.destroy(args[0], reason="operator")
             if cs.cancelled_caught:
                 return _error("destroy timed out")
@@ -166,7 +164,7 @@ async def _serve_conn(stream: trio.SocketStream, service: ServiceView) -> None:
             log.get().warning("debug_peer_refused", uid=uid)
             return
         buf = b""
-        with trio.move_on_after(READ_TIMEOUT):
+        with trio.move_on_after(service.config.timeouts.debug_read_seconds):
             while b"\n" not in buf and len(buf) <= MAX_LINE:
                 chunk = await stream.receive_some(MAX_LINE)
                 if not chunk:
@@ -239,7 +237,11 @@ async def serve_debug(path: Path, service: ServiceView, *, task_status=trio.TASK
 
 # -- client: `nanorix-agent debug CMD` ---------------------------------------------------------
 
-def request(path: Path, command: str, timeout: float = DESTROY_TIMEOUT + 10) -> str:
+# the client has no agent config: the default [timeouts] debug_destroy_seconds, plus 10 s
+CLIENT_TIMEOUT = 130.0
+
+
+def request(path: Path, command: str, timeout: float = CLIENT_TIMEOUT) -> str:
     """Send one command line and return the whole answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

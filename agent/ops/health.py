@@ -44,7 +44,6 @@ from agent.service.spool import Spool
 
 ENGINES = ("eee", "dire", "rzl", "fgx", "ave")
 SELFTEST = Path(__file__).resolve().parent.parent / "data" / "selftest.json"
-CANARY_TIMEOUT = 30.0
 RECHECK_SECONDS = 1.0  # re-run a faulted engine's self-test this often until it passes
 
 
@@ -220,13 +219,13 @@ class HealthMonitor:
         try:
             if name in self.faults:
                 raise SelfTestFailed("fault injected")
-            with trio.fail_after(CANARY_TIMEOUT):
+            with trio.fail_after(self.cfg.timeouts.health_canary_seconds):
                 r = fn(self.service, self.cfg)
                 if isinstance(r, Awaitable):
                     await r
             ok = True
         except trio.TooSlowError:
-            reason = f"self-test timed out after {CANARY_TIMEOUT:.0f}s"
+            reason = f"self-test timed out after {self.cfg.timeouts.health_canary_seconds:.0f}s"
         except SelfTestSkipped as e:
             self.reasons[name] = str(e)
             self.checked_at[name] = timefmt.iso_seconds()

@@ -212,7 +212,6 @@ def key_age_seconds(service: ServiceView) -> int | None:
 MAX_REQUEST_HEAD = 8192
 # what generate_latest writes for our (legacy-valid) names: text format 0.0.4
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-REQUEST_TIMEOUT = 5.0
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
@@ -246,7 +245,7 @@ async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service: Serv
     try:
         async with stream:
             buf = b""
-            with trio.move_on_after(REQUEST_TIMEOUT) as cs:
+            with trio.move_on_after(service.config.timeouts.metrics_request_seconds) as cs:
                 while b"\r\n\r\n" not in buf and len(buf) <= MAX_REQUEST_HEAD:
                     chunk = await stream.receive_some(4096)
                     if not chunk:
@@ -256,7 +255,7 @@ async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service: Serv
                 resp = _response("400 Bad Request", b"incomplete or oversized request\n")
             else:
                 resp = answer(buf, metrics, service)
-            with trio.move_on_after(REQUEST_TIMEOUT):
+            with trio.move_on_after(service.config.timeouts.metrics_request_seconds):
                 await stream.send_all(resp)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

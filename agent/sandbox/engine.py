@@ -37,10 +37,8 @@ from .cleanup import CleanupStack
 from .exec import ExecBusy, ExecResult, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
-CREATE_TIMEOUT = 10.0
 SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
-ATTACH_TIMEOUT = 5.0
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -638,7 +636,7 @@ class SandboxEngine:
             raise
         try:
             await control.send(initproto.encode_attach())
-            with trio.fail_after(ATTACH_TIMEOUT):
+            with trio.fail_after(self.cfg.timeouts.attach_seconds):
                 kind, fields = await control.recv()
             if kind != initproto.MSG_ATTACHED:
                 raise AdoptFailed("unexpected answer to ATTACH")
@@ -686,7 +684,7 @@ class SandboxEngine:
             undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
-            with trio.fail_after(CREATE_TIMEOUT):
+            with trio.fail_after(self.cfg.timeouts.create_seconds):
                 try:
                     while True:
                         kind, fields = await control.recv()
@@ -703,7 +701,7 @@ class SandboxEngine:
                                        "without a message") from None
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(CREATE_TIMEOUT):
+                with trio.move_on_after(self.cfg.timeouts.create_seconds):
                     await _reap(helper_fd)
                 os.close(helper_fd)
                 if pidfd < 0:

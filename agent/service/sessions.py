@@ -63,7 +63,6 @@ __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 
 _log = structlog.get_logger("nanorix-agent.sessions")  # lazy: resolved after log.setup()
 
-CLOSE_OUT_WAIT_SECONDS = 15.0  # freeze (<= 5 s) + reading what the exec produced so far
 UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
 
 
@@ -437,7 +436,7 @@ class Service:
                 # receipt marked interrupted before destruction begins.  The exec may have
                 # returned (e.g. its own timeout, at the TTL) while that close-out still
                 # runs: wait for it rather than race it.
-                with trio.move_on_after(CLOSE_OUT_WAIT_SECONDS):
+                with trio.move_on_after(self.config.timeouts.close_out_seconds):
                     await inflight.closed.wait()
                 if inflight.result is None:
                     raise Conflict(f"session {session_id} ended during the exec "
