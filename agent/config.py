@@ -25,6 +25,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_PATH = Path("/etc/nanorix-agent/agent.toml")
 
 
+ENV_ENTRIES_MAX = 200  # what nrx-init can take besides the agent's base environment
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key."""
 
@@ -177,6 +180,9 @@ class SandboxConfig:
 @dataclass
 class ExecConfig:
     max_input_bytes: int = 8 * MiB
+    # environment variables one exec may set (the RPC layer refuses more with BadRequest);
+    # at most ENV_ENTRIES_MAX: nrx-init takes 255 entries and the agent adds its base env
+    max_env_entries: int = 200
     output_cap_bytes: int = 1 * MiB  # per stream
     kill_grace_seconds: float = 2.0
 
@@ -430,6 +436,8 @@ def _validate(cfg: Config) -> None:
     need(0 <= cfg.sandbox.orphan_grace_seconds <= 24 * 3600,
          "sandbox.orphan_grace_seconds must be between 0 and 86400")
     need(cfg.exec.max_input_bytes >= 0, "exec.max_input_bytes must be >= 0")
+    need(0 <= cfg.exec.max_env_entries <= ENV_ENTRIES_MAX,
+         f"exec.max_env_entries must be 0..{ENV_ENTRIES_MAX}")
     need(cfg.exec.output_cap_bytes >= 1024, "exec.output_cap_bytes must be >= 1024")
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
     need(cfg.keys.rotate_interval_seconds >= 60, "keys.rotate_interval_seconds must be >= 60")

@@ -183,11 +183,11 @@ async def test_killing_the_sandbox_during_an_exec_raises_gone(sandbox):
 
 
 async def test_oversized_or_malformed_requests_are_bad_requests(sandbox):
-    """A huge command, too many env vars, a bad env name or a NUL byte is a BadRequest."""
+    """A huge command, a bad env name or a NUL byte is a BadRequest; 200 env vars (the
+    most exec.max_env_entries allows, checked at the RPC edge) all reach the command."""
     from agent.errors import BadRequest
 
-    for kw in ({"command": "x" * 600_000}, {"env": {f"V{i}": "1" for i in range(201)}},
-               {"env": {"A=B": "1"}}, {"command": "echo \0"}):
+    for kw in ({"command": "x" * 600_000}, {"env": {"A=B": "1"}}, {"command": "echo \0"}):
         with pytest.raises(BadRequest):
             await sandbox.exec(kw.get("command", "true"), env=kw.get("env"), timeout=10)
     r = await sandbox.exec("echo $V199", env={f"V{i}": str(i) for i in range(200)}, timeout=10)

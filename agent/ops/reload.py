@@ -25,6 +25,7 @@ LIVE = (
     "node.journal_retention_seconds",
     "health.interval_seconds",
     "exec.max_input_bytes", "exec.output_cap_bytes", "exec.kill_grace_seconds",
+    "exec.max_env_entries",
     "tiers.*.max_concurrent", "tiers.*.max_ttl_seconds", "tiers.*.default_ttl_seconds",
 )
 

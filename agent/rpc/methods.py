@@ -31,7 +31,6 @@ MAX_ID_LEN = 256
 # environment string at MAX_ARG_STRLEN (32 pages = 128 KiB, with its NUL), so a longer one
 # could never start (execve E2BIG).  The same cap applies to each `NAME=value` of `env`.
 MAX_COMMAND_BYTES = 128 * 1024 - 1
-MAX_ENV_ENTRIES = 256
 PENDING_PAGE_DEFAULT = 100
 
 _log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.setup()
@@ -88,9 +87,9 @@ def _check(name: str, spec: F, v: Any, api: Api) -> Any:
             raise BadRequest(f"{name} is larger than {cap} bytes", field=name)
         return v
     if k == "env":
-        if not isinstance(v, dict) or len(v) > MAX_ENV_ENTRIES:
-            raise BadRequest(f"{name} must be a map of at most {MAX_ENV_ENTRIES} strings",
-                             field=name)
+        most = api.service.config.exec.max_env_entries
+        if not isinstance(v, dict) or len(v) > most:
+            raise BadRequest(f"{name} must be a map of at most {most} strings", field=name)
         for key, val in v.items():
             if (not isinstance(key, str) or not isinstance(val, str) or not key
                     or "=" in key or "\0" in key or "\0" in val):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from agent import errors, timefmt
+from agent.config import ENV_ENTRIES_MAX
 from agent.fsops import openat2
 
 from . import initproto
@@ -43,7 +44,6 @@ FIRST_READ = 4096  # a stream's read buffer starts here and grows to CHUNK once 
 CONTROL_BUF = 8192  # nrx-init's replies are at most 4 KiB (send_msg in native/init)
 PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
-MAX_ENV = 200  # nrx-init takes up to 255 environment entries
 MAX_REQUEST = 512 * 1024  # command + environment, well inside one control message
 F_SETPIPE_SZ = 1031
 
@@ -264,8 +264,8 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
               progress: ExecProgress | None = None) -> ExecResult:
     """Run `command` in sandbox `sb` (see Sandbox.exec)."""
     full_env = base_env()
-    if env and len(env) > MAX_ENV:
-        raise errors.BadRequest(f"at most {MAX_ENV} environment variables", field="env")
+    # the RPC layer refused more than exec.max_env_entries (<= ENV_ENTRIES_MAX)
+    assert env is None or len(env) <= ENV_ENTRIES_MAX, "env entries are checked at the RPC edge"
     if env:
         for k, v in env.items():
             if not k or "=" in k or "\0" in k or "\0" in v:
