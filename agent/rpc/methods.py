@@ -19,8 +19,16 @@ import structlog
 import trio
 
 from agent.config import CLASSIFICATIONS, JURISDICTIONS
-from agent.errors import BadRequest, NotFound
+from agent.errors import ApiError, BadRequest, Conflict, InternalError, NotFound
 from agent.rpc.server import CallContext, Limits
+from agent.sandbox.faults import (
+    ExecBusy,
+    ExecFailed,
+    ExecRefused,
+    InputDoesNotFit,
+    SandboxFault,
+    SandboxGone,
+)
 from agent.service.sessions import SESSION_ID_RE, Service
 from agent.timefmt import iso_seconds
 
@@ -107,6 +115,24 @@ def _check(name: str, spec: F, v: Any, api: Api) -> Any:
     raise AssertionError(k)  # pragma: no cover
 
 
+# The one table from the sandbox layer's domain errors to API errors (STYLE: isolate keeps
+# its verdicts apart from its own death): every verdict is the customer's condition, never
+# InternalError; only the sandbox failing to do its job is.
+SANDBOX_ERRORS: dict[type[SandboxFault], type[ApiError]] = {
+    ExecRefused: BadRequest,  # the request can never run here
+    InputDoesNotFit: Conflict,  # the customer filled their session
+    ExecBusy: Conflict,
+    SandboxGone: Conflict,
+    ExecFailed: InternalError,  # nrx-init could not start the command
+}
+
+
+def api_error(e: SandboxFault) -> ApiError:
+    """The API error for a sandbox-layer error (SANDBOX_ERRORS; an unlisted one is internal)."""
+    cls = next((api for dom, api in SANDBOX_ERRORS.items() if isinstance(e, dom)), InternalError)
+    return cls(e.message, field=e.field)
+
+
 Handler = Callable[["Api", dict, CallContext], Awaitable[Any]]
 
 
@@ -139,7 +165,10 @@ class Api:
         for name, spec in m.fields.items():
             if spec.required and name not in clean:
                 raise BadRequest(f"{name} is required for {method}", field=name)
-        return await m.handler(self, clean, ctx)
+        try:
+            return await m.handler(self, clean, ctx)
+        except SandboxFault as e:
+            raise api_error(e) from None
 
 
 # -- handlers ----------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from . import initproto, mounts, userns, uts
 from . import namespaces as namespaces_mod
 from .cgroups import CgroupHandle, CgroupLimits, detect
 from .cleanup import CleanupStack
-from .exec import ExecBusy, ExecResult, SandboxGone
+from .exec import ExecResult
+from .faults import ExecBusy, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
 SYS_PIDFD_GETFD = 438

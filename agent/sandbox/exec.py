@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from agent import errors, timefmt
+from agent import timefmt
 from agent.config import ENV_ENTRIES_MAX
 from agent.fsops import openat2
 
 from . import initproto
+from .faults import ExecFailed, ExecRefused, InputDoesNotFit, SandboxGone
 from .output import Capture, zero
 
 if TYPE_CHECKING:  # engine imports this module
@@ -46,24 +47,6 @@ PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
 MAX_REQUEST = 512 * 1024  # command + environment, well inside one control message
 F_SETPIPE_SZ = 1031
-
-
-class ExecBusy(errors.Conflict):
-    """Another command is running in this sandbox."""
-
-    def __init__(self) -> None:
-        super().__init__("a command is already running in this session")
-
-
-class SandboxGone(errors.Conflict):
-    """The sandbox's PID 1 is dead (killed, OOM, destroyed)."""
-
-    def __init__(self, why: str = "the sandbox is gone") -> None:
-        super().__init__(why)
-
-
-class ExecFailed(errors.InternalError):
-    """nrx-init could not start the command (a setup step failed)."""
 
 
 @dataclass
@@ -247,9 +230,9 @@ class Control:
                 await self.sock.send(msg)
         except OSError as e:
             if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
-                raise errors.BadRequest(f"command and env together ({len(msg)} bytes) exceed "
-                                        f"what this host's control socket takes "
-                                        f"(net.core.wmem_max)", field="command") from None
+                raise ExecRefused(f"command and env together ({len(msg)} bytes) exceed "
+                                  f"what this host's control socket takes "
+                                  f"(net.core.wmem_max)", field="command") from None
             raise SandboxGone("the sandbox's init exited") from e
         except trio.ClosedResourceError as e:
             raise SandboxGone("the sandbox's init exited") from e
@@ -269,18 +252,17 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
     if env:
         for k, v in env.items():
             if not k or "=" in k or "\0" in k or "\0" in v:
-                raise errors.BadRequest(f"invalid environment variable {k!r}", field="env")
+                raise ExecRefused(f"invalid environment variable {k!r}", field="env")
             full_env[k] = v
     if input_data is not None and len(input_data) > max_input:
-        raise errors.BadRequest(f"input_data is larger than {max_input} bytes",
-                                field="input_data")
+        raise ExecRefused(f"input_data is larger than {max_input} bytes", field="input_data")
     if "\0" in command:
-        raise errors.BadRequest("command contains a NUL byte", field="command")
+        raise ExecRefused("command contains a NUL byte", field="command")
     size = len(command.encode()) + sum(len(k.encode()) + len(v.encode()) + 9
                                        for k, v in full_env.items())
     if size > MAX_REQUEST:
-        raise errors.BadRequest(f"command and env together exceed {MAX_REQUEST} bytes",
-                                field="command")
+        raise ExecRefused(f"command and env together exceed {MAX_REQUEST} bytes",
+                          field="command")
     if input_data is not None:
         try:
             write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
@@ -288,7 +270,7 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # the customer filled their own session: their condition, not a server fault
-            raise errors.Conflict(f"input_data ({len(input_data)} bytes) does not fit: the "
+            raise InputDoesNotFit(f"input_data ({len(input_data)} bytes) does not fit: the "
                                   f"session's file system is full (space or inodes)",
                                   field="input_data") from None
 

@@ -35,7 +35,8 @@ from agent.errors import BadRequest, Conflict, InternalError, NotFound, Unavaila
 from agent.keys.attestation import AttestationKeyStore
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import AdoptFailed, SandboxEngine
-from agent.sandbox.exec import ExecBusy, ExecProgress
+from agent.sandbox.exec import ExecProgress
+from agent.sandbox.faults import ExecBusy
 from agent.sandbox.userns import SlotsExhausted
 from agent.service import views
 from agent.service.admission import Admission
