@@ -1,5 +1,5 @@
 """`nanorix-agent serve`: wires config, keys, journal, spool, sandbox engine, sessions,
-RPC and the ops hooks into one trio program (SPEC 8, 11; docs/design.md "E: daemon hooks").
+RPC and the ops hooks into one trio program (SPEC 8, 11; docs/design.md "Operations: Daemon hooks").
 
 Order: config + logs -> root check -> self-hardening -> state/runtime dirs -> instance lock
 (cgroup prefix, uid range, state and runtime dir: agent/ops/instance_lock.py) -> keys,

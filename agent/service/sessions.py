@@ -69,7 +69,7 @@ UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
 
 class Service:
     """Owns every session of this node.  Also the object the ops modules (health, debug
-    socket, metrics, recovery) are given: see docs/design.md "E: daemon hooks"."""
+    socket, metrics, recovery) are given: see docs/design.md "Operations: Daemon hooks"."""
 
     def __init__(self, cfg: Config, *, engine: SandboxEngine, key_store: AttestationKeyStore,
                  journal: Journal, spool: Spool, version: str,
