@@ -147,6 +147,7 @@ class RemoteConfig:
 @dataclass
 class DebugConfig:
     socket: Path | None = None  # default: <runtime_dir>/debug.sock
+    max_line_bytes: int = 4096  # one command line; a longer one is answered "line too long"
 
 
 @dataclass
@@ -212,6 +213,7 @@ class SpoolConfig:
 @dataclass
 class HealthConfig:
     interval_seconds: int = 60
+    recheck_seconds: float = 1.0  # an engine that failed is re-tested this often until it passes
 
 
 @dataclass
@@ -226,6 +228,7 @@ class MetricsConfig:
 
     listen: str = ""  # "HOST:PORT", e.g. "127.0.0.1:9464" (port 0: any free port, logged); "" = off
     max_connections: int = 8  # concurrent scrapes; more wait in the listen backlog
+    max_request_head_bytes: int = 8192  # a longer request head is answered 400
 
 
 @dataclass
@@ -242,6 +245,9 @@ class TimeoutsConfig:
     debug_read_seconds: float = 10.0  # a debug-socket command line must arrive within this
     debug_destroy_seconds: float = 120.0  # `destroy ID` on the debug socket
     metrics_request_seconds: float = 5.0  # one GET /metrics request head, then the answer
+    status_interval_seconds: float = 5.0  # READY=1 retries / STATUS= refreshes (systemd)
+    systemd_extend_every_seconds: float = 10.0  # recovery: EXTEND_TIMEOUT_USEC this often
+    systemd_extend_by_seconds: float = 60.0  # ... asking for this much more start time
 
 
 @dataclass
@@ -442,6 +448,10 @@ def _validate(cfg: Config) -> None:
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
     need(cfg.keys.rotate_interval_seconds >= 60, "keys.rotate_interval_seconds must be >= 60")
     need(cfg.health.interval_seconds >= 1, "health.interval_seconds must be >= 1")
+    need(cfg.health.recheck_seconds > 0, "health.recheck_seconds must be > 0")
+    need(cfg.debug.max_line_bytes >= 64, "debug.max_line_bytes must be >= 64")
+    need(cfg.metrics.max_request_head_bytes >= 1024,
+         "metrics.max_request_head_bytes must be >= 1024")
     if cfg.metrics.listen:
         need(_listen_ok(cfg.metrics.listen),
              f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics.listen!r}")

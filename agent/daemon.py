@@ -55,7 +55,6 @@ from agent.service.spool import Spool
 
 __all__ = ["VERSION", "AlreadyRunning", "Daemon", "serve"]
 
-STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes (sent only when the text changed)
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 _log = structlog.get_logger("nanorix-agent.daemon")  # lazy: resolved after log.setup()
@@ -230,7 +229,7 @@ class Daemon:
                 raise
 
     async def _status_task(self, notifier: notify.Notifier, service: Service) -> None:
-        """READY=1 once the self-tests pass (re-run every STATUS_INTERVAL until then, so a
+        """READY=1 once the self-tests pass (re-run every timeouts.status_interval_seconds until then, so a
         transient failure at boot does not hold the start for a whole health interval);
         STATUS= refreshed whenever its text changes."""
         mon = service.health
@@ -238,7 +237,7 @@ class Daemon:
         last = None
         while True:
             if not self.ready_sent:
-                await trio.sleep(STATUS_INTERVAL)
+                await trio.sleep(self.cfg.timeouts.status_interval_seconds)
                 await mon.run_once()
                 if self._ready_if_healthy(notifier, service):
                     continue
@@ -247,7 +246,7 @@ class Daemon:
                 notifier.status(text)
                 last = text
             if self.ready_sent:
-                await trio.sleep(STATUS_INTERVAL)
+                await trio.sleep(self.cfg.timeouts.status_interval_seconds)
 
     def _ready_if_healthy(self, notifier: notify.Notifier, service: Service) -> bool:
         """Send READY=1 (with the STATUS= line) when the last self-test left us healthy."""

@@ -159,10 +159,8 @@ async def test_ready_waits_for_a_passing_self_test_and_status_names_the_failure(
         srv.close()
 async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojump_clock):
     """fault() makes the engine false immediately (no self-test run); run() re-tests it
-    every RECHECK_SECONDS, long before the next interval, and it turns true when its
+    every health.recheck_seconds, long before the next interval, and it turns true when its
     self-test passes again (fake clock)."""
-    from agent.ops.health import RECHECK_SECONDS
-
     cfg = Config()
     cfg.health.interval_seconds = 60
     broken = {"rzl": True}
@@ -182,9 +180,9 @@ async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojum
         broken["rzl"] = True
         mon.state_fault("a spool write failed: ENOSPC")
         assert mon.snapshot()["engines"]["rzl"] is False and not mon.database
-        await trio.sleep(RECHECK_SECONDS * 3)
+        await trio.sleep(cfg.health.recheck_seconds * 3)
         assert mon.engines["rzl"] is False and mon.reasons["rzl"] == "spool not writable"
         broken["rzl"] = False
-        await trio.sleep(RECHECK_SECONDS * 2)
+        await trio.sleep(cfg.health.recheck_seconds * 2)
         assert mon.status == "healthy" and mon.runs == 1
         nursery.cancel_scope.cancel()

@@ -29,7 +29,6 @@ from agent.ops import recovery
 from agent.ops.metrics import Metrics
 from agent.ops.view import ServiceView
 
-MAX_LINE = 4096
 SESSION_KEYS = ("session_id", "customer_id", "tier", "status", "created_at", "expires_at",
                 "ttl_seconds", "data_classification", "jurisdiction", "exec_count", "reason")
 HELP = ("commands: status | sessions | session ID | metrics | config | keys | "
@@ -164,13 +163,14 @@ async def _serve_conn(stream: trio.SocketStream, service: ServiceView) -> None:
             log.get().warning("debug_peer_refused", uid=uid)
             return
         buf = b""
+        max_line = service.config.debug.max_line_bytes
         with trio.move_on_after(service.config.timeouts.debug_read_seconds):
-            while b"\n" not in buf and len(buf) <= MAX_LINE:
-                chunk = await stream.receive_some(MAX_LINE)
+            while b"\n" not in buf and len(buf) <= max_line:
+                chunk = await stream.receive_some(max_line)
                 if not chunk:
                     break
                 buf += chunk
-        if len(buf) > MAX_LINE:
+        if len(buf) > max_line:
             answer = _error("line too long")
         else:
             try:

@@ -18,7 +18,7 @@ way.  `faults` (tests only) forces named engines to fail, to test the degraded p
 Health is live, not only periodic: the code that sees a failure reports it at once with
 `fault(engine, reason)` (a failed journal or spool write -> rzl and `database`; EMFILE at
 accept, a failed destruction -> eee); the engine is false from that moment and its
-self-test is re-run every `RECHECK_SECONDS` until it passes again (so is any engine whose
+self-test is re-run every `health.recheck_seconds` until it passes again (so is any engine whose
 periodic self-test failed).  rzl also fails while a
 proof is kept only in memory/fallback (each re-run retries writing it into the spool).
 State damage found at start (`agent.service.integrity`) is shown as the extension
@@ -44,7 +44,6 @@ from agent.service.spool import Spool
 
 ENGINES = ("eee", "dire", "rzl", "fgx", "ave")
 SELFTEST = Path(__file__).resolve().parent.parent / "data" / "selftest.json"
-RECHECK_SECONDS = 1.0  # re-run a faulted engine's self-test this often until it passes
 
 
 class SelfTestFailed(Exception):
@@ -238,7 +237,7 @@ class HealthMonitor:
         self.reasons[name] = reason
         if ok:
             self.live_faults.pop(name, None)
-        else:  # re-checked every RECHECK_SECONDS until it passes, not at the next interval
+        else:  # re-checked every health.recheck_seconds until it passes, not at the next interval
             self.live_faults[name] = reason or "failed"
         self.checked_at[name] = timefmt.iso_seconds()
         self.durations_ms[name] = int((time.monotonic() - t0) * 1000)
@@ -257,7 +256,7 @@ class HealthMonitor:
 
     def fault(self, engine: str, reason: str) -> None:
         """Flip `engine` false now: code outside the self-tests saw it fail.  Its self-test
-        re-runs every RECHECK_SECONDS (from `run`) until it passes again."""
+        re-runs every health.recheck_seconds (from `run`) until it passes again."""
         was = self.engines[engine]
         self.engines[engine] = False
         self.reasons[engine] = reason
@@ -314,16 +313,16 @@ class HealthMonitor:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Re-run the self-tests every `health.interval_seconds`, forever; an engine reported
-        by fault() is re-checked every RECHECK_SECONDS until it passes."""
+        by fault() is re-checked every health.recheck_seconds until it passes."""
         task_status.started()
         next_full = trio.current_time() + self.cfg.health.interval_seconds
         while True:
             at = next_full
             if self.live_faults or not self.database:
-                at = min(at, trio.current_time() + RECHECK_SECONDS)
+                at = min(at, trio.current_time() + self.cfg.health.recheck_seconds)
             with trio.move_on_at(at):
                 await self._wake.wait()
-            if self._wake.is_set():  # a new fault: re-check it RECHECK_SECONDS from now
+            if self._wake.is_set():  # a new fault: re-check it health.recheck_seconds from now
                 self._wake = trio.Event()
                 continue
             if trio.current_time() >= next_full:

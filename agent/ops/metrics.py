@@ -209,7 +209,6 @@ def key_age_seconds(service: ServiceView) -> int | None:
 
 # -- GET /metrics ---------------------------------------------------------------------------
 
-MAX_REQUEST_HEAD = 8192
 # what generate_latest writes for our (legacy-valid) names: text format 0.0.4
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -246,7 +245,8 @@ async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service: Serv
         async with stream:
             buf = b""
             with trio.move_on_after(service.config.timeouts.metrics_request_seconds) as cs:
-                while b"\r\n\r\n" not in buf and len(buf) <= MAX_REQUEST_HEAD:
+                while (b"\r\n\r\n" not in buf
+                       and len(buf) <= service.config.metrics.max_request_head_bytes):
                     chunk = await stream.receive_some(4096)
                     if not chunk:
                         break

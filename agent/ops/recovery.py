@@ -402,8 +402,6 @@ async def _adopt_all(rows: list[dict], adopt_fn: Callable[[dict], Awaitable[bool
     return adopted
 
 
-EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while recovering
-EXTEND_BY = 60.0
 
 
 async def recover(cfg: Config, *, journal: Journal, driver: CgroupDriver | None = None,
@@ -426,12 +424,13 @@ async def recover(cfg: Config, *, journal: Journal, driver: CgroupDriver | None 
     own_notifier = notifier is None
     if notifier is None:
         notifier = Notifier.from_env()
-    last_extend = [-EXTEND_EVERY]
+    every = cfg.timeouts.systemd_extend_every_seconds
+    last_extend = [-every]
 
     def extend() -> None:
-        if time.monotonic() - last_extend[0] >= EXTEND_EVERY:
+        if time.monotonic() - last_extend[0] >= every:
             last_extend[0] = time.monotonic()
-            notifier.extend_timeout(EXTEND_BY)
+            notifier.extend_timeout(cfg.timeouts.systemd_extend_by_seconds)
 
     lg = log.get().bind(component="recovery")
     t0 = time.monotonic()
