@@ -94,9 +94,15 @@ def test_present_ranges_cover_the_pages_the_oracle_finds():
     import signal
     import subprocess
 
-    proc = subprocess.Popen(["sleep", "30"])
+    # cat has answered one line: it is past its start-up, in its read loop; then stopped
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        proc.stdin.write(b"ready\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"ready\n"
         os.kill(proc.pid, signal.SIGSTOP)
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            os.sched_yield()
 
         def pages(ranges):
             return {a + i for a, n in ranges for i in range(0, n, oracles.PAGE)}
