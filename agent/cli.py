@@ -31,6 +31,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,21 @@ EXIT_BROKEN_PIPE = 141
 AGENT_ERROR_EXIT = EXIT_AGENT  # old name
 DEFAULT_CUSTOMER = "local"
 MAX_INPUT_READ = 64 * 1024 * 1024  # the agent's own limit (exec.max_input_bytes) is lower
-DELEGATED = {"doctor": ("agent.doctor", "main"), "verify": ("agent.verify_cli", "main"),
-             "debug": ("agent.ops.debug", "client_main")}
+DELEGATED = ("doctor", "verify", "debug")
+
+
+def _delegated(name: str) -> Callable[[list[str] | None], int]:
+    """The entry point of a command owned by another module (imported only when used, so
+    the other commands start without it)."""
+    if name == "doctor":
+        from agent.doctor import main as doctor_main
+        return doctor_main
+    if name == "verify":
+        from agent.verify_cli import main as verify_main
+        return verify_main
+    assert name == "debug"
+    from agent.ops.debug import client_main
+    return client_main
 
 
 class CliError(Exception):
@@ -147,7 +161,7 @@ def _stdin_is_data() -> bool:
 def _input(args) -> bytes | None:
     """--input-file F (`-` = stdin), --input-data S, else stdin when it is not a terminal
     (and not --no-stdin); empty stdin means no input."""
-    if getattr(args, "input_file", None):
+    if args.input_file:
         if args.input_file == "-":
             return _read_stdin()
         try:
@@ -158,16 +172,16 @@ def _input(args) -> bytes | None:
         if len(data) > MAX_INPUT_READ:
             raise UsageError(f"--input-file is larger than {MAX_INPUT_READ} bytes")
         return data
-    if getattr(args, "input_data", None) is not None:
+    if args.input_data is not None:
         return args.input_data.encode("utf-8")
-    if not getattr(args, "no_stdin", True) and _stdin_is_data():
+    if not args.no_stdin and _stdin_is_data():
         return _read_stdin() or None
     return None
 
 
 def _env(args) -> dict[str, str] | None:
     out: dict[str, str] = {}
-    for item in getattr(args, "env", None) or []:
+    for item in args.env or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--env takes KEY=VALUE, got {item!r}")
@@ -191,7 +205,7 @@ def _create_params(args) -> dict:
          "data_classification": args.classification, "jurisdiction": args.jurisdiction}
     if args.ttl is not None:
         p["ttl_seconds"] = args.ttl
-    if getattr(args, "session_id", None):
+    if args.session_id:
         p["session_id"] = args.session_id
     return p
 
@@ -444,7 +458,7 @@ def cmd_completion(args) -> int:
 
 
 def _api_error_line(e: ApiError) -> str:
-    field = f" (field {e.field})" if getattr(e, "field", None) else ""
+    field = f" (field {e.field})" if e.field else ""
     return f"{e.name} {e.status}: {e.message}{field}"
 
 
@@ -665,10 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["NANORIX_AGENT_SOCKET"] = rest[1]
         rest = rest[2:]
     if rest and rest[0] in DELEGATED:
-        import importlib
-
-        module, func = DELEGATED[rest[0]]
-        return _guarded(lambda: getattr(importlib.import_module(module), func)(rest[1:]))
+        entry = _delegated(rest[0])
+        return _guarded(lambda: entry(rest[1:]))
     command: list[str] = []
     if "--" in argv:  # everything after the first `--` is the sandbox command
         i = argv.index("--")

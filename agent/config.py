@@ -25,6 +25,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_PATH = Path("/etc/nanorix-agent/agent.toml")
 
 
+ENV_ENTRIES_MAX = 200  # what nrx-init can take besides the agent's base environment
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key."""
 
@@ -144,6 +147,7 @@ class RemoteConfig:
 @dataclass
 class DebugConfig:
     socket: Path | None = None  # default: <runtime_dir>/debug.sock
+    max_line_bytes: int = 4096  # one command line; a longer one is answered "line too long"
 
 
 @dataclass
@@ -177,6 +181,9 @@ class SandboxConfig:
 @dataclass
 class ExecConfig:
     max_input_bytes: int = 8 * MiB
+    # environment variables one exec may set (the RPC layer refuses more with BadRequest);
+    # at most ENV_ENTRIES_MAX: nrx-init takes 255 entries and the agent adds its base env
+    max_env_entries: int = 200
     output_cap_bytes: int = 1 * MiB  # per stream
     kill_grace_seconds: float = 2.0
 
@@ -206,6 +213,7 @@ class SpoolConfig:
 @dataclass
 class HealthConfig:
     interval_seconds: int = 60
+    recheck_seconds: float = 1.0  # an engine that failed is re-tested this often until it passes
 
 
 @dataclass
@@ -220,6 +228,26 @@ class MetricsConfig:
 
     listen: str = ""  # "HOST:PORT", e.g. "127.0.0.1:9464" (port 0: any free port, logged); "" = off
     max_connections: int = 8  # concurrent scrapes; more wait in the listen backlog
+    max_request_head_bytes: int = 8192  # a longer request head is answered 400
+
+
+@dataclass
+class TimeoutsConfig:
+    """[timeouts]: how long the agent waits for its own work, in seconds (each > 0).  One
+    table instead of module constants (issue 11); the values are the former constants.
+    Read when used, but a change still needs a restart (agent/ops/reload.py LIVE)."""
+
+    create_seconds: float = 10.0  # a new sandbox's nrx-init must report READY within this
+    attach_seconds: float = 5.0  # re-attaching to a surviving nrx-init at a restart
+    stop_seconds: float = 60.0  # the drain at SIGTERM; then every sandbox is killed outright
+    close_out_seconds: float = 15.0  # an interrupted exec: freeze + reading what it produced
+    health_canary_seconds: float = 30.0  # one self-test (eee runs a canary session)
+    debug_read_seconds: float = 10.0  # a debug-socket command line must arrive within this
+    debug_destroy_seconds: float = 120.0  # `destroy ID` on the debug socket
+    metrics_request_seconds: float = 5.0  # one GET /metrics request head, then the answer
+    status_interval_seconds: float = 5.0  # READY=1 retries / STATUS= refreshes (systemd)
+    systemd_extend_every_seconds: float = 10.0  # recovery: EXTEND_TIMEOUT_USEC this often
+    systemd_extend_by_seconds: float = 60.0  # ... asking for this much more start time
 
 
 @dataclass
@@ -237,6 +265,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
 
@@ -374,6 +403,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.node.max_sessions >= 1, "node.max_sessions must be >= 1")
+    for key, seconds in dataclasses.asdict(cfg.timeouts).items():
+        need(seconds > 0, f"timeouts.{key} must be > 0")
     need(cfg.node.journal_retention_seconds >= 60,
          "node.journal_retention_seconds must be >= 60")
     need(cfg.node.ttl_policy in ("clamp", "refuse"),
@@ -411,10 +442,16 @@ def _validate(cfg: Config) -> None:
     need(0 <= cfg.sandbox.orphan_grace_seconds <= 24 * 3600,
          "sandbox.orphan_grace_seconds must be between 0 and 86400")
     need(cfg.exec.max_input_bytes >= 0, "exec.max_input_bytes must be >= 0")
+    need(0 <= cfg.exec.max_env_entries <= ENV_ENTRIES_MAX,
+         f"exec.max_env_entries must be 0..{ENV_ENTRIES_MAX}")
     need(cfg.exec.output_cap_bytes >= 1024, "exec.output_cap_bytes must be >= 1024")
     need(cfg.exec.kill_grace_seconds > 0, "exec.kill_grace_seconds must be > 0")
     need(cfg.keys.rotate_interval_seconds >= 60, "keys.rotate_interval_seconds must be >= 60")
     need(cfg.health.interval_seconds >= 1, "health.interval_seconds must be >= 1")
+    need(cfg.health.recheck_seconds > 0, "health.recheck_seconds must be > 0")
+    need(cfg.debug.max_line_bytes >= 64, "debug.max_line_bytes must be >= 64")
+    need(cfg.metrics.max_request_head_bytes >= 1024,
+         "metrics.max_request_head_bytes must be >= 1024")
     if cfg.metrics.listen:
         need(_listen_ok(cfg.metrics.listen),
              f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics.listen!r}")

@@ -1,5 +1,5 @@
 """`nanorix-agent serve`: wires config, keys, journal, spool, sandbox engine, sessions,
-RPC and the ops hooks into one trio program (SPEC 8, 11; docs/design.md "E: daemon hooks").
+RPC and the ops hooks into one trio program (SPEC 8, 11; docs/design.md "Operations: Daemon hooks").
 
 Order: config + logs -> root check -> self-hardening -> state/runtime dirs -> instance lock
 (cgroup prefix, uid range, state and runtime dir: agent/ops/instance_lock.py) -> keys,
@@ -18,11 +18,9 @@ systemd's Restart=on-failure restarts the agent after anything but a requested s
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import structlog
@@ -31,7 +29,13 @@ import trio
 from agent import __version__ as VERSION
 from agent import config as config_mod
 from agent import log
-from agent.ops.instance_lock import AlreadyRunning
+from agent.keys.attestation import AttestationKeyStore
+from agent.ops import debug as debug_mod
+from agent.ops import hardening, notify, recovery
+from agent.ops import metrics as metrics_mod
+from agent.ops import reload as reload_mod
+from agent.ops.health import HealthMonitor
+from agent.ops.instance_lock import AlreadyRunning, InstanceLock
 from agent.ops.instance_lock import acquire as acquire_instance_lock
 from agent.rpc.methods import Api
 from agent.rpc.server import (
@@ -43,29 +47,17 @@ from agent.rpc.server import (
     effective_max_connections,
     socket_gid,
 )
+from agent.sandbox.engine import SandboxEngine
 from agent.service.integrity import IntegrityReport, check_state
 from agent.service.journal import Journal, JournalUnavailable
-from agent.service.sessions import Service
+from agent.service.sessions import SESSION_ID_RE, Service
 from agent.service.spool import Spool
-from agent.timefmt import iso_seconds
 
 __all__ = ["VERSION", "AlreadyRunning", "Daemon", "serve"]
 
-STOP_TIMEOUT = 60.0  # seconds the drain may take before every sandbox is killed outright
-STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes (sent only when the text changed)
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 _log = structlog.get_logger("nanorix-agent.daemon")  # lazy: resolved after log.setup()
-
-
-def _ops(name: str):
-    """An ops module (owned by E) when it exists; None while it is being built."""
-    try:
-        return importlib.import_module(f"agent.ops.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"agent.ops.{name}":
-            raise
-        return None
 
 
 class Daemon:
@@ -73,12 +65,12 @@ class Daemon:
                  state_dir: Path | None = None, runtime_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.service: Service | None = None
-        self.engine = None
-        self.recovery_report = None
-        self.instance_lock = None
+        self.engine: SandboxEngine | None = None
+        self.recovery_report: recovery.RecoveryReport | None = None
+        self.instance_lock: InstanceLock | None = None
         # what SIGHUP reloads: the same file with the same command-line overrides
         self._reload_args = (config_path, state_dir, runtime_dir)
-        self.notifier = None
+        self.notifier: notify.Notifier | None = None
         self.ready_sent = False
         self._not_ready_logged: str | None = None
         self.remote: RemoteListener | None = None
@@ -93,9 +85,6 @@ class Daemon:
         runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
         # one agent per cgroup prefix, uid range, state and runtime dir: held for life
         self.instance_lock = acquire_instance_lock(cfg)
-        from agent.keys.attestation import AttestationKeyStore
-        from agent.sandbox.engine import SandboxEngine
-
         journal = Journal(state)
         spool = Spool(state, reserve_bytes=cfg.spool.reserve_bytes,
                       fallback_dir=cfg.spool_fallback_dir)
@@ -103,11 +92,9 @@ class Daemon:
         key_store = AttestationKeyStore(
             state, cfg.keys.rotate_interval_seconds, credential_name=cfg.keys.credential_name,
             fallback=lambda key_id: holder["service"].receipt_key(key_id))
-        self.engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
-        metrics_mod = _ops("metrics")
-        metrics = metrics_mod.Metrics() if metrics_mod is not None else None
-        service = Service(cfg, engine=self.engine, key_store=key_store, journal=journal,
-                          spool=spool, version=VERSION, metrics=metrics)
+        self.engine = engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
+        service = Service(cfg, engine=engine, key_store=key_store, journal=journal,
+                          spool=spool, version=VERSION, metrics=metrics_mod.Metrics())
         holder["service"] = service
         self.service = service
         return service
@@ -116,8 +103,7 @@ class Daemon:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         service = self.service or self.build()
-        notify_mod = _ops("notify")
-        notifier = notify_mod.Notifier.from_env() if notify_mod is not None else None
+        notifier = notify.Notifier.from_env()
         self.notifier = notifier
         try:
             await self._recover(service)
@@ -148,7 +134,7 @@ class Daemon:
                             task_status.started()
 
                 await nursery.start(serve_rpc)
-                api.health = await self._start_health(nursery, service)
+                api.health = (await self._start_health(nursery, service)).snapshot
                 await self._start_debug(nursery, service)
                 await self._start_metrics_http(nursery, service)
                 if notifier is not None:
@@ -184,12 +170,9 @@ class Daemon:
 
     def _check_state(self, service: Service) -> IntegrityReport:
         """Journal, spool and host cross-checked before recovery (agent.service.integrity)."""
-        from agent.service.sessions import SESSION_ID_RE
-
         host: set[str] = set()
-        driver = getattr(self.engine, "cgroups", None)
         try:
-            host |= set(driver.leftovers()) if driver is not None else set()
+            host |= set(service.engine.cgroups.leftovers())
         except Exception:
             _log.exception("host_sessions_unreadable")
         sessions_dir = self.cfg.paths.runtime_dir / "sessions"
@@ -217,45 +200,27 @@ class Daemon:
                 _log.exception("reprove_failed", session_id=row["session_id"])
 
     async def _recover_sessions(self, service: Service) -> None:
-        recovery = _ops("recovery")
-        if recovery is None:
-            # minimal, honest recovery until ops.recovery lands: every journaled live
-            # session gets the full pipeline with reason agent_recovery
-            for row in service.journal.live_sessions():
-                try:
-                    await service.recover_row(row)
-                except Exception:
-                    _log.exception("recovery_failed", session_id=row["session_id"])
-            return
-        driver = getattr(self.engine, "cgroups", None) or getattr(self.engine, "driver", None)
         self.recovery_report = await recovery.recover(
-            self.cfg, journal=service.journal, driver=driver,
+            self.cfg, journal=service.journal, driver=service.engine.cgroups,
             destroy_fn=service.recover_row, adopt_fn=service.adopt_row,
             metrics=service.metrics)
 
-    async def _start_health(self, nursery: trio.Nursery, service: Service):
-        health_mod = _ops("health")
-        if health_mod is not None:
-            mon = health_mod.HealthMonitor(service, self.cfg)
-            service.health = mon
-            service.journal.on_failure = mon.state_fault
-            service.spool.on_failure = mon.state_fault
-            if self.integrity is not None:
-                mon.state_damage = self.integrity.counts()
-            await mon.run_once()
-            nursery.start_soon(mon.run)
-            return mon.snapshot
-        return lambda: _basic_health(service)
+    async def _start_health(self, nursery: trio.Nursery, service: Service) -> HealthMonitor:
+        mon = HealthMonitor(service, self.cfg)
+        service.health = mon
+        service.journal.on_failure = mon.state_fault
+        service.spool.on_failure = mon.state_fault
+        if self.integrity is not None:
+            mon.state_damage = self.integrity.counts()
+        await mon.run_once()
+        nursery.start_soon(mon.run)
+        return mon
 
     async def _start_debug(self, nursery: trio.Nursery, service: Service) -> None:
-        debug_mod = _ops("debug")
-        if debug_mod is not None:
-            await nursery.start(debug_mod.serve_debug, self.cfg.debug_socket_path, service)
+        await nursery.start(debug_mod.serve_debug, self.cfg.debug_socket_path, service)
 
     async def _start_metrics_http(self, nursery: trio.Nursery, service: Service) -> None:
-        if self.cfg.metrics.listen and service.metrics is not None:
-            from agent.ops import metrics as metrics_mod
-
+        if self.cfg.metrics.listen:
             try:
                 await nursery.start(metrics_mod.serve_http, self.cfg.metrics, service)
             except OSError as e:  # a configured endpoint that cannot listen is fatal (exit 1)
@@ -263,33 +228,30 @@ class Daemon:
                            error=e.strerror or type(e).__name__)
                 raise
 
-    async def _status_task(self, notifier, service: Service) -> None:
-        """READY=1 once the self-tests pass (re-run every STATUS_INTERVAL until then, so a
+    async def _status_task(self, notifier: notify.Notifier, service: Service) -> None:
+        """READY=1 once the self-tests pass (re-run every timeouts.status_interval_seconds until then, so a
         transient failure at boot does not hold the start for a whole health interval);
         STATUS= refreshed whenever its text changes."""
-        from agent.ops.notify import status_text
-
-        mon = getattr(service, "health", None)
+        mon = service.health
+        assert mon is not None  # started after _start_health
         last = None
         while True:
             if not self.ready_sent:
-                await trio.sleep(STATUS_INTERVAL)
+                await trio.sleep(self.cfg.timeouts.status_interval_seconds)
                 await mon.run_once()
                 if self._ready_if_healthy(notifier, service):
                     continue
-            text = status_text(mon, service)
+            text = notify.status_text(mon, service)
             if text != last:
                 notifier.status(text)
                 last = text
             if self.ready_sent:
-                await trio.sleep(STATUS_INTERVAL)
+                await trio.sleep(self.cfg.timeouts.status_interval_seconds)
 
-    def _ready_if_healthy(self, notifier, service: Service) -> bool:
+    def _ready_if_healthy(self, notifier: notify.Notifier, service: Service) -> bool:
         """Send READY=1 (with the STATUS= line) when the last self-test left us healthy."""
-        from agent.ops.notify import status_text
-
-        mon = getattr(service, "health", None)
-        text = status_text(mon, service)
+        mon = service.health
+        text = notify.status_text(mon, service)
         if mon is not None and mon.status != "healthy":
             notifier.status(text)
             if text != self._not_ready_logged:  # once per distinct reason
@@ -302,8 +264,6 @@ class Daemon:
 
     def reload(self) -> dict:
         """SIGHUP: re-read the config (agent/ops/reload.py); the result is logged."""
-        from agent.ops import reload as reload_mod
-
         if self.notifier is not None:
             self.notifier.reloading()
         path, state_dir, runtime_dir = self._reload_args
@@ -316,7 +276,7 @@ class Daemon:
             self.notifier.ready()
         return res
 
-    async def _wait_for_stop(self, notifier, rpc_scope: trio.CancelScope,
+    async def _wait_for_stop(self, notifier: notify.Notifier | None, rpc_scope: trio.CancelScope,
                              service: Service) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
@@ -329,7 +289,7 @@ class Daemon:
                 notifier.stopping()
             service.draining = True
             rpc_scope.cancel()  # stop accepting; live connections are dropped
-            with trio.move_on_after(STOP_TIMEOUT) as timeout_scope:
+            with trio.move_on_after(self.cfg.timeouts.stop_seconds) as timeout_scope:
                 async with trio.open_nursery() as nursery:
 
                     async def second_signal():
@@ -343,29 +303,7 @@ class Daemon:
                     await service.drain("operator")
                     nursery.cancel_scope.cancel()
             if timeout_scope.cancelled_caught:
-                _log.warning("agent_stop_timeout", seconds=STOP_TIMEOUT)
-
-
-def _basic_health(service: Service) -> dict:
-    """Used only while agent.ops.health is absent: what this module can test itself now.
-    Engines it cannot test are reported false (never assumed healthy)."""
-    engines = {"eee": False, "dire": False, "rzl": False, "fgx": False, "ave": False}
-    database = service.journal.check_writable()
-    engines["rzl"] = database and service.spool.check_writable()
-    try:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-        signer = service.key_store.current()
-        msg = b"nanorix-agent health " + iso_seconds().encode()
-        Ed25519PublicKey.from_public_bytes(signer.public_key).verify(signer.sign(msg), msg)
-        engines["ave"] = True
-    except Exception:
-        engines["ave"] = False
-    status = "healthy" if all(engines.values()) and database else (
-        "degraded" if database else "unhealthy")
-    return {"status": status, "engines": engines, "database": database,
-            "uptime_seconds": int(time.monotonic() - service.started_at),
-            "timestamp": iso_seconds()}
+                _log.warning("agent_stop_timeout", seconds=self.cfg.timeouts.stop_seconds)
 
 
 def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | None) -> int:
@@ -396,12 +334,10 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
     # ignored instead of killing the agent undrained.  A Python handler, not SIG_IGN, which
     # every sandbox would inherit across exec.  It must not log (the log writer's lock).
     signal.signal(signal.SIGHUP, lambda _signum, _frame: None)
-    hardening = _ops("hardening")
-    if hardening is not None:
-        report = hardening.harden(cfg)
-        (_log.warning if report.get("errors") else _log.info)(
-            "agent_hardened", **{k: v for k, v in report.items() if k != "errors"},
-            errors=len(report.get("errors", [])))
+    report = hardening.harden(cfg)
+    (_log.warning if report.get("errors") else _log.info)(
+        "agent_hardened", **{k: v for k, v in report.items() if k != "errors"},
+        errors=len(report.get("errors", [])))
     daemon = Daemon(cfg, config_path=config_path, state_dir=state_dir, runtime_dir=runtime_dir)
     try:
         daemon.build()
@@ -410,7 +346,8 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
         log.console(str(e))
         return EXIT_FATAL
     except (OSError, sqlite3.Error, JournalUnavailable) as e:  # e.g. a read-only state fs
-        why = getattr(e, "strerror", None) or str(e)
+        # only OSError has a strerror (sqlite3.Error and JournalUnavailable do not)
+        why = (e.strerror if isinstance(e, OSError) else None) or str(e)
         _log.error("state_dir_unusable", error=type(e).__name__)
         log.console(f"cannot use state directory {cfg.paths.state_dir} or runtime "
                     f"directory {cfg.paths.runtime_dir}: {why}")
@@ -420,13 +357,14 @@ def serve(config_path: Path | None, state_dir: Path | None, runtime_dir: Path | 
     except KeyboardInterrupt:  # a SIGINT before the signal receiver was installed
         _log.warning("agent_interrupted_during_start")
         return EXIT_FATAL
-    except Exception as e:
-        while isinstance(e, BaseExceptionGroup) and e.exceptions:
-            e = e.exceptions[0]
-        tb = e.__traceback__
+    except Exception as crash:
+        first: BaseException = crash
+        while isinstance(first, BaseExceptionGroup) and first.exceptions:
+            first = first.exceptions[0]
+        tb = first.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        _log.error("agent_crashed", error=type(e).__name__,
+        _log.error("agent_crashed", error=type(first).__name__,
                    where=tb.tb_frame.f_code.co_name if tb is not None else None)
         return EXIT_FATAL
     return EXIT_OK

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class WipeResult:
     bytes: int  # bytes covered by the ranges (each pass writes them all)
     blocks: int  # 4 KiB blocks read back
     nonzero_blocks: int  # read-back blocks that are not all zero
-    leaf_digests: bytes  # 32 bytes per block: SHA-256 of the final pass as read back
+    leaf_digests: builtins.bytes  # 32 bytes per block: SHA-256 of the final pass as read back
     pass_ns: list[int] = field(default_factory=list)  # wall time per pass, then read-back
 
     def throughput(self) -> list[float]:

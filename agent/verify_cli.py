@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust and args.agent is not None:
         print("nanorix-agent verify: give --trust or --agent, not both", file=sys.stderr)
         return 2
-    trust = None
+    trust: TrustSource | None = None
     try:
         if args.trust:
             trust = load_trust(args.trust)

@@ -7,8 +7,8 @@
 
 each with one pass (zeros, class `general`) and three passes (random, ones, zeros).  The
 time is run_pipeline() from start to end (steps 1-8 and the final teardown).  Prints
-one line per case with median, min and max in ms, the per-step medians, and whether the
-native wipe (agent.fsops) or the Python fallback was used.  Temporary state/runtime dirs,
+one line per case with median, min and max in ms and the per-step medians (the wipe is
+always the native agent.fsops: the Python twin lives in tests/oracles.py).  Temporary state/runtime dirs,
 its own cgroup prefix and uid range; everything is destroyed before it exits.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from agent.config import Config
-from agent.destroy import DestroyContext, run_pipeline, wipe
+from agent.destroy import DestroyContext, run_pipeline
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import SandboxEngine
 from agent.service.model import SessionRecord
@@ -66,8 +66,7 @@ async def main(runs: int) -> None:
         cfg.node.max_sessions = 4
         cfg.sandbox.uid_base = (1 << 24) + secrets.randbelow(8000) * 4 * cfg.sandbox.uid_slot_size
         engine = SandboxEngine(cfg, cgroup_prefix=f"nanorix-agent-bench-destroy-{os.getpid()}")
-        print(f"wipe engine: {'native' if wipe.native() else 'python fallback'}; "
-              f"runs per case: {runs}")
+        print(f"wipe engine: native; runs per case: {runs}")
         try:
             for full in (False, True):
                 for passes in (["zeros"], ["random", "ones", "zeros"]):

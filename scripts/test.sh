@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check agent tests bench
-.venv/bin/mypy  # the files listed under [tool.mypy] in pyproject.toml
+.venv/bin/mypy  # all of agent/ ([tool.mypy] in pyproject.toml)
 exec .venv/bin/python -m pytest -q "$@"

@@ -90,3 +90,11 @@ def test_serve_refuses_bad_config_with_exit_2(tmp_path):
     err = r.stderr.decode()
     assert "log.level" in err and "debug, info, warning, error" in err
     assert not (tmp_path / "r" / "agent.sock").exists()
+
+
+def test_timeouts_table_is_read_and_each_must_be_positive(tmp_path):
+    """[timeouts] values are read from the file, and a value that is not > 0 is refused by name."""
+    cfg = _load(tmp_path, "[timeouts]\nstop_seconds = 5.5\ncreate_seconds = 3\n")
+    assert (cfg.timeouts.stop_seconds, cfg.timeouts.create_seconds) == (5.5, 3)
+    with pytest.raises(config.ConfigError, match="timeouts.debug_read_seconds must be > 0"):
+        _load(tmp_path, "[timeouts]\ndebug_read_seconds = 0\n")

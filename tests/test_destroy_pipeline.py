@@ -310,7 +310,7 @@ async def test_every_trigger_gives_a_verifying_cdp(engine, reason):
 async def test_oom_ends_the_session_through_the_pipeline_as_expired(engine):
     """With the agent's OOM guard a session at its memory cap is frozen with nothing freed,
     and the pipeline (reason oom) wipes it before the kill: expired, every step ok."""
-    from agent.sandbox.exec import SandboxGone
+    from agent.sandbox.faults import SandboxGone
 
     sb = await engine.create(new_id(), tier="tiny", classification="general")
     async with trio.open_nursery() as nursery:
@@ -680,7 +680,7 @@ async def test_oom_fallback_to_the_kernel_is_reported_not_hidden(engine):
     """When the agent hands an OOM-stalled session back to the kernel killer (its bounded
     fallback), the kernel frees the memory unwiped and step 3 says so: oom_kernel_fallback
     true, kernel_oom_kills > 0, the step not ok, the session expired_unclean."""
-    from agent.sandbox.exec import SandboxGone
+    from agent.sandbox.faults import SandboxGone
 
     sb = await engine.create(new_id(), tier="tiny", classification="general")
     async with trio.open_nursery() as nursery:

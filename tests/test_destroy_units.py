@@ -10,6 +10,7 @@ import os
 import threading
 from pathlib import Path
 
+import oracles
 import pytest
 
 from agent.cdp import merkle
@@ -37,21 +38,35 @@ def _root_fd(path: Path) -> int:
     return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def test_python_wipe_overwrites_reads_back_zero_and_leaves_holes(tmp_path):
-    """The fallback wipe writes every pass over the data ranges only, reads back zeros and
-    returns one SHA-256 leaf per 4 KiB block (short last block zero-padded)."""
-    p = tmp_path / "f"
-    with open(p, "wb") as f:
+def _wipe_both(tmp_path, write, ranges_of, passes):
+    """The native wipe and the Python oracle run on two identical files."""
+    out = []
+    for name, fn in (("native", wipe.wipe_ranges), ("oracle", oracles.py_wipe)):
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            write(f)
+        fd = os.open(p, os.O_RDWR)
+        try:
+            ranges = ranges_of(fd)
+            r = fn(fd, ranges, passes)
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+        out.append((p, ranges, r, data))
+    return out
+
+
+def test_wipe_overwrites_reads_back_zero_leaves_holes_and_matches_the_oracle(tmp_path):
+    """The wipe writes every pass over the data ranges only, reads back zeros and returns
+    one SHA-256 leaf per 4 KiB block (short last block zero-padded), as the Python oracle."""
+    def write(f):
         f.write(b"S" * 5000)
         f.seek(1 << 20)
         f.write(b"T" * 100)
-    fd = os.open(p, os.O_RDWR)
-    try:
-        ranges = wipe.data_ranges(fd, os.fstat(fd).st_size)
-        r = wipe._py_wipe(fd, ranges, ["random", "ones", "zeros"])
-        data = os.pread(fd, os.fstat(fd).st_size, 0)
-    finally:
-        os.close(fd)
+
+    (p, ranges, r, data), (_, oranges, o, _) = _wipe_both(
+        tmp_path, write, lambda fd: wipe.data_ranges(fd, os.fstat(fd).st_size),
+        ["random", "ones", "zeros"])
     assert sum(n for _, n in ranges) < (1 << 20)  # the hole is not a data range
     assert r.bytes == sum(n for _, n in ranges)
     assert data == bytes(len(data))
@@ -60,18 +75,43 @@ def test_python_wipe_overwrites_reads_back_zero_and_leaves_holes(tmp_path):
     leaves = [r.leaf_digests[i:i + 32] for i in range(0, len(r.leaf_digests), 32)]
     assert merkle.merkle_root(leaves) == merkle.zero_root(r.blocks)
     assert os.stat(p).st_blocks * 512 < (1 << 20)  # still sparse
+    assert ranges == oranges
+    assert (r.bytes, r.blocks, r.nonzero_blocks, r.leaf_digests) == \
+        (o.bytes, o.blocks, o.nonzero_blocks, o.leaf_digests)
 
 
-def test_python_wipe_reports_nonzero_readback(tmp_path):
+def test_wipe_reports_nonzero_readback_as_the_oracle(tmp_path):
     """A final pass that is not zeros is reported block by block in nonzero_blocks."""
-    p = tmp_path / "f"
-    p.write_bytes(b"x" * 8192)
-    fd = os.open(p, os.O_RDWR)
-    try:
-        r = wipe._py_wipe(fd, [(0, 8192)], ["ones"])
-    finally:
-        os.close(fd)
+    (_, _, r, _), (_, _, o, _) = _wipe_both(
+        tmp_path, lambda f: f.write(b"x" * 8192), lambda fd: [(0, 8192)], ["ones"])
     assert r.nonzero_blocks == 2 and r.blocks == 2
+    assert (r.nonzero_blocks, r.blocks, r.leaf_digests) == (o.nonzero_blocks, o.blocks, o.leaf_digests)
+
+
+def test_present_ranges_cover_the_pages_the_oracle_finds():
+    """The native present_ranges of a stopped process cover exactly the pages the Python
+    oracle finds from smaps and pagemap."""
+    import signal
+    import subprocess
+
+    # cat has answered one line: it is past its start-up, in its read loop; then stopped
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"ready\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"ready\n"
+        os.kill(proc.pid, signal.SIGSTOP)
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            os.sched_yield()
+
+        def pages(ranges):
+            return {a + i for a, n in ranges for i in range(0, n, oracles.PAGE)}
+
+        native = pages(wipe.present_ranges(proc.pid))
+        assert native and native == pages(oracles.py_present_ranges(proc.pid))
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_present_ranges_find_a_secret_in_private_memory():

@@ -43,6 +43,18 @@ def test_large_env_runs_and_oversized_entry_is_bad_request(agent_daemon):  # noq
     assert e.value.field == "env"
 
 
+def test_env_entries_over_the_configured_limit_are_bad_request(agent_daemon):  # noqa: F811
+    """exec.max_env_entries (200) variables run; one more is BadRequest naming `env` at the RPC edge."""
+    d = agent_daemon
+    sid = _session(d)
+    env = {f"V{i}": str(i) for i in range(200)}
+    assert d.call("session.exec", {"session_id": sid, "command": "echo $V199",
+                                   "env": env})["output"].strip() == b"199"
+    with pytest.raises(BadRequest) as e:
+        d.call("session.exec", {"session_id": sid, "command": "true", "env": {**env, "X": "1"}})
+    assert e.value.field == "env"
+
+
 @pytest.mark.parametrize("bad", ["a/b", "../x", "a\nb", "a\0b", "", "-x", "a b", "é"])
 def test_customer_id_outside_the_safe_alphabet_is_bad_request(agent_daemon, bad):  # noqa: F811
     """customer_id must be 1..256 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)."""

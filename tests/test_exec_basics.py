@@ -151,11 +151,12 @@ async def test_exec_on_a_killed_sandbox_raises_gone(sandbox):
 
 
 async def test_input_larger_than_the_limit_is_refused(sandbox):
-    """input_data above exec.max_input_bytes is a BadRequest naming the field."""
-    from agent.errors import BadRequest
+    """input_data above exec.max_input_bytes is refused (ExecRefused, BadRequest at the
+    RPC edge) naming the field."""
+    from agent.sandbox.faults import ExecRefused
 
     limit = sandbox._engine.cfg.exec.max_input_bytes
-    with pytest.raises(BadRequest) as e:
+    with pytest.raises(ExecRefused) as e:
         await sandbox.exec("true", input_data=b"x" * (limit + 1), timeout=10)
     assert e.value.field == "input_data"
 
@@ -183,12 +184,13 @@ async def test_killing_the_sandbox_during_an_exec_raises_gone(sandbox):
 
 
 async def test_oversized_or_malformed_requests_are_bad_requests(sandbox):
-    """A huge command, too many env vars, a bad env name or a NUL byte is a BadRequest."""
-    from agent.errors import BadRequest
+    """A huge command, a bad env name or a NUL byte is refused (ExecRefused, BadRequest at
+    the RPC edge); 200 env vars (the most exec.max_env_entries allows, checked at the RPC
+    edge) all reach the command."""
+    from agent.sandbox.faults import ExecRefused
 
-    for kw in ({"command": "x" * 600_000}, {"env": {f"V{i}": "1" for i in range(201)}},
-               {"env": {"A=B": "1"}}, {"command": "echo \0"}):
-        with pytest.raises(BadRequest):
+    for kw in ({"command": "x" * 600_000}, {"env": {"A=B": "1"}}, {"command": "echo \0"}):
+        with pytest.raises(ExecRefused):
             await sandbox.exec(kw.get("command", "true"), env=kw.get("env"), timeout=10)
     r = await sandbox.exec("echo $V199", env={f"V{i}": str(i) for i in range(200)}, timeout=10)
     assert r.stdout == b"199\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +32,8 @@ async def service(agent_dirs):
     engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
     journal = Journal(state)
     svc = SimpleNamespace(config=cfg, engine=engine, journal=journal, spool=Spool(state),
-                          key_store=AttestationKeyStore(state), started_at=None)
+                          key_store=AttestationKeyStore(state), started_at=time.monotonic(),
+                          draining=False)
     yield svc
     await engine.aclose()
     journal.close()
@@ -95,7 +97,7 @@ async def test_self_tests_rerun_every_interval(autojump_clock):
     cfg.health.interval_seconds = 60
     calls = []
     checks = {e: (lambda svc, c, e=e: calls.append(e)) for e in ENGINES}
-    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None))
+    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None), started_at=0.0)
     mon = HealthMonitor(svc, cfg, checks=checks)
     async with trio.open_nursery() as nursery:
         await nursery.start(mon.run)
@@ -157,10 +159,8 @@ async def test_ready_waits_for_a_passing_self_test_and_status_names_the_failure(
         srv.close()
 async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojump_clock):
     """fault() makes the engine false immediately (no self-test run); run() re-tests it
-    every RECHECK_SECONDS, long before the next interval, and it turns true when its
+    every health.recheck_seconds, long before the next interval, and it turns true when its
     self-test passes again (fake clock)."""
-    from agent.ops.health import RECHECK_SECONDS
-
     cfg = Config()
     cfg.health.interval_seconds = 60
     broken = {"rzl": True}
@@ -170,7 +170,7 @@ async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojum
             raise SelfTestFailed("spool not writable")
 
     checks = {e: (lambda svc, c: None) for e in ENGINES} | {"rzl": rzl}
-    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None))
+    svc = SimpleNamespace(journal=SimpleNamespace(check=lambda: None), started_at=0.0)
     mon = HealthMonitor(svc, cfg, checks=checks)
     async with trio.open_nursery() as nursery:
         broken["rzl"] = False
@@ -180,9 +180,9 @@ async def test_a_reported_fault_flips_at_once_and_heals_within_a_recheck(autojum
         broken["rzl"] = True
         mon.state_fault("a spool write failed: ENOSPC")
         assert mon.snapshot()["engines"]["rzl"] is False and not mon.database
-        await trio.sleep(RECHECK_SECONDS * 3)
+        await trio.sleep(cfg.health.recheck_seconds * 3)
         assert mon.engines["rzl"] is False and mon.reasons["rzl"] == "spool not writable"
         broken["rzl"] = False
-        await trio.sleep(RECHECK_SECONDS * 2)
+        await trio.sleep(cfg.health.recheck_seconds * 2)
         assert mon.status == "healthy" and mon.runs == 1
         nursery.cancel_scope.cancel()

@@ -17,9 +17,9 @@ def _service():
                 {"session_id": "sess_0000000000000003", "status": "active"}]
     return SimpleNamespace(
         list_sessions=lambda: sessions,
-        spool=SimpleNamespace(depth=lambda: 4),
-        key_store=SimpleNamespace(current_record=lambda: {
-            "created_at": timefmt.iso_seconds(timefmt.parse_iso("2026-01-01T00:00:00Z"))}),
+        spool=SimpleNamespace(depth=lambda: 4, unsaved=[]),
+        key_store=SimpleNamespace(current=lambda: SimpleNamespace(
+            created_at=timefmt.iso_seconds(timefmt.parse_iso("2026-01-01T00:00:00Z")))),
         capacity=lambda: {"sessions_live": 3, "sessions_max": 1000,
                           "memory_capacity_bytes": 1 << 30, "memory_committed_bytes": 1 << 28},
         health=SimpleNamespace(engines={"eee": True, "dire": False}),

@@ -222,7 +222,7 @@ async def test_recovery_asks_systemd_for_more_start_time(world, tmp_path, monkey
     srv.bind(str(path))
     srv.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    monkeypatch.setattr(recovery, "EXTEND_EVERY", 0.0)
+    cfg.timeouts.systemd_extend_every_seconds = 0.0  # every step asks (the default is 10 s)
 
     async def destroy_fn(row, reason):
         return "expired_unclean"

@@ -10,7 +10,7 @@ import test_sandbox_fixtures as fx
 
 from agent.sandbox import SandboxEngine
 from agent.sandbox.engine import SandboxError
-from agent.sandbox.exec import ExecFailed
+from agent.sandbox.faults import ExecFailed
 
 sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
 

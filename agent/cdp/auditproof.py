@@ -113,7 +113,7 @@ def canonical_view(doc: Mapping) -> dict:
     except ValueError:
         skv_int = 0
     fp = doc.get("attestation_chain_fingerprint")
-    view = {
+    view: dict[str, object] = {
         "version": doc.get("cdp_version"),
         "signing_mode": doc.get("signing_mode"),
         "jurisdiction": doc.get("jurisdiction"),
@@ -338,6 +338,7 @@ def verify_auditproof(doc: object, trust: TrustSource | None = None) -> dict:
         if started is not None and "timestamp" in started \
                 and started["timestamp"] != last.get("created_at"):
             raise _Fail("capsule_started timestamp differs from step 8 created_at")
+        return None
 
     return run_all(res, {
         "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,

@@ -27,7 +27,11 @@ STEPS_EXPECTED = 8
 
 
 class Fail(Exception):
-    """A check failed with a short reason."""
+    """A check failed with a short reason; `count` is what `step_count` reports with it."""
+
+    def __init__(self, reason: str, *, count: int = 0) -> None:
+        super().__init__(reason)
+        self.count = count
 
 
 class Unverifiable(Exception):
@@ -70,7 +74,7 @@ def run(result: dict, name: str, fn: Callable[[], object]) -> None:
         if isinstance(out, str):
             result["notes"][name] = out[:MAX_REASON]
     except Fail as e:
-        checks[name] = getattr(e, "count", 0) if name == "step_count" else False
+        checks[name] = e.count if name == "step_count" else False
         errors[name] = str(e)[:MAX_REASON]
     except Unverifiable as e:
         checks[name] = None
@@ -92,13 +96,10 @@ def step_counter(doc: object, expected: int = STEPS_EXPECTED) -> Callable[[], in
         chain = doc.get("chain") if isinstance(doc, dict) else None
         n = len(chain) if isinstance(chain, list) else 0
         if not isinstance(chain, list):
-            err = Fail("chain is not a list")
-        elif n != expected:
-            err = Fail(f"chain has {n} steps, expected {expected}")
-        else:
-            return n
-        err.count = n  # type: ignore[attr-defined]
-        raise err
+            raise Fail("chain is not a list", count=n)
+        if n != expected:
+            raise Fail(f"chain has {n} steps, expected {expected}", count=n)
+        return n
     return count
 
 
@@ -141,7 +142,7 @@ def destruction_complete(doc: object, *, signed_state: bool) -> str | None:
         bad = [i + 1 for i, o in enumerate(ev) if not (isinstance(o, dict) and o.get("ok") is True)]
         if bad:
             raise Fail(f"step {bad[0]} did not complete")
-        return
+        return None
     if ev is None and not signed_state:
         raise Unverifiable("evidence stripped and destruction_state not signed: the "
                            "claim \"complete\" cannot be checked")

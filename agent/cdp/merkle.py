@@ -43,18 +43,21 @@ def _uniform_root(leaf: bytes, n: int) -> bytes:
     # "full" node (a perfect subtree) and, at the end, one node from promoted leftovers.
     # Track (full, count_full, tail) per level: O(log n) hashes.
     sha = hashlib.sha256
-    full, count, tail = leaf, n, None
+    full, count = leaf, n
+    tail: bytes | None = None
     while count + (tail is not None) > 1:
         pairs, odd = divmod(count, 2)
         nfull = sha(full + full).digest()
+        ntail: bytes | None
         if odd:
             ntail = full if tail is None else sha(full + tail).digest()
         else:
             ntail = tail
         full, count, tail = nfull, pairs, ntail
         if count == 0:
+            assert tail is not None  # count + 1 > 1 above, so a tail was promoted
             full, count, tail = tail, 1, None
-    return full if count else tail
+    return full
 
 
 def zero_root(n_blocks: int, block_size: int = BLOCK_SIZE) -> str:

@@ -88,6 +88,7 @@ def verify_cdp(cdp: object, trust: TrustSource | None = None) -> dict:
 
     def chain_integrity() -> None:
         structure()
+        assert isinstance(cdp, dict)  # structure() raised otherwise
         chain = cdp["chain"]
         if not isinstance(chain, list):
             raise _Fail("chain is not a list")

@@ -39,6 +39,7 @@ import trio
 
 from agent.destroy import residue, wipe
 from agent.destroy.context import DestroyContext, DestroyState, StepError
+from agent.sandbox.engine import Sandbox
 
 METHOD = "mountinfo_verification"
 MAX_OPEN_DIRS = 64
@@ -339,24 +340,28 @@ def destroy_tree(root_fd: int, passes: list[str]) -> TreeStats:
     return s
 
 
-def _session_pids(sb) -> list[int]:
+def _session_pids(sb: Sandbox | None) -> list[int]:
+    if sb is None:  # recovery without a sandbox to re-adopt: no session processes
+        return []
     try:
         return list(sb.cgroup.pids())
     except Exception:
         return []
 
 
-def _detach(sb, dev: str) -> tuple[bool, int]:
+def _detach(sb: Sandbox | None, dev: str) -> tuple[bool, int]:
     """(detach_root_mount() succeeded, mounts of the session tmpfs still in our view)."""
-    try:
-        sb.detach_root_mount()
-        ok = True
-    except Exception:
-        ok = False
+    ok = False  # without a sandbox there is no root mount of ours to detach
+    if sb is not None:
+        try:
+            sb.detach_root_mount()
+            ok = True
+        except Exception:
+            ok = False
     return ok, sum(1 for m in residue.read_mountinfo() if m.dev == dev)
 
 
-def _wipe_and_detach(sb, root_fd: int, pids: list[int], dev_num: int, dev: str,
+def _wipe_and_detach(sb: Sandbox | None, root_fd: int, pids: list[int], dev_num: int, dev: str,
                      passes: list[str]) -> tuple:
     """Open-but-unlinked files, then the tree, then what is left in the root, then the
     detach: (o, s, remaining, (detached, mounts left) or the OSError of that check)."""

@@ -1,2 +1,2 @@
 """Operations (SPEC 9-12): systemd notify, self-hardening, health self-tests, debug socket,
-metrics and crash recovery.  `agent/daemon.py` wires them; see docs/design.md "E: daemon hooks"."""
+metrics and crash recovery.  `agent/daemon.py` wires them; see docs/design.md "Operations: Daemon hooks"."""

@@ -25,10 +25,10 @@ import trio
 
 from agent import config as config_mod
 from agent import log
+from agent.ops import recovery
+from agent.ops.metrics import Metrics
+from agent.ops.view import ServiceView
 
-MAX_LINE = 4096
-READ_TIMEOUT = 10.0
-DESTROY_TIMEOUT = 120.0
 SESSION_KEYS = ("session_id", "customer_id", "tier", "status", "created_at", "expires_at",
                 "ttl_seconds", "data_classification", "jurisdiction", "exec_count", "reason")
 HELP = ("commands: status | sessions | session ID | metrics | config | keys | "
@@ -47,20 +47,18 @@ def _error(msg: str) -> str:
     return f"error: {msg}\n"
 
 
-def _by_status(service) -> dict[str, int]:
+def _by_status(service: ServiceView) -> dict[str, int]:
     out: dict[str, int] = {}
     for m in service.list_sessions():
         out[m.get("status", "?")] = out.get(m.get("status", "?"), 0) + 1
     return out
 
 
-def _status(service) -> dict:
-    mon = getattr(service, "health", None)
-    out: dict = {"log_level": log.get_level(), "draining": bool(getattr(service, "draining", False))}
-    cfg = getattr(service, "config", None)
-    if cfg is not None:
-        out["node_id"] = cfg.node.node_id
-    if getattr(service, "version", None):
+def _status(service: ServiceView) -> dict:
+    mon = service.health
+    out: dict = {"log_level": log.get_level(), "draining": service.draining,
+                 "node_id": service.config.node.node_id}
+    if service.version:
         out["version"] = service.version
     if mon is not None:
         out.update(mon.snapshot())
@@ -76,17 +74,13 @@ def _status(service) -> dict:
             out[name] = fn()
         except Exception as e:
             out[name] = f"unavailable: {type(e).__name__}"
-    rep = getattr(service, "recovery_report", None)
-    if rep is None:
-        from agent.ops import recovery
-
-        rep = recovery.LAST_REPORT
-    if rep is not None and hasattr(rep, "to_dict"):
+    rep = recovery.LAST_REPORT  # the service holds no report: the module keeps the last one
+    if rep is not None:
         out["recovery"] = rep.to_dict()
     return out
 
 
-def _config(service) -> dict:
+def _config(service: ServiceView) -> dict:
     cfg = service.config
     d = dataclasses.asdict(cfg)
     d["derived"] = {"socket_path": str(cfg.socket_path),
@@ -95,20 +89,19 @@ def _config(service) -> dict:
     return d
 
 
-def _keys(service) -> dict:
+def _keys(service: ServiceView) -> dict:
     ks = service.key_store
-    out: dict = {"attestation": ks.records() if hasattr(ks, "records") else []}
+    out: dict = {"attestation": ks.records()}
     try:
         cur = ks.current()
         out["current"] = cur.key_id
+        out["current_age_seconds"] = int(ks.age_seconds())
     except Exception as e:
         out["current"] = f"unavailable: {type(e).__name__}"
-    if hasattr(ks, "age_seconds"):
-        out["current_age_seconds"] = int(ks.age_seconds())
     return out
 
 
-async def handle_command(line: str, service) -> str:
+async def handle_command(line: str, service: ServiceView) -> str:
     """The answer to one command line (never raises)."""
     parts = line.strip().split()
     if not parts:
@@ -125,8 +118,8 @@ async def handle_command(line: str, service) -> str:
             m = _meta(service.get_meta(args[0]))
             return _json(m) if m is not None else _error("session not found")
         if cmd == "metrics" and not args:
-            m = getattr(service, "metrics", None)
-            return m.render(service) if m is not None else _error("metrics unavailable")
+            metrics = service.metrics  # the service sees a MetricsHook; rendering is ours
+            return metrics.render(service) if isinstance(metrics, Metrics) else _error("metrics unavailable")
         if cmd == "config" and not args:
             return _json(_config(service))
         if cmd == "keys" and not args:
@@ -139,7 +132,7 @@ async def handle_command(line: str, service) -> str:
         if cmd == "destroy" and len(args) == 1:
             if service.get_meta(args[0]) is None:
                 return _error("session not found")
-            with trio.move_on_after(DESTROY_TIMEOUT) as cs:
+            with trio.move_on_after(service.config.timeouts.debug_destroy_seconds) as cs:
                 res = await service.destroy(args[0], reason="operator")
             if cs.cancelled_caught:
                 return _error("destroy timed out")
@@ -160,7 +153,7 @@ def _peer_uid(sock: trio.socket.SocketType) -> int:
     return struct.unpack("3i", raw)[1]
 
 
-async def _serve_conn(stream: trio.SocketStream, service) -> None:
+async def _serve_conn(stream: trio.SocketStream, service: ServiceView) -> None:
     async with stream:
         try:
             uid = _peer_uid(stream.socket)
@@ -170,13 +163,14 @@ async def _serve_conn(stream: trio.SocketStream, service) -> None:
             log.get().warning("debug_peer_refused", uid=uid)
             return
         buf = b""
-        with trio.move_on_after(READ_TIMEOUT):
-            while b"\n" not in buf and len(buf) <= MAX_LINE:
-                chunk = await stream.receive_some(MAX_LINE)
+        max_line = service.config.debug.max_line_bytes
+        with trio.move_on_after(service.config.timeouts.debug_read_seconds):
+            while b"\n" not in buf and len(buf) <= max_line:
+                chunk = await stream.receive_some(max_line)
                 if not chunk:
                     break
                 buf += chunk
-        if len(buf) > MAX_LINE:
+        if len(buf) > max_line:
             answer = _error("line too long")
         else:
             try:
@@ -222,7 +216,7 @@ def bind_debug_socket(path: Path) -> socket.socket:
     return s
 
 
-async def serve_debug(path: Path, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_debug(path: Path, service: ServiceView, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the debug socket until cancelled (use with `await nursery.start(...)`)."""
     raw = bind_debug_socket(path)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
@@ -243,7 +237,11 @@ async def serve_debug(path: Path, service, *, task_status=trio.TASK_STATUS_IGNOR
 
 # -- client: `nanorix-agent debug CMD` ---------------------------------------------------------
 
-def request(path: Path, command: str, timeout: float = DESTROY_TIMEOUT + 10) -> str:
+# the client has no agent config: the default [timeouts] debug_destroy_seconds, plus 10 s
+CLIENT_TIMEOUT = 130.0
+
+
+def request(path: Path, command: str, timeout: float = CLIENT_TIMEOUT) -> str:
     """Send one command line and return the whole answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

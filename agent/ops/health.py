@@ -18,7 +18,7 @@ way.  `faults` (tests only) forces named engines to fail, to test the degraded p
 Health is live, not only periodic: the code that sees a failure reports it at once with
 `fault(engine, reason)` (a failed journal or spool write -> rzl and `database`; EMFILE at
 accept, a failed destruction -> eee); the engine is false from that moment and its
-self-test is re-run every `RECHECK_SECONDS` until it passes again (so is any engine whose
+self-test is re-run every `health.recheck_seconds` until it passes again (so is any engine whose
 periodic self-test failed).  rzl also fails while a
 proof is kept only in memory/fallback (each re-run retries writing it into the spool).
 State damage found at start (`agent.service.integrity`) is shown as the extension
@@ -38,11 +38,12 @@ from pathlib import Path
 import trio
 
 from agent import log, timefmt
+from agent.config import Config
+from agent.ops.view import ServiceView
+from agent.service.spool import Spool
 
 ENGINES = ("eee", "dire", "rzl", "fgx", "ave")
 SELFTEST = Path(__file__).resolve().parent.parent / "data" / "selftest.json"
-CANARY_TIMEOUT = 30.0
-RECHECK_SECONDS = 1.0  # re-run a faulted engine's self-test this often until it passes
 
 
 class SelfTestFailed(Exception):
@@ -65,9 +66,8 @@ def _selftest_data() -> dict:
 
 # -- the five engines --------------------------------------------------------------------------
 
-async def check_eee(service, cfg) -> None:
-    engine = getattr(service, "engine", None)
-    _need(engine is not None, "no sandbox engine")
+async def check_eee(service: ServiceView, cfg: Config) -> None:
+    engine = service.engine
     try:
         cap = service.capacity()
         full = cap.get("sessions_live", 0) >= cap.get("sessions_max", 1 << 30)
@@ -87,7 +87,7 @@ async def check_eee(service, cfg) -> None:
             await sb.teardown()
 
 
-async def check_dire(service, cfg) -> None:
+async def check_dire(service: ServiceView, cfg: Config) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from agent.keys.session import KeyZeroized, SessionKey
@@ -106,7 +106,7 @@ async def check_dire(service, cfg) -> None:
     raise SelfTestFailed("a zeroized session key still signs")
 
 
-def _check_spool_writable(spool) -> None:
+def _check_spool_writable(spool: Spool) -> None:
     d = Path(spool.dir)
     p = d / f".health-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     data = b"nanorix-agent rzl self-test " + os.urandom(8)
@@ -133,12 +133,9 @@ def _check_chain_vector() -> None:
           "chain hashes of the test vector do not recompute")
 
 
-def check_rzl(service, cfg) -> None:
-    journal = getattr(service, "journal", None)
-    _need(journal is not None, "no journal")
-    journal.check()
-    spool = getattr(service, "spool", None)
-    _need(spool is not None, "no CDP spool")
+def check_rzl(service: ServiceView, cfg: Config) -> None:
+    service.journal.check()
+    spool = service.spool
     _check_spool_writable(spool)
     left = spool.retry()
     _need(left == 0, f"{left} proof(s) not durably spooled, kept in memory and "
@@ -146,7 +143,7 @@ def check_rzl(service, cfg) -> None:
     _check_chain_vector()
 
 
-def check_fgx(service, cfg) -> None:
+def check_fgx(service: ServiceView, cfg: Config) -> None:
     from agent.cdp.merkle import ZERO_BLOCK_LEAF, merkle_root, zero_root
 
     stat = Path("/proc/self/stat").read_text()
@@ -163,13 +160,11 @@ def check_fgx(service, cfg) -> None:
           "zero-Merkle root of 683 blocks differs from the test vector")
 
 
-def check_ave(service, cfg) -> None:
+def check_ave(service: ServiceView, cfg: Config) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    ks = getattr(service, "key_store", None)
-    _need(ks is not None, "no attestation key store")
-    signer = ks.current()
+    signer = service.key_store.current()
     msg = hashlib.sha256(b"nanorix-agent ave self-test " + os.urandom(16)).hexdigest().encode()
     sig = signer.sign(msg)
     pub = Ed25519PublicKey.from_public_bytes(bytes(signer.public_key))
@@ -188,12 +183,12 @@ CHECKS: dict[str, Callable] = {"eee": check_eee, "dire": check_dire, "rzl": chec
 class HealthMonitor:
     """Runs the self-tests and caches their results (`snapshot()` is what `agent.health` returns)."""
 
-    def __init__(self, service, cfg, *, checks: dict[str, Callable] | None = None) -> None:
+    def __init__(self, service: ServiceView, cfg: Config, *, checks: dict[str, Callable] | None = None) -> None:
         self.service = service
         self.cfg = cfg
         self.checks = dict(CHECKS if checks is None else checks)
         self.engines: dict[str, bool] = dict.fromkeys(ENGINES, False)
-        self.reasons: dict[str, str] = dict.fromkeys(ENGINES, "not run yet")
+        self.reasons: dict[str, str | None] = dict.fromkeys(ENGINES, "not run yet")
         self.checked_at: dict[str, str | None] = dict.fromkeys(ENGINES, None)
         self.durations_ms: dict[str, int] = dict.fromkeys(ENGINES, 0)
         self.database = False
@@ -208,7 +203,7 @@ class HealthMonitor:
             self._token = None
         self.runs = 0
         self.last_run: str | None = None
-        self._started = getattr(service, "started_at", None) or time.monotonic()
+        self._started = service.started_at
         self._lock = trio.Lock()
         self._last_status: str | None = None
         # called with the monitor after every run (the daemon keeps systemd's STATUS= current)
@@ -223,13 +218,13 @@ class HealthMonitor:
         try:
             if name in self.faults:
                 raise SelfTestFailed("fault injected")
-            with trio.fail_after(CANARY_TIMEOUT):
+            with trio.fail_after(self.cfg.timeouts.health_canary_seconds):
                 r = fn(self.service, self.cfg)
                 if isinstance(r, Awaitable):
                     await r
             ok = True
         except trio.TooSlowError:
-            reason = f"self-test timed out after {CANARY_TIMEOUT:.0f}s"
+            reason = f"self-test timed out after {self.cfg.timeouts.health_canary_seconds:.0f}s"
         except SelfTestSkipped as e:
             self.reasons[name] = str(e)
             self.checked_at[name] = timefmt.iso_seconds()
@@ -242,7 +237,7 @@ class HealthMonitor:
         self.reasons[name] = reason
         if ok:
             self.live_faults.pop(name, None)
-        else:  # re-checked every RECHECK_SECONDS until it passes, not at the next interval
+        else:  # re-checked every health.recheck_seconds until it passes, not at the next interval
             self.live_faults[name] = reason or "failed"
         self.checked_at[name] = timefmt.iso_seconds()
         self.durations_ms[name] = int((time.monotonic() - t0) * 1000)
@@ -253,18 +248,15 @@ class HealthMonitor:
                 reason=reason)
 
     def _database(self) -> None:
-        journal = getattr(self.service, "journal", None)
         try:
-            if journal is None:
-                raise SelfTestFailed("no journal")
-            journal.check()
+            self.service.journal.check()
             self.database, self.database_reason = True, None
         except Exception as e:
             self.database, self.database_reason = False, f"{type(e).__name__}: {e}"
 
     def fault(self, engine: str, reason: str) -> None:
         """Flip `engine` false now: code outside the self-tests saw it fail.  Its self-test
-        re-runs every RECHECK_SECONDS (from `run`) until it passes again."""
+        re-runs every health.recheck_seconds (from `run`) until it passes again."""
         was = self.engines[engine]
         self.engines[engine] = False
         self.reasons[engine] = reason
@@ -321,16 +313,16 @@ class HealthMonitor:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Re-run the self-tests every `health.interval_seconds`, forever; an engine reported
-        by fault() is re-checked every RECHECK_SECONDS until it passes."""
+        by fault() is re-checked every health.recheck_seconds until it passes."""
         task_status.started()
         next_full = trio.current_time() + self.cfg.health.interval_seconds
         while True:
             at = next_full
             if self.live_faults or not self.database:
-                at = min(at, trio.current_time() + RECHECK_SECONDS)
+                at = min(at, trio.current_time() + self.cfg.health.recheck_seconds)
             with trio.move_on_at(at):
                 await self._wake.wait()
-            if self._wake.is_set():  # a new fault: re-check it RECHECK_SECONDS from now
+            if self._wake.is_set():  # a new fault: re-check it health.recheck_seconds from now
                 self._wake = trio.Event()
                 continue
             if trio.current_time() >= next_full:

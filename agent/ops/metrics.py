@@ -38,6 +38,8 @@ from prometheus_client import (
 from prometheus_client.exposition import generate_latest
 
 from agent import log, timefmt
+from agent.config import MetricsConfig
+from agent.ops.view import ServiceView
 
 # `_created` timestamps per counter/histogram only add noise to a node agent's scrape
 prometheus_client.disable_created_metrics()
@@ -110,6 +112,7 @@ class Metrics:
         self._m: dict = {}
         for name, (kind, help_, labels) in METRICS.items():
             full = PREFIX + name
+            m: Counter | Gauge | Histogram
             if kind == "counter":
                 m = Counter(full.removesuffix("_total"), help_, labels, registry=self.registry)
             elif kind == "gauge":
@@ -152,7 +155,7 @@ class Metrics:
         return v or 0
 
     # -- gauges from the service -----------------------------------------------------------
-    def refresh(self, service) -> None:
+    def refresh(self, service: ServiceView) -> None:
         """Read the state gauges from the service; a missing member leaves its gauge unset."""
         counts = dict.fromkeys(STATUSES, 0)
         try:
@@ -164,13 +167,11 @@ class Metrics:
             pass
         for st, n in counts.items():
             self.set("sessions", n, status=st)
-        spool = getattr(service, "spool", None)
-        if spool is not None and hasattr(spool, "depth"):
-            try:
-                self.set("spool_depth", int(spool.depth()))
-                self.set("proofs_not_durable", len(spool.unsaved))
-            except Exception:  # noqa: S110
-                pass
+        try:
+            self.set("spool_depth", int(service.spool.depth()))
+            self.set("proofs_not_durable", len(service.spool.unsaved))
+        except Exception:  # noqa: S110
+            pass
         age = key_age_seconds(service)
         if age is not None:
             self.set("attestation_key_age_seconds", age)
@@ -184,14 +185,13 @@ class Metrics:
                     self.set(dst, int(cap[src]))
         except Exception:  # noqa: S110
             pass
-        mon = getattr(service, "health", None)
-        if mon is not None and hasattr(mon, "engines"):
-            for eng, ok in mon.engines.items():
+        if service.health is not None:
+            for eng, ok in service.health.engines.items():
                 self.set("health_engine_ok", 1 if ok else 0, engine=eng)
-        self.set("draining", 1 if getattr(service, "draining", False) else 0)
+        self.set("draining", 1 if service.draining else 0)
         self.set("log_lines_dropped", log.dropped_lines())
 
-    def render(self, service=None) -> str:
+    def render(self, service: ServiceView | None = None) -> str:
         """Prometheus text exposition format 0.0.4."""
         with self._lock:
             if service is not None:
@@ -199,30 +199,18 @@ class Metrics:
             return generate_latest(self.registry).decode("utf-8")
 
 
-def key_age_seconds(service) -> int | None:
+def key_age_seconds(service: ServiceView) -> int | None:
     """Age of the current attestation key from its record's created_at, or None."""
-    ks = getattr(service, "key_store", None)
-    if ks is None:
-        return None
     try:
-        created = None
-        if hasattr(ks, "current_record"):
-            created = ks.current_record().get("created_at")
-        if created is None:
-            created = getattr(ks.current(), "created_at", None)
-        if not created:
-            return None
-        return max(0, int(time.time() - timefmt.parse_iso(created)))
+        return max(0, int(time.time() - timefmt.parse_iso(service.key_store.current().created_at)))
     except Exception:
         return None
 
 
 # -- GET /metrics ---------------------------------------------------------------------------
 
-MAX_REQUEST_HEAD = 8192
 # what generate_latest writes for our (legacy-valid) names: text format 0.0.4
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-REQUEST_TIMEOUT = 5.0
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
@@ -232,7 +220,7 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
     return head if head_only else head + body
 
 
-def answer(request_head: bytes, metrics: Metrics, service) -> bytes:
+def answer(request_head: bytes, metrics: Metrics, service: ServiceView) -> bytes:
     """The whole HTTP response to one request head (never raises)."""
     line = request_head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = line.split()
@@ -251,13 +239,14 @@ def answer(request_head: bytes, metrics: Metrics, service) -> bytes:
     return _response("200 OK", body, CONTENT_TYPE, head_only=method == "HEAD")
 
 
-async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service,
+async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service: ServiceView,
                       slots: trio.Semaphore) -> None:
     try:
         async with stream:
             buf = b""
-            with trio.move_on_after(REQUEST_TIMEOUT) as cs:
-                while b"\r\n\r\n" not in buf and len(buf) <= MAX_REQUEST_HEAD:
+            with trio.move_on_after(service.config.timeouts.metrics_request_seconds) as cs:
+                while (b"\r\n\r\n" not in buf
+                       and len(buf) <= service.config.metrics.max_request_head_bytes):
                     chunk = await stream.receive_some(4096)
                     if not chunk:
                         break
@@ -266,7 +255,7 @@ async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service,
                 resp = _response("400 Bad Request", b"incomplete or oversized request\n")
             else:
                 resp = answer(buf, metrics, service)
-            with trio.move_on_after(REQUEST_TIMEOUT):
+            with trio.move_on_after(service.config.timeouts.metrics_request_seconds):
                 await stream.send_all(resp)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
@@ -274,7 +263,7 @@ async def _serve_conn(stream: trio.SocketStream, metrics: Metrics, service,
         slots.release()
 
 
-async def _accept_loop(listener, metrics: Metrics, service, slots: trio.Semaphore,
+async def _accept_loop(listener, metrics: Metrics, service: ServiceView, slots: trio.Semaphore,
                        nursery: trio.Nursery) -> None:
     async with listener:
         while True:
@@ -287,7 +276,8 @@ async def _accept_loop(listener, metrics: Metrics, service, slots: trio.Semaphor
             nursery.start_soon(_serve_conn, stream, metrics, service, slots)
 
 
-async def serve_http(mcfg, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_http(mcfg: MetricsConfig, service: ServiceView, *,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve `GET /metrics` on `mcfg.listen` ("HOST:PORT") until cancelled; `started()` gets
     the bound (host, port) pairs."""
     from agent.config import parse_listen
@@ -298,6 +288,8 @@ async def serve_http(mcfg, service, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     bound = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]
     log.get().info("metrics_http_listening", address=[f"{h}:{p}" for h, p in bound])
     async with trio.open_nursery() as nursery:
+        metrics = service.metrics
+        assert isinstance(metrics, Metrics)  # the daemon always builds one
         for ls in listeners:
-            nursery.start_soon(_accept_loop, ls, service.metrics, service, slots, nursery)
+            nursery.start_soon(_accept_loop, ls, metrics, service, slots, nursery)
         task_status.started(bound)

@@ -14,6 +14,8 @@ import time
 import trio
 
 from agent import log
+from agent.ops.view import ServiceView
+from agent.service.hooks import HealthHook
 
 
 class Notifier:
@@ -104,7 +106,7 @@ class Notifier:
             self._sock = None
 
 
-def status_text(health, service) -> str:
+def status_text(health: HealthHook | None, service: ServiceView) -> str:
     """"ready: 12 sessions", "degraded: eee — <reason>", "unhealthy: database — <reason>",
     "draining: 3 sessions" (what `systemctl status` shows)."""
     try:
@@ -112,7 +114,7 @@ def status_text(health, service) -> str:
     except Exception:
         live = -1
     sessions = f"{live} session{'' if live == 1 else 's'}" if live >= 0 else "sessions unknown"
-    if getattr(service, "draining", False):
+    if service.draining:
         return f"draining: {sessions}"
     if health is None:
         return f"ready: {sessions}"

@@ -27,6 +27,12 @@ from pathlib import Path
 import trio
 
 from agent import log
+from agent.config import Config
+from agent.ops.notify import Notifier
+from agent.sandbox.cgroups.base import CgroupDriver
+from agent.sandbox.engine import SandboxEngine
+from agent.service.hooks import MetricsHook
+from agent.service.journal import Journal
 
 ORDER = ("processes", "mounts", "cgroups", "network", "slots")
 LAST_REPORT: RecoveryReport | None = None  # this process's last recovery (debug `status`)
@@ -125,7 +131,8 @@ def _under(path: str | os.PathLike, root: Path) -> bool:
 # -- reclaimers (sync; run in a worker thread) ---------------------------------------------------
 
 class _Ctx:
-    def __init__(self, cfg, rows: list[dict], driver, keep: set[str] | None = None) -> None:
+    def __init__(self, cfg: Config, rows: list[dict], driver: CgroupDriver | None,
+                 keep: set[str] | None = None) -> None:
         self.cfg = cfg
         self.rows = rows
         self.driver = driver
@@ -161,9 +168,13 @@ def reclaim_processes(c: _Ctx) -> ReclaimResult:
     holder whose pid *and* start time still match."""
     r = ReclaimResult("processes")
     _, names = c.cgroup_names()
-    for name in names if c.driver is not None else []:
+    driver = c.driver
+    if driver is None:
+        names = []
+    for name in names:
         try:
-            h = c.driver.open(name)
+            assert driver is not None
+            h = driver.open(name)
             try:
                 pids = h.pids()
                 if pids:
@@ -391,14 +402,13 @@ async def _adopt_all(rows: list[dict], adopt_fn: Callable[[dict], Awaitable[bool
     return adopted
 
 
-EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while recovering
-EXTEND_BY = 60.0
 
 
-async def recover(cfg, *, journal, driver=None,
+async def recover(cfg: Config, *, journal: Journal, driver: CgroupDriver | None = None,
                   destroy_fn: Callable[..., Awaitable[str]] | None = None,
                   adopt_fn: Callable[[dict], Awaitable[bool]] | None = None,
-                  metrics=None, engine=None, notifier=None) -> RecoveryReport:
+                  metrics: MetricsHook | None = None, engine: SandboxEngine | None = None,
+                  notifier: Notifier | None = None) -> RecoveryReport:
     """Re-adopt every journaled live session whose sandbox outlived the agent, reclaim
     everything else a crashed agent left, then destroy each session not re-adopted.
 
@@ -411,17 +421,16 @@ async def recover(cfg, *, journal, driver=None,
     Under systemd (`notifier`, default from $NOTIFY_SOCKET) it asks for more start time with
     EXTEND_TIMEOUT_USEC while it works, so many sessions to reclaim do not hit
     TimeoutStartSec."""
-    from agent.ops.notify import Notifier
-
     own_notifier = notifier is None
     if notifier is None:
         notifier = Notifier.from_env()
-    last_extend = [-EXTEND_EVERY]
+    every = cfg.timeouts.systemd_extend_every_seconds
+    last_extend = [-every]
 
     def extend() -> None:
-        if time.monotonic() - last_extend[0] >= EXTEND_EVERY:
+        if time.monotonic() - last_extend[0] >= every:
             last_extend[0] = time.monotonic()
-            notifier.extend_timeout(EXTEND_BY)
+            notifier.extend_timeout(cfg.timeouts.systemd_extend_by_seconds)
 
     lg = log.get().bind(component="recovery")
     t0 = time.monotonic()

@@ -25,6 +25,7 @@ LIVE = (
     "node.journal_retention_seconds",
     "health.interval_seconds",
     "exec.max_input_bytes", "exec.output_cap_bytes", "exec.kill_grace_seconds",
+    "exec.max_env_entries",
     "tiers.*.max_concurrent", "tiers.*.max_ttl_seconds", "tiers.*.default_ttl_seconds",
 )
 
@@ -43,7 +44,8 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
 def diff(old: config_mod.Config, new: config_mod.Config) -> tuple[list[str], list[str]]:
     """(changed keys that can apply live, changed keys that need a restart)."""
     a, b = _flatten(old), _flatten(new)
-    live, restart = [], []
+    live: list[str] = []
+    restart: list[str] = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, _MISSING) == b.get(key, _MISSING):
             continue

@@ -36,7 +36,7 @@ def default_socket() -> Path:
 
 def error_from_wire(err: Any) -> ApiError:
     if isinstance(err, dict):
-        cls = BY_NAME.get(err.get("error"), ApiError)
+        cls: type[ApiError] = BY_NAME.get(str(err.get("error")), ApiError)
         e = cls(str(err.get("message", "")), field=err.get("field"))
         return e
     return ApiError(f"malformed error: {err!r}")

@@ -19,8 +19,16 @@ import structlog
 import trio
 
 from agent.config import CLASSIFICATIONS, JURISDICTIONS
-from agent.errors import BadRequest, NotFound
+from agent.errors import ApiError, BadRequest, Conflict, InternalError, NotFound
 from agent.rpc.server import CallContext, Limits
+from agent.sandbox.faults import (
+    ExecBusy,
+    ExecFailed,
+    ExecRefused,
+    InputDoesNotFit,
+    SandboxFault,
+    SandboxGone,
+)
 from agent.service.sessions import SESSION_ID_RE, Service
 from agent.timefmt import iso_seconds
 
@@ -31,7 +39,6 @@ MAX_ID_LEN = 256
 # environment string at MAX_ARG_STRLEN (32 pages = 128 KiB, with its NUL), so a longer one
 # could never start (execve E2BIG).  The same cap applies to each `NAME=value` of `env`.
 MAX_COMMAND_BYTES = 128 * 1024 - 1
-MAX_ENV_ENTRIES = 256
 PENDING_PAGE_DEFAULT = 100
 
 _log = structlog.get_logger("nanorix-agent.rpc")  # lazy: resolved after log.setup()
@@ -88,9 +95,9 @@ def _check(name: str, spec: F, v: Any, api: Api) -> Any:
             raise BadRequest(f"{name} is larger than {cap} bytes", field=name)
         return v
     if k == "env":
-        if not isinstance(v, dict) or len(v) > MAX_ENV_ENTRIES:
-            raise BadRequest(f"{name} must be a map of at most {MAX_ENV_ENTRIES} strings",
-                             field=name)
+        most = api.service.config.exec.max_env_entries
+        if not isinstance(v, dict) or len(v) > most:
+            raise BadRequest(f"{name} must be a map of at most {most} strings", field=name)
         for key, val in v.items():
             if (not isinstance(key, str) or not isinstance(val, str) or not key
                     or "=" in key or "\0" in key or "\0" in val):
@@ -106,6 +113,24 @@ def _check(name: str, spec: F, v: Any, api: Api) -> Any:
             raise BadRequest(f"{name} must be a map", field=name)
         return v
     raise AssertionError(k)  # pragma: no cover
+
+
+# The one table from the sandbox layer's domain errors to API errors (STYLE: isolate keeps
+# its verdicts apart from its own death): every verdict is the customer's condition, never
+# InternalError; only the sandbox failing to do its job is.
+SANDBOX_ERRORS: dict[type[SandboxFault], type[ApiError]] = {
+    ExecRefused: BadRequest,  # the request can never run here
+    InputDoesNotFit: Conflict,  # the customer filled their session
+    ExecBusy: Conflict,
+    SandboxGone: Conflict,
+    ExecFailed: InternalError,  # nrx-init could not start the command
+}
+
+
+def api_error(e: SandboxFault) -> ApiError:
+    """The API error for a sandbox-layer error (SANDBOX_ERRORS; an unlisted one is internal)."""
+    cls = next((api for dom, api in SANDBOX_ERRORS.items() if isinstance(e, dom)), InternalError)
+    return cls(e.message, field=e.field)
 
 
 Handler = Callable[["Api", dict, CallContext], Awaitable[Any]]
@@ -140,7 +165,10 @@ class Api:
         for name, spec in m.fields.items():
             if spec.required and name not in clean:
                 raise BadRequest(f"{name} is required for {method}", field=name)
-        return await m.handler(self, clean, ctx)
+        try:
+            return await m.handler(self, clean, ctx)
+        except SandboxFault as e:
+            raise api_error(e) from None
 
 
 # -- handlers ----------------------------------------------------------------------------
@@ -331,12 +359,7 @@ async def _drain(api: Api, p: dict, ctx: CallContext) -> dict:
 async def _info(api: Api, p: dict, ctx: CallContext) -> dict:
     s = api.service
     cfg = s.config
-    driver = getattr(s.engine, "cgroups", None) or getattr(s.engine, "driver", None)
-    mode = getattr(driver, "mode", None)
-    if mode is None:
-        from agent.sandbox.cgroups import detect_mode
-
-        mode = detect_mode()
+    mode = s.engine.cgroups.mode
     cap = dict(s.capacity())
     sessions_free = max(0, cap["sessions_max"] - cap["sessions_live"])
     memory_free = max(0, cap["memory_capacity_bytes"] - cap["memory_committed_bytes"])

@@ -164,7 +164,8 @@ class ConnectionGate:
         self.accept_errors += 1
         if not self.accept_starved:
             self.accept_starved = True
-            _log.error("rpc_accept_starved", errno=errno.errorcode.get(err.errno, err.errno),
+            code = err.errno or 0
+            _log.error("rpc_accept_starved", errno=errno.errorcode.get(code, code),
                        connections=self.connections)
 
     def fed(self) -> None:
@@ -441,6 +442,7 @@ class RemoteListener:
 
     @property
     def address(self) -> tuple[str, int]:
+        assert self.sock is not None, "bind() first"
         return self.sock.getsockname()[:2]
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -635,19 +637,21 @@ class _Connection:
             self.budget.release(held)
 
     async def _answer(self, req: framing.Request, held: int) -> None:
+        msgid = req.msgid
+        assert msgid is not None  # the read loop drops notifications before they get here
         try:
             params = _single_map(req.params)
             req.params = []  # the handler's copy is the only one kept
-            ctx = CallContext(req.msgid, self.peer, self._notifier(), self.limits)
+            ctx = CallContext(msgid, self.peer, self._notifier(), self.limits)
             result = await self.server.dispatch(req.method, params, ctx)
-            frame = framing.response(req.msgid, None, result)
+            frame = framing.response(msgid, None, result)
         except ApiError as e:
-            frame = framing.response(req.msgid, e.to_wire(), None)
+            frame = framing.response(msgid, e.to_wire(), None)
         except trio.Cancelled:
             raise
         except Exception:
             self.log.exception("rpc_internal_error", method=req.method)
-            frame = framing.response(req.msgid, InternalError("internal error").to_wire(), None)
+            frame = framing.response(msgid, InternalError("internal error").to_wire(), None)
         extra = self.budget.charge(max(0, len(frame) - held))
         try:
             await self.send(frame)

@@ -7,7 +7,8 @@
 """
 
 from .engine import Sandbox, SandboxEngine, SandboxError
-from .exec import ExecBusy, ExecFailed, ExecResult, SandboxGone
+from .exec import ExecResult
+from .faults import ExecBusy, ExecFailed, SandboxGone
 
 __all__ = ["ExecBusy", "ExecFailed", "ExecResult", "Sandbox", "SandboxEngine", "SandboxError",
            "SandboxGone"]

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from agent import log
+from agent._native import lib as _native_lib
 from agent.config import Config
 
 from . import exec as _exec
@@ -33,13 +34,12 @@ from . import initproto, mounts, userns, uts
 from . import namespaces as namespaces_mod
 from .cgroups import CgroupHandle, CgroupLimits, detect
 from .cleanup import CleanupStack
-from .exec import ExecBusy, ExecResult, SandboxGone
+from .exec import ExecResult
+from .faults import ExecBusy, SandboxGone
 
 INIT_BIN = Path(__file__).resolve().parent.parent / "_bin" / "nrx-init"
-CREATE_TIMEOUT = 10.0
 SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
-ATTACH_TIMEOUT = 5.0
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -450,30 +450,15 @@ async def _remove_cgroup(cgroup: CgroupHandle) -> None:
     await trio.to_thread.run_sync(cgroup.remove)
 
 
-try:  # native/ext/nrxspawn.c: the same posix_spawn, without holding the GIL
-    from agent._native import lib as _native_lib
-
-    _NATIVE_SPAWN = hasattr(_native_lib, "nrx_spawn_helper")
-except Exception:  # any import failure means "use os.posix_spawn"
-    _NATIVE_SPAWN = False
-
-
 def _spawn_helper(path: str, control_fd: int) -> int:
     """Start nrx-init: stdio on /dev/null, the control socket on fd 3, empty signal mask,
-    SIGPIPE/SIGXFSZ default, empty environment.  os.posix_spawn holds the GIL through
-    the whole vfork+exec (~6% of the trio thread's time under 16 clients); the native
-    call releases it."""
-    if _NATIVE_SPAWN:
-        pid = _native_lib.nrx_spawn_helper(os.fsencode(path), control_fd)
-        if pid < 0:
-            raise OSError(-pid, os.strerror(-pid))
-        return pid
-    return os.posix_spawn(path, ["nrx-init"], {}, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
-        (os.POSIX_SPAWN_DUP2, 0, 1),
-        (os.POSIX_SPAWN_DUP2, 0, 2),
-        (os.POSIX_SPAWN_DUP2, control_fd, 3),
-    ], setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    SIGPIPE/SIGXFSZ default, empty environment (native/ext/nrxspawn.c: posix_spawn without
+    holding the GIL; os.posix_spawn held it through the whole vfork+exec, ~6% of the trio
+    thread's time under 16 clients)."""
+    pid = _native_lib.nrx_spawn_helper(os.fsencode(path), control_fd)
+    if pid < 0:
+        raise OSError(-pid, os.strerror(-pid))
+    return pid
 
 
 class SandboxEngine:
@@ -652,7 +637,7 @@ class SandboxEngine:
             raise
         try:
             await control.send(initproto.encode_attach())
-            with trio.fail_after(ATTACH_TIMEOUT):
+            with trio.fail_after(self.cfg.timeouts.attach_seconds):
                 kind, fields = await control.recv()
             if kind != initproto.MSG_ATTACHED:
                 raise AdoptFailed("unexpected answer to ATTACH")
@@ -700,7 +685,7 @@ class SandboxEngine:
             undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
-            with trio.fail_after(CREATE_TIMEOUT):
+            with trio.fail_after(self.cfg.timeouts.create_seconds):
                 try:
                     while True:
                         kind, fields = await control.recv()
@@ -717,7 +702,7 @@ class SandboxEngine:
                                        "without a message") from None
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(CREATE_TIMEOUT):
+                with trio.move_on_after(self.cfg.timeouts.create_seconds):
                     await _reap(helper_fd)
                 os.close(helper_fd)
                 if pidfd < 0:

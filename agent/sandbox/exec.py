@@ -25,41 +25,28 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
-from agent import errors, timefmt
+from agent import timefmt
+from agent.config import ENV_ENTRIES_MAX
 from agent.fsops import openat2
 
 from . import initproto
+from .faults import ExecFailed, ExecRefused, InputDoesNotFit, SandboxGone
 from .output import Capture, zero
+
+if TYPE_CHECKING:  # engine imports this module
+    from .engine import Sandbox
 
 CHUNK = 64 * 1024
 FIRST_READ = 4096  # a stream's read buffer starts here and grows to CHUNK once filled
 CONTROL_BUF = 8192  # nrx-init's replies are at most 4 KiB (send_msg in native/init)
 PIPE_SIZE = 1024 * 1024
 DRAIN_LIMIT = 4 * 1024 * 1024  # per stream, after the leader exited
-MAX_ENV = 200  # nrx-init takes up to 255 environment entries
 MAX_REQUEST = 512 * 1024  # command + environment, well inside one control message
 F_SETPIPE_SZ = 1031
-
-
-class ExecBusy(errors.Conflict):
-    """Another command is running in this sandbox."""
-
-    def __init__(self) -> None:
-        super().__init__("a command is already running in this session")
-
-
-class SandboxGone(errors.Conflict):
-    """The sandbox's PID 1 is dead (killed, OOM, destroyed)."""
-
-    def __init__(self, why: str = "the sandbox is gone") -> None:
-        super().__init__(why)
-
-
-class ExecFailed(errors.InternalError):
-    """nrx-init could not start the command (a setup step failed)."""
 
 
 @dataclass
@@ -243,9 +230,9 @@ class Control:
                 await self.sock.send(msg)
         except OSError as e:
             if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
-                raise errors.BadRequest(f"command and env together ({len(msg)} bytes) exceed "
-                                        f"what this host's control socket takes "
-                                        f"(net.core.wmem_max)", field="command") from None
+                raise ExecRefused(f"command and env together ({len(msg)} bytes) exceed "
+                                  f"what this host's control socket takes "
+                                  f"(net.core.wmem_max)", field="command") from None
             raise SandboxGone("the sandbox's init exited") from e
         except trio.ClosedResourceError as e:
             raise SandboxGone("the sandbox's init exited") from e
@@ -254,29 +241,28 @@ class Control:
         self.sock.close()
 
 
-async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
+async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[str, str] | None,
               timeout: float, on_output: OnOutput | None, output_cap: int,
               kill_grace: float, max_input: int = 8 * 1024 * 1024,
               progress: ExecProgress | None = None) -> ExecResult:
     """Run `command` in sandbox `sb` (see Sandbox.exec)."""
     full_env = base_env()
-    if env and len(env) > MAX_ENV:
-        raise errors.BadRequest(f"at most {MAX_ENV} environment variables", field="env")
+    # the RPC layer refused more than exec.max_env_entries (<= ENV_ENTRIES_MAX)
+    assert env is None or len(env) <= ENV_ENTRIES_MAX, "env entries are checked at the RPC edge"
     if env:
         for k, v in env.items():
             if not k or "=" in k or "\0" in k or "\0" in v:
-                raise errors.BadRequest(f"invalid environment variable {k!r}", field="env")
+                raise ExecRefused(f"invalid environment variable {k!r}", field="env")
             full_env[k] = v
     if input_data is not None and len(input_data) > max_input:
-        raise errors.BadRequest(f"input_data is larger than {max_input} bytes",
-                                field="input_data")
+        raise ExecRefused(f"input_data is larger than {max_input} bytes", field="input_data")
     if "\0" in command:
-        raise errors.BadRequest("command contains a NUL byte", field="command")
+        raise ExecRefused("command contains a NUL byte", field="command")
     size = len(command.encode()) + sum(len(k.encode()) + len(v.encode()) + 9
                                        for k, v in full_env.items())
     if size > MAX_REQUEST:
-        raise errors.BadRequest(f"command and env together exceed {MAX_REQUEST} bytes",
-                                field="command")
+        raise ExecRefused(f"command and env together exceed {MAX_REQUEST} bytes",
+                          field="command")
     if input_data is not None:
         try:
             write_input(sb.root_fd, input_data, sb.slot_root_uid, sb.slot_root_gid)
@@ -284,7 +270,7 @@ async def run(sb, command: str, *, input_data: bytes | None, env: dict[str, str]
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # the customer filled their own session: their condition, not a server fault
-            raise errors.Conflict(f"input_data ({len(input_data)} bytes) does not fit: the "
+            raise InputDoesNotFit(f"input_data ({len(input_data)} bytes) does not fit: the "
                                   f"session's file system is full (space or inodes)",
                                   field="input_data") from None
 
@@ -418,7 +404,7 @@ async def _abort(control: Control, pgid: int | None) -> None:
             await _wait_exit(control, pgid)
 
 
-def _oom_kills(sb) -> int:
+def _oom_kills(sb: Sandbox) -> int:
     try:
         return sb.cgroup.oom_kills()
     except OSError as e:

@@ -80,7 +80,7 @@ class Profile:
         return [r for r in self.rules if r.syscall == syscall]
 
 
-def parse_action(text: str, where: str) -> int:
+def parse_action(text: object, where: str) -> int:
     if not isinstance(text, str):
         raise ProfileError(f"{where}: action must be a string, got {text!r}")
     fixed = {"allow": ACT_ALLOW, "kill_process": ACT_KILL_PROCESS, "kill_thread": ACT_KILL_THREAD,
@@ -113,6 +113,12 @@ def _resolve(name: str) -> int:
     return lib.nrx_sc_resolve(name.encode())
 
 
+def _u64(v: object, key: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+        raise ProfileError(f"{where}: {key} must be an integer 0..2^64-1, got {v!r}")
+    return v
+
+
 def _parse_cond(raw, where: str) -> Cond:
     if not isinstance(raw, dict):
         raise ProfileError(f"{where}: an argument condition must be a table")
@@ -124,9 +130,7 @@ def _parse_cond(raw, where: str) -> Cond:
         raise ProfileError(f"{where}: argument index must be 0..5, got {idx!r}")
     if op not in _OPS and op != NE32:
         raise ProfileError(f"{where}: op must be one of {', '.join(_OPS)}, {NE32}; got {op!r}")
-    for k, v in (("value", value), ("mask", mask)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
-            raise ProfileError(f"{where}: {k} must be an integer 0..2^64-1, got {v!r}")
+    value, mask = _u64(value, "value", where), _u64(mask, "mask", where)
     if op == "masked_eq" and "mask" not in raw:
         raise ProfileError(f"{where}: masked_eq needs a mask")
     if op != "masked_eq" and "mask" in raw:

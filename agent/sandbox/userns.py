@@ -57,4 +57,9 @@ class SlotAllocator:
 def read_map(pid: int, which: str = "uid") -> list[tuple[int, int, int]]:
     """The (inside, outside, count) lines of /proc/PID/{uid,gid}_map."""
     with open(f"/proc/{pid}/{which}_map") as f:
-        return [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+        rows = []
+        for line in f:
+            if line.strip():
+                inside, outside, count = (int(x) for x in line.split())
+                rows.append((inside, outside, count))
+        return rows

@@ -278,7 +278,7 @@ class Journal:
         return [_decode(r) for r in rows]
 
     def live_sessions(self) -> list[dict]:
-        """Alias used by crash recovery (docs/design.md, E: daemon hooks)."""
+        """Alias used by crash recovery (docs/design.md, Operations: Daemon hooks)."""
         return self.live()
 
     def all(self, customer_id: str | None = None) -> list[dict]:

@@ -32,14 +32,17 @@ from agent.config import Config
 from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
 from agent.errors import BadRequest, Conflict, InternalError, NotFound, Unavailable
+from agent.keys.attestation import AttestationKeyStore
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import AdoptFailed, SandboxEngine
-from agent.sandbox.exec import ExecBusy, ExecProgress
+from agent.sandbox.exec import ExecProgress
+from agent.sandbox.faults import ExecBusy
 from agent.sandbox.userns import SlotsExhausted
 from agent.service import views
 from agent.service.admission import Admission
 from agent.service.audit import AuditLog
 from agent.service.faults import fault_point
+from agent.service.hooks import HealthHook, MetricsHook
 from agent.service.journal import Journal, JournalUnwritable
 from agent.service.model import (
     ENDED_STATUSES,
@@ -61,16 +64,16 @@ __all__ = ["ENDED_STATUSES", "SESSION_ID_RE", "Service", "new_session_id"]
 
 _log = structlog.get_logger("nanorix-agent.sessions")  # lazy: resolved after log.setup()
 
-CLOSE_OUT_WAIT_SECONDS = 15.0  # freeze (<= 5 s) + reading what the exec produced so far
 UNLIMITED_EXEC_TIMEOUT = 365 * 24 * 3600.0  # an enterprise session with TTL 0
 
 
 class Service:
     """Owns every session of this node.  Also the object the ops modules (health, debug
-    socket, metrics, recovery) are given: see docs/design.md "E: daemon hooks"."""
+    socket, metrics, recovery) are given: see docs/design.md "Operations: Daemon hooks"."""
 
-    def __init__(self, cfg: Config, *, engine: SandboxEngine, key_store, journal: Journal,
-                 spool: Spool, version: str, metrics=None) -> None:
+    def __init__(self, cfg: Config, *, engine: SandboxEngine, key_store: AttestationKeyStore,
+                 journal: Journal, spool: Spool, version: str,
+                 metrics: MetricsHook | None = None) -> None:
         self.config = cfg
         self.engine = engine
         self.key_store = key_store
@@ -78,7 +81,7 @@ class Service:
         self.spool = spool
         self.version = version
         self.metrics = metrics
-        self.health = None
+        self.health: HealthHook | None = None  # set by the daemon once the monitor runs
         self.draining = False
         self.started_at = time.monotonic()
         self.audit = AuditLog(journal)
@@ -434,7 +437,7 @@ class Service:
                 # receipt marked interrupted before destruction begins.  The exec may have
                 # returned (e.g. its own timeout, at the TTL) while that close-out still
                 # runs: wait for it rather than race it.
-                with trio.move_on_after(CLOSE_OUT_WAIT_SECONDS):
+                with trio.move_on_after(self.config.timeouts.close_out_seconds):
                     await inflight.closed.wait()
                 if inflight.result is None:
                     raise Conflict(f"session {session_id} ended during the exec "
