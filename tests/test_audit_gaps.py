@@ -235,10 +235,10 @@ async def test_node_memory_capacity_full_is_unavailable(tmp_path):
         assert svc.capacity()["sessions_live"] == 0
 
 
-async def test_ttl_runs_from_the_exact_creation_time(agent_dirs, mock_clock):
+async def test_ttl_runs_from_the_exact_creation_time(agent_dirs):
     """The deadline is the creation instant + ttl and created_ts keeps its fraction of a
-    second, not truncated to whole seconds (issue 13): a real service and sandbox, with
-    trio's clock stopped so the deadline can be compared exactly."""
+    second, not truncated to whole seconds (issue 13): a real service and sandbox; a
+    truncated start would fall before the instant the create call began."""
     import time
 
     import trio
@@ -262,9 +262,9 @@ async def test_ttl_runs_from_the_exact_creation_time(agent_dirs, mock_clock):
             await nursery.start(svc.run)
             start, before = trio.current_time(), time.time()
             res = await svc.create(customer_id="c", tier="free", ttl_seconds=60)
-            after = time.time()
+            end, after = trio.current_time(), time.time()
             s = svc.sessions[res["session_id"]]
-            assert s.deadline == start + 60  # the clock is stopped: exactly
+            assert start + 60 <= s.deadline <= end + 60
             assert before <= s.created_ts <= after  # truncation would put it before `before`
             await svc.destroy(res["session_id"])
             nursery.cancel_scope.cancel()

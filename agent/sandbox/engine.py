@@ -87,24 +87,29 @@ def _compile_seccomp(profile: str) -> bytes:
     return bpf
 
 
-async def _reap(pidfd: int) -> None:
-    """Wait until the process behind `pidfd` exits, and reap it if it is our child (a
-    re-adopted sandbox's PID 1 is not: its parent agent died; then wait for the exit)."""
+# how long to wait for the parent of a re-adopted PID 1 (the host's init, or a subreaper) to
+# reap it after it exited: a zombie holds no memory, files or namespaces, only its pid and
+# credentials, so destruction goes on without it (steps 5 and 6 say how many they saw)
+ORPHAN_REAP_WAIT_SECONDS = 1.0
+
+
+async def _reap(pidfd: int) -> bool:
+    """Wait until the process behind `pidfd` exits, and reap it if it is our child.  A
+    re-adopted sandbox's PID 1 is not (its parent agent died): wait for its exit, then up
+    to ORPHAN_REAP_WAIT_SECONDS for its parent to reap it.  True when it was reaped."""
     while True:
         try:
             if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None:
-                return
+                return True
         except ChildProcessError:
-            # not our child: wait until it exited and its parent (the host's init, or a
-            # subreaper) reaped it — a zombie still counts as a process with the session's
-            # ids, and destruction verifies that none is left
             if not _exited(pidfd):
                 await trio.lowlevel.wait_readable(pidfd)
             delay = 0.001
-            while _pidfd_pid(pidfd) > 0:
-                await trio.sleep(delay)
-                delay = min(delay * 2, 0.02)
-            return
+            with trio.move_on_after(ORPHAN_REAP_WAIT_SECONDS):
+                while _pidfd_pid(pidfd) > 0:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+            return _pidfd_pid(pidfd) <= 0
         await trio.lowlevel.wait_readable(pidfd)
 
 
