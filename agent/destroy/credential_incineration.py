@@ -2,13 +2,18 @@
 
 Scan every thread in /proc for a real/effective/saved/fs uid or gid inside the session's
 host ranges (read from /proc/<init>/uid_map and gid_map in step 1; the slot's host uid/gid
-when those were not readable).  Release the uid slot only when none is found.  Retire the
+when those were not readable).  Holders that are only exiting (zombies) are waited for,
+bounded, until reaped; the evidence then says how many were exiting, alive in the
+session's PID namespace, or alive outside it (another workload with the same ids), and
+how long it waited.  Release the uid slot only when none is left.  Retire the
 hostname: it lived only in the session's UTS namespace, so it is retired when no process
 is left in that namespace (and the engine forgets it, where it keeps a registry).  Then
 `ctx.revoke()` makes every later call on the session id answer as destroyed.
 """
 
 from __future__ import annotations
+
+import time
 
 import trio
 
@@ -35,11 +40,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if not st.uid_ranges:
         errors.append("session uid range unknown")
     uts = st.namespaces.get("uts")
-    # one walk of every thread on the host answers both questions of this step
-    n, in_uts, _ = await trio.to_thread.run_sync(
-        residue.processes_with_ids_and_in_namespaces, st.uid_ranges, st.gid_ranges,
-        [uts] if uts else [], ("uts",))
-    ev["processes_with_ids"] = n
+    n, in_uts = await _settled_scan(ctx, st, ev, uts)
     if n:
         errors.append("processes still run with session ids")
     elif sb is not None:
@@ -68,3 +69,38 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("revoke failed")
     if errors:
         raise StepError("; ".join(errors))
+
+
+async def _settled_scan(ctx: DestroyContext, st: DestroyState, ev: dict,
+                        uts: int | None) -> tuple[int, int]:
+    """(processes with the session's ids, processes in its UTS namespace), from one walk
+    of every thread on the host.  When the walk finds id holders, they are classified
+    (residue.ids_holders); if every one is exiting (a zombie, or past releasing its
+    namespaces) the walk is repeated, bounded by the context's timeout, until the kernel
+    has reaped them: a dying task is not reported as a live one, and a live one (in the
+    session's PID namespace or outside it) fails the step at once.  The evidence keeps the
+    first classification and the time waited."""
+    def scan() -> tuple[int, int]:
+        n, in_uts, _ = residue.processes_with_ids_and_in_namespaces(
+            st.uid_ranges, st.gid_ranges, [uts] if uts else [], ("uts",))
+        return n, in_uts
+
+    n, in_uts = await trio.to_thread.run_sync(scan)
+    if n:
+        t0 = time.perf_counter_ns()
+        holders = await trio.to_thread.run_sync(
+            residue.ids_holders, st.uid_ranges, st.gid_ranges, st.namespaces.get("pid"))
+        ev.update({f"processes_with_ids_{k}": v for k, v in holders.items()})
+        delay = 0.001
+        with trio.move_on_after(ctx.timeout):
+            while n and not holders["in_session"] and not holders["outside"]:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                n, in_uts = await trio.to_thread.run_sync(scan)
+                if n:
+                    holders = await trio.to_thread.run_sync(
+                        residue.ids_holders, st.uid_ranges, st.gid_ranges,
+                        st.namespaces.get("pid"))
+        ev["exit_wait_us"] = (time.perf_counter_ns() - t0) // 1000
+    ev["processes_with_ids"] = n
+    return n, in_uts
