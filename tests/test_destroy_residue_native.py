@@ -41,3 +41,21 @@ async def test_native_scans_match_python_reference(sandbox):
     nobody = [(4_000_000_000, 4_000_000_001)]
     assert residue.processes_in_namespaces([1]) == residue._py_processes_in_namespaces([1], names) == (0, 0)
     assert residue.processes_with_ids(nobody, nobody) == residue._py_processes_with_ids(nobody, nobody) == 0
+
+
+async def test_native_mount_scan_matches_python_reference(sandbox):
+    """The mounts of a live session's tmpfs (and nsfs pins of its namespaces) in every
+    mount namespace on the host agree between the C and the Python scans, and are found."""
+    import os
+
+    dev = residue.dev_str(os.fstat(sandbox.root_fd).st_dev)
+    inodes = list(sandbox.namespaces.values())
+    sandbox.cgroup.freeze()  # a stable population for both scans
+    try:
+        native = residue.mounts_of(dev, inodes)
+        python = residue._py_mounts_of(dev, inodes, "/proc")
+    finally:
+        sandbox.cgroup.thaw()
+    assert native == python and native[0] >= 1 and native[1] >= 2
+    assert residue.mounts_of("0:1", [1]) == residue._py_mounts_of("0:1", [1], "/proc")
+    assert residue.mounts_of("0:1", [1])[0] == 0

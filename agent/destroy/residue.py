@@ -238,7 +238,24 @@ def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = (),
     mount namespace is read once (through the first process found in it).  A process that
     exited meanwhile is skipped; any other read error raises (a scan that could not look
     never answers "none"), except a refused one for a process provably outside every
-    sandbox (`_outside_sandboxes`).  `proc` is for tests on a /proc-shaped tree."""
+    sandbox (`_outside_sandboxes`).  `proc` is for tests on a /proc-shaped tree.  Done in
+    C when the native extension has it (procscan.c, nrx_count_mounts_at)."""
+    ns_inodes_ = sorted(set(ns_inodes_))
+    if _NATIVE_SCANS and hasattr(_lib, "nrx_count_mounts_at"):
+        # the same walk in C: with many sessions, every one of their mount namespaces is
+        # read and parsed by each destruction (most of step 6 from Python)
+        out = _ffi.new("int[2]")
+        rc = _lib.nrx_count_mounts_at(os.fsencode(proc),
+                                      dev.encode() if dev is not None else _ffi.NULL,
+                                      _ffi.new("uint64_t[]", ns_inodes_ or [0]),
+                                      len(ns_inodes_), out, out + 1)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return int(out[0]), int(out[1])
+    return _py_mounts_of(dev, ns_inodes_, proc)
+
+
+def _py_mounts_of(dev: str | None, ns_inodes_: Iterable[int], proc: str) -> tuple[int, int]:
     pinned = {f"{n}:[{i}]" for i in ns_inodes_ for n in NAMESPACES}
     seen_ns: set[str] = set()
     count = 0
