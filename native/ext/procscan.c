@@ -70,6 +70,22 @@ static int is_number(const char *s)
     return 1;
 }
 
+/* the next numeric entry (a process) of an open /proc, NULL at the end or on an error
+ * (then *err = -errno) */
+static struct dirent *next_pid(DIR *proc, int *err)
+{
+    struct dirent *de;
+    for (;;) {
+        errno = 0;
+        if ((de = readdir(proc)) == NULL) {
+            *err = errno ? -errno : 0;
+            return NULL;
+        }
+        if (is_number(de->d_name))
+            return de;
+    }
+}
+
 /* calls fn(taskfd, tid, arg) for every task; fn returns 1 when the task matched, 0 when
  * not (or the task is gone), -errno when it could not be read.  Returns the number of
  * processes with a matching task (and adds matching tasks to *tasks), or -errno when
@@ -85,14 +101,7 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
     int procs = 0, err = 0;
     struct dirent *de;
     char path[4200];
-    for (;;) {
-        errno = 0;
-        if ((de = readdir(proc)) == NULL) {
-            err = errno ? -errno : 0;
-            break;
-        }
-        if (!is_number(de->d_name))
-            continue;
+    while ((de = next_pid(proc, &err)) != NULL) {
         snprintf(path, sizeof path, "%s/%s/task", root, de->d_name);
         DIR *task = opendir(path);
         if (!task) {
@@ -439,14 +448,7 @@ int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinne
     char *buf = NULL, path[300], link[64];
     int err = 0;
     struct dirent *de;
-    for (;;) {
-        errno = 0;
-        if ((de = readdir(proc)) == NULL) {
-            err = errno ? -errno : 0;
-            break;
-        }
-        if (!is_number(de->d_name))
-            continue;
+    while ((de = next_pid(proc, &err)) != NULL) {
         snprintf(path, sizeof path, "%s/ns/mnt", de->d_name);
         ssize_t len = readlinkat(procfd, path, link, sizeof link - 1); /* "mnt:[inode]" */
         int e = errno;
