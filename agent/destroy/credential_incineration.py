@@ -17,7 +17,7 @@ import time
 
 import trio
 
-from agent.destroy import residue
+from agent.destroy import residue, shared_walk
 from agent.destroy.context import DestroyContext, DestroyState, StepError
 
 METHOD = "credential_incineration"
@@ -74,18 +74,21 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
 async def _settled_scan(ctx: DestroyContext, st: DestroyState, ev: dict,
                         uts: int | None) -> tuple[int, int]:
     """(processes with the session's ids, processes in its UTS namespace), from one walk
-    of every thread on the host.  When the walk finds id holders, they are classified
+    of every thread on the host (shared with the destructions in flight: shared_walk;
+    `host_walk_sessions` says how many sessions it answered).  When the walk finds id holders, they are classified
     (residue.ids_holders); if every one is exiting (a zombie, or past releasing its
     namespaces) the walk is repeated, bounded by the context's timeout, until the kernel
     has reaped them: a dying task is not reported as a live one, and a live one (in the
     session's PID namespace or outside it) fails the step at once.  The evidence keeps the
     first classification and the time waited."""
-    def scan() -> tuple[int, int]:
-        n, in_uts, _ = residue.processes_with_ids_and_in_namespaces(
-            st.uid_ranges, st.gid_ranges, [uts] if uts else [], ("uts",))
+    query = (tuple(st.uid_ranges), tuple(st.gid_ranges), (uts,) if uts else ())
+
+    async def scan() -> tuple[int, int]:
+        (n, in_uts, _), served = await shared_walk.IDS_AND_UTS.ask(query)
+        ev["host_walk_sessions"] = served
         return n, in_uts
 
-    n, in_uts = await trio.to_thread.run_sync(scan)
+    n, in_uts = await scan()
     if n:
         t0 = time.perf_counter_ns()
         holders = await trio.to_thread.run_sync(
@@ -96,7 +99,7 @@ async def _settled_scan(ctx: DestroyContext, st: DestroyState, ev: dict,
             while n and not holders["in_session"] and not holders["outside"]:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.05)
-                n, in_uts = await trio.to_thread.run_sync(scan)
+                n, in_uts = await scan()
                 if n:
                     holders = await trio.to_thread.run_sync(
                         residue.ids_holders, st.uid_ranges, st.gid_ranges,
