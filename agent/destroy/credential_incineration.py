@@ -75,35 +75,39 @@ async def _settled_scan(ctx: DestroyContext, st: DestroyState, ev: dict,
                         uts: int | None) -> tuple[int, int]:
     """(processes with the session's ids, processes in its UTS namespace), from one walk
     of every thread on the host (shared with the destructions in flight: shared_walk;
-    `host_walk_sessions` says how many sessions it answered).  When the walk finds id holders, they are classified
-    (residue.ids_holders); if every one is exiting (a zombie, or past releasing its
-    namespaces) the walk is repeated, bounded by the context's timeout, until the kernel
-    has reaped them: a dying task is not reported as a live one, and a live one (in the
-    session's PID namespace or outside it) fails the step at once.  The evidence keeps the
-    first classification and the time waited."""
+    `host_walk_sessions` says how many sessions it answered).  When the walk finds id
+    holders, they are classified (residue.ids_holders); if every one is exiting (a zombie,
+    or past releasing its namespaces) the walk is repeated, bounded by the context's
+    timeout, until the kernel has reaped them: a dying task is not reported as a live
+    one, and a live one (in the session's PID namespace or outside it) fails the step at
+    once.  The evidence keeps the first classification and the time waited."""
     query = (tuple(st.uid_ranges), tuple(st.gid_ranges), (uts,) if uts else ())
-
-    async def scan() -> tuple[int, int]:
-        (n, in_uts, _), served = await shared_walk.IDS_AND_UTS.ask(query)
-        ev["host_walk_sessions"] = served
-        return n, in_uts
-
-    n, in_uts = await scan()
+    (n, in_uts, _), ev["host_walk_sessions"] = await shared_walk.IDS_AND_UTS.ask(query)
     if n:
-        t0 = time.perf_counter_ns()
-        holders = await trio.to_thread.run_sync(
-            residue.ids_holders, st.uid_ranges, st.gid_ranges, st.namespaces.get("pid"))
-        ev.update({f"processes_with_ids_{k}": v for k, v in holders.items()})
-        delay = 0.001
-        with trio.move_on_after(ctx.timeout):
-            while n and not holders["in_session"] and not holders["outside"]:
-                await trio.sleep(delay)
-                delay = min(delay * 2, 0.05)
-                n, in_uts = await scan()
-                if n:
-                    holders = await trio.to_thread.run_sync(
-                        residue.ids_holders, st.uid_ranges, st.gid_ranges,
-                        st.namespaces.get("pid"))
-        ev["exit_wait_us"] = (time.perf_counter_ns() - t0) // 1000
+        n, in_uts = await trio.to_thread.run_sync(_settle, st, ev, uts, ctx.timeout)
     ev["processes_with_ids"] = n
+    return n, in_uts
+
+
+def _settle(st: DestroyState, ev: dict, uts: int | None, timeout: float) -> tuple[int, int]:
+    """In a worker thread (its waits are real time, whatever clock the event loop runs
+    on): classify the holders, and while they are all exiting, look again with a short
+    backoff until none is left or `timeout` passed."""
+    t0 = time.monotonic()
+    pid_ns = st.namespaces.get("pid")
+    holders = residue.ids_holders(st.uid_ranges, st.gid_ranges, pid_ns)
+    ev.update({f"processes_with_ids_{k}": v for k, v in holders.items()})
+    n = in_uts = 1
+    delay = 0.001
+    while True:
+        n, in_uts, _ = residue.processes_with_ids_and_in_namespaces(
+            st.uid_ranges, st.gid_ranges, [uts] if uts else [], ("uts",))
+        if not n or holders["in_session"] or holders["outside"]:
+            break
+        if time.monotonic() - t0 > timeout:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+        holders = residue.ids_holders(st.uid_ranges, st.gid_ranges, pid_ns)
+    ev["exit_wait_us"] = int((time.monotonic() - t0) * 1_000_000)
     return n, in_uts
