@@ -115,7 +115,11 @@ class RpcConfig:
     send_timeout_seconds: float = 30.0  # a frame the peer does not read within this is its
     #   connection's end (a never-reading client cannot hold anything else)
     stream_queue_bytes: int = 4 * MiB  # streamed exec output waiting for a slow client;
-    #   beyond it that client's stream is dropped (the exec and its result are unaffected)
+    #   while it is full the command waits (its pipe fills), so a slow reader paces only
+    #   its own command; the exec's timeout still holds
+    stream_stall_seconds: float = 5.0  # a client that takes no output for this long while
+    #   its stream queue is full loses the rest of the stream (the exec goes on unpaced;
+    #   its result says `stream_dropped`)
     pending_page_max: int = 1000  # proof.pending `limit` upper bound (default page 100)
     max_array_len: int = 65536  # msgpack decode limits (frames are checked while decoding)
     max_map_len: int = 4096
@@ -425,6 +429,7 @@ def _validate(cfg: Config) -> None:
          "rpc.max_inflight_bytes must be >= rpc.max_frame_bytes")
     need(r.send_timeout_seconds > 0, "rpc.send_timeout_seconds must be > 0")
     need(r.stream_queue_bytes >= r.chunk_bytes, "rpc.stream_queue_bytes must be >= rpc.chunk_bytes")
+    need(r.stream_stall_seconds > 0, "rpc.stream_stall_seconds must be > 0")
     need(1 <= r.pending_page_max <= 100000, "rpc.pending_page_max must be between 1 and 100000")
     need(r.max_array_len >= 16 and r.max_map_len >= 16 and r.max_containers >= 16,
          "rpc.max_array_len, rpc.max_map_len and rpc.max_containers must be >= 16")

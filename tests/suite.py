@@ -20,3 +20,12 @@ def cgroup_prefix(kind: str = "") -> str:
     """A fresh cgroup prefix inside this suite's namespace, e.g. `…-<tag>-rec-1a2b3c4d`."""
     middle = f"{kind}-" if kind else ""
     return f"{SUITE_PREFIX}-{middle}{secrets.token_hex(4)}"
+
+
+def uid_base() -> int:
+    """A random host uid base for an engine a test makes itself (daemons get theirs in
+    helpers_daemon): step 5 fails when any process on the host runs with a session's
+    uids, so two suites on one host, or a test beside a bench, must not share the
+    default range (slot 0 of the default base was every concurrent suite's first
+    sandbox).  Room for the default node.max_sessions (1000 slots of 65536)."""
+    return (1 << 24) + secrets.randbelow(2000) * (1 << 20)

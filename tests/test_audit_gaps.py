@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers_daemon import AgentDaemon
 from service_fixtures import bare_service
-from suite import cgroup_prefix
+from suite import cgroup_prefix, uid_base
 from test_destroy_pipeline import engine  # noqa: F401 (fixture)
 
 from agent.cdp.verify import verify
@@ -253,6 +253,7 @@ async def test_ttl_runs_from_the_exact_creation_time(agent_dirs):
     state, runtime = agent_dirs
     cfg = config_mod.load(None, state_dir=state, runtime_dir=runtime)
     cfg.sandbox.cgroup_prefix = cgroup_prefix("ttl")
+    cfg.sandbox.uid_base = uid_base()
     eng = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
     journal = Journal(state)
     svc = Service(cfg, engine=eng, key_store=AttestationKeyStore(state), journal=journal,

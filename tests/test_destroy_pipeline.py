@@ -357,6 +357,66 @@ async def test_revoke_is_called_and_slot_released(engine):
     assert sb.session_id not in engine.live
 
 
+async def _destroy_with_id_holder(engine, *, exits: bool, timeout: float = 3.0):
+    """Destroy a session while a host process (outside the sandbox) runs as the session's
+    slot uid, started after step 4: /bin/true left unreaped for 0.2 s (a zombie once
+    exited, as a dying task is) or a sleeper killed after the pipeline."""
+    import subprocess
+
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    holder: list[subprocess.Popen] = []
+
+    async def after_step(n, ev):
+        if n != 4:
+            return
+        argv = ["/bin/true"] if exits else ["/bin/sleep", "1000"]
+        p = subprocess.Popen(argv, user=sb.host_uid, group=sb.host_gid, extra_groups=[])
+        holder.append(p)
+        if exits:  # until it exited, without reaping it
+            os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+            nursery.start_soon(functools.partial(trio.to_thread.run_sync, _reap_later, p))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            return await run_pipeline(make_ctx(sb, passes=["zeros"], timeout=timeout,
+                                               hooks=DestroyHooks(after_step=after_step)))
+    finally:
+        for p in holder:
+            p.kill()
+            p.wait()
+
+
+def _reap_later(p) -> None:
+    time.sleep(0.2)
+    p.wait()
+
+
+async def test_step5_waits_for_an_exiting_id_holder_to_be_reaped(engine):
+    """A task with the session's uid that has exited but is not yet reaped is waited for
+    (bounded), not reported as a live process: the step passes once the kernel reaps it,
+    and the evidence says it saw one exiting holder and how long it waited."""
+    out = await _destroy_with_id_holder(engine, exits=True)
+    ev5 = out.evidence[4]
+    assert out.status == "destroyed", bad(out)
+    assert ev5["processes_with_ids"] == 0 and ev5["slot_released"]
+    assert ev5["processes_with_ids_exiting"] == 1
+    assert ev5["processes_with_ids_outside"] == ev5["processes_with_ids_in_session"] == 0
+    assert ev5["exit_wait_us"] >= 100_000
+
+
+async def test_step5_fails_at_once_on_a_live_id_holder_outside_the_session(engine):
+    """A live host process with the session's uid (another workload on an overlapping
+    range) fails step 5 without waiting out the timeout, and the evidence says it was
+    outside the session's PID namespace; the slot is not released."""
+    out = await _destroy_with_id_holder(engine, exits=False, timeout=30.0)
+    ev5 = out.evidence[4]
+    assert out.status == "expired_unclean"
+    assert not ev5["ok"] and "processes still run with session ids" in ev5["error"]
+    assert ev5["processes_with_ids"] == 1 and ev5["processes_with_ids_outside"] == 1
+    assert ev5["processes_with_ids_exiting"] == 0 and not ev5["slot_released"]
+    assert ev5["exit_wait_us"] < 10_000_000
+
+
 def test_paths_helper_is_relative():
     """open_beneath refuses absolute escapes by construction (sanity of the test helper)."""
     assert Path("work/a").parts[0] == "work"

@@ -41,3 +41,30 @@ async def test_native_scans_match_python_reference(sandbox):
     nobody = [(4_000_000_000, 4_000_000_001)]
     assert residue.processes_in_namespaces([1]) == residue._py_processes_in_namespaces([1], names) == (0, 0)
     assert residue.processes_with_ids(nobody, nobody) == residue._py_processes_with_ids(nobody, nobody) == 0
+
+
+async def test_native_mount_scan_matches_python_reference(sandbox):
+    """The mounts of a live session's tmpfs (and nsfs pins of its namespaces) in every
+    mount namespace on the host agree between the C and the Python scans, and are found."""
+    import os
+
+    dev = residue.dev_str(os.fstat(sandbox.root_fd).st_dev)
+    inodes = list(sandbox.namespaces.values())
+    # other suites on this host make and drop mount namespaces (and a sandbox being
+    # created holds a copy of its parent's mounts for a moment) between the two scans:
+    # compare pairs taken back to back until one pair saw the same host
+    sandbox.cgroup.freeze()
+    try:
+        pairs = []
+        for _ in range(20):
+            pairs.append((residue.mounts_of(dev, inodes),
+                          residue._py_mounts_of(dev, inodes, "/proc")))
+            if pairs[-1][0] == pairs[-1][1]:
+                break
+    finally:
+        sandbox.cgroup.thaw()
+    native, python = pairs[-1]
+    assert native == python, pairs
+    assert native[0] >= 1 and native[1] >= 2
+    assert residue.mounts_of("0:1", [1]) == residue._py_mounts_of("0:1", [1], "/proc")
+    assert residue.mounts_of("0:1", [1])[0] == 0

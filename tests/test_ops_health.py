@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
-from suite import cgroup_prefix
+from suite import cgroup_prefix, uid_base
 
 from agent.config import Config
 from agent.keys.attestation import AttestationKeyStore
@@ -27,6 +27,7 @@ async def service(agent_dirs):
     cfg = Config()
     cfg.paths.state_dir, cfg.paths.runtime_dir = state, runtime
     cfg.sandbox.cgroup_prefix = cgroup_prefix("health")
+    cfg.sandbox.uid_base = uid_base()
     cfg.node.max_sessions = 4
     cfg.tiers["free"].memory_bytes = 64 * MiB
     engine = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)

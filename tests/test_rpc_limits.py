@@ -138,6 +138,28 @@ def test_never_reading_streaming_client_does_not_stretch_the_exec_timeout(tmp_pa
             d.call("session.destroy", {"session_id": sid})
 
 
+def test_stream_larger_than_the_queue_paces_the_command_instead_of_dropping(tmp_path):
+    """Output many times the stream queue reaches a client that keeps reading, whole: the
+    command waits for the client instead of the stream being dropped."""
+    with AgentDaemon(tmp_path, config={"rpc": {"stream_queue_bytes": 128 * 1024}}) as d:
+        sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        with d.client() as c:
+            c.sock.sendall(framing.request(9, "session.exec", {
+                "session_id": sid, "stream": True, "command": "seq 1 2000000"}))
+            chunks, res = [], None
+            while res is None:
+                msg = c._next()
+                if msg[0] == framing.NOTIFICATION:
+                    chunks.append(msg[2][0]["data"])
+                    if len(chunks) % 16 == 0:
+                        time.sleep(0.01)  # slower than `seq` writes
+                else:
+                    res = msg[3]
+        expected = "".join(f"{i}\n" for i in range(1, 2000001)).encode()
+        assert res["stream_dropped"] is False and b"".join(chunks) == expected
+        d.call("session.destroy", {"session_id": sid})
+
+
 def test_slow_reader_gets_every_byte_in_order(tmp_path):
     """A client that reads late but within the limits still gets the whole stream."""
     with AgentDaemon(tmp_path) as d:

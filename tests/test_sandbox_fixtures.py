@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 
 import pytest
-from suite import cgroup_prefix
+from suite import cgroup_prefix, uid_base
 
 from agent.config import Config, MiB, Tier
 from agent.sandbox import SandboxEngine
@@ -24,6 +24,7 @@ def make_cfg(state, runtime) -> Config:
     cfg = Config()
     cfg.paths.state_dir, cfg.paths.runtime_dir = state, runtime
     cfg.sandbox.cgroup_prefix = cgroup_prefix()
+    cfg.sandbox.uid_base = uid_base()
     cfg.tiers["tiny"] = Tier(memory_bytes=64 * MiB, tmpfs_bytes=16 * MiB, tmpfs_inodes=1024,
                              pids_max=32, cpu_percent=100)
     cfg.exec.kill_grace_seconds = 0.3

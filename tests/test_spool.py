@@ -25,10 +25,9 @@ def test_put_get_pending_ack(tmp_path):
     assert s.get(SID) is None and s.pending() == []
 
 
-def test_put_fsyncs_file_and_directory(tmp_path, monkeypatch):
-    """put() fsyncs the file and then the directory before returning."""
-    s = Spool(tmp_path)
-    synced = []
+def _spy_fsync(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on from now (the real fsync still runs)."""
+    synced: list[str] = []
     real = os.fsync
 
     def spy(fd):
@@ -36,8 +35,34 @@ def test_put_fsyncs_file_and_directory(tmp_path, monkeypatch):
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_put_fsyncs_file_and_directory(tmp_path, monkeypatch):
+    """put() fsyncs the file and then the directory before returning."""
+    s = Spool(tmp_path)
+    synced = _spy_fsync(monkeypatch)
     s.put(SID, {"session_id": SID})
     assert synced[0].endswith(f".{SID}.tmp") and synced[-1] == str(s.dir)
+
+
+def test_reserved_put_fsyncs_once_and_a_lost_rename_is_finished_at_start(tmp_path, monkeypatch):
+    """A proof written into its reservation costs one fsync (the file; the directory is
+    not synced), and a crash that lost the rename leaves a reservation holding the whole
+    proof, which the next start's scan() turns into the spooled proof."""
+    s = Spool(tmp_path)
+    s.reserve(SID, {"session_id": SID})
+    real = os.fsync
+    synced = _spy_fsync(monkeypatch)
+    proof = {"session_id": SID, "status": "destroyed", "cdp": {"x": 1}}
+    assert s.put(SID, proof)
+    assert len(synced) == 1 and synced[0].endswith(f"{SID}.resv")
+    monkeypatch.setattr(os, "fsync", real)
+    stored = s.get_bytes(SID)
+    os.replace(s.dir / f"{SID}.json", s.dir / f"{SID}.resv")  # the rename a crash lost
+    again = Spool(tmp_path)
+    assert again.scan() == [] and again.get_bytes(SID) == stored
+    assert not (again.dir / f"{SID}.resv").exists()
 
 
 def test_rejects_path_like_ids(tmp_path):

@@ -2,7 +2,10 @@
 
 Scan every thread in /proc for a real/effective/saved/fs uid or gid inside the session's
 host ranges (read from /proc/<init>/uid_map and gid_map in step 1; the slot's host uid/gid
-when those were not readable).  Release the uid slot only when none is found.  Retire the
+when those were not readable).  Holders that are only exiting (zombies) are waited for,
+bounded, until reaped; the evidence then says how many were exiting, alive in the
+session's PID namespace, or alive outside it (another workload with the same ids), and
+how long it waited.  Release the uid slot only when none is left.  Retire the
 hostname: it lived only in the session's UTS namespace, so it is retired when no process
 is left in that namespace (and the engine forgets it, where it keeps a registry).  Then
 `ctx.revoke()` makes every later call on the session id answer as destroyed.
@@ -10,9 +13,11 @@ is left in that namespace (and the engine forgets it, where it keeps a registry)
 
 from __future__ import annotations
 
+import time
+
 import trio
 
-from agent.destroy import residue
+from agent.destroy import residue, shared_walk
 from agent.destroy.context import DestroyContext, DestroyState, StepError
 
 METHOD = "credential_incineration"
@@ -35,11 +40,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if not st.uid_ranges:
         errors.append("session uid range unknown")
     uts = st.namespaces.get("uts")
-    # one walk of every thread on the host answers both questions of this step
-    n, in_uts, _ = await trio.to_thread.run_sync(
-        residue.processes_with_ids_and_in_namespaces, st.uid_ranges, st.gid_ranges,
-        [uts] if uts else [], ("uts",))
-    ev["processes_with_ids"] = n
+    n, in_uts = await _settled_scan(ctx, st, ev, uts)
     if n:
         errors.append("processes still run with session ids")
     elif sb is not None:
@@ -68,3 +69,45 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("revoke failed")
     if errors:
         raise StepError("; ".join(errors))
+
+
+async def _settled_scan(ctx: DestroyContext, st: DestroyState, ev: dict,
+                        uts: int | None) -> tuple[int, int]:
+    """(processes with the session's ids, processes in its UTS namespace), from one walk
+    of every thread on the host (shared with the destructions in flight: shared_walk;
+    `host_walk_sessions` says how many sessions it answered).  When the walk finds id
+    holders, they are classified (residue.ids_holders); if every one is exiting (a zombie,
+    or past releasing its namespaces) the walk is repeated, bounded by the context's
+    timeout, until the kernel has reaped them: a dying task is not reported as a live
+    one, and a live one (in the session's PID namespace or outside it) fails the step at
+    once.  The evidence keeps the first classification and the time waited."""
+    query = (tuple(st.uid_ranges), tuple(st.gid_ranges), (uts,) if uts else ())
+    (n, in_uts, _), ev["host_walk_sessions"] = await shared_walk.IDS_AND_UTS.ask(query)
+    if n:
+        n, in_uts = await trio.to_thread.run_sync(_settle, st, ev, uts, ctx.timeout)
+    ev["processes_with_ids"] = n
+    return n, in_uts
+
+
+def _settle(st: DestroyState, ev: dict, uts: int | None, timeout: float) -> tuple[int, int]:
+    """In a worker thread (its waits are real time, whatever clock the event loop runs
+    on): classify the holders, and while they are all exiting, look again with a short
+    backoff until none is left or `timeout` passed."""
+    t0 = time.monotonic()
+    pid_ns = st.namespaces.get("pid")
+    holders = residue.ids_holders(st.uid_ranges, st.gid_ranges, pid_ns)
+    ev.update({f"processes_with_ids_{k}": v for k, v in holders.items()})
+    n = in_uts = 1
+    delay = 0.001
+    while True:
+        n, in_uts, _ = residue.processes_with_ids_and_in_namespaces(
+            st.uid_ranges, st.gid_ranges, [uts] if uts else [], ("uts",))
+        if not n or holders["in_session"] or holders["outside"]:
+            break
+        if time.monotonic() - t0 > timeout:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+        holders = residue.ids_holders(st.uid_ranges, st.gid_ranges, pid_ns)
+    ev["exit_wait_us"] = int((time.monotonic() - t0) * 1_000_000)
+    return n, in_uts

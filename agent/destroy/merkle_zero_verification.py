@@ -26,14 +26,23 @@ import os
 import trio
 
 from agent.cdp import merkle
-from agent.destroy import residue
+from agent.destroy import residue, shared_walk
 from agent.destroy.context import DestroyContext, DestroyState, StepError
 
 METHOD = "merkle_tree_verification"
+INLINE_LEAVES = 64  # a root over this few leaves is computed on the event loop (no hop)
 
 
-def scan(st: DestroyState) -> dict:
-    procs, threads = residue.processes_in_namespaces(st.namespaces.values())
+async def scan(st: DestroyState) -> dict:
+    """The process walk (shared with the destructions in flight: shared_walk), then the
+    mounts and cgroups in one worker-thread call."""
+    (procs, threads), served = await shared_walk.IN_NAMESPACES.ask(
+        tuple(st.namespaces.values()))
+    return {"processes": procs, "threads": threads, "walk_sessions": served,
+            **await trio.to_thread.run_sync(_mounts_and_cgroups, st)}
+
+
+def _mounts_and_cgroups(st: DestroyState) -> dict:
     # The namespace pins have served (no process was found in them while their inode
     # numbers could not be reused); dropping them now lets the session's mount namespace,
     # and with it the sandbox's own mount of the tmpfs, go away before mounts are counted.
@@ -41,12 +50,7 @@ def scan(st: DestroyState) -> dict:
         os.close(st.ns_fds.pop())
     mounts, mnt_ns = residue.mounts_of(st.tmpfs_dev, st.namespaces.values())
     cgroups = sum(1 for p in st.cgroup_paths if os.path.exists(p))
-    return {"processes": procs, "threads": threads, "mounts": mounts, "mnt_ns": mnt_ns,
-            "cgroups": cgroups}
-
-
-def _root_and_scan(leaves: list, st: DestroyState) -> tuple[str, dict]:
-    return merkle.merkle_root(leaves), scan(st)
+    return {"mounts": mounts, "mnt_ns": mnt_ns, "cgroups": cgroups}
 
 
 def release_pin(st: DestroyState) -> None:
@@ -72,15 +76,16 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     leaves = st.leaves_fs + st.leaves_mem
     blocks = len(leaves)
     pinned = len(st.ns_fds) == len(residue.NAMESPACES)
-    # the root, then the re-scan, in one worker-thread call (one thread hop, not two)
-    root, r = await trio.to_thread.run_sync(_root_and_scan, leaves, st)
+    r = await scan(st)
+    root = (merkle.merkle_root(leaves) if blocks <= INLINE_LEAVES
+            else await trio.to_thread.run_sync(merkle.merkle_root, leaves))
     expected = merkle.zero_root(blocks)
     release_pin(st)
     ev.update({"block_size": merkle.BLOCK_SIZE, "blocks": blocks, "merkle_root": root,
                "expected_root": expected, "match": root == expected,
                "residue": {"processes": r["processes"], "mounts": r["mounts"],
                            "cgroups": r["cgroups"]},
-               "mount_namespaces_scanned": r["mnt_ns"], "mount_identity": "superblock_dev_pinned",
+               "mount_namespaces_scanned": r["mnt_ns"], "host_walk_sessions": r["walk_sessions"], "mount_identity": "superblock_dev_pinned",
                "namespaces_pinned": pinned})
     if not ev["match"]:
         errors.append("read-back root is not the zero root")

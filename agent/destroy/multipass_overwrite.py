@@ -238,30 +238,41 @@ def _is_session_init(pid: int, st: DestroyState, sb: Sandbox) -> bool:
         return False
 
 
+def _reclaim_rounds(cgroup: CgroupHandle, tries: int) -> tuple[int, int, int]:
+    """Up to `tries` reclaim requests, each followed by a look at the counters, in one
+    worker-thread call; stops at the first look with no user page charged.  Returns
+    (requests, user bytes, kernel bytes)."""
+    user, kernel = memory_after(cgroup)
+    n = 0
+    while user and n < tries:
+        cgroup.reclaim()
+        n += 1
+        user, kernel = memory_after(cgroup)
+    return n, user, kernel
+
+
 async def _release(cgroup: CgroupHandle, timeout: float) -> tuple[int, int, int]:
     """Wait (bounded) until no user page is charged to the empty cgroup, asking the kernel
     to reclaim before each look (clean page cache the session read stays charged
-    otherwise; pages still in per-CPU LRU batches and the per-CPU charge stock are only
-    released by the drain each request does).  Returns (reclaim requests, user bytes,
-    kernel bytes) of the last look."""
+    otherwise; pages still in per-CPU LRU batches and the per-CPU charge stocks are only
+    released by the drain each request does).  What one request leaves, the next one
+    usually takes at once (waiting alone did not release it: measured), so the first
+    requests follow each other in one worker-thread call, without the 2 ms sleeps
+    between them; only then does it back off (2 ms, then 20 ms).  Returns (reclaim
+    requests, user bytes, kernel bytes) of the last look."""
     rounds, user, kernel = 0, -1, -1
     with trio.move_on_after(timeout):
+        tries = 3
         while True:
             try:
-                user, kernel = memory_after(cgroup)
+                n, user, kernel = await trio.to_thread.run_sync(_reclaim_rounds, cgroup, tries)
             except OSError:
                 break
-            if user == 0:
-                break
-            await trio.to_thread.run_sync(cgroup.reclaim)
-            rounds += 1
-            try:
-                user, kernel = memory_after(cgroup)
-            except OSError:
-                break
+            rounds += n
             if user == 0:
                 break
             await trio.sleep(0.002 if rounds < 5 else 0.02)
+            tries = 1
     return rounds, user, kernel
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NAMESPACES", "Mount", "id_map", "list_pids", "list_tasks", "mounts_of",
+__all__ = ["NAMESPACES", "Mount", "id_map", "ids_holders", "list_pids", "list_tasks", "mounts_of",
            "ns_inodes", "parse_mountinfo", "processes_in_namespaces", "processes_with_ids",
            "processes_with_ids_and_in_namespaces", "read_mountinfo"]
 
@@ -133,10 +133,14 @@ def processes_with_ids_and_in_namespaces(
 
 def _py_processes_with_ids(uid_ranges: list[tuple[int, int]],
                            gid_ranges: list[tuple[int, int]]) -> int:
+    return len({pid for pid, _tid, _status in _tasks_with_ids(uid_ranges, gid_ranges)})
+
+
+def _tasks_with_ids(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]]):
+    """(pid, tid, status text) of every task with an id in a range (see processes_with_ids)."""
     def inside(ids: list[int], ranges: list[tuple[int, int]]) -> bool:
         return any(lo <= i < hi for i in ids for lo, hi in ranges)
 
-    found: set[int] = set()
     for pid, tid in list_tasks():
         try:
             with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
@@ -145,8 +149,40 @@ def _py_processes_with_ids(uid_ranges: list[tuple[int, int]],
             continue
         uids, gids = _status_ids(data, b"\nUid:"), _status_ids(data, b"\nGid:")
         if inside(uids, uid_ranges) or inside(gids, gid_ranges):
-            found.add(pid)
-    return len(found)
+            yield pid, tid, data
+
+
+def ids_holders(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]],
+                pid_ns: int | None) -> dict[str, int]:
+    """The processes processes_with_ids counts, by what the kernel says of them:
+    `exiting` (a zombie or dead task, or one past releasing its namespaces in exit: it
+    holds no memory and runs no code, only its pid and credentials until reaped),
+    `in_session` (alive in the session's PID namespace `pid_ns`) and `outside` (alive
+    anywhere else: another workload on this host runs with the session's ids)."""
+    kinds: dict[int, str] = {}
+    rank = {"exiting": 0, "outside": 1, "in_session": 2}
+    for pid, tid, status in _tasks_with_ids(uid_ranges, gid_ranges):
+        kind = "exiting"
+        if _status_state(status) not in (b"Z", b"X"):
+            try:
+                ino = os.stat(f"/proc/{pid}/task/{tid}/ns/pid").st_ino
+                kind = "in_session" if ino == pid_ns else "outside"
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # namespaces already released: in exit (or gone meanwhile)
+            except OSError:
+                kind = "outside" if _outside_sandboxes(f"/proc/{pid}") else "in_session"
+        if rank[kind] >= rank[kinds.get(pid, "exiting")]:
+            kinds[pid] = kind  # a process counts by its most alive thread
+    out = {"exiting": 0, "in_session": 0, "outside": 0}
+    for kind in kinds.values():
+        out[kind] += 1
+    return out
+
+
+def _status_state(data: bytes) -> bytes:
+    """The state letter of a /proc status text (`State:\tZ (zombie)` -> b"Z")."""
+    i = data.find(b"\nState:")
+    return data[i + 7:i + 16].strip()[:1] if i >= 0 else b""
 
 
 def _status_ids(data: bytes, key: bytes) -> list[int]:
@@ -202,7 +238,24 @@ def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = (),
     mount namespace is read once (through the first process found in it).  A process that
     exited meanwhile is skipped; any other read error raises (a scan that could not look
     never answers "none"), except a refused one for a process provably outside every
-    sandbox (`_outside_sandboxes`).  `proc` is for tests on a /proc-shaped tree."""
+    sandbox (`_outside_sandboxes`).  `proc` is for tests on a /proc-shaped tree.  Done in
+    C when the native extension has it (procscan.c, nrx_count_mounts_at)."""
+    ns_inodes_ = sorted(set(ns_inodes_))
+    if _NATIVE_SCANS and hasattr(_lib, "nrx_count_mounts_at"):
+        # the same walk in C: with many sessions, every one of their mount namespaces is
+        # read and parsed by each destruction (most of step 6 from Python)
+        out = _ffi.new("int[2]")
+        rc = _lib.nrx_count_mounts_at(os.fsencode(proc),
+                                      dev.encode() if dev is not None else _ffi.NULL,
+                                      _ffi.new("uint64_t[]", ns_inodes_ or [0]),
+                                      len(ns_inodes_), out, out + 1)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return int(out[0]), int(out[1])
+    return _py_mounts_of(dev, ns_inodes_, proc)
+
+
+def _py_mounts_of(dev: str | None, ns_inodes_: Iterable[int], proc: str) -> tuple[int, int]:
     pinned = {f"{n}:[{i}]" for i in ns_inodes_ for n in NAMESPACES}
     seen_ns: set[str] = set()
     count = 0

@@ -83,6 +83,7 @@ class Decoder:
                                           list_hook=self._count,
                                           read_size=min(max_frame_bytes, FIRST_BUFFER))
         self._fed = self._boundary = 0  # bytes fed; stream offset after the last message
+        self.sizes: list[int] = []  # wire bytes of each message the last feed() returned
 
     def _count(self, obj: Any) -> Any:
         self._containers += 1
@@ -104,10 +105,13 @@ class Decoder:
         except msgpack.BufferFull:
             raise ProtocolError("frame larger than the limit") from None
         out = []
+        self.sizes = []
         try:
             for msg in self._unpacker:
                 out.append(msg)
-                self._boundary = self._unpacker.tell()
+                end = self._unpacker.tell()
+                self.sizes.append(end - self._boundary)
+                self._boundary = end
                 self._containers = 0
         except msgpack.OutOfData:  # pragma: no cover - iteration stops on its own
             pass

@@ -21,6 +21,7 @@ import trio
 from agent.config import CLASSIFICATIONS, JURISDICTIONS
 from agent.errors import ApiError, BadRequest, Conflict, InternalError, NotFound
 from agent.rpc.server import CallContext, Limits
+from agent.sandbox.exec import CHUNK, PacedOutput
 from agent.sandbox.faults import (
     ExecBusy,
     ExecFailed,
@@ -206,13 +207,14 @@ async def _exec(api: Api, p: dict, ctx: CallContext) -> dict:
 
     if not p.get("stream"):
         return await run()
-    out = _OutputStream(ctx, api.service.config.rpc.chunk_bytes,
-                        (ctx.limits or Limits()).stream_queue_bytes)
+    limits = ctx.limits or Limits()
+    out = _OutputStream(ctx, api.service.config.rpc.chunk_bytes, limits.stream_queue_bytes,
+                        limits.stream_stall_seconds)
     failed: Exception | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(out.sender)
         try:
-            result = await run(out.put)
+            result = await run(out)
         except Exception as e:  # re-raised bare below, not inside the nursery's group
             failed = e
         finally:
@@ -223,24 +225,41 @@ async def _exec(api: Api, p: dict, ctx: CallContext) -> dict:
     return result
 
 
-class _OutputStream:
-    """Streamed exec output on its way to one client: `put` never waits (the exec's
-    reader and its timeout never depend on the client), at most `cap` bytes wait in the
-    queue, and a client that falls further behind loses the rest of its stream (the
-    result still carries the head+tail capture and says `stream_dropped`)."""
+class _OutputStream(PacedOutput):
+    """Streamed exec output on its way to one client, at most `cap` bytes queued.  The
+    exec's reader waits for room before each read (`room`, cancellable, so the exec's
+    timeout holds): a client that reads slowly paces its own command through the
+    command's full pipe.  A client that takes nothing for `stall` seconds while the queue
+    is full loses the rest of its stream (the exec goes on unpaced; its result carries
+    the head+tail capture and says `stream_dropped`).  `put` never waits: past the cap
+    (only reachable in the drain after the command ended) the stream is dropped too."""
 
-    def __init__(self, ctx: CallContext, chunk: int, cap: int) -> None:
-        self.ctx, self.chunk, self.cap = ctx, chunk, cap
+    def __init__(self, ctx: CallContext, chunk: int, cap: int, stall: float) -> None:
+        self.ctx, self.chunk, self.cap, self.stall = ctx, chunk, cap, stall
         self.queued = 0
         self.dropped = False
         self._send, self._recv = trio.open_memory_channel(math.inf)  # bounded by bytes
+        self._taken = trio.Event()  # set (and replaced) whenever the sender took a chunk
 
-    async def put(self, stream: str, data: bytes) -> None:
+    def _drop(self) -> None:
+        self.dropped = True
+        _log.warning("exec_stream_dropped", msgid=self.ctx.msgid, queued_bytes=self.queued)
+
+    def _has_room(self) -> bool:
+        return self.dropped or self.queued == 0 or self.queued + CHUNK <= self.cap
+
+    async def room(self) -> None:
+        with trio.move_on_after(self.stall):
+            while not self._has_room():
+                await self._taken.wait()
+            return
+        self._drop()
+
+    async def __call__(self, stream: str, data: bytes) -> None:
         if self.dropped:
             return
         if self.queued + len(data) > self.cap:
-            self.dropped = True
-            _log.warning("exec_stream_dropped", msgid=self.ctx.msgid, queued_bytes=self.queued)
+            self._drop()
             return
         self.queued += len(data)
         self._send.send_nowait((stream, data))
@@ -256,6 +275,8 @@ class _OutputStream:
                         "msgid": self.ctx.msgid, "stream": stream,
                         "data": bytes(data[i:i + self.chunk])})
                 self.queued -= len(data)
+                self._taken.set()
+                self._taken = trio.Event()
 
 
 async def _destroy(api: Api, p: dict, ctx: CallContext) -> dict:

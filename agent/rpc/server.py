@@ -101,6 +101,7 @@ class Limits:
     idle_timeout: float = 300.0
     send_timeout: float = 30.0
     stream_queue_bytes: int = 4 * 1024 * 1024
+    stream_stall_seconds: float = 5.0
     max_array_len: int = 65536
     max_map_len: int = 4096
     max_containers: int = 100_000
@@ -111,7 +112,8 @@ class Limits:
                    max_inflight_requests=rpc.max_inflight_requests,
                    max_inflight_bytes=rpc.max_inflight_bytes,
                    idle_timeout=rpc.idle_timeout_seconds, send_timeout=rpc.send_timeout_seconds,
-                   stream_queue_bytes=rpc.stream_queue_bytes, max_array_len=rpc.max_array_len,
+                   stream_queue_bytes=rpc.stream_queue_bytes,
+                   stream_stall_seconds=rpc.stream_stall_seconds, max_array_len=rpc.max_array_len,
                    max_map_len=rpc.max_map_len, max_containers=rpc.max_containers)
 
     def decoder(self) -> framing.Decoder:
@@ -600,10 +602,11 @@ class _Connection:
                     if decoder is None:
                         decoder = self.limits.decoder()
                     msgs = decoder.feed(data)
+                    sizes = decoder.sizes
                     del data
                     if decoder.empty:
                         decoder = None
-                    for msg in msgs:
+                    for msg, size in zip(msgs, sizes, strict=True):
                         req = framing.parse_request(msg)
                         if req.msgid is None:
                             self.log.info("rpc_notification_ignored")
@@ -611,7 +614,8 @@ class _Connection:
                         # bounded in-flight requests and bytes: a flooding client stops
                         # being read
                         await self.inflight.acquire()
-                        size = len(framing.pack(req.params)) + len(req.method)
+                        # the frame's own size as read (re-packing the params to size it
+                        # cost a full copy of every request's input)
                         held = await self.budget.acquire(max(size, ANSWER_RESERVE))
                         self.active += 1
                         nursery.start_soon(self.call, req, held)

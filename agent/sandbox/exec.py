@@ -6,7 +6,8 @@ each chunk (<= 64 KiB) goes to the bounded head+tail capture and, in order, to
 `on_output`.  When the exec ends (whatever way) the read buffers and the captures are
 zeroed and counted in `Sandbox.buffers_zeroed` (step 4 evidence); the request messages
 and results are immutable objects that the daemon's allocator overwrites when freed
-(agent/memory_hygiene.py).  Reading never stops while the command runs.
+(agent/memory_hygiene.py).  Reading never stops while the command runs, except while a
+`PacedOutput` (a streaming client's queue) has no room: then the command's pipe fills.
 When the leader exits, whatever is already in the pipes is drained and the result is
 returned (a background process holding stdout open cannot hold the exec).  At the
 timeout the process group gets SIGTERM, then SIGKILL after the grace.
@@ -65,6 +66,20 @@ class ExecResult:
 
 
 OnOutput = Callable[[str, bytes], Awaitable[None]]
+
+
+class PacedOutput:
+    """An `on_output` that may pace the command: before each read of a pipe the reader
+    awaits `room()` (cancellable: nothing has been read yet, so the exec's timeout and a
+    cancel lose nothing), and a command writing faster than the output is taken blocks
+    on its full pipe instead.  Calling it (`put`) must never wait long: it also runs in
+    the drain after the command ended."""
+
+    async def __call__(self, stream: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def room(self) -> None:
+        """Return when a chunk of up to CHUNK bytes can be taken."""
 
 
 class ExecProgress:
@@ -178,7 +193,10 @@ async def _deliver(stream: _Stream, data: memoryview, on_output: OnOutput | None
 
 
 async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
+    paced = on_output if isinstance(on_output, PacedOutput) else None
     while not stream.eof:
+        if paced is not None:
+            await paced.room()
         try:
             data = stream.read()
         except BlockingIOError:
@@ -190,9 +208,15 @@ async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
         await trio.lowlevel.checkpoint()
 
 
-async def _drain(stream: _Stream, on_output: OnOutput | None) -> None:
+async def _drain(stream: _Stream, on_output: OnOutput | None, *, paced: bool = False) -> None:
+    """What the pipe still holds (at most DRAIN_LIMIT), after the leader exited; `paced`:
+    waiting for a PacedOutput's room first, as _pump does (not when the sandbox is
+    ending: destruction does not wait for a client)."""
+    room = on_output.room if paced and isinstance(on_output, PacedOutput) else None
     taken = 0
     while not stream.eof and taken < DRAIN_LIMIT:
+        if room is not None:
+            await room()
         try:
             data = stream.read()
         except BlockingIOError:
@@ -333,7 +357,7 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
                     await _abort(sb.control, pgid)
             raise
         for s in streams:
-            await _drain(s, on_output)
+            await _drain(s, on_output, paced=True)
         finished = time.time()
         exit_code, sig = decode_status(status)
         out, err = streams

@@ -14,7 +14,8 @@ Durability before destruction (docs/operations.md "State faults"):
   times) — a second record of the live session, used when the journal lost its row.
   `put()` writes the proof into that already-allocated file, truncates it to the proof's
   length, fsyncs and renames it to `<session_id>.json`: no new inode and no new block is
-  needed at destroy, so a full state filesystem cannot make the proof unwritable.  A
+  needed at destroy, so a full state filesystem cannot make the proof unwritable.  The
+  rename is not fsynced (one fsync per proof): if a crash loses it, `scan()` finishes it.  A
   session whose reservation cannot be made is refused (`Unavailable`).
 * **Fallback.** If the write still fails (an immutable directory, a proof larger than the
   reservation on a full disk, EIO), the signed proof is kept in memory (`unsaved`) and in
@@ -210,8 +211,11 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+        # one fsync per proof: the reservation's name was made durable at create, and a
+        # rename that a crash loses leaves a `.resv` holding the complete proof, which
+        # scan() finishes at the next start (_finish_reservation) before anything reads
+        # the reservations; so the directory is not fsynced here (ack() fsyncs it)
         os.replace(resv, final)
-        fsync_dir(self.dir)
 
     def _fallback_put(self, session_id: str, data: bytes) -> None:
         fb = self._fallback(session_id)

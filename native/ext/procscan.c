@@ -70,6 +70,22 @@ static int is_number(const char *s)
     return 1;
 }
 
+/* the next numeric entry (a process) of an open /proc, NULL at the end or on an error
+ * (then *err = -errno) */
+static struct dirent *next_pid(DIR *proc, int *err)
+{
+    struct dirent *de;
+    for (;;) {
+        errno = 0;
+        if ((de = readdir(proc)) == NULL) {
+            *err = errno ? -errno : 0;
+            return NULL;
+        }
+        if (is_number(de->d_name))
+            return de;
+    }
+}
+
 /* calls fn(taskfd, tid, arg) for every task; fn returns 1 when the task matched, 0 when
  * not (or the task is gone), -errno when it could not be read.  Returns the number of
  * processes with a matching task (and adds matching tasks to *tasks), or -errno when
@@ -85,14 +101,7 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
     int procs = 0, err = 0;
     struct dirent *de;
     char path[4200];
-    for (;;) {
-        errno = 0;
-        if ((de = readdir(proc)) == NULL) {
-            err = errno ? -errno : 0;
-            break;
-        }
-        if (!is_number(de->d_name))
-            continue;
+    while ((de = next_pid(proc, &err)) != NULL) {
         snprintf(path, sizeof path, "%s/%s/task", root, de->d_name);
         DIR *task = opendir(path);
         if (!task) {
@@ -328,4 +337,179 @@ int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid
 {
     return nrx_scan_ids_ns_at("/proc", uid_ranges, nuid, gid_ranges, ngid, inodes, ninodes,
                               name_mask, ids_procs, ns_procs, ns_threads);
+}
+
+/* ---- mounts of a superblock in every mount namespace (step 6) ------------------------ */
+
+/* the whole of an open file into *buf (grown as needed); bytes read or -errno */
+static ssize_t read_all(int fd, char **buf, size_t *cap)
+{
+    size_t got = 0;
+    for (;;) {
+        if (got + 4096 > *cap) {
+            size_t ncap = *cap ? *cap * 2 : 65536;
+            char *nb = realloc(*buf, ncap);
+            if (!nb)
+                return -ENOMEM;
+            *buf = nb;
+            *cap = ncap;
+        }
+        ssize_t r = read(fd, *buf + got, *cap - got - 1);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            break;
+        got += (size_t)r;
+    }
+    (*buf)[got] = 0;
+    return (ssize_t)got;
+}
+
+/* 1 when `root` (a mountinfo root field) is "<ns name>:[<inode>]" of a pinned inode */
+static int pinned_root(const char *root, size_t len, const uint64_t *pinned, size_t npinned)
+{
+    const char *lb = memchr(root, '[', len);
+    if (!lb || lb == root || lb[-1] != ':' || root[len - 1] != ']')
+        return 0;
+    size_t nlen = (size_t)(lb - 1 - root);
+    int named = 0;
+    for (size_t i = 0; i < N_NS; i++)
+        if (strlen(NS_NAMES[i]) == nlen && memcmp(NS_NAMES[i], root, nlen) == 0)
+            named = 1;
+    if (!named)
+        return 0;
+    uint64_t ino = strtoull(lb + 1, NULL, 10);
+    for (size_t j = 0; j < npinned; j++)
+        if (pinned[j] == ino)
+            return 1;
+    return 0;
+}
+
+/* the mountinfo lines whose superblock (field 3) is `dev`, or that are nsfs mounts of a
+ * pinned namespace (as residue._count_mounts) */
+static int count_mount_lines(char *text, const char *dev, const uint64_t *pinned,
+                             size_t npinned)
+{
+    int count = 0;
+    size_t devlen = dev ? strlen(dev) : 0;
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = 0;
+        char *sep = strstr(line, " - ");
+        const char *f[5];
+        size_t fl[5];
+        int n = 0;
+        char *p = line;
+        while (sep && n < 5 && p < sep) {
+            while (p < sep && *p == ' ')
+                p++;
+            if (p >= sep)
+                break;
+            f[n] = p;
+            while (p < sep && *p != ' ')
+                p++;
+            fl[n] = (size_t)(p - f[n]);
+            n++;
+        }
+        if (sep && n == 5) {
+            const char *t = sep + 3;
+            while (*t == ' ')
+                t++;
+            size_t tl = strcspn(t, " ");
+            if (tl && ((dev && fl[2] == devlen && memcmp(f[2], dev, devlen) == 0) ||
+                       (tl == 4 && memcmp(t, "nsfs", 4) == 0 &&
+                        pinned_root(f[3], fl[3], pinned, npinned))))
+                count++;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    return count;
+}
+
+int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinned,
+                        size_t npinned, int *mounts, int *mnt_ns)
+{
+    *mounts = *mnt_ns = 0;
+    int procfd = open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (procfd < 0)
+        return -errno;
+    DIR *proc = fdopendir(dup(procfd));
+    if (!proc) {
+        int e = errno;
+        close(procfd);
+        return -e;
+    }
+    uint64_t *seen = NULL;
+    size_t nseen = 0, capseen = 0, cap = 0;
+    char *buf = NULL, path[300], link[64];
+    int err = 0;
+    struct dirent *de;
+    while ((de = next_pid(proc, &err)) != NULL) {
+        snprintf(path, sizeof path, "%s/ns/mnt", de->d_name);
+        ssize_t len = readlinkat(procfd, path, link, sizeof link - 1); /* "mnt:[inode]" */
+        int e = errno;
+        uint64_t ino = 0;
+        if (len > 0) {
+            link[len] = 0;
+            const char *lb = strchr(link, '[');
+            if (!lb) {
+                err = -EIO;
+                break;
+            }
+            ino = strtoull(lb + 1, NULL, 10);
+            int dup_ns = 0;
+            for (size_t i = 0; i < nseen && !dup_ns; i++)
+                dup_ns = seen[i] == ino;
+            if (dup_ns)
+                continue;
+            snprintf(path, sizeof path, "%s/mountinfo", de->d_name);
+            int fd = openat(procfd, path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) {
+                len = -1;
+                e = errno;
+            } else {
+                ssize_t r = read_all(fd, &buf, &cap);
+                close(fd);
+                if (r < 0) {
+                    len = -1;
+                    e = (int)-r;
+                }
+            }
+        } else if (len == 0) {
+            e = EIO;
+        }
+        if (len <= 0) {
+            if (gone(e))
+                continue; /* exited */
+            if (e == EACCES || e == EPERM) {
+                int top = in_top_pidns(procfd, de->d_name);
+                if (top == 1 || (top < 0 && gone(-top)))
+                    continue; /* provably outside every sandbox, or exited */
+            }
+            err = -e;
+            break;
+        }
+        if (nseen == capseen) {
+            size_t ncap = capseen ? capseen * 2 : 256;
+            uint64_t *ns = realloc(seen, ncap * sizeof *seen);
+            if (!ns) {
+                err = -ENOMEM;
+                break;
+            }
+            seen = ns;
+            capseen = ncap;
+        }
+        seen[nseen++] = ino;
+        *mounts += count_mount_lines(buf, dev, pinned, npinned);
+    }
+    closedir(proc);
+    close(procfd);
+    free(seen);
+    free(buf);
+    *mnt_ns = (int)nseen;
+    return err;
 }

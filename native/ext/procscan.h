@@ -36,4 +36,6 @@ int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid
                        const uint64_t *gid_ranges, size_t ngid, const uint64_t *inodes,
                        size_t ninodes, unsigned name_mask, int *ids_procs, int *ns_procs,
                        int *ns_threads);
+int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinned,
+                        size_t npinned, int *mounts, int *mnt_ns);
 #endif
