@@ -68,3 +68,33 @@ async def test_native_mount_scan_matches_python_reference(sandbox):
     assert native[0] >= 1 and native[1] >= 2
     assert residue.mounts_of("0:1", [1]) == residue._py_mounts_of("0:1", [1], "/proc")
     assert residue.mounts_of("0:1", [1])[0] == 0
+
+
+def test_an_exited_unreaped_process_is_told_apart_from_a_live_one():
+    """A zombie keeps its user namespace link until reaped; unreaped_in_namespaces counts it
+    as exited (what steps 5 and 6 record as unreaped for a re-adopted PID 1), and a live
+    process in the same namespace as not."""
+    import subprocess
+    import time
+
+    from agent.destroy import residue
+
+    live = subprocess.Popen(["unshare", "-U", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        ino = None
+        while ino is None and time.monotonic() < deadline:
+            ino = residue.ns_inodes(live.pid, ("user",)).get("user")
+            if ino == residue.ns_inodes("self", ("user",)).get("user"):
+                ino = None  # not unshared yet
+            time.sleep(0.01)
+        assert ino is not None
+        assert residue.unreaped_in_namespaces([ino], ("user",)) == (1, 0)
+        live.kill()
+        while residue.unreaped_in_namespaces([ino], ("user",)) != (1, 1):
+            assert time.monotonic() < deadline, "the killed process never showed as exited"
+            time.sleep(0.01)
+    finally:
+        live.kill()
+        live.wait()
+    assert residue.unreaped_in_namespaces([ino], ("user",)) == (0, 0)

@@ -38,8 +38,16 @@ async def scan(st: DestroyState) -> dict:
     mounts and cgroups in one worker-thread call."""
     (procs, threads), served = await shared_walk.IN_NAMESPACES.ask(
         tuple(st.namespaces.values()))
+    unreaped = 0
+    if procs:  # exited but not reaped (a re-adopted PID 1 whose parent is the host's init)?
+        found, unreaped = await trio.to_thread.run_sync(
+            residue.unreaped_in_namespaces, tuple(st.namespaces.values()))
+        if found and unreaped == found:
+            procs = 0  # none runs: said in the evidence as processes_unreaped
+        else:
+            unreaped = 0
     return {"processes": procs, "threads": threads, "walk_sessions": served,
-            **await trio.to_thread.run_sync(_mounts_and_cgroups, st)}
+            "unreaped": unreaped, **await trio.to_thread.run_sync(_mounts_and_cgroups, st)}
 
 
 def _mounts_and_cgroups(st: DestroyState) -> dict:
@@ -85,6 +93,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
                "expected_root": expected, "match": root == expected,
                "residue": {"processes": r["processes"], "mounts": r["mounts"],
                            "cgroups": r["cgroups"]},
+               "processes_unreaped": r["unreaped"],
                "mount_namespaces_scanned": r["mnt_ns"], "host_walk_sessions": r["walk_sessions"], "mount_identity": "superblock_dev_pinned",
                "namespaces_pinned": pinned})
     if not ev["match"]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["NAMESPACES", "Mount", "id_map", "ids_holders", "list_pids", "list_tasks", "mounts_of",
-           "ns_inodes", "parse_mountinfo", "processes_in_namespaces", "processes_with_ids",
+           "ns_inodes", "parse_mountinfo", "unreaped_in_namespaces", "processes_in_namespaces", "processes_with_ids",
            "processes_with_ids_and_in_namespaces", "read_mountinfo"]
 
 NAMESPACES = ("user", "mnt", "uts", "ipc", "pid", "net", "cgroup")
@@ -90,6 +90,34 @@ def _py_processes_in_namespaces(inodes: Iterable[int],
                 threads += 1
                 break
     return len(procs), threads
+
+
+def unreaped_in_namespaces(inodes: Iterable[int],
+                           names: Iterable[str] = NAMESPACES) -> tuple[int, int]:
+    """(processes in the namespaces, of which exited and not yet reaped): a zombie keeps its
+    PID and user namespace links until its parent reaps it, but holds no memory, files or
+    other namespaces and runs no code.  A re-adopted sandbox's PID 1 is not the agent's
+    child, so where the host's init is slow to reap (or never does), it is such a zombie."""
+    wanted = {f"{n}:[{i}]" for n in names for i in set(inodes)}
+    kinds: dict[int, bool] = {}  # pid -> every matching thread exited so far
+    if not wanted:
+        return 0, 0
+    for pid, tid in list_tasks():
+        base = f"/proc/{pid}/task/{tid}/"
+        for n in names:
+            try:
+                link = os.readlink(base + "ns/" + n)
+            except OSError:
+                continue
+            if link in wanted:
+                try:
+                    with open(base + "status", "rb") as f:
+                        dead = _status_state(f.read()) in (b"Z", b"X")
+                except FileNotFoundError:
+                    dead = True  # reaped meanwhile
+                kinds[pid] = kinds.get(pid, True) and dead
+                break
+    return len(kinds), sum(1 for dead in kinds.values() if dead)
 
 
 def processes_with_ids(uid_ranges: list[tuple[int, int]],
