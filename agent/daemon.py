@@ -134,7 +134,9 @@ class Daemon:
                             task_status.started()
 
                 await nursery.start(serve_rpc)
-                api.health = (await self._start_health(nursery, service)).snapshot
+                monitor = await self._start_health(nursery, service)
+                api.health = monitor.snapshot
+                gate.on_starved = lambda reason: monitor.fault("eee", reason)
                 await self._start_debug(nursery, service)
                 await self._start_metrics_http(nursery, service)
                 if notifier is not None:

@@ -85,8 +85,8 @@ def test_idle_connection_is_closed_but_a_long_request_is_not(tmp_path):
 
 def test_emfile_on_accept_backs_off_and_flips_health(tmp_path):
     """With the daemon's fd limit lowered under its open fds plus a few, accept fails with
-    EMFILE: health (asked on a connection opened before) says degraded and
-    accept_starved, and both clear once fds are free again."""
+    EMFILE: health (asked on a connection opened before) says degraded, accept_starved and
+    the eee engine false at once, and all clear once fds are free again."""
     with AgentDaemon(tmp_path, config={"rpc": {"max_connections": 5000}}) as d:
         with d.client() as c:
             assert c.call("agent.health")["rpc"]["accept_starved"] is False
@@ -101,6 +101,8 @@ def test_emfile_on_accept_backs_off_and_flips_health(tmp_path):
                 h = _wait(lambda: (r := c.call("agent.health"))["rpc"]["accept_starved"] and r,
                           "accept_starved")
                 assert h["status"] != "healthy" and h["rpc"]["accept_errors"] >= 1
+                # the engine flips at once, not at the next self-test (issue 15)
+                assert h["engines"]["eee"] is False
             finally:
                 for s in flood:
                     s.close()
@@ -108,8 +110,13 @@ def test_emfile_on_accept_backs_off_and_flips_health(tmp_path):
             _wait(lambda: _try_call(d, "agent.info"), "accepting again")
             h = c.call("agent.health")
             assert h["rpc"]["accept_starved"] is False
-        logs = [x["event"] for x in d.logs()]
-        assert "rpc_accept_starved" in logs and "rpc_accept_recovered" in logs
+            # and heals through its self-test (re-run every health.recheck_seconds)
+            _wait(lambda: c.call("agent.health")["engines"]["eee"], "eee healthy again")
+        logs = d.logs()
+        events = [x["event"] for x in logs]
+        assert "rpc_accept_starved" in events and "rpc_accept_recovered" in events
+        assert any(x["event"] == "health_engine_changed" and x.get("engine") == "eee"
+                   and x.get("live") for x in logs)
 
 
 def test_never_reading_streaming_client_does_not_stretch_the_exec_timeout(tmp_path):

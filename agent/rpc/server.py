@@ -148,6 +148,9 @@ class ConnectionGate:
         self.accept_starved = False
         self.accept_errors = 0
         self.idle_closed = 0
+        # the health monitor's fault(): out of fds/memory flips an engine at once (the
+        # daemon sets it once health runs); its self-test heals it when the condition clears
+        self.on_starved: Callable[[str], None] | None = None
 
     def try_enter(self) -> bool:
         if self.connections >= self.max_connections:
@@ -167,8 +170,10 @@ class ConnectionGate:
         if not self.accept_starved:
             self.accept_starved = True
             code = err.errno or 0
-            _log.error("rpc_accept_starved", errno=errno.errorcode.get(code, code),
-                       connections=self.connections)
+            name = errno.errorcode.get(code, str(code))
+            _log.error("rpc_accept_starved", errno=name, connections=self.connections)
+            if self.on_starved is not None:
+                self.on_starved(f"accepting connections fails with {name}")
 
     def fed(self) -> None:
         if self.accept_starved:
