@@ -4,9 +4,11 @@
 set -u
 out=$1
 exec >"$out/v2.log" 2>&1
-# a private /tmp (the default one is an overlay over the host's /tmp)
-mount -t tmpfs -o mode=1777,size=1G tmpfs /tmp
-export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 NRX_VM_LANE=v2
+# a private temp dir on a guest tmpfs (the default /tmp is an overlay over the host's); not
+# mounted over /tmp, which may hold this very checkout (a CI clone in /tmp/…)
+tmp=/run/nrx-vmtmp
+mkdir -p "$tmp" && mount -t tmpfs -o mode=1777,size=1G tmpfs "$tmp"
+export TMPDIR=$tmp PYTHONDONTWRITEBYTECODE=1 NRX_VM_LANE=v2
 echo "guest: $(uname -r), cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 .venv/bin/python -m pytest -p no:cacheprovider -q -o addopts="-ra --strict-markers" \
   tests/vm/test_v2_host.py ${VMTEST_PYTEST_ARGS:-}
