@@ -61,22 +61,13 @@ setup() {
   # .vmtest/sysvenv with the distribution's python3, as on a production host (the unit's
   # ProtectHome= hides /root, where the interpreter of the clone's .venv may live), the
   # unit and snippets under .vmtest/instroot; redone when the sources change
-  # the unit's PrivateTmp= hides /tmp and /var/tmp from the agent: a clone there (CI may
-  # clone into /tmp) gets its venv under /var/cache instead, one per clone path
-  local prefix=$CACHE/sysvenv
-  case $ROOT/ in /tmp/*|/var/tmp/*)
-    prefix=/var/cache/nanorix-agent-vmtest/$(printf %s "$ROOT" | sha256sum | cut -c1-12)/sysvenv ;;
-  esac
   local stamp
   stamp=$( (git rev-parse HEAD; git diff HEAD -- agent native seccomp systemd scripts/install.sh \
               setup.py pyproject.toml; git status --porcelain -- agent native seccomp systemd) \
            2>/dev/null | sha256sum)
-  if [ "$(cat "$CACHE/install.stamp" 2>/dev/null)" != "$stamp" ] \
-     || [ "$(cat "$CACHE/sysvenv.prefix" 2>/dev/null)" != "$prefix" ]; then
-    rm -rf "$CACHE/sysvenv" "$prefix" "$CACHE/instroot"
-    mkdir -p "$(dirname "$prefix")"
-    echo "$prefix" > "$CACHE/sysvenv.prefix"
-    PYTHON=/usr/bin/python3 bash scripts/install.sh --no-apt --prefix "$prefix" \
+  if [ "$(cat "$CACHE/install.stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$CACHE/sysvenv" "$CACHE/instroot"
+    PYTHON=/usr/bin/python3 bash scripts/install.sh --no-apt --prefix "$CACHE/sysvenv" \
       --root "$CACHE/instroot" >"$CACHE/install.log" 2>&1 \
       || { tail -n 30 "$CACHE/install.log" >&2; exit 1; }
     echo "$stamp" > "$CACHE/install.stamp"

@@ -67,8 +67,7 @@ def wait_restarted(before: dict[str, str]) -> dict[str, str]:
 def install_documented() -> None:
     """Install the unit the documented way: scripts/install.sh.  The guest has no network for
     pip, so scripts/vmtest.sh ran the script on the host in its packaging mode (--root
-    .vmtest/instroot, --prefix .vmtest/sysvenv, or a /var/cache path when the clone is where
-    the unit's PrivateTmp= hides it, with the distribution's python3); here its
+    .vmtest/instroot, --prefix .vmtest/sysvenv with the distribution's python3); here its
     files are copied in and applied as the script's last step does on a systemd host."""
     for top in sorted((ROOT / ".vmtest" / "instroot").iterdir()):  # etc, usr (/ is read-only)
         sh("cp", "-a", f"{top}/.", f"/{top.name}/")
@@ -79,8 +78,7 @@ def install_documented() -> None:
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "vmtest-tcg.conf").write_text("[Service]\nTimeoutStartSec=900s\n")
     sh("systemctl", "daemon-reload")
-    prefix = (ROOT / ".vmtest" / "sysvenv.prefix").read_text().strip()  # set by vmtest.sh
-    assert f"{prefix}/bin/nanorix-agent" in show("ExecStart")["ExecStart"]
+    assert f"{ROOT}/.vmtest/sysvenv/bin/nanorix-agent" in show("ExecStart")["ExecStart"]
 
 
 @pytest.fixture(scope="module", autouse=True)
