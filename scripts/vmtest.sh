@@ -127,15 +127,18 @@ if [ "$lane" != v2 ]; then
   # `container=` (empty) tells PID 1 it is not in a container (the shared root has a
   # /.dockerenv, and in a container systemd ignores the kernel command line).
   mkdir -p "$CACHE/home/.config/virtme-ng"
-  # the guest's fstab: scripts/vm/fstab less any tmpfs that would cover this checkout (a CI
-  # clone may live in /tmp, /var/tmp or /var/lib: the guest must still see it)
-  while read -r dev mnt rest; do
-    case $dev in ''|'#'*) continue ;; esac
-    case $ROOT/ in "$mnt"/*) echo "vmtest: systemd lane: no tmpfs on $mnt (it holds $ROOT)" >&2; continue ;; esac
-    echo "$dev $mnt $rest"
-  done < "$ROOT/scripts/vm/fstab" > "$CACHE/fstab"
   printf '{"default_opts": {}, "clean_exclude": [], "systemd": {"masks": ["getty@"], "fstab": "%s"}}\n' \
-    "$CACHE/fstab" > "$CACHE/home/.config/virtme-ng/virtme-ng.conf"
+    "$ROOT/scripts/vm/fstab" > "$CACHE/home/.config/virtme-ng/virtme-ng.conf"
+  case $ROOT/ in
+    /tmp/*|/var/tmp/*|/var/lib/*)
+      # the guest needs tmpfs on these (PrivateTmp=, SQLite WAL, the host's /tmp crawled by
+      # systemd-tmpfiles) and the unit's PrivateTmp= hides /tmp from the agent: a checkout
+      # there cannot be run from.  Said, not failed: clone elsewhere to run this lane.
+      echo "vmtest: systemd lane: skipped: the checkout $ROOT is below a directory the guest" \
+           "mounts a tmpfs on (/tmp, /var/tmp, /var/lib); clone elsewhere to run it"
+      echo "systemd: 0 passed, 0 failed, 7 skipped"
+      exit $status ;;
+  esac
   HOME=$CACHE/home run_lane systemd "" --systemd --append container= --append panic=-1 \
     --append "SYSTEMD_GENERATOR_PATH=$ROOT/scripts/vm/generators:" \
     --append systemd.unit=nrx-vmtest.service \
