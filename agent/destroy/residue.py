@@ -70,13 +70,22 @@ def processes_in_namespaces(inodes: Iterable[int],
 
 def _py_processes_in_namespaces(inodes: Iterable[int],
                                 names: tuple[str, ...]) -> tuple[int, int]:
+    procs: set[int] = set()
+    threads = 0
+    for pid, _tid in _tasks_in_namespaces(inodes, names):
+        procs.add(pid)
+        threads += 1
+    return len(procs), threads
+
+
+def _tasks_in_namespaces(inodes: Iterable[int], names: tuple[str, ...]):
+    """(pid, tid) of every task with a namespace (among `names`) whose inode is one of
+    `inodes`."""
     # readlink of /proc/PID/task/TID/ns/<name> is "<name>:[<inode>]", the same inode
     # number stat() reports, at a third of the cost (no nsfs dentry is looked up)
     wanted = {f"{n}:[{i}]" for n in names for i in set(inodes)}
-    procs: set[int] = set()
-    threads = 0
     if not wanted:
-        return 0, 0
+        return
     readlink = os.readlink
     for pid, tid in list_tasks():
         base = f"/proc/{pid}/task/{tid}/ns/"
@@ -86,10 +95,8 @@ def _py_processes_in_namespaces(inodes: Iterable[int],
             except OSError:
                 continue
             if link in wanted:
-                procs.add(pid)
-                threads += 1
+                yield pid, tid
                 break
-    return len(procs), threads
 
 
 def unreaped_in_namespaces(inodes: Iterable[int],
@@ -98,25 +105,14 @@ def unreaped_in_namespaces(inodes: Iterable[int],
     PID and user namespace links until its parent reaps it, but holds no memory, files or
     other namespaces and runs no code.  A re-adopted sandbox's PID 1 is not the agent's
     child, so where the host's init is slow to reap (or never does), it is such a zombie."""
-    wanted = {f"{n}:[{i}]" for n in names for i in set(inodes)}
     kinds: dict[int, bool] = {}  # pid -> every matching thread exited so far
-    if not wanted:
-        return 0, 0
-    for pid, tid in list_tasks():
-        base = f"/proc/{pid}/task/{tid}/"
-        for n in names:
-            try:
-                link = os.readlink(base + "ns/" + n)
-            except OSError:
-                continue
-            if link in wanted:
-                try:
-                    with open(base + "status", "rb") as f:
-                        dead = _status_state(f.read()) in (b"Z", b"X")
-                except FileNotFoundError:
-                    dead = True  # reaped meanwhile
-                kinds[pid] = kinds.get(pid, True) and dead
-                break
+    for pid, tid in _tasks_in_namespaces(inodes, tuple(names)):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+                dead = _status_state(f.read()) in (b"Z", b"X")
+        except FileNotFoundError:
+            dead = True  # reaped meanwhile
+        kinds[pid] = kinds.get(pid, True) and dead
     return len(kinds), sum(1 for dead in kinds.values() if dead)
 
 
