@@ -255,6 +255,26 @@ class TimeoutsConfig:
 
 
 @dataclass
+class DestroyConfig:
+    """[destroy]: where the destruction pipeline runs (issue 18).
+
+    `workers` = N > 0 runs the kernel work of each destruction (steps 1-3 and 5-8: freeze,
+    wipe, kill, release, the host-wide scans, the chain) in a bounded pool of N worker
+    processes (agent/destroy/workers.py), so destructions use more than the daemon's one
+    core; the session key (step 4) and the signing of the proof never leave the daemon.  A
+    worker that dies is restarted; a destruction it had in flight is run again in the
+    daemon and its proof says so (step 8 `pipeline_attempts`).  0 = every destruction runs
+    in the daemon process, as before.  Default 0 here because most hosts this runs on
+    have 2 cores, where the pool gains little (bench/destroy_workers.py); set it to the
+    number of cores the node can give destruction.  A change needs a restart.
+    `max_jobs_per_worker` bounds the destructions one worker runs at once (more wait for a
+    free slot; with every worker full or dead they run in the daemon)."""
+
+    workers: int = 0
+    max_jobs_per_worker: int = 32
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -270,6 +290,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    destroy: DestroyConfig = field(default_factory=DestroyConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
 
@@ -407,6 +428,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.node.max_sessions >= 1, "node.max_sessions must be >= 1")
+    need(0 <= cfg.destroy.workers <= 256, "destroy.workers must be between 0 and 256")
+    need(1 <= cfg.destroy.max_jobs_per_worker <= 4096,
+         "destroy.max_jobs_per_worker must be between 1 and 4096")
     for key, seconds in dataclasses.asdict(cfg.timeouts).items():
         need(seconds > 0, f"timeouts.{key} must be > 0")
     need(cfg.node.journal_retention_seconds >= 60,

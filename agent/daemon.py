@@ -29,6 +29,7 @@ import trio
 from agent import __version__ as VERSION
 from agent import config as config_mod
 from agent import log
+from agent.destroy import workers as destroy_workers
 from agent.keys.attestation import AttestationKeyStore
 from agent.ops import debug as debug_mod
 from agent.ops import hardening, notify, recovery
@@ -101,6 +102,14 @@ class Daemon:
 
     # -- the trio program --------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The daemon, with its destroy workers ([destroy] workers) around it: they start
+        first and end last, once every destruction in flight is done."""
+        d = self.cfg.destroy
+        async with destroy_workers.open_pool(d.workers, max_jobs=d.max_jobs_per_worker,
+                                             log_level=self.cfg.log.level):
+            await self._run(task_status=task_status)
+
+    async def _run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         service = self.service or self.build()
         notifier = notify.Notifier.from_env()

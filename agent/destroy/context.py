@@ -4,15 +4,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import Sandbox
 
 __all__ = ["REASONS", "DestroyContext", "DestroyHooks", "DestroyOutcome", "DestroyState",
-           "InjectedFault", "SessionFacts", "StepError"]
+           "InjectedFault", "KeyOwner", "SessionFacts", "StepError", "settle"]
 
 # sandbox_failed: the sandbox's PID 1 (nrx-init) died on its own (killed from the host,
 # crashed); the agent noticed through its pidfd and ended the session
@@ -57,6 +58,24 @@ class DestroyHooks:
     fail_step: int | None = None
 
 
+async def settle(value: Any) -> Any:
+    """`value`, awaited when it is awaitable: a sandbox method the steps call is plain in
+    the daemon (agent.sandbox.engine.Sandbox) and a call back to the daemon in a destroy
+    worker (agent.destroy.workers.WorkerSandbox)."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class KeyOwner(Protocol):
+    """Runs step 4 where the session key lives (the daemon), for a pipeline that does not
+    hold it (a destroy worker, or the daemon re-running a destruction whose worker died
+    after step 4 had already zeroized the key): fills `ev` with what the daemon measured
+    and raises StepError with its error when the step failed there."""
+
+    async def key_step(self, ev: dict) -> None: ...
+
+
 @dataclass
 class DestroyContext:
     sandbox: Sandbox | None             # None: recovery found no sandbox to re-adopt
@@ -69,6 +88,8 @@ class DestroyContext:
     revoke: Callable[[], None]          # later calls on the session id answer as destroyed
     hooks: DestroyHooks | None = None
     timeout: float = 5.0                # bound for each wait (freeze, empty, memory 0)
+    key_owner: KeyOwner | None = None   # set where step 4 must run elsewhere (see KeyOwner)
+    attempts: int = 1                   # > 1: a worker died mid-destruction (step 8 says so)
 
 
 @dataclass

@@ -33,7 +33,14 @@ def base_fields(ctx: DestroyContext, st: DestroyState) -> dict:
             "data_classification": s.classification, "jurisdiction": s.jurisdiction,
             "tier": s.tier, "node_id": ctx.node_id, "agent_version": ctx.agent_version,
             "exec_count": int(s.exec_count), "receipts_root": merkle.merkle_root(leaves),
-            "receipts_source": source}
+            "receipts_source": source, **_attempts(ctx)}
+
+
+def _attempts(ctx: DestroyContext) -> dict:
+    """`pipeline_attempts` (only when > 1): the destroy worker running this destruction
+    died before it ended, and the daemon ran steps 1-8 again on what was left; the evidence
+    of the lost attempt is gone, each step above says what it found the second time."""
+    return {"pipeline_attempts": ctx.attempts} if ctx.attempts > 1 else {}
 
 
 async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:

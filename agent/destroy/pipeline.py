@@ -31,6 +31,7 @@ from agent.destroy import (
     lifecycle_completion,
     merkle_zero_verification,
     multipass_overwrite,
+    workers,
 )
 from agent.destroy.context import (
     REASONS,
@@ -41,14 +42,14 @@ from agent.destroy.context import (
     StepError,
 )
 
-__all__ = ["MODULES", "run_pipeline"]
+__all__ = ["MODULES", "reason_text", "run_pipeline", "run_steps"]
 
 MODULES = (environment_isolation, filesystem_destruction, multipass_overwrite,
            key_zeroization, credential_incineration, merkle_zero_verification,
            chain_integrity_seal, lifecycle_completion)
 
 
-def _reason_text(e: BaseException) -> str:
+def reason_text(e: BaseException) -> str:
     """A short error for evidence: our own fixed text, or the exception type (+ errno
     name); never str() of a foreign exception, which may carry a path or data."""
     if isinstance(e, StepError):
@@ -59,11 +60,51 @@ def _reason_text(e: BaseException) -> str:
 
 
 async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
-    """Run steps 1–8 for one session; returns the evidence and the final status."""
+    """Run steps 1–8 for one session; returns the evidence and the final status.  With a
+    destroy worker pool (agent/destroy/workers.py, `[destroy] workers`) the steps run in a
+    worker process; the teardown and the outcome are always the daemon's."""
     if ctx.reason not in REASONS:
         raise ValueError(f"unknown destroy reason {ctx.reason!r}")
-    st = DestroyState(destroy_started=time.time())
     t_start = time.perf_counter_ns()
+    logger = log.get().bind(session_id=ctx.session.session_id, reason=ctx.reason)
+    hook_error: BaseException | None = None
+    try:
+        st = None
+        pool = workers.current()
+        if pool is not None and _may_leave_process(ctx):
+            st = await pool.run_steps(ctx)  # None: no worker free, run here
+        if st is None:
+            st, hook_error = await run_steps(ctx)
+    finally:
+        teardown_ok = await _teardown(ctx, logger)
+    ev8 = st.evidence[7]
+    status = str(ev8.get("status")) if ev8.get("ok") else "expired_unclean"
+    out = DestroyOutcome(
+        session_id=ctx.session.session_id, created_at=ctx.session.created_at,
+        destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,
+        destruction_state=destruction_state(st.evidence), evidence=st.evidence,
+        teardown_ok=teardown_ok, duration_us=(time.perf_counter_ns() - t_start) // 1000)
+    (logger.info if out.status != "expired_unclean" else logger.error)(
+        "destroy.done", status=out.status, destruction_state=out.destruction_state,
+        teardown_ok=teardown_ok, duration_ms=out.duration_us // 1000,
+        duration_us=out.duration_us)
+    if hook_error is not None:
+        raise hook_error
+    return out
+
+
+def _may_leave_process(ctx: DestroyContext) -> bool:
+    """Test hooks that are callables run where the test is (in the daemon); a destruction
+    without a sandbox has no kernel work to move."""
+    hooks = ctx.hooks
+    return ctx.sandbox is not None and (
+        hooks is None or (hooks.after_step is None and hooks.before_kill is None))
+
+
+async def run_steps(ctx: DestroyContext) -> tuple[DestroyState, BaseException | None]:
+    """Steps 1-8 in this process (the daemon, or a destroy worker): the state with the
+    evidence, and the first error a test hook raised."""
+    st = DestroyState(destroy_started=time.time())
     logger = log.get().bind(session_id=ctx.session.session_id, reason=ctx.reason)
     hooks = ctx.hooks
     hook_error: BaseException | None = None
@@ -79,10 +120,13 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
             try:
                 if hooks is not None and hooks.fail_step == n:
                     raise InjectedFault("injected fault")
-                await mod.run(ctx, st, ev)
+                if n == 4 and ctx.key_owner is not None:
+                    await ctx.key_owner.key_step(ev)
+                else:
+                    await mod.run(ctx, st, ev)
             except Exception as e:
                 ev["ok"] = False
-                ev["error"] = _reason_text(e)
+                ev["error"] = reason_text(e)
             ev["duration_us"] = (time.perf_counter_ns() - t0) // 1000
             ev["completed_at"] = timefmt.iso_micro()
             st.evidence.append(ev)
@@ -103,21 +147,7 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
         merkle_zero_verification.release_pin(st)
         while st.deferred_fds:  # only left when step 3 could not run
             os.close(st.deferred_fds.pop())
-        teardown_ok = await _teardown(ctx, logger)
-    ev8 = st.evidence[7]
-    status = str(ev8.get("status")) if ev8.get("ok") else "expired_unclean"
-    out = DestroyOutcome(
-        session_id=ctx.session.session_id, created_at=ctx.session.created_at,
-        destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,
-        destruction_state=destruction_state(st.evidence), evidence=st.evidence,
-        teardown_ok=teardown_ok, duration_us=(time.perf_counter_ns() - t_start) // 1000)
-    (logger.info if out.status != "expired_unclean" else logger.error)(
-        "destroy.done", status=out.status, destruction_state=out.destruction_state,
-        teardown_ok=teardown_ok, duration_ms=out.duration_us // 1000,
-        duration_us=out.duration_us)
-    if hook_error is not None:
-        raise hook_error
-    return out
+    return st, hook_error
 
 
 async def _teardown(ctx: DestroyContext, logger) -> bool:
@@ -131,12 +161,12 @@ async def _teardown(ctx: DestroyContext, logger) -> bool:
             if not sb.cgroup.empty():
                 sb.cgroup.kill_all()
         except Exception as e:
-            logger.warning("destroy.teardown_kill_failed", error=_reason_text(e))
+            logger.warning("destroy.teardown_kill_failed", error=reason_text(e))
         with trio.move_on_after(max(ctx.timeout, 1.0) * 2) as cs:
             try:
                 await sb.teardown()
             except Exception as e:
-                logger.warning("destroy.teardown_failed", error=_reason_text(e))
+                logger.warning("destroy.teardown_failed", error=reason_text(e))
                 return False
         if cs.cancelled_caught:
             logger.warning("destroy.teardown_failed", error="timeout")
