@@ -10,8 +10,8 @@ very same code) for the destructions it is given, on its own event loop:
     run_pipeline(ctx) ── job (facts, root fd) ─▶ run_steps(WorkerContext)
         owner calls   ◀── call / ret ──────────▶  WorkerSandbox: kill PID 1 (the daemon's
                                                   child), detach the tmpfs, remove the
-                                                  cgroup, release the slot, revoke, OOM
-                                                  facts; step 4 (the session key)
+                                                  cgroup, release the slot, revoke;
+                                                  step 4 (the session key)
     teardown, outcome ◀── done (evidence) ──────
 
 What never leaves the daemon: the session key and step 4 (`memory_hygiene.measure` is
@@ -179,7 +179,10 @@ def _job(ctx) -> tuple[dict, list[int]]:
             "sandbox": {"session_id": sb.session_id, "init_pid": sb.init_pid,
                         "host_uid": sb.host_uid, "host_gid": sb.host_gid,
                         "namespaces": dict(sb.namespaces), "tmpfs_bytes": sb.tmpfs_bytes,
-                        "cgroup": _cgroup_spec(sb.cgroup), "root_fd": bool(fds)},
+                        "cgroup": _cgroup_spec(sb.cgroup), "root_fd": bool(fds),
+                        # as the OOM watch left them (end() cancels it before destroying)
+                        "oom": [sb.oom_guarded, sb.oom_contained, sb.oom_fallback,
+                                sb.oom_contain_us, sb.oom_over_cap_bytes]},
             "passes": list(ctx.passes), "reason": ctx.reason, "node_id": ctx.node_id,
             "agent_version": ctx.agent_version, "timeout": ctx.timeout,
             "fail_step": hooks.fail_step if hooks is not None else None}, fds
@@ -221,8 +224,6 @@ class _Owner:
             with contextlib.suppress(StepError):  # its text is self.key_error
                 await self.key_step(ev)
             return [ev, self.key_error]
-        if name == "oom_evidence":
-            return sb.oom_evidence()
         if name == "detach_root_mount":
             await trio.to_thread.run_sync(sb.detach_root_mount)
             return None
@@ -536,9 +537,15 @@ class WorkerSandbox:
         self.cgroup = _cgroup_from_spec(spec["cgroup"])
         self.root_fd = root_fd
         self.timeout = float(timeout)
+        (self.oom_guarded, self.oom_contained, self.oom_fallback, self.oom_contain_us,
+         self.oom_over_cap_bytes) = spec["oom"]
 
-    async def oom_evidence(self) -> dict:
-        return await self._link.call(self._job, "oom_evidence")
+    def oom_evidence(self) -> dict:
+        """The daemon's OOM facts (sent with the job) and the kill count read now, by the
+        daemon's own code (Sandbox.oom_evidence) on this object."""
+        from agent.sandbox.engine import Sandbox
+
+        return Sandbox.oom_evidence(self)  # type: ignore[arg-type]
 
     def detach_root_mount(self) -> None:
         """Called from step 2's worker thread: the daemon detaches (its cleanup stack),
