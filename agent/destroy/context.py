@@ -58,10 +58,11 @@ class DestroyHooks:
     fail_step: int | None = None
 
 
-async def settle(value: Any) -> Any:
-    """`value`, awaited when it is awaitable: a sandbox method the steps call is plain in
-    the daemon (agent.sandbox.engine.Sandbox) and a call back to the daemon in a destroy
-    worker (agent.destroy.workers.WorkerSandbox)."""
+async def settle(fn: Callable[[], Any]) -> Any:
+    """Call `fn` and await its result when it is awaitable: a sandbox method the steps
+    call is plain in the daemon (agent.sandbox.engine.Sandbox) and a call back to the
+    daemon in a destroy worker (agent.destroy.workers.WorkerSandbox)."""
+    value = fn()
     if inspect.isawaitable(value):
         return await value
     return value
@@ -85,7 +86,8 @@ class DestroyContext:
     reason: str                         # one of REASONS
     node_id: str
     agent_version: str
-    revoke: Callable[[], None]          # later calls on the session id answer as destroyed
+    revoke: Callable[[], object]        # later calls on the session id answer as destroyed
+                                        # (a destroy worker's returns an awaitable: settle())
     hooks: DestroyHooks | None = None
     timeout: float = 5.0                # bound for each wait (freeze, empty, memory 0)
     key_owner: KeyOwner | None = None   # set where step 4 must run elsewhere (see KeyOwner)

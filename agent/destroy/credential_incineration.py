@@ -45,7 +45,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("processes still run with session ids")
     elif sb is not None:
         try:
-            await settle(sb.release_slot())
+            await settle(sb.release_slot)
             ev["slot_released"] = True
         except Exception:
             errors.append("slot release failed")
@@ -55,7 +55,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     if uts:
         if in_uts == 0 and sb is not None:
             try:
-                await settle(sb.retire_hostname())
+                await settle(sb.retire_hostname)
             except Exception:
                 in_uts = -1
         ev["hostname_retired"] = in_uts == 0
@@ -63,7 +63,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         errors.append("hostname not retired")
 
     try:
-        await settle(ctx.revoke())
+        await settle(ctx.revoke)
         ev["session_revoked"] = True
     except Exception:
         errors.append("revoke failed")

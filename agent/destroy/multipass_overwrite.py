@@ -27,7 +27,7 @@ import trio
 
 from agent.destroy import filesystem_destruction as fsd
 from agent.destroy import residue, sysv_shm, wipe
-from agent.destroy.context import DestroyContext, DestroyState, StepError, settle
+from agent.destroy.context import DestroyContext, DestroyState, StepError
 from agent.sandbox.cgroups import CgroupHandle
 from agent.sandbox.engine import Sandbox
 
@@ -429,7 +429,7 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
     limited = cgroup_swap_limited(sb.cgroup)
     ev.update({"swap_devices": devices, "swap_cgroup_limited": limited,
                "swap_disabled": devices == 0 or limited})
-    ev.update(await settle(sb.oom_evidence()))
+    ev.update(sb.oom_evidence())
     pids = await freeze(sb, st, ev, errors, ctx.timeout)
     await wipe_memory(ctx, st, ev, pids, errors)
     if ctx.hooks is not None and ctx.hooks.before_kill is not None:

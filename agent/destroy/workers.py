@@ -3,7 +3,7 @@
 One daemon process runs every destruction's Python on its one event-loop thread and
 under its one GIL, so destructions cannot use a second core.  With `[destroy] workers = N`
 (agent/config.py DestroyConfig) the daemon keeps N worker processes
-(`python -m agent.destroy.workers`), each running steps 1-8 (`pipeline.run_steps`, the
+(`python -m agent.destroy.worker_main`), each running steps 1-8 (`pipeline.run_steps`, the
 very same code) for the destructions it is given, on its own event loop:
 
     daemon                                       worker
@@ -58,10 +58,10 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import structlog
@@ -120,7 +120,7 @@ class Frames:
         return out
 
 
-async def _send(sock, lock: trio.Lock, msg: list, fds: list[int] = ()) -> None:
+async def _send(sock, lock: trio.Lock, msg: list, fds: Sequence[int] = ()) -> None:
     data = pack(msg)
     async with lock:
         if fds:
@@ -367,10 +367,13 @@ class DestroyPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = _worker_env(first)
         try:
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "agent.destroy.workers", "--fd", str(theirs.fileno()),
+            # spawned from the event-loop thread, not through trio.lowlevel.open_process
+            # (a cache thread): PR_SET_PDEATHSIG fires when the spawning THREAD exits, and
+            # trio retires idle cache threads after seconds
+            proc = _Proc(subprocess.Popen(
+                [sys.executable, "-m", "agent.destroy.worker_main", "--fd", str(theirs.fileno()),
                  "--log-level", self.log_level, "--parent", str(os.getpid())],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL))
         finally:
             theirs.close()
         w.proc, w.pid, w.started = proc, proc.pid, w.started + 1
@@ -439,13 +442,36 @@ def _worker_env(first: bool) -> dict[str, str]:
     return env
 
 
-async def _end_process(proc, grace: float) -> None:
+class _Proc:
+    """A worker process, waited for through its pidfd on the event loop."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.pidfd = os.pidfd_open(popen.pid)
+        self.returncode: int | None = None
+
+    async def wait(self) -> int:
+        while self.returncode is None:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            rc = self.popen.poll()
+            if rc is not None:
+                self.returncode = rc
+                os.close(self.pidfd)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+async def _end_process(proc: _Proc, grace: float) -> None:
     """Wait `grace` seconds for the worker to exit, then SIGKILL it; reap it."""
     with trio.move_on_after(grace):
         await proc.wait()
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        proc.kill()
         await proc.wait()
 
 
@@ -591,6 +617,7 @@ class _RemoteKey:
 async def _run_job(link: _Link, job_id: int, payload: dict, fds: list[int]) -> None:
     from agent.destroy.context import DestroyContext, DestroyHooks
     from agent.destroy.pipeline import run_steps
+    from agent.sandbox.engine import Sandbox
     from agent.service.model import SessionRecord
 
     sb = WorkerSandbox(link, job_id, payload["sandbox"], fds[0] if fds else -1,
@@ -599,7 +626,9 @@ async def _run_job(link: _Link, job_id: int, payload: dict, fds: list[int]) -> N
         os.close(extra)
     fail = payload.get("fail_step")
     ctx = DestroyContext(
-        sandbox=sb, session=SessionRecord(**payload["session"]), session_key=None,
+        # the same surface the steps use of a Sandbox (duck-typed: its methods that the
+        # daemon owns are calls back, awaited through context.settle())
+        sandbox=cast(Sandbox, sb), session=SessionRecord(**payload["session"]), session_key=None,
         passes=list(payload["passes"]), reason=payload["reason"], node_id=payload["node_id"],
         agent_version=payload["agent_version"],
         revoke=lambda: link.call(job_id, "revoke"),
@@ -680,6 +709,3 @@ def main(argv: list[str]) -> int:
     trio.run(_serve, fd)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
