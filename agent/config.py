@@ -264,9 +264,11 @@ class DestroyConfig:
     core; the session key (step 4) and the signing of the proof never leave the daemon.  A
     worker that dies is restarted; a destruction it had in flight is run again in the
     daemon and its proof says so (step 8 `pipeline_attempts`).  0 = every destruction runs
-    in the daemon process, as before.  Default 0 here because most hosts this runs on
-    have 2 cores, where the pool gains little (bench/destroy_workers.py); set it to the
-    number of cores the node can give destruction.  A change needs a restart.
+    in the daemon process, as before.  Default 0: on the 2-core machine it was built on
+    the pool halved the daemon's CPU per lifecycle but not the total, so throughput did
+    not rise, and one live sandbox died unexplained in a bench run under it (bench/
+    README.md "Destroy workers"); set it to the cores a larger node can give destruction
+    once that is understood.  A change needs a restart.
     `max_jobs_per_worker` bounds the destructions one worker runs at once (more wait for a
     free slot; with every worker full or dead they run in the daemon)."""
 
