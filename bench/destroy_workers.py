@@ -93,8 +93,8 @@ def main() -> int:
             floor.missing = "--no-floor"
         floor_rows = {}
         try:
-            for n in counts:
-                sub = Path(td) / f"w{n}"
+            for i, n in enumerate(counts):
+                sub = Path(td) / f"run{i}-w{n}"
                 sub.mkdir()
                 extra = "" if args.no_config else f"\n[destroy]\nworkers = {n}\n"
                 d = benchrun.Daemon(sub, extra, ident=ident)
@@ -119,7 +119,7 @@ def main() -> int:
                     left += benchrun.leftovers(d)
                     if args.keep_logs:
                         Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
-                        shutil.copy(sub / "agent.log", Path(args.keep_logs) / f"agent-w{n}.log")
+                        shutil.copy(sub / "agent.log", Path(args.keep_logs) / f"agent-{sub.name}.log")
         finally:
             floor.close()
     print(f"destroys: {benchrun.STATUSES}")
