@@ -266,9 +266,8 @@ class DestroyConfig:
     daemon and its proof says so (step 8 `pipeline_attempts`).  0 = every destruction runs
     in the daemon process, as before.  Default 0: on the 2-core machine it was built on
     the pool halved the daemon's CPU per lifecycle but not the total, so throughput did
-    not rise, and one live sandbox died unexplained in a bench run under it (bench/
-    README.md "Destroy workers"); set it to the cores a larger node can give destruction
-    once that is understood.  A change needs a restart.
+    not rise (bench/README.md "Destroy workers"); set it to the cores a larger node can
+    give destruction.  A change needs a restart.
     `max_jobs_per_worker` bounds the destructions one worker runs at once (more wait for a
     free slot; with every worker full or dead they run in the daemon)."""
 

@@ -457,6 +457,7 @@ class _Proc:
             rc = self.popen.poll()
             if rc is not None:
                 self.returncode = rc
+                trio.lowlevel.notify_closing(self.pidfd)  # out of trio's epoll set too
                 os.close(self.pidfd)
         return self.returncode
 

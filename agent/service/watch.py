@@ -39,6 +39,11 @@ async def watch(svc: Service, s: Session) -> None:
         try:
             await trio.lowlevel.wait_readable(fd)
         finally:
+            # trio leaves a waited fd in its epoll set (no events, EPOLLONESHOT); closed
+            # without this while sb.pidfd keeps the file alive, the pidfd's EPOLLHUP at the
+            # reap is still reported under this number, and woke the watcher of whichever
+            # session's dup got the number next: a live session ended as sandbox_failed
+            trio.lowlevel.notify_closing(fd)
             os.close(fd)
         ended.append("sandbox_failed")
         scope.cancel()
