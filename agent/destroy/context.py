@@ -43,6 +43,7 @@ class SessionFacts(Protocol):
     receipts: list[dict]
     audit_events: list[dict]
     exec_count: int
+    receipt_keys: list[dict]  # every receipt key, in epoch order (agent/cdp/receiptkeys.py)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from agent.cdp.receiptkeys import epoch_entry
 from agent.errors import InternalError, Unavailable
 from agent.keys.session import SessionKey
 from agent.sandbox.userns import SlotsExhausted
@@ -64,6 +65,7 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
     deadline = start + ttl if ttl else math.inf  # from the exact creation time
     s = Session(record=record, ttl_seconds=ttl, created_ts=now, deadline=deadline,
                 sandbox=sandbox, session_key=key, receipt_key=key.public_record(created_at))
+    record.receipt_keys.append(epoch_entry(0, s.receipt_key))
     svc.sessions[session_id] = s
     try:
         svc.journal.insert_session(
