@@ -30,7 +30,7 @@ from agent._native import lib as _native_lib
 from agent.config import Config
 
 from . import exec as _exec
-from . import initproto, mounts, userns, uts
+from . import initproto, initrecord, mounts, userns, uts
 from . import namespaces as namespaces_mod
 from .cgroups import CgroupHandle, CgroupLimits, detect
 from .cleanup import CleanupStack
@@ -150,6 +150,26 @@ def _root_view(root: Path, pidfd: int, kept_fd: int) -> int:
     if mounts.is_mountpoint(root):
         return os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     return _pidfd_getfd(pidfd, kept_fd)
+
+
+def _contained_earlier(cg: CgroupHandle, tier) -> bool:
+    """Frozen with its memory limit above the tier's cap: contained at OOM by an agent
+    that died before ending it (a freeze of destruction's step 1 leaves the cap)."""
+    try:
+        return (tier is not None and cg.frozen()
+                and cg.memory_usage_limit() > tier.memory_bytes)
+    except (OSError, ValueError):
+        return False
+
+
+def _read_cut(session_id: str, pid: int) -> initrecord.CutRecord | None:
+    """The exec a stalled (frozen) PID 1 recorded as cut off by the agent's death, read
+    from its memory; None when none, or (logged loudly) when it cannot be read."""
+    try:
+        return initrecord.read(pid)
+    except (OSError, ValueError) as e:
+        log.get().error("init_record_unreadable", session_id=session_id, error=_err_text(e))
+        return None
 
 
 def _dead_control() -> _exec.Control:
@@ -273,6 +293,7 @@ class Sandbox:
         self.attached = True  # PID 1 listens on `control` (False: adopted frozen at OOM)
         # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
         self.interrupted: tuple[int, bytes] | None = None
+        self.cut_record: initrecord.CutRecord | None = None  # read from a stalled PID 1
         self.buffers_zeroed = 0  # bytes of exec buffers zeroed (exec.py; step 4 evidence)
         self._engine = engine
         self._busy = False
@@ -361,9 +382,17 @@ class Sandbox:
 
     async def confirm_adopted(self) -> None:
         """Tell PID 1 the command the agent's death cut off is on the record (until
-        then a crashed re-adoption reports it again to the next agent)."""
+        then a crashed re-adoption reports it again to the next agent); a PID 1 stalled
+        at the cap cannot be told: its record is cleared in its memory instead."""
         if self.attached:
             await self.control.send(initproto.encode_adopted())
+        elif self.cut_record is not None:
+            try:
+                initrecord.clear(self.init_pid, self.cut_record)
+            except OSError as e:  # a second crash before the proof would report it again
+                log.get().error("init_record_not_cleared", session_id=self.session_id,
+                                error=_err_text(e))
+            self.cut_record = None
 
     def fall_back_to_kernel_oom(self) -> None:
         """The agent did not end an OOM'd session in bounded time: the kernel killer
@@ -573,13 +602,22 @@ class SandboxEngine:
                 raise AdoptFailed("init process not in the session cgroup")
             root = mounts.mount_path(self.runtime_dir, sid)
             stalled = cg.oom_stalled()
-            if stalled:
+            # or an agent that re-adopted it so already contained it (frozen, its limit
+            # raised above the tier's cap) and died before ending it
+            contained = not stalled and _contained_earlier(cg, self.cfg.tiers.get(
+                row.get("tier") or ""))
+            if stalled or contained:
                 # it ran into its cap while the agent was down: PID 1, charged to the same
                 # cgroup, cannot answer an attach either.  Contain it (frozen, nothing
                 # freed) and adopt it only to end it: exec gets a dead control socket
-                await trio.to_thread.run_sync(cg.contain_oom, self.cfg.sandbox.oom_headroom_bytes)
-                control, attached = _dead_control(), (False, 0, _find_root_view(pidfd, int(pid)),
-                                                      b"")
+                if stalled:
+                    await trio.to_thread.run_sync(cg.contain_oom,
+                                                  self.cfg.sandbox.oom_headroom_bytes)
+                stalled = True
+                cut = _read_cut(sid, int(pid))
+                control, attached = _dead_control(), (
+                    cut is not None, cut.status if cut else 0,
+                    _find_root_view(pidfd, int(pid)), cut.tag if cut else b"")
             else:
                 control, attached = await self._attach(sid)
             undo.push("control", control.close)
@@ -610,6 +648,7 @@ class SandboxEngine:
         if attached[0]:
             sb.interrupted = (attached[1], attached[3])
         if stalled:
+            sb.cut_record = cut
             sb.oom_guarded = sb.oom_contained = True
             sb.attached = False
             self._log.warning("sandbox_adopted_at_oom", session_id=sid)
