@@ -29,7 +29,8 @@ FORGER = SeedSigner(bytes(range(1, 33)))
 @pytest.fixture(scope="module")
 def readopted(tmp_path_factory):
     """One session: a receipt under the first key, an agent crash mid-exec, re-adoption,
-    a receipt under the new key, destroy; with the node's exported key set."""
+    a receipt under the new key, destroy; with the node's exported key set and the key
+    records as answered live and after a restart."""
     d = AgentDaemon(tmp_path_factory.mktemp("rekey"), config=CFG)
     d.start()
     try:
@@ -44,6 +45,8 @@ def readopted(tmp_path_factory):
         keys = {k: d.call("key.get", {"key_id": k}) for k in (r1["key_id"], r3["key_id"])}
         result = d.call("session.destroy", {"session_id": sid})
         keyset = d.call("key.export")
+        assert d.stop() == 0
+        d.start()  # the ended session is known from the journal only
         after = {k: d.call("key.get", {"key_id": k}) for k in keys}
     finally:
         assert d.stop() == 0
@@ -83,7 +86,8 @@ def test_readopted_proof_lists_both_keys_and_verifies_every_receipt(readopted):
 
 def test_every_key_id_is_answered_by_key_get(readopted):
     """`key.get` answers both key ids with their own public key, epoch and (for the
-    re-adoption key) its signed introduction, while the session lives and after."""
+    re-adoption key) its signed introduction, while the session lives and, from the
+    journal, after the session ended and the agent restarted."""
     for kid, rec in readopted["keys"].items():
         assert readopted["after"][kid] == rec
     recs = sorted(readopted["keys"].values(), key=lambda r: r["epoch"])
@@ -154,3 +158,24 @@ def test_forged_key_introduction_is_rejected(readopted):
     assert rv["valid"] is False and rv["checks"]["signatures"] is False
     rv = verify_receipts(result, [r1, dict(r3, key_id=r1["key_id"])])
     assert rv["valid"] is False and "the key of its epoch" in rv["errors"]["signatures"]
+
+
+def test_verify_cli_checks_receipts_against_the_proof(readopted, tmp_path, capsys):
+    """`verify PROOF --receipts R.json --trust KEYS` exits 0 for the re-adopted session's
+    receipts (valid, not complete: the interrupted receipt never reached a client) and 1
+    when one receipt is altered."""
+    import json
+
+    from agent.verify_cli import main
+
+    proof, keys, rs = (tmp_path / "p.json", tmp_path / "k.json", tmp_path / "r.json")
+    proof.write_text(json.dumps(readopted["result"]))
+    keys.write_text(json.dumps(readopted["keyset"]))
+    rs.write_text(json.dumps([{"receipt": r} for r in readopted["receipts"]]))
+    assert main([str(proof), "--receipts", str(rs), "--trust", str(keys)]) == 0
+    assert "Receipts: valid, not complete" in capsys.readouterr().out
+    r1, r3 = readopted["receipts"]
+    rs.write_text(json.dumps([r1, dict(r3, exit_code=1)]))
+    assert main([str(proof), "--receipts", str(rs), "--trust", str(keys), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["receipts"]["checks"]["signatures"] is False
