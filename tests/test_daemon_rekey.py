@@ -12,9 +12,9 @@ import pytest
 from helpers_daemon import AgentDaemon, start_long_exec
 from nanorix.debug import verify_auditproof as official_staged
 from nanorix.verifier import verify as official_verify
+from proof_forgery import with_receipt_keys
 from vectors.loader import SeedSigner
 
-from agent.cdp.document import build_cdp
 from agent.cdp.receipt import build_receipt
 from agent.cdp.receiptkeys import introduce, verify_receipts
 from agent.cdp.trust import KeySet
@@ -29,11 +29,14 @@ FORGER = SeedSigner(bytes(range(1, 33)))
 @pytest.fixture(scope="module")
 def readopted(tmp_path_factory):
     """One session: a receipt under the first key, an agent crash mid-exec, re-adoption,
-    a receipt under the new key, destroy; with the node's exported key set and the key
-    records as answered live and after a restart."""
+    a receipt under the new key, destroy; with the node's exported key set, the key
+    records as answered live and after a restart, and a session never re-adopted."""
     d = AgentDaemon(tmp_path_factory.mktemp("rekey"), config=CFG)
     d.start()
     try:
+        plain = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        d.call("session.exec", {"session_id": plain, "command": "true"})
+        plain = d.call("session.destroy", {"session_id": plain})
         created = d.call("session.create", {"customer_id": "c", "tier": "free"})
         sid = created["session_id"]
         r1 = d.call("session.exec", {"session_id": sid, "command": "echo one"})["receipt"]
@@ -51,7 +54,7 @@ def readopted(tmp_path_factory):
     finally:
         assert d.stop() == 0
     return {"created": created, "receipts": [r1, r3], "keys": keys, "after": after,
-            "result": result, "keyset": keyset}
+            "result": result, "keyset": keyset, "plain": plain}
 
 
 def test_readopted_proof_lists_both_keys_and_verifies_every_receipt(readopted):
@@ -84,6 +87,18 @@ def test_readopted_proof_lists_both_keys_and_verifies_every_receipt(readopted):
     assert official_staged(result["auditproof"]).stage_reached >= 7
 
 
+def test_never_readopted_proof_lists_its_one_key(readopted):
+    """A session never re-adopted lists its one creation key (no introduction); its proof
+    verifies with `receipt_keys` true and the official SDK accepts its rendition."""
+    plain = readopted["plain"]
+    keys = plain["cdp"]["evidence"][7]["receipt_keys"]
+    assert [set(k) for k in keys] == [{"epoch", "key_id", "public_key", "created_at"}]
+    v = verify(plain, KeySet(readopted["keyset"]["keys"], "node keys"))
+    assert v["valid"] and v["complete"] and v["checks"]["receipt_keys"] is True
+    assert official_verify(plain["auditproof"]).ok is True
+    assert official_staged(plain["auditproof"]).stage_reached >= 7
+
+
 def test_every_key_id_is_answered_by_key_get(readopted):
     """`key.get` answers both key ids with their own public key, epoch and (for the
     re-adoption key) its signed introduction, while the session lives and, from the
@@ -100,14 +115,9 @@ def test_every_key_id_is_answered_by_key_get(readopted):
 
 
 def _resigned(result: dict, keys: list, signer=NODE) -> dict:
-    """The CDP of `result` with step 8's receipt_keys replaced, signed by `signer` (a
-    stand-in node key: a forger who could not sign as the node gets caught by the trust
-    check already; this isolates the receipt_keys check)."""
-    cdp = result["cdp"]
-    ev = copy.deepcopy(cdp["evidence"])
-    ev[7]["receipt_keys"] = keys
-    return build_cdp(session_id=cdp["session_id"], created_at=cdp["created_at"],
-                     destroyed_at=cdp["destroyed_at"], evidence=ev, signer=signer)
+    """A stand-in node key re-signs the CDP with other receipt keys (a forger who could
+    not sign as the node is caught by the trust check already)."""
+    return with_receipt_keys(result["cdp"], keys, signer)
 
 
 def _forged_key(result: dict, intro_signer) -> list:
