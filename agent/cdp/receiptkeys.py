@@ -183,7 +183,8 @@ def add_receipt_keys_check(res: dict, doc: object, trust) -> dict:
     if keys is None:
         return res
     assert isinstance(doc, Mapping)
-    att = doc.get("attestation") if isinstance(doc.get("attestation"), Mapping) else {}
+    found = doc.get("attestation")
+    att: Mapping = found if isinstance(found, Mapping) else {}
     last = doc["evidence"][-1]
 
     def signer_ok(intro: Mapping, at: str) -> None:
@@ -220,7 +221,7 @@ def verify_receipts(doc: object, receipts: object, trust=None) -> dict:
     res: dict = {"valid": False, "checks": {}, "errors": {}, "unverified": {}, "notes": {}}
     state: dict = {}
 
-    def proof() -> None:
+    def proof() -> str | None:
         v = verify(doc, trust)
         state["verdict"] = v
         if not v["valid"]:
@@ -233,7 +234,8 @@ def verify_receipts(doc: object, receipts: object, trust=None) -> dict:
     def cdp() -> Mapping:
         c = doc.get("cdp") if isinstance(doc, Mapping) and "cdp" in doc else doc
         ev = c.get("evidence") if isinstance(c, Mapping) else None
-        if not isinstance(ev, list) or len(ev) != 8 or not isinstance(ev[-1], Mapping):
+        if not isinstance(c, Mapping) or not isinstance(ev, list) or len(ev) != 8 \
+                or not isinstance(ev[-1], Mapping):
             raise Unverifiable("the proof's evidence is stripped: no step 8 to check against")
         return c
 
