@@ -72,6 +72,10 @@ class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
 
 
+class BindFailed(SandboxError):
+    """A pooled sandbox did not take its session's identity (the caller destroys it)."""
+
+
 class AdoptFailed(SandboxError):
     """A journaled sandbox cannot be re-adopted (gone, or not provably the same one)."""
 
@@ -496,7 +500,9 @@ class SandboxEngine:
         return self._bpf[profile]
 
     async def create(self, session_id: str, *, tier: str, classification: str,
-                     hostname: str | None = None) -> Sandbox:
+                     hostname: str | None = None, unbound: bool = False) -> Sandbox:
+        """A new sandbox.  `unbound` (the warm pool, issue 18): everything but the session
+        identity; its PID 1 runs nothing until bind() gave it its hostname."""
         cfg, sc = self.cfg, self.cfg.sandbox
         if not _SESSION_ID_RE.match(session_id):
             raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
@@ -510,8 +516,8 @@ class SandboxEngine:
         try:
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
-            hostname = hostname or uts.new_hostname(
-                sc.hostname_prefix, {s.hostname for s in self.live.values()})
+            hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
+                        or uts.new_hostname(sc.hostname_prefix, self._hostnames()))
             # mkdir of ~6 cgroup directories, their limit writes and the mount point's
             # mkdir (which waits on the filesystem journal while proofs are fsynced):
             # kernel work that blocked the event loop, i.e. every other session
@@ -530,7 +536,7 @@ class SandboxEngine:
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
-                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000))
+                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
             pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
@@ -545,8 +551,30 @@ class SandboxEngine:
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
-                       init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2))
+                       init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2),
+                       pooled=unbound)
         return sb
+
+    def _hostnames(self) -> set[str]:
+        return {s.hostname for s in self.live.values()}
+
+    async def bind(self, sb: Sandbox) -> None:
+        """Give a pooled (unbound) sandbox its session's identity: a fresh hostname unique
+        among live sandboxes, set by its PID 1 (UTS name, /etc/hostname, /etc/hosts) before
+        anything ran in it.  BindFailed when it did not confirm; the sandbox is then the
+        caller's to destroy."""
+        hostname = uts.new_hostname(self.cfg.sandbox.hostname_prefix, self._hostnames())
+        try:
+            await sb.control.send(initproto.encode_bind(hostname))
+            with trio.fail_after(self.cfg.timeouts.create_seconds):
+                kind, fields = await sb.control.recv()
+        except (SandboxGone, trio.TooSlowError, initproto.InitProtocolError) as e:
+            raise BindFailed(f"the pooled sandbox did not answer BIND ({type(e).__name__})"
+                             ) from None
+        if kind != initproto.MSG_BOUND or fields[0] != 0:
+            why = errno.errorcode.get(fields[0], fields[0]) if fields else kind
+            raise BindFailed(f"the pooled sandbox refused BIND ({why})")
+        sb.hostname = hostname
 
     async def adopt(self, row: dict) -> Sandbox:
         """Re-adopt a journaled session whose sandbox outlived the agent (issue 12): its
