@@ -3,10 +3,13 @@ from a live Session or from its journal row after it ended or the agent restarte
 
 from __future__ import annotations
 
+from agent.errors import NotFound
+from agent.service.journal import Journal
 from agent.service.model import LIVE_STATUSES, Session
 from agent.timefmt import iso_seconds, parse_iso
 
-__all__ = ["meta", "row_meta", "row_view", "view"]
+__all__ = ["listing", "lookup", "lookup_meta", "meta", "receipt_key", "row_meta", "row_view",
+           "view"]
 
 
 def view(s: Session) -> dict:
@@ -36,3 +39,50 @@ def row_meta(row: dict) -> dict:
     return {**row_view(row), "customer_id": row["customer_id"], "tier": row["tier"],
             "jurisdiction": row["jurisdiction"], "exec_count": row["exec_count"],
             "reason": row.get("reason")}
+
+
+def lookup(sessions: dict[str, Session], journal: Journal, session_id: str,
+           customer_id: str | None) -> tuple[Session | None, dict]:
+    """(live record or None, public view); NotFound for unknown or foreign sessions (a
+    foreign session is indistinguishable from an unknown one)."""
+    s = sessions.get(session_id)
+    if s is not None:
+        if customer_id is not None and customer_id != s.record.customer_id:
+            raise NotFound(f"session {session_id} not found", field="session_id")
+        return s, view(s)
+    row = journal.get(session_id)
+    if row is None or (customer_id is not None and customer_id != row["customer_id"]):
+        raise NotFound(f"session {session_id} not found", field="session_id")
+    return None, row_view(row)
+
+
+def listing(sessions: dict[str, Session], journal: Journal, customer_id: str | None) -> list[dict]:
+    """session.list: journaled and live sessions (the live view wins), oldest first."""
+    out = {}
+    for row in journal.all(customer_id):
+        out[row["session_id"]] = row_view(row)
+    for s in sessions.values():
+        if customer_id is None or s.record.customer_id == customer_id:
+            out[s.session_id] = view(s)
+    return sorted(out.values(), key=lambda v: (v["created_at"], v["session_id"]))
+
+
+def lookup_meta(sessions: dict[str, Session], journal: Journal, session_id: str) -> dict | None:
+    s = sessions.get(session_id)
+    if s is not None:
+        return meta(s)
+    row = journal.get(session_id)
+    return row_meta(row) if row is not None else None
+
+
+def receipt_key(sessions: dict[str, Session], journal: Journal, key_id: str) -> dict | None:
+    """Public record of a session receipt key (live or destroyed session)."""
+    for s in sessions.values():
+        for k in (s.receipt_key, *s.previous_receipt_keys):
+            if k.get("key_id") == key_id:
+                return dict(k)
+    row = journal.by_receipt_key(key_id)
+    if row is None or not row.get("receipt_public_key"):
+        return None
+    return {"key_id": key_id, "algorithm": "Ed25519",
+            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}

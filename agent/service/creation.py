@@ -1,0 +1,90 @@
+"""session.create's body after admission (SPEC 2): the proof's spool reservation first (a
+session that could not be proven never starts), then the sandbox, the session key and the
+journal row; a failure at any point leaves nothing half-made."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from agent.errors import InternalError, Unavailable
+from agent.keys.session import SessionKey
+from agent.sandbox.userns import SlotsExhausted
+from agent.service.journal import JournalUnwritable
+from agent.service.model import Session, SessionRecord
+from agent.service.spool import SpoolUnavailable
+from agent.timefmt import iso_seconds
+
+if TYPE_CHECKING:
+    from agent.service.sessions import Service
+
+__all__ = ["build_session"]
+
+_log = structlog.get_logger("nanorix-agent.sessions")
+
+
+async def build_session(svc: Service, session_id: str, customer_id: str, tier: str,
+                        classification: str, jurisdiction: str, ttl: int) -> Session:
+    """Reserve the proof's space, build the sandbox and the session key, journal the
+    session and arm its watcher; anything half-made is destroyed through Service.end()."""
+    now = time.time()
+    start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
+    created_at = iso_seconds(now)
+    # the proof's space and inode first: a session that could not be proven never starts
+    try:
+        await trio.to_thread.run_sync(svc.spool.reserve, session_id, {
+            "customer_id": customer_id, "tier": tier, "classification": classification,
+            "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl})
+    except SpoolUnavailable as e:
+        _log.error("spool_reservation_failed", session_id=session_id, error=str(e))
+        svc._health_fault("rzl", str(e))
+        raise Unavailable(f"{e}; new sessions are refused until the state directory "
+                          f"has room") from None
+    key = SessionKey.generate(session_id)
+    try:
+        sandbox = await svc.engine.create(session_id, tier=tier,
+                                           classification=classification)
+    except SlotsExhausted:  # e.g. a health canary holds a slot
+        svc.spool.release(session_id)
+        key.zeroize()
+        raise Unavailable("node is at capacity (no free uid slot)") from None
+    except Exception as e:
+        svc.spool.release(session_id)
+        key.zeroize()
+        svc._health_fault("eee", f"sandbox creation failed ({type(e).__name__}: {e})")
+        _log.exception("sandbox_create_failed", session_id=session_id)
+        raise InternalError(f"sandbox creation failed ({type(e).__name__})") from None
+    record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
+                           classification=classification, jurisdiction=jurisdiction,
+                           created_at=created_at)
+    deadline = start + ttl if ttl else math.inf  # from the exact creation time
+    s = Session(record=record, ttl_seconds=ttl, created_ts=now, deadline=deadline,
+                sandbox=sandbox, session_key=key, receipt_key=key.public_record(created_at))
+    svc.sessions[session_id] = s
+    try:
+        svc.journal.insert_session(
+            session_id=session_id, customer_id=customer_id, tier=tier,
+            classification=classification, jurisdiction=jurisdiction,
+            created_at=created_at, ttl_seconds=ttl, status="active",
+            hostname=sandbox.hostname, slot=sandbox.slot, host_uid=sandbox.host_uid,
+            init_pid=sandbox.init_pid, init_starttime=sandbox.init_starttime,
+            cgroup_paths=[str(p) for p in sandbox.cgroup.paths],
+            mount_path=str(sandbox.root_mount_path),
+            namespaces=dict(sandbox.namespaces),
+            receipt_key_id=key.key_id, receipt_public_key=s.receipt_key["public_key"])
+        svc.audit.created(record, ttl)
+    except Exception as e:
+        # nothing half-made survives: run the real destruction on what exists
+        _log.exception("session_journal_failed", session_id=session_id)
+        await svc.end(s, "operator")
+        if isinstance(e, JournalUnwritable):
+            raise Unavailable(f"{e}; new sessions are refused until it can") from None
+        raise InternalError("could not record the session") from None
+    svc._arm(s)
+    _log.info("session_created", session_id=session_id, tier=tier,
+              classification=classification, ttl_seconds=ttl)
+    return s
