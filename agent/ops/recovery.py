@@ -19,6 +19,7 @@ import errno
 import os
 import select
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,6 +262,7 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
         for d in sessions.iterdir():
             if d.name in c.keep:
                 continue
+            _unlink_socket(d / "attach")  # a dead sandbox's re-attach socket (issue 12)
             for sub in (d / "root", d):
                 try:
                     if sub.is_dir() and not sub.is_symlink() and sub.as_posix() not in _mount_points():
@@ -269,6 +271,16 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
                     if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
                         r.errors.append(f"{d.name}: rmdir: {e.strerror}")
     return r
+
+
+def _unlink_socket(p: Path) -> None:
+    """Remove `p` if it is a socket (never anything else): what nrx-init bound for a
+    re-attach outlives it and would keep its session directory from being removed."""
+    try:
+        if stat.S_ISSOCK(os.lstat(p).st_mode):
+            os.unlink(p)
+    except OSError:
+        pass
 
 
 def reclaim_cgroups(c: _Ctx) -> ReclaimResult:

@@ -16,6 +16,7 @@ from agent.keys.session import SessionKey
 from agent.sandbox.userns import SlotsExhausted
 from agent.service.journal import JournalUnwritable
 from agent.service.model import Session, SessionRecord
+from agent.service.pool import Member, bind_or_create
 from agent.service.spool import SpoolUnavailable
 from agent.timefmt import iso_seconds
 
@@ -28,9 +29,11 @@ _log = structlog.get_logger("nanorix-agent.sessions")
 
 
 async def build_session(svc: Service, session_id: str, customer_id: str, tier: str,
-                        classification: str, jurisdiction: str, ttl: int) -> Session:
-    """Reserve the proof's space, build the sandbox and the session key, journal the
-    session and arm its watcher; anything half-made is destroyed through Service.end()."""
+                        classification: str, jurisdiction: str, ttl: int,
+                        member: Member | None = None) -> Session:
+    """Reserve the proof's space, build the sandbox (or bind the warm-pool `member`) and
+    the session key, journal the session and arm its watcher; anything half-made is
+    destroyed through Service.end()."""
     now = time.time()
     start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
     created_at = iso_seconds(now)
@@ -46,8 +49,8 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
                           f"has room") from None
     key = SessionKey.generate(session_id)
     try:
-        sandbox = await svc.engine.create(session_id, tier=tier,
-                                           classification=classification)
+        sandbox = await bind_or_create(svc.pool, member, session_id, tier=tier,
+                                       classification=classification)
     except SlotsExhausted:  # e.g. a health canary holds a slot
         svc.spool.release(session_id)
         key.zeroize()

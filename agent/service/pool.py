@@ -43,11 +43,11 @@ import trio
 from agent.config import Config
 from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
-from agent.sandbox.engine import Sandbox, SandboxEngine
+from agent.sandbox.engine import BindFailed, Sandbox, SandboxEngine
 from agent.service.hooks import HealthHook, MetricsHook
 from agent.timefmt import iso_seconds
 
-__all__ = ["Member", "PoolFacts", "WarmPool"]
+__all__ = ["Member", "PoolFacts", "PoolHooks", "WarmPool", "bind_or_create"]
 
 _log = structlog.get_logger("nanorix-agent.pool")
 BACKOFF_MAX_SECONDS = 60.0
@@ -310,7 +310,8 @@ class WarmPool:
         self._inc("pool_retired_total", why=why, clean="true" if clean else "false")
         (_log.info if clean else _log.error)(
             "pool_member_retired", session_id=m.session_id, tier=m.tier, why=why,
-            never_bound=True, steps_unverified=failed, teardown_ok=out.teardown_ok,
+            never_bound=True, steps_unverified=failed, pipeline_status=out.status,
+            teardown_ok=out.teardown_ok,
             duration_ms=out.duration_us // 1000)
         return clean
 
@@ -358,3 +359,19 @@ class WarmPool:
         if h is not None:
             h.fault("eee", reason)
 
+
+
+async def bind_or_create(pool: WarmPool, member: Member | None, session_id: str, *, tier: str,
+                         classification: str) -> Sandbox:
+    """The new session's sandbox: the warm `member` bound to it, or a new one (no member;
+    or its bind failed, fail closed: it is destroyed through the pipeline first, then the
+    session is built cold under the same id)."""
+    if member is not None:
+        assert member.session_id == session_id
+        try:
+            await pool.engine.bind(member.sandbox)
+            return member.sandbox
+        except BindFailed as e:
+            _log.error("pool_bind_failed", session_id=session_id, error=str(e))
+            await pool.retire(member, "bind_failed")
+    return await pool.engine.create(session_id, tier=tier, classification=classification)
