@@ -52,6 +52,17 @@ TEST_DEFAULTS: dict[str, Any] = {
 }
 
 
+def wait_until(pred, timeout: float = 30.0, what: str = "condition"):
+    """Poll `pred` until it returns something true (returned) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

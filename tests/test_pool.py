@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import test_sandbox_fixtures as fx
 from helpers_daemon import AgentDaemon
+from helpers_daemon import wait_until as _wait
 
 from agent.sandbox.engine import BindFailed
 from agent.sandbox.faults import ExecFailed
@@ -17,16 +18,6 @@ from agent.sandbox.faults import ExecFailed
 sandbox_cfg, engine = fx.sandbox_cfg, fx.engine  # fixtures
 
 POOL2 = {"pool": {"sizes": {"free": 2}}}
-
-
-def _wait(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _pool(d: AgentDaemon, tier: str = "free") -> int:
