@@ -202,3 +202,26 @@ async def test_unbound_sandbox_runs_nothing_until_bound_and_binds_once(engine):
             await engine.bind(sb)
     finally:
         await sb.teardown()
+
+
+def test_pool_config_is_read_and_bad_values_are_refused_by_name(tmp_path):
+    """[pool] with a [pool.sizes] table is read from the file (it replaces the default
+    sizes), and an unknown tier or profile, a negative size or a non-integer is refused
+    with the key's name."""
+    from agent import config as config_mod
+
+    def load(text: str):
+        p = tmp_path / "agent.toml"
+        p.write_text(text)
+        return config_mod.load(p)
+
+    cfg = load("[pool]\nmax_age_seconds = 30\n[pool.sizes]\nstarter = 3\nfree = 0\n")
+    assert cfg.pool.sizes == {"starter": 3, "free": 0} and cfg.pool.max_age_seconds == 30
+    assert config_mod.Config().pool.sizes == {"free": 2}  # the default: small, one tier
+    for text, key in (("[pool.sizes]\nnope = 1\n", "pool.sizes.nope"),
+                      ("[pool.sizes]\nfree = -1\n", "pool.sizes.free"),
+                      ("[pool.sizes]\nfree = \"2\"\n", "pool.sizes"),
+                      ("[pool]\nprofiles = [\"lax\"]\n", "pool.profiles"),
+                      ("[pool]\nrefill_concurrency = 0\n", "pool.refill_concurrency")):
+        with pytest.raises(config_mod.ConfigError, match=key):
+            load(text)

@@ -11,8 +11,8 @@ the pool) and never used for anything else; a create that names its own `session
 takes the normal path.
 
 Keyed by (tier, seccomp profile): `[pool] sizes` per tier times `[pool] profiles`.  One
-background task refills (at most `refill_concurrency` creates at a time, backing off after
-a failure), never while draining, while the health monitor says sandboxes or the journal
+background task refills (at most `refill_concurrency` creates at a time, each waiting up to
+0.1 s for the creates and execs in flight to finish first, backing off after a failure), never while draining, while the health monitor says sandboxes or the journal
 fail, or when the node has no room (members count against `node.max_sessions` and the
 committed memory, and the pool never takes the last free uid slot, which the health canary
 needs).  It also retires members older than `max_age_seconds`.
@@ -51,6 +51,7 @@ __all__ = ["Member", "PoolFacts", "PoolHooks", "WarmPool", "bind_or_create"]
 
 _log = structlog.get_logger("nanorix-agent.pool")
 BACKOFF_MAX_SECONDS = 60.0
+QUIET_WAIT_SECONDS = 0.1  # how long a refill waits for the requests in flight to finish
 NO_KEY_STEP = 4  # key zeroization: a member never had a session key (recorded as such)
 
 
@@ -92,6 +93,7 @@ class PoolHooks:
     new_id: Callable[[], str]  # a fresh session id, unused anywhere
     room: Callable[[str], bool]  # room on the node for one more member of this tier
     draining: Callable[[], bool]
+    busy: Callable[[], bool]  # a create or an exec is in flight (a refill waits, bounded)
     health: Callable[[], HealthHook | None]
     metrics: MetricsHook | None
     version: str
@@ -214,6 +216,12 @@ class WarmPool:
         tier, profile = key
         try:
             async with limiter:
+                # live requests first: a create or exec in flight is answered before this
+                # refill's work (spawning nrx-init runs partly on the event loop); bounded,
+                # so a busy node still refills
+                with trio.move_on_after(QUIET_WAIT_SECONDS):
+                    while self.hooks.busy():
+                        await trio.sleep(0.005)
                 if not self._may_refill_now(key):
                     return
                 cls = self._class_for(profile)

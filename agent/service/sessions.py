@@ -85,7 +85,8 @@ class Service:
         self.memory_capacity = self.admission.memory_capacity
         self.pool = WarmPool(cfg, engine, PoolHooks(
             new_id=self._fresh_session_id, room=self._pool_room,
-            draining=lambda: self.draining, health=lambda: self.health, metrics=metrics,
+            draining=lambda: self.draining, busy=self._busy, health=lambda: self.health,
+            metrics=metrics,
             version=version))
         self.admission.pooled, self.admission.pool_by_tier = self.pool.tiers, self.pool.counts
 
@@ -265,6 +266,11 @@ class Service:
             if not (sid in self.sessions or sid in self._reserved or self.pool.holds(sid)
                     or self.journal.get(sid)):
                 return sid
+
+    def _busy(self) -> bool:
+        """A create or an exec is in flight (the pool's refill lets them go first)."""
+        return bool(self._reserved) or any(s.status == "executing"
+                                           for s in self.sessions.values())
 
     def _pool_room(self, tier: str) -> bool:
         """Room on the node for one more pool member of `tier`, keeping the last uid slot
