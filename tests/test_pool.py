@@ -164,8 +164,9 @@ def test_a_create_naming_its_session_id_takes_the_cold_path(tmp_path):
 @pytest.mark.allow_leftovers  # the crashed daemon's sandboxes die with it; checked below
 def test_crash_with_pooled_sandboxes_leaves_nothing_after_the_next_start(tmp_path):
     """SIGKILL with a full pool: the unbound nrx-inits end with their lifeline (no orphan
-    grace), and the next start's recovery reclaims their cgroups and directories; after
-    its own stop nothing of them is left on the host."""
+    grace), and the next start's recovery reclaims their cgroups and directories without
+    taking them for sessions (no journal row, no proof); after its own stop nothing of
+    them is left on the host."""
     d = AgentDaemon(tmp_path, config=POOL2).start()
     try:
         _wait(lambda: _pool(d) == 2, what="pool of 2")
@@ -180,6 +181,9 @@ def test_crash_with_pooled_sandboxes_leaves_nothing_after_the_next_start(tmp_pat
         assert _host_leftovers(d, ids) == []
         rec = [e for e in _events(d, "recovery_reclaimed") if e.get("kind") == "cgroups"]
         assert rec and rec[0]["count"] >= 2
+        # never a session: no rebuilt journal row, no proof, no state damage
+        assert d.call("proof.pending", {}) == [] and not _events(d, "state_damaged")
+        assert d.call("session.list", {}) == []
     finally:
         d.stop()
     assert _host_leftovers(d, ids) == []

@@ -262,7 +262,7 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
         for d in sessions.iterdir():
             if d.name in c.keep:
                 continue
-            _unlink_socket(d / "attach")  # a dead sandbox's re-attach socket (issue 12)
+            _unlink_leftover_files(d)
             for sub in (d / "root", d):
                 try:
                     if sub.is_dir() and not sub.is_symlink() and sub.as_posix() not in _mount_points():
@@ -273,14 +273,17 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
     return r
 
 
-def _unlink_socket(p: Path) -> None:
-    """Remove `p` if it is a socket (never anything else): what nrx-init bound for a
-    re-attach outlives it and would keep its session directory from being removed."""
-    try:
-        if stat.S_ISSOCK(os.lstat(p).st_mode):
-            os.unlink(p)
-    except OSError:
-        pass
+def _unlink_leftover_files(d: Path) -> None:
+    """What a dead sandbox leaves in its session directory besides the mount point, and
+    would keep the directory from being removed: the re-attach socket nrx-init bound
+    (issue 12) and a warm-pool sandbox's `unbound` mark (issue 18).  Only a socket and a
+    regular file of those names, never anything else."""
+    for name, kind in (("attach", stat.S_ISSOCK), ("unbound", stat.S_ISREG)):
+        try:
+            if kind(os.lstat(d / name).st_mode):
+                os.unlink(d / name)
+        except OSError:
+            pass
 
 
 def reclaim_cgroups(c: _Ctx) -> ReclaimResult:

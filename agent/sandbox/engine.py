@@ -44,6 +44,13 @@ O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def unbound_mark(runtime_dir: Path, session_id: str) -> Path:
+    """A file in a warm-pool sandbox's session directory until it is bound (issue 18):
+    after a crash it tells the start's state check that this sandbox never held a session
+    (no journal row to rebuild, nothing to prove; the reclaimers remove it)."""
+    return mounts.session_dir(runtime_dir, session_id) / "unbound"
+
+
 def _err_text(e: BaseException) -> str:
     """An error for the logs: type and errno name, never str() of an OSError (it carries a
     path, and logs never carry file names)."""
@@ -528,6 +535,9 @@ class SandboxEngine:
             undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
                                                                        session_id))
             undo.push("mount", lambda: mounts.detach(root))
+            if unbound:
+                os.close(os.open(unbound_mark(self.runtime_dir, session_id),
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
@@ -564,6 +574,8 @@ class SandboxEngine:
         anything ran in it.  BindFailed when it did not confirm; the sandbox is then the
         caller's to destroy."""
         hostname = uts.new_hostname(self.cfg.sandbox.hostname_prefix, self._hostnames())
+        with contextlib.suppress(FileNotFoundError):  # from here on it is a session's
+            os.unlink(unbound_mark(self.runtime_dir, sb.session_id))
         try:
             await sb.control.send(initproto.encode_bind(hostname))
             with trio.fail_after(self.cfg.timeouts.create_seconds):
