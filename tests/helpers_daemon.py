@@ -43,6 +43,10 @@ MiB = 1024 * 1024
 TEST_DEFAULTS: dict[str, Any] = {
     "node": {"node_id": "test-node", "max_sessions": 32},
     "log": {"level": "debug"},
+    # the warm pool (issue 18) is off unless a test asks for it (tests/test_pool.py): a
+    # module-scoped daemon would otherwise refill between tests, and the per-test leftover
+    # check would count its new sandboxes
+    "pool": {"sizes": {"free": 0}},
     "tiers": {
         "free": {"memory_bytes": 128 * MiB, "max_concurrent": 3, "max_ttl_seconds": 300,
                  "default_ttl_seconds": 300},

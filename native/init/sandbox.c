@@ -207,7 +207,7 @@ int setup_sandbox(struct config *c)
         STEP_FAIL("creating /work, /tmp, /input: %s", strerror(errno));
 
     if (set_identity(c->hostname) < 0)
-        STEP_FAIL("setting the hostname: %s", strerror(errno));
+        STEP_FAIL("sethostname (and /etc/hostname, /etc/hosts): %s", strerror(errno));
     if (loopback_up() < 0)
         STEP_FAIL("bringing lo up: %s", strerror(errno));
 
