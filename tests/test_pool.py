@@ -111,7 +111,7 @@ def test_aged_out_member_is_destroyed_through_the_pipeline_without_a_proof(tmp_p
         assert all(s["reason"] == "pool_retired" for s in steps)
         assert [s["step"] for s in steps if not s["ok"]] == [4]  # there never was a key
         assert "no session key" in next(s["error"] for s in steps if s["step"] == 4)
-        assert not (d.state_dir / "spool" / f"{sid}.json").exists()
+        assert not [p for p in (d.state_dir / "spool").iterdir() if sid in p.name]
         assert d.call("proof.pending", {}) == []
         import sqlite3
         db = sqlite3.connect(d.state_dir / "journal.sqlite3")
@@ -183,6 +183,7 @@ def test_crash_with_pooled_sandboxes_leaves_nothing_after_the_next_start(tmp_pat
         assert rec and rec[0]["count"] >= 2
         # never a session: no rebuilt journal row, no proof, no state damage
         assert d.call("proof.pending", {}) == [] and not _events(d, "state_damaged")
+        assert list((d.state_dir / "spool").glob("*.pool")) == []  # their reservations
         assert d.call("session.list", {}) == []
     finally:
         d.stop()

@@ -16,7 +16,7 @@ from agent.keys.session import SessionKey
 from agent.sandbox.userns import SlotsExhausted
 from agent.service.journal import JournalUnwritable
 from agent.service.model import Session, SessionRecord
-from agent.service.pool import Member, bind_or_create
+from agent.service.pool import Member, bind_or_create, reserve_proof
 from agent.service.spool import SpoolUnavailable
 from agent.timefmt import iso_seconds
 
@@ -39,7 +39,7 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
     created_at = iso_seconds(now)
     # the proof's space and inode first: a session that could not be proven never starts
     try:
-        await trio.to_thread.run_sync(svc.spool.reserve, session_id, {
+        await reserve_proof(svc.spool, member, session_id, {
             "customer_id": customer_id, "tier": tier, "classification": classification,
             "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl})
     except SpoolUnavailable as e:

@@ -45,9 +45,10 @@ from agent.destroy.context import DestroyContext
 from agent.destroy.pipeline import run_pipeline
 from agent.sandbox.engine import BindFailed, Sandbox, SandboxEngine
 from agent.service.hooks import HealthHook, MetricsHook
+from agent.service.spool import Spool, SpoolUnavailable
 from agent.timefmt import iso_seconds
 
-__all__ = ["Member", "PoolFacts", "PoolHooks", "WarmPool", "bind_or_create"]
+__all__ = ["Member", "PoolFacts", "PoolHooks", "WarmPool", "bind_or_create", "reserve_proof"]
 
 _log = structlog.get_logger("nanorix-agent.pool")
 BACKOFF_MAX_SECONDS = 60.0
@@ -80,6 +81,7 @@ class Member:
     classification: str  # the one it was made with (its seccomp profile, its wipe passes)
     created_at: str
     born: float  # trio clock
+    spool_ready: bool = False  # its proof reservation was made ahead (Spool.reserve_pooled)
 
     @property
     def session_id(self) -> str:
@@ -97,6 +99,7 @@ class PoolHooks:
     health: Callable[[], HealthHook | None]
     metrics: MetricsHook | None
     version: str
+    spool: Spool
 
 
 class WarmPool:
@@ -242,6 +245,11 @@ class WarmPool:
                 self._backoff.pop(key, None)
                 m = Member(sandbox=sb, tier=tier, profile=profile, classification=cls,
                            created_at=iso_seconds(), born=trio.current_time())
+                try:  # its proof's space too: no fsync left on the request path
+                    await trio.to_thread.run_sync(self.hooks.spool.reserve_pooled, sid)
+                    m.spool_ready = True
+                except SpoolUnavailable as e:  # the create reserves then (and may refuse)
+                    _log.warning("pool_reservation_failed", tier=tier, error=str(e))
                 if self.closed:  # the pool closed while this one was being made
                     await self.retire(m, "closed")
                     return
@@ -307,8 +315,10 @@ class WarmPool:
                 self._fault(f"the destruction of pool sandbox {m.session_id} crashed")
                 with trio.move_on_after(10):
                     await m.sandbox.teardown()
+                self.hooks.spool.release_pooled(m.session_id)
                 self._inc("pool_retired_total", why=why, clean="false")
                 return False
+        self.hooks.spool.release_pooled(m.session_id)  # a no-op once bound
         failed = [n for n, ev in enumerate(out.evidence, start=1)
                   if ev.get("ok") is not True and n != NO_KEY_STEP]
         clean = not failed and out.teardown_ok
@@ -383,3 +393,17 @@ async def bind_or_create(pool: WarmPool, member: Member | None, session_id: str,
             _log.error("pool_bind_failed", session_id=session_id, error=str(e))
             await pool.retire(member, "bind_failed")
     return await pool.engine.create(session_id, tier=tier, classification=classification)
+
+
+async def reserve_proof(spool: Spool, member: Member | None, session_id: str,
+                        header: dict) -> None:
+    """The new session's proof reservation: the warm `member`'s, made ahead, takes the
+    header (no fsync, no worker thread on the request path); else one is made now.
+    Raises SpoolUnavailable."""
+    if member is not None and member.spool_ready:
+        try:
+            spool.bind_pooled(session_id, header)
+            return
+        except SpoolUnavailable as e:
+            _log.warning("pool_reservation_unusable", session_id=session_id, error=str(e))
+    await trio.to_thread.run_sync(spool.reserve, session_id, header)

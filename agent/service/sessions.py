@@ -86,8 +86,7 @@ class Service:
         self.pool = WarmPool(cfg, engine, PoolHooks(
             new_id=self._fresh_session_id, room=self._pool_room,
             draining=lambda: self.draining, busy=self._busy, health=lambda: self.health,
-            metrics=metrics,
-            version=version))
+            metrics=metrics, version=version, spool=spool))
         self.admission.pooled, self.admission.pool_by_tier = self.pool.tiers, self.pool.counts
 
     # -- lifetime ----------------------------------------------------------------------
