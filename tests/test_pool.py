@@ -230,3 +230,23 @@ def test_pool_config_is_read_and_bad_values_are_refused_by_name(tmp_path):
                       ("[pool]\nrefill_concurrency = 0\n", "pool.refill_concurrency")):
         with pytest.raises(config_mod.ConfigError, match=key):
             load(text)
+
+
+def test_pooled_spool_reservation_is_invisible_until_bound_and_dropped_at_start(tmp_path):
+    """A pool sandbox's reservation (`.pool`, space preallocated) is no session's until
+    bind_pooled writes the header and renames it to `.resv`; one a crash left behind is
+    removed by the start's scan, and release_pooled drops an unbound one."""
+    from agent.service.spool import Spool
+
+    sp = Spool(tmp_path, reserve_bytes=8192)
+    a, b, c = (f"sess_{n:016x}" for n in (1, 2, 3))
+    for sid in (a, b, c):
+        sp.reserve_pooled(sid)
+    assert (tmp_path / "spool" / f"{a}.pool").stat().st_blocks * 512 >= 8192
+    assert sp.reservations() == {}
+    sp.bind_pooled(a, {"customer_id": "cust", "tier": "free"})
+    assert sp.reservations()[a]["customer_id"] == "cust"
+    sp.release_pooled(b)
+    assert sp.scan() == []
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{a}.resv"]
+    assert c not in sp.reservations()
