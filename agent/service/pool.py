@@ -271,10 +271,15 @@ class WarmPool:
             self.making[key] += 1
 
     def _age_out(self) -> None:
+        """Retire members past `max_age_seconds`, and any whose nrx-init died (at most a
+        second after: the loop looks at least that often)."""
         now, age = trio.current_time(), self.cfg.pool.max_age_seconds
         for q in self.members.values():
             while q and now - q[0].born >= age:
                 self.retire_soon(q.popleft(), "aged_out")
+            for m in [m for m in q if not m.sandbox.alive]:
+                q.remove(m)
+                self.retire_soon(m, "died")
 
     # -- retiring: the destruction pipeline, no CDP -------------------------------------------
     def retire_soon(self, m: Member, why: str) -> None:
