@@ -250,3 +250,24 @@ def test_pooled_spool_reservation_is_invisible_until_bound_and_dropped_at_start(
     assert sp.scan() == []
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{a}.resv"]
     assert c not in sp.reservations()
+
+
+def test_a_member_whose_init_dies_is_retired_and_replaced(tmp_path):
+    """kill -9 of a ready member's nrx-init: the pool notices within its one-second look,
+    destroys what is left through the pipeline (why=died) and makes a replacement; no
+    create ever gets the dead one."""
+    import signal
+
+    with AgentDaemon(tmp_path, config={"pool": {"sizes": {"free": 1}}}) as d:
+        _wait(lambda: _pool(d) == 1, what="pool of 1")
+        (made,) = [e for e in _events(d, "sandbox_created") if e.get("pooled")]
+        os.kill(made["init_pid"], signal.SIGKILL)
+        retired = _wait(lambda: [e for e in _events(d, "pool_member_retired")
+                                 if e["session_id"] == made["session_id"]], what="retired")
+        assert retired[0]["why"] == "died"
+        _wait(lambda: len(_pooled_ids(d)) == 2 and _pool(d) == 1, what="a replacement")
+        sid = d.call("session.create", {"customer_id": "c", "tier": "free"})["session_id"]
+        assert sid != made["session_id"]
+        assert d.call("session.exec", {"session_id": sid, "command": "true"})["exit_code"] == 0
+        d.call("session.destroy", {"session_id": sid})
+        assert _host_leftovers(d, [made["session_id"]]) == []
