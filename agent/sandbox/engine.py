@@ -339,6 +339,11 @@ class Sandbox:
         # an OOM while the agent was down (re-adoption) left no event to wait for
         look_now = self.oom_guarded
         while True:
+            if self._oom_fd != fd:
+                # stop_oom_watch() closed it meanwhile (the session ended while the guard
+                # was set in its thread): its number may already be another fd a task
+                # waits on, and registering it again would be trio's BusyResourceError
+                await trio.sleep_forever()
             if not look_now:
                 try:
                     await trio.lowlevel.wait_readable(fd)

@@ -228,9 +228,9 @@ class WarmPool:
                 if not self._may_refill_now(key):
                     return
                 cls = self._class_for(profile)
-                sid = self.hooks.new_id()
                 t0 = time.monotonic()
-                try:
+                try:  # nothing of a refill may end the daemon: a failure backs off
+                    sid = self.hooks.new_id()
                     sb = await self.engine.create(sid, tier=tier, classification=cls,
                                                   unbound=True)
                 except Exception as e:
