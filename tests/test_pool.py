@@ -271,3 +271,58 @@ def test_a_member_whose_init_dies_is_retired_and_replaced(tmp_path):
         assert d.call("session.exec", {"session_id": sid, "command": "true"})["exit_code"] == 0
         d.call("session.destroy", {"session_id": sid})
         assert _host_leftovers(d, [made["session_id"]]) == []
+
+
+async def test_a_member_that_refuses_bind_is_destroyed_and_the_create_goes_cold(agent_dirs):
+    """Fail closed: a member whose nrx-init refuses BIND (here: really bound once already,
+    so it answers EALREADY) is destroyed through the pipeline (why=bind_failed) and the
+    session is built cold under the same id, with a hostname of its own."""
+    import trio
+    from suite import cgroup_prefix, uid_base
+
+    from agent import config as config_mod
+    from agent.keys.attestation import AttestationKeyStore
+    from agent.sandbox.engine import SandboxEngine
+    from agent.service.journal import Journal
+    from agent.service.sessions import Service
+    from agent.service.spool import Spool
+
+    state, runtime = agent_dirs
+    cfg = config_mod.load(None, state_dir=state, runtime_dir=runtime)
+    cfg.sandbox.cgroup_prefix = cgroup_prefix("pool")
+    cfg.sandbox.uid_base = uid_base()
+    cfg.pool.sizes = {"free": 1}
+    eng = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
+    journal = Journal(state)
+    svc = Service(cfg, engine=eng, key_store=AttestationKeyStore(state), journal=journal,
+                  spool=Spool(state), version="test")
+    retired: list[str] = []
+    real_retire = svc.pool.retire
+
+    async def retire(m, why):
+        retired.append(why)
+        return await real_retire(m, why)
+
+    svc.pool.retire = retire  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            with trio.fail_after(30):
+                while svc.pool.counts()["free"] < 1:
+                    await trio.sleep(0.01)
+            (member,) = svc.pool.members[("free", "default")]
+            await eng.bind(member.sandbox)  # its one BIND is spent
+            first_name = member.sandbox.hostname
+            res = await svc.create(customer_id="c", tier="free")
+            assert res["session_id"] == member.session_id and retired == ["bind_failed"]
+            s = svc.sessions[res["session_id"]]
+            assert s.sandbox is not member.sandbox and s.sandbox.hostname != first_name
+            out = await s.sandbox.exec("hostname", timeout=10)
+            assert out.stdout.decode().strip() == s.sandbox.hostname
+            assert (await svc.destroy(res["session_id"]))["status"] == "destroyed"
+            await svc.drain()
+            nursery.cancel_scope.cancel()
+    finally:
+        await eng.aclose()
+        journal.close()
+    assert not eng.live and eng.cgroups.leftovers() == []
