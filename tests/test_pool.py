@@ -51,7 +51,8 @@ def _host_leftovers(d: AgentDaemon, ids: list[str]) -> list[str]:
 
 def test_pool_fills_to_its_size_and_counts_against_capacity(tmp_path):
     """With [pool] sizes.free = 2 the daemon makes two unbound sandboxes off the request
-    path; agent.info counts them (pool_members, committed memory) but not as sessions."""
+    path; agent.info counts them (pool_members, committed memory) but not as sessions,
+    and the pool_members gauge shows them per tier."""
     with AgentDaemon(tmp_path, config=POOL2) as d:
         _wait(lambda: _pool(d) == 2, what="pool of 2")
         cap = d.call("agent.info")["capacity"]
@@ -60,6 +61,10 @@ def test_pool_fills_to_its_size_and_counts_against_capacity(tmp_path):
         assert len(_pooled_ids(d)) == 2
         time.sleep(0.5)  # it stops at its size
         assert len(_pooled_ids(d)) == 2 and _pool(d) == 2
+        from agent.ops import debug
+
+        text = debug.request(d.runtime_dir / "debug.sock", "metrics")
+        assert 'nanorix_agent_pool_members{tier="free"} 2.0' in text
 
 
 def test_create_takes_a_pooled_sandbox_with_its_own_identity_and_refills(tmp_path):
