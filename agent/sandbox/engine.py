@@ -44,6 +44,13 @@ O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def unbound_mark(runtime_dir: Path, session_id: str) -> Path:
+    """A file in a warm-pool sandbox's session directory until it is bound (issue 18):
+    after a crash it tells the start's state check that this sandbox never held a session
+    (no journal row to rebuild, nothing to prove; the reclaimers remove it)."""
+    return mounts.session_dir(runtime_dir, session_id) / "unbound"
+
+
 def _err_text(e: BaseException) -> str:
     """An error for the logs: type and errno name, never str() of an OSError (it carries a
     path, and logs never carry file names)."""
@@ -70,6 +77,10 @@ def _size_control_socket(sock: socket.socket) -> None:
 
 class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
+
+
+class BindFailed(SandboxError):
+    """A pooled sandbox did not take its session's identity (the caller destroys it)."""
 
 
 class AdoptFailed(SandboxError):
@@ -341,6 +352,11 @@ class Sandbox:
         # an OOM while the agent was down (re-adoption) left no event to wait for
         look_now = self.oom_guarded
         while True:
+            if self._oom_fd != fd:
+                # stop_oom_watch() closed it meanwhile (the session ended while the guard
+                # was set in its thread): its number may already be another fd a task
+                # waits on, and registering it again would be trio's BusyResourceError
+                await trio.sleep_forever()
             if not look_now:
                 try:
                     await trio.lowlevel.wait_readable(fd)
@@ -517,7 +533,9 @@ class SandboxEngine:
         return self._bpf[profile]
 
     async def create(self, session_id: str, *, tier: str, classification: str,
-                     hostname: str | None = None) -> Sandbox:
+                     hostname: str | None = None, unbound: bool = False) -> Sandbox:
+        """A new sandbox.  `unbound` (the warm pool, issue 18): everything but the session
+        identity; its PID 1 runs nothing until bind() gave it its hostname."""
         cfg, sc = self.cfg, self.cfg.sandbox
         if not _SESSION_ID_RE.match(session_id):
             raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
@@ -531,8 +549,8 @@ class SandboxEngine:
         try:
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
-            hostname = hostname or uts.new_hostname(
-                sc.hostname_prefix, {s.hostname for s in self.live.values()})
+            hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
+                        or uts.new_hostname(sc.hostname_prefix, self._hostnames()))
             # mkdir of ~6 cgroup directories, their limit writes and the mount point's
             # mkdir (which waits on the filesystem journal while proofs are fsynced):
             # kernel work that blocked the event loop, i.e. every other session
@@ -543,6 +561,9 @@ class SandboxEngine:
             undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
                                                                        session_id))
             undo.push("mount", lambda: mounts.detach(root))
+            if unbound:
+                os.close(os.open(unbound_mark(self.runtime_dir, session_id),
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
@@ -551,7 +572,7 @@ class SandboxEngine:
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
-                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000))
+                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
             pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
@@ -566,8 +587,32 @@ class SandboxEngine:
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
-                       init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2))
+                       init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2),
+                       pooled=unbound)
         return sb
+
+    def _hostnames(self) -> set[str]:
+        return {s.hostname for s in self.live.values()}
+
+    async def bind(self, sb: Sandbox) -> None:
+        """Give a pooled (unbound) sandbox its session's identity: a fresh hostname unique
+        among live sandboxes, set by its PID 1 (UTS name, /etc/hostname, /etc/hosts) before
+        anything ran in it.  BindFailed when it did not confirm; the sandbox is then the
+        caller's to destroy."""
+        hostname = uts.new_hostname(self.cfg.sandbox.hostname_prefix, self._hostnames())
+        with contextlib.suppress(FileNotFoundError):  # from here on it is a session's
+            os.unlink(unbound_mark(self.runtime_dir, sb.session_id))
+        try:
+            await sb.control.send(initproto.encode_bind(hostname))
+            with trio.fail_after(self.cfg.timeouts.create_seconds):
+                kind, fields = await sb.control.recv()
+        except (SandboxGone, trio.TooSlowError, initproto.InitProtocolError) as e:
+            raise BindFailed(f"the pooled sandbox did not answer BIND ({type(e).__name__})"
+                             ) from None
+        if kind != initproto.MSG_BOUND or fields[0] != 0:
+            why = errno.errorcode.get(fields[0], fields[0]) if fields else kind
+            raise BindFailed(f"the pooled sandbox refused BIND ({why})")
+        sb.hostname = hostname
 
     async def adopt(self, row: dict) -> Sandbox:
         """Re-adopt a journaled session whose sandbox outlived the agent (issue 12): its

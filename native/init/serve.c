@@ -7,6 +7,9 @@
  * socket and send ATTACH, which makes the new connection the lifeline.
  * Each EXEC forks one command in its own process group, drops to the sandbox user with
  * no capabilities, no_new_privs, rlimits and the seccomp filter, then execs it.
+ * A warm-pool sandbox (T_UNBOUND, issue 18) refuses EXEC until one BIND gave it its
+ * session's hostname, and ends at once when the lifeline closes before that (it never
+ * held anything of a customer: there is nothing to re-adopt).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -155,8 +158,10 @@ static void handle_exec(struct config *c, const unsigned char *body, size_t len,
     }
     argv[na] = NULL;
     envp[ne] = NULL;
-    if (r < 0 || na == 0 || out < 0 || err < 0 || leader) {
+    if (r < 0 || na == 0 || out < 0 || err < 0 || leader || c->unbound) {
+        /* fail closed: a pooled sandbox runs nothing before it has its session's identity */
         send_text(CONTROL_FD, MSG_EXEC_FAIL, r < 0 ? "malformed exec request"
+                  : c->unbound ? "sandbox not bound to a session"
                   : leader ? "a command is already running" : "exec request without argv/fds");
         goto out;
     }
@@ -202,6 +207,30 @@ out:
     if (err >= 0) close(err);
 }
 
+/* BIND (issue 18): a warm-pool sandbox takes its session's hostname (UTS name, /etc/hostname,
+ * /etc/hosts), once, before any command ran in it.  Answers BOUND with 0 or an errno. */
+static void handle_bind(struct config *c, const unsigned char *body, size_t len)
+{
+    struct tlv_iter it = {body, body + len};
+    uint32_t tag, l;
+    const unsigned char *v;
+    char *hostname = NULL;
+    int r, e = 0;
+    while ((r = tlv_next(&it, &tag, &l, &v)) > 0)
+        if (tag == T_HOSTNAME && !hostname)
+            hostname = tlv_str(v, l);
+    if (!c->unbound)
+        e = EALREADY; /* bound at creation or by an earlier BIND: identity never changes */
+    else if (r < 0 || !hostname)
+        e = EINVAL;
+    else if (set_identity(hostname) < 0)
+        e = errno ? errno : EIO;
+    else
+        c->unbound = 0;
+    free(hostname);
+    send_ints(CONTROL_FD, MSG_BOUND, e, 0, 1);
+}
+
 static long long now_ms(void)
 {
     struct timespec ts;
@@ -214,7 +243,7 @@ static long long now_ms(void)
  * to go) and remembered, and PID 1 waits `orphan_grace_ms` for a restarted agent. */
 static void orphaned(struct config *c)
 {
-    if (c->attach_fd < 0 || !c->orphan_grace_ms) {
+    if (c->attach_fd < 0 || !c->orphan_grace_ms || c->unbound) {
         kill(-1, SIGKILL);
         _exit(0);
     }
@@ -354,6 +383,8 @@ void serve(struct config *c)
             }
             for (int i = 0; i < nfds; i++)
                 close(fds[i]);
+            if (type == MSG_BIND)
+                handle_bind(c, buf + 4, (size_t)n - 4);
             if (type == MSG_ADOPTED) {
                 cut.leader = 0;
                 cut.tag_len = 0;
