@@ -68,6 +68,7 @@ class PoolFacts:
     customer_id: str = ""
     jurisdiction: str = ""
     receipts: list[dict] = field(default_factory=list)
+    receipt_keys: list[dict] = field(default_factory=list)  # never bound: no session key
     audit_events: list[dict] = field(default_factory=list)
     exec_count: int = 0
     receipts_complete: bool = True
