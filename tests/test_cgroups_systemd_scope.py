@@ -61,7 +61,7 @@ def test_systemd_run_without_systemd_fails_loudly():
     keeps its sessions in its unit and logs it), and nothing is left running."""
     where = Placement(f"{cgroup_prefix('slice')}.slice/a.service", "x.slice")
     missing = Path("/sys/fs/cgroup/unified") / where.scope_path("p")
-    scope = SandboxScope(where, "p", [missing], holder_leaf=True, start_timeout=20)
+    scope = SandboxScope(where, "p", [missing], holder_leaf=True, start_timeout=2)
     with pytest.raises(CgroupError, match="systemd-run"):
         scope.ensure()
     assert scope._child is not None and scope._child.poll() is not None

@@ -39,6 +39,7 @@ from agent import log
 from .base import CgroupError, check_name, read_keyed, read_pids, write_file
 
 HOLDER_LEAF = "holder"
+RETRY_SECONDS = 0.5  # between systemd-run attempts (a stopped scope not yet collected)
 SCOPE_PREFIX = "nanorix-sandboxes-"
 RUN_SYSTEMD = Path("/run/systemd/system")  # sd_booted(3)
 # the holder: its own (private) mount namespace, then sleep; util-linux + coreutils
@@ -185,8 +186,14 @@ class SandboxScope:
                 "systemd-run":
             rc = self._child.poll()
             if rc is not None:
-                raise CgroupError(f"systemd-run could not start {self.name} (exit {rc}); "
-                                  "journalctl shows why")
+                # the previous scope of this name (a stop just now) may still be loaded
+                # until systemd collects it: "unit already exists"; try again in a moment
+                if time.monotonic() + RETRY_SECONDS > deadline:
+                    raise CgroupError(f"systemd-run could not start {self.name} (exit {rc}); "
+                                      "journalctl shows why")
+                time.sleep(RETRY_SECONDS)
+                self._child = _popen(cmd)
+                continue
             if time.monotonic() > deadline:
                 self._child.kill()
                 self._child.wait()
