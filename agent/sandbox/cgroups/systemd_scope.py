@@ -178,6 +178,9 @@ class SandboxScope:
                f"--slice={self.where.slice}",
                f"--description=nanorix-agent sandboxes ({self.where.unit_name})"]
         cmd += [f"--property={p}" for p in SCOPE_PROPERTIES]
+        # at shutdown units stop in the reverse of their start order: the agent drains its
+        # sessions before the scope is stopped
+        cmd += [f"--property=Before={self.where.unit_name}"]
         cmd += ["--", *_holder_cmd()]
         self._child = _popen(cmd)
         deadline = time.monotonic() + self.start_timeout
@@ -189,8 +192,9 @@ class SandboxScope:
                 # the previous scope of this name (a stop just now) may still be loaded
                 # until systemd collects it: "unit already exists"; try again in a moment
                 if time.monotonic() + RETRY_SECONDS > deadline:
-                    raise CgroupError(f"systemd-run could not start {self.name} (exit {rc}); "
-                                      "journalctl shows why")
+                    why = _first_line(self._child)
+                    raise CgroupError(f"systemd-run could not start {self.name} (exit {rc}: "
+                                      f"{why})")
                 time.sleep(RETRY_SECONDS)
                 self._child = _popen(cmd)
                 continue
@@ -199,9 +203,13 @@ class SandboxScope:
                 self._child.wait()
                 raise CgroupError(f"{self.name} did not start within {self.start_timeout} s")
             time.sleep(0.01)
+        if self._child.stderr is not None:
+            self._child.stderr.close()
 
     def _spawn_holder(self, into: Path) -> None:
         self._child = _popen(list(_holder_cmd()))
+        if self._child.stderr is not None:
+            self._child.stderr.close()
         for d in (into, *(x / into.relative_to(self.root) for x in self.dirs[1:])):
             if d.is_dir():
                 write_file(d / "cgroup.procs", self._child.pid)
@@ -240,9 +248,22 @@ def _holder_cmd() -> tuple[str, ...]:
 
 
 def _popen(cmd: list[str]) -> subprocess.Popen:
-    """A child that outlives the agent: its own session, stdio on /dev/null, no fds."""
+    """A child that outlives the agent: its own session, stdin/stdout on /dev/null, no fds;
+    stderr a pipe (systemd-run's reason when it fails), closed on our side once it runs."""
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+                            stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+
+
+def _first_line(child: subprocess.Popen) -> str:
+    """The first line systemd-run wrote to stderr (its error), bounded."""
+    if child.stderr is None:
+        return ""
+    try:
+        return child.stderr.read(400).decode(errors="replace").strip().split("\n")[0]
+    except OSError:
+        return ""
+    finally:
+        child.stderr.close()
 
 
 def _comm(pid: int) -> str:
