@@ -133,13 +133,13 @@ if [ "$lane" != v2 ]; then
     /tmp/*|/var/tmp/*|/var/lib/*)
       # a checkout (a CI clone) below a directory the guest mounts a tmpfs on (PrivateTmp=,
       # SQLite WAL, the host's /tmp crawled by systemd-tmpfiles): the clone is shared once
-      # more, read-only, and mounted back over its own path after that tmpfs (its absolute
-      # paths keep working) and at /srv, from where the unit's PrivateTmp= /tmp gets it
-      # (tests/vm/test_systemd_host.py adds BindReadOnlyPaths=/srv:<clone> in the guest)
+      # more, read-only, at /srv (a virtio 9p tag mounts once), and bound back over its own
+      # path after that tmpfs (its absolute paths keep working); the unit's PrivateTmp= /tmp
+      # gets it from /srv (tests/vm/test_systemd_host.py adds BindReadOnlyPaths=/srv:<clone>)
       fstab=$CACHE/fstab
       { cat "$ROOT/scripts/vm/fstab"
         echo "virtme.initmount1 /srv 9p trans=virtio,version=9p2000.L,ro 0 0"
-        echo "virtme.initmount1 $ROOT 9p trans=virtio,version=9p2000.L,ro 0 0"
+        echo "/srv $ROOT none bind,ro 0 0"
       } > "$fstab"
       share=(--rodir "/srv=$ROOT") ;;
   esac
