@@ -180,6 +180,13 @@ class SandboxConfig:
     # the agent's end of the lifeline closes, waiting for a restarted agent to re-adopt it;
     # 0 = end the sandbox at once (the old behaviour).
     orphan_grace_seconds: float = 60.0
+    # Under systemd the sandboxes live in a scope of their own,
+    # nanorix-sandboxes-<cgroup_prefix>.scope (Delegate=yes, in the agent's slice), so a
+    # crashed or killed agent does not take them with its unit (KillMode=control-group) and
+    # the restarted agent re-adopts them (docs/operations.md).  "auto": use it when systemd
+    # runs the agent as a service; "off": the sandboxes sit in the agent's unit cgroup and
+    # end with it (recovered, `agent_recovery`).  Restart-only.
+    systemd_scope: str = "auto"
 
 
 @dataclass
@@ -252,6 +259,7 @@ class TimeoutsConfig:
     status_interval_seconds: float = 5.0  # READY=1 retries / STATUS= refreshes (systemd)
     systemd_extend_every_seconds: float = 10.0  # recovery: EXTEND_TIMEOUT_USEC this often
     systemd_extend_by_seconds: float = 60.0  # ... asking for this much more start time
+    systemd_scope_seconds: float = 30.0  # systemd-run: the sandbox scope must exist within this
 
 
 @dataclass
@@ -471,6 +479,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.sandbox.oom_fallback_seconds > 0, "sandbox.oom_fallback_seconds must be > 0")
     need(0 <= cfg.sandbox.orphan_grace_seconds <= 24 * 3600,
          "sandbox.orphan_grace_seconds must be between 0 and 86400")
+    need(cfg.sandbox.systemd_scope in ("auto", "off"),
+         'sandbox.systemd_scope must be "auto" or "off"')
     need(cfg.exec.max_input_bytes >= 0, "exec.max_input_bytes must be >= 0")
     need(0 <= cfg.exec.max_env_entries <= ENV_ENTRIES_MAX,
          f"exec.max_env_entries must be 0..{ENV_ENTRIES_MAX}")

@@ -207,9 +207,23 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     if fd < 0:
         raise AdoptFailed("the sandbox kept no view of its tmpfs")
     r = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-    if r < 0:
-        raise AdoptFailed(f"pidfd_getfd failed ({errno.errorcode.get(ctypes.get_errno())})")
-    return r
+    if r >= 0:
+        return r
+    err = ctypes.get_errno()
+    if err in (errno.EPERM, errno.ENOSYS):
+        # the systemd unit's SystemCallFilter=~@debug denies pidfd_getfd (EPERM): reach the
+        # same open file through its /proc/PID/fd link, as root with CAP_SYS_PTRACE may
+        pid = _pidfd_pid(pidfd)
+        try:
+            r = os.open(f"/proc/{pid}/fd/{fd}", O_PATH | os.O_CLOEXEC)
+        except OSError as e:
+            err = e.errno or err
+        else:
+            if not _exited(pidfd) and _pidfd_pid(pidfd) == pid:  # still that process
+                return r
+            os.close(r)
+            raise AdoptFailed("init process gone")
+    raise AdoptFailed(f"pidfd_getfd failed ({errno.errorcode.get(err)})")
 
 
 def _is_tmpfs_root(fd: int, pid: int) -> bool:
