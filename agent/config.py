@@ -180,6 +180,13 @@ class SandboxConfig:
     # the agent's end of the lifeline closes, waiting for a restarted agent to re-adopt it;
     # 0 = end the sandbox at once (the old behaviour).
     orphan_grace_seconds: float = 60.0
+    # Under systemd the sandboxes live in a scope of their own,
+    # nanorix-sandboxes-<cgroup_prefix>.scope (Delegate=yes, in the agent's slice), so a
+    # crashed or killed agent does not take them with its unit (KillMode=control-group) and
+    # the restarted agent re-adopts them (docs/operations.md).  "auto": use it when systemd
+    # runs the agent as a service; "off": the sandboxes sit in the agent's unit cgroup and
+    # end with it (recovered, `agent_recovery`).  Restart-only.
+    systemd_scope: str = "auto"
 
 
 @dataclass
@@ -252,6 +259,26 @@ class TimeoutsConfig:
     status_interval_seconds: float = 5.0  # READY=1 retries / STATUS= refreshes (systemd)
     systemd_extend_every_seconds: float = 10.0  # recovery: EXTEND_TIMEOUT_USEC this often
     systemd_extend_by_seconds: float = 60.0  # ... asking for this much more start time
+    systemd_scope_seconds: float = 30.0  # systemd-run: the sandbox scope must exist within this
+
+
+@dataclass
+class PoolConfig:
+    """[pool]: the warm pool (issue 18, docs/operations.md "Warm pool").  Ready sandboxes
+    made off the request path — namespaces, cgroups with the tier's limits, tmpfs, uid slot,
+    seccomp, nrx-init serving — that `session.create` binds to a new session (hostname,
+    session key, journal row, TTL) instead of building one.  Members count against node
+    capacity (sessions and committed memory); one that ages out, or is left at drain or
+    stop, is destroyed by the destruction pipeline (logged and counted; no CDP: it never
+    belonged to a customer)."""
+
+    # ready sandboxes kept per tier, for each seccomp profile in `profiles`; a tier not
+    # listed (or 0) has no pool: its creates take the normal path.  {} = pool off.
+    sizes: dict[str, int] = field(default_factory=lambda: {"free": 2})
+    profiles: list[str] = field(default_factory=lambda: ["default"])  # seccomp profiles pooled
+    max_age_seconds: float = 3600.0  # a member older than this is destroyed and replaced
+    refill_concurrency: int = 1  # pool sandboxes made at once (off the request path)
+    refill_backoff_seconds: float = 1.0  # after a failed refill; doubles up to 60 s
 
 
 @dataclass
@@ -292,6 +319,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     destroy: DestroyConfig = field(default_factory=DestroyConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     tiers: dict[str, Tier] = field(default_factory=_default_tiers)
     classes: dict[str, DataClass] = field(default_factory=_default_classes)
 
@@ -412,6 +440,11 @@ def _coerce(default, v, key: str):
         if not isinstance(v, list):
             raise ConfigError(f"{key} must be a list, got {v!r}")
         return list(v)
+    if isinstance(default, dict):  # {name = integer} tables (pool.sizes)
+        if not isinstance(v, dict) or not all(
+                isinstance(n, int) and not isinstance(n, bool) for n in v.values()):
+            raise ConfigError(f"{key} must be a table of integers, got {v!r}")
+        return dict(v)
     raise ConfigError(f"{key}: unsupported value {v!r}")
 
 
@@ -471,6 +504,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.sandbox.oom_fallback_seconds > 0, "sandbox.oom_fallback_seconds must be > 0")
     need(0 <= cfg.sandbox.orphan_grace_seconds <= 24 * 3600,
          "sandbox.orphan_grace_seconds must be between 0 and 86400")
+    need(cfg.sandbox.systemd_scope in ("auto", "off"),
+         'sandbox.systemd_scope must be "auto" or "off"')
     need(cfg.exec.max_input_bytes >= 0, "exec.max_input_bytes must be >= 0")
     need(0 <= cfg.exec.max_env_entries <= ENV_ENTRIES_MAX,
          f"exec.max_env_entries must be 0..{ENV_ENTRIES_MAX}")
@@ -488,6 +523,7 @@ def _validate(cfg: Config) -> None:
     need(1 <= cfg.metrics.max_connections <= 256, "metrics.max_connections must be 1..256")
     need(4096 <= cfg.spool.reserve_bytes <= 64 * MiB,
          "spool.reserve_bytes must be between 4096 and 64 MiB")
+    _validate_pool(cfg, need)
     need(bool(cfg.tiers), "at least one tier must be configured")
     for name, t in cfg.tiers.items():
         for k in ("max_concurrent", "max_ttl_seconds", "tmpfs_bytes"):
@@ -510,6 +546,22 @@ def _validate(cfg: Config) -> None:
              f"classes.{name}.wipe_passes must be a non-empty list of {', '.join(WIPE_PATTERNS)}")
         need(c.wipe_passes[-1] == "zeros",
              f"classes.{name}.wipe_passes must end with zeros (the read-back is checked against zero)")
+
+
+def _validate_pool(cfg: Config, need) -> None:
+    p = cfg.pool
+    for tier, n in p.sizes.items():
+        need(tier in cfg.tiers, f"pool.sizes.{tier}: unknown tier; allowed: "
+             f"{', '.join(cfg.tiers)}")
+        need(0 <= n <= cfg.node.max_sessions,
+             f"pool.sizes.{tier} must be between 0 and node.max_sessions")
+    profiles = {c.seccomp_profile for c in cfg.classes.values()}
+    for prof in p.profiles:
+        need(prof in profiles, f"pool.profiles: {prof!r} is the profile of no data class; "
+             f"allowed: {', '.join(sorted(profiles))}")
+    need(p.max_age_seconds > 0, "pool.max_age_seconds must be > 0")
+    need(1 <= p.refill_concurrency <= 16, "pool.refill_concurrency must be 1..16")
+    need(p.refill_backoff_seconds > 0, "pool.refill_backoff_seconds must be > 0")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

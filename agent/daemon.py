@@ -48,7 +48,7 @@ from agent.rpc.server import (
     effective_max_connections,
     socket_gid,
 )
-from agent.sandbox.engine import SandboxEngine
+from agent.sandbox.engine import SandboxEngine, unbound_mark
 from agent.service.integrity import IntegrityReport, check_state
 from agent.service.journal import Journal, JournalUnavailable
 from agent.service.sessions import SESSION_ID_RE, Service
@@ -189,8 +189,10 @@ class Daemon:
         sessions_dir = self.cfg.paths.runtime_dir / "sessions"
         if sessions_dir.is_dir():
             host |= {d.name for d in sessions_dir.iterdir()}
+        runtime = self.cfg.paths.runtime_dir  # a warm-pool sandbox was never a session:
         report = check_state(service.journal, service.spool,
-                             host_sessions={h for h in host if SESSION_ID_RE.match(h)},
+                             host_sessions={h for h in host if SESSION_ID_RE.match(h)
+                                            and not unbound_mark(runtime, h).exists()},
                              default_tier=next(iter(self.cfg.tiers)))
         for d in report.damage:
             if service.metrics is not None:

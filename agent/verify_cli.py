@@ -35,7 +35,8 @@ __all__ = ["load_trust", "main", "verify_file"]
 
 MAX_BYTES = 256 * 1024 * 1024
 MAX_TRUST_BYTES = 16 * 1024 * 1024
-LABELS = {"cdp-1.0": "CDP 1.0", "auditproof-2.1": "AuditProof 2.1", "unknown": "unknown format"}
+LABELS = {"cdp-1.0": "CDP 1.0", "auditproof-2.1": "AuditProof 2.1", "unknown": "unknown format",
+          "receipts": "Receipts"}
 MARKS = {True: "✓", False: "✗", None: "?"}
 
 
@@ -156,6 +157,27 @@ def verify_file(path: str, fmt: str = "auto", trust: TrustSource | None = None) 
     return rep
 
 
+def add_receipts(rep: dict, proof_path: str, receipts_path: str,
+                 trust: TrustSource | None) -> None:
+    """Check the receipts in `receipts_path` against the proof (receiptkeys.
+    verify_receipts) into `rep["receipts"]`; the file is valid only if they are."""
+    from agent.cdp.receiptkeys import verify_receipts
+
+    doc, _ = _load(proof_path)
+    items, err = _load(receipts_path)
+    if err is not None or not isinstance(items, list):
+        rv = {"valid": False, "complete": False, "checks": {},
+              "errors": {"receipts": err or "not a JSON list"}, "unverified": {}, "notes": {}}
+    else:
+        rv = verify_receipts(doc, [r.get("receipt", r) if isinstance(r, dict) else r
+                                   for r in items], trust)
+    rep["receipts"] = rv
+    rep["valid"] = rep["valid"] and rv["valid"]
+    rep["complete"] = rep["complete"] and rv["complete"]
+    if not rep["valid"]:
+        rep["level"] = "invalid"
+
+
 def _verdict(rep: dict, trusted: bool) -> str:
     if not rep["valid"]:
         return "INVALID"
@@ -178,7 +200,10 @@ def _print_human(rep: dict, out: TextIO, trusted: bool) -> None:
         return
     print(f"{rep['file']}: {_verdict(rep, trusted)}"
           + (f" — {rep['error']}" if rep.get("error") else ""), file=out)
-    for r in rep["results"]:
+    rv = rep.get("receipts")
+    results = rep["results"] + ([dict(rv, format="receipts", level="complete" if rv["complete"]
+                                      else "valid, not complete")] if rv else [])
+    for r in results:
         print(f"  {LABELS.get(r['format'], r['format'])}: "
               f"{r['level'] if r['valid'] else 'invalid'}", file=out)
         for name, ok in r["checks"].items():
@@ -211,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="resolve signer keys through a running agent's key.get")
     p.add_argument("--require-trust", action="store_true",
                    help="fail (exit 1) unless every signer is trusted")
+    p.add_argument("--receipts", metavar="RECEIPTS.json",
+                   help="also check these exec receipts (a JSON list of receipts or of "
+                        "`session exec --json` results) against the one proof FILE: "
+                        "each under its epoch's receipt key (docs/proofs.md)")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -227,8 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrustError as e:
         print(f"nanorix-agent verify: {e}", file=sys.stderr)
         return 2
+    if args.receipts and (len(args.files) != 1 or "-" in (args.files[0], args.receipts)):
+        print("nanorix-agent verify: --receipts goes with exactly one proof FILE (files, "
+              "not stdin)",
+              file=sys.stderr)
+        return 2
     try:
         reports = [verify_file(f, args.format, trust) for f in args.files]
+        if args.receipts and reports[0]["readable"]:
+            add_receipts(reports[0], args.files[0], args.receipts, trust)
     finally:
         if isinstance(trust, AgentTrust):
             trust.close()

@@ -274,6 +274,61 @@ def peer_row(label: str, ours: dict, peer: list[float], goal: str = "") -> tuple
 
 # ----------------------------------------------------------------------------- benches
 
+POOL_SIZE = 4
+# the main daemon keeps the pre-pool behaviour (every row above compares with the runs
+# before issue 18); the warm-pool row runs a second daemon with a pool of the bench tier
+NO_POOL = "[pool.sizes]\nfree = 0\n"
+WARM_POOL = f"[pool]\nrefill_concurrency = 1\n[pool.sizes]\nfree = 0\nbench = {POOL_SIZE}\n"
+
+
+def _pool_ready(c: Client, want: int, timeout: float = 10.0) -> bool:
+    """Wait (polling agent.info) until the bench tier's pool holds `want` members."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.call("agent.info")["capacity"]["pool_by_tier"].get("bench", 0) >= want:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def bench_warm_pool(td: Path, n: int, rows: list, cold: dict | None) -> None:
+    """session.create and create + exec `true` when a ready sandbox waits in the pool
+    (issue 18), alternating with bwrap one-shots; the pool is refilled (and waited for)
+    between runs, off the clock.  `cold`: the same figures of the main daemon (no pool)."""
+    (td / "pool").mkdir()
+    d = Daemon(td / "pool", WARM_POOL)
+    try:
+        c = Client(d.sock)
+        ours, creates, peer, misses = [], [], [], 0
+        for _ in range(n):
+            if not _pool_ready(c, POOL_SIZE):
+                misses += 1
+            t = time.perf_counter()
+            sid = create(c)
+            creates.append((time.perf_counter() - t) * 1000)
+            exec_true(c, sid)
+            ours.append((time.perf_counter() - t) * 1000)
+            count_status(destroy(c, sid))
+            peer.append(timed(bwrap_true))
+        c.close()
+    finally:
+        d.stop()
+        left = leftovers(d)
+    so, sc, sp = summary(ours), summary(creates), summary(peer)
+    rows.append(("warm pool: create + exec `true` (ms)", so, sp,
+                 f"ours {so['p50'] / sp['p50']:.2f}x bwrap one-shot (goal <= 0.5)"
+                 + (f"; cold {cold['ours']['p50'] / so['p50']:.1f}x slower" if cold else "")))
+    rows.append(("  of which session.create from the pool (ms)", sc, None,
+                 "goal p50 <= 1 ms" + (f"; cold {cold['create']['p50']:.2f} ms" if cold else "")
+                 + (f"; pool not refilled in time {misses}x" if misses else "")
+                 + (f"; LEFT BEHIND: {'; '.join(left)}" if left else "")))
+    if left:
+        POOL_LEFT.extend(left)
+
+
+POOL_LEFT: list[str] = []
+COLD: dict = {}  # the cold create figures of bench_create_exec, for the warm-pool row
+
 def bench_create_exec(d: Daemon, n: int, rows: list, px: peers.Peers) -> None:
     c = Client(d.sock)
     ours, peer, kill_ms, create_ms = [], [], [], []
@@ -292,6 +347,7 @@ def bench_create_exec(d: Daemon, n: int, rows: list, px: peers.Peers) -> None:
             xs.append(px.oci.run(rt))
     c.close()
     so, sp = summary(ours), summary(peer)
+    COLD.update(ours=so, create=summary(create_ms))
     rows.append(("create + exec `true` (ms)", so, sp,
                  f"ours {so['p50'] / sp['p50']:.2f}x bwrap one-shot (goal <= 1.0, <= 0.5 warm pool)"))
     rows += [peer_row(f"{rt} run `true` (one-shot)", so, xs) for rt, xs in oci.items()]
@@ -656,8 +712,9 @@ def load() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
-    ap.add_argument("--only", choices=("all", "transport"), default="all",
-                    help="transport: just the unix-socket vs mTLS rows (about a minute)")
+    ap.add_argument("--only", choices=("all", "transport", "pool"), default="all",
+                    help="transport: just the unix-socket vs mTLS rows (about a minute); "
+                         "pool: create + exec cold, then from a warm pool")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench needs root (namespaces, cgroups)", file=sys.stderr)
@@ -682,14 +739,17 @@ def main() -> int:
             print(f"skipped peer: {why}")
         try:
             tls = Tls(Path(td))
-            d = Daemon(Path(td), tls.config, ident=ident)
+            d = Daemon(Path(td), tls.config + NO_POOL, ident=ident)
         except BaseException:
             px.close()
             raise
+        warm = ("warm pool", lambda: bench_warm_pool(Path(td), n, rows, COLD))
         benches = [
             ("transport", lambda: bench_transport(d, tls, n, rows)),
         ] if args.only == "transport" else [
-            ("create+exec", lambda: bench_create_exec(d, n, rows, px)),
+            ("create+exec", lambda: bench_create_exec(d, n, rows, px)), warm,
+        ] if args.only == "pool" else [
+            ("create+exec", lambda: bench_create_exec(d, n, rows, px)), warm,
             ("exec rtt", lambda: bench_exec_rtt(d, n * 2, rows, px)),
             ("lifecycle", lambda: bench_lifecycle(d, n, rows, px)),
             ("throughput", lambda: bench_throughput(d, 10 if args.quick else 40, rows, px,
@@ -709,7 +769,7 @@ def main() -> int:
         finally:
             d.stop()
             px.close()
-            left = leftovers(d)
+            left = leftovers(d) + POOL_LEFT
     if args.only == "all":
         bench_wipe(rows)
         bench_cdp(rows)

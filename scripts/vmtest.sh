@@ -127,19 +127,25 @@ if [ "$lane" != v2 ]; then
   # `container=` (empty) tells PID 1 it is not in a container (the shared root has a
   # /.dockerenv, and in a container systemd ignores the kernel command line).
   mkdir -p "$CACHE/home/.config/virtme-ng"
-  printf '{"default_opts": {}, "clean_exclude": [], "systemd": {"masks": ["getty@"], "fstab": "%s"}}\n' \
-    "$ROOT/scripts/vm/fstab" > "$CACHE/home/.config/virtme-ng/virtme-ng.conf"
+  fstab=$ROOT/scripts/vm/fstab
+  share=()
   case $ROOT/ in
     /tmp/*|/var/tmp/*|/var/lib/*)
-      # the guest needs tmpfs on these (PrivateTmp=, SQLite WAL, the host's /tmp crawled by
-      # systemd-tmpfiles) and the unit's PrivateTmp= hides /tmp from the agent: a checkout
-      # there cannot be run from.  Said, not failed: clone elsewhere to run this lane.
-      echo "vmtest: systemd lane: skipped: the checkout $ROOT is below a directory the guest" \
-           "mounts a tmpfs on (/tmp, /var/tmp, /var/lib); clone elsewhere to run it"
-      echo "systemd: 0 passed, 0 failed, 7 skipped"
-      exit $status ;;
+      # a checkout (a CI clone) below a directory the guest mounts a tmpfs on (PrivateTmp=,
+      # SQLite WAL, the host's /tmp crawled by systemd-tmpfiles): the clone is shared once
+      # more, read-only, at /srv (a virtio 9p tag mounts once), and bound back over its own
+      # path after that tmpfs (its absolute paths keep working); the unit's PrivateTmp= /tmp
+      # gets it from /srv (tests/vm/test_systemd_host.py adds BindReadOnlyPaths=/srv:<clone>)
+      fstab=$CACHE/fstab
+      { cat "$ROOT/scripts/vm/fstab"
+        echo "virtme.initmount1 /srv 9p trans=virtio,version=9p2000.L,ro 0 0"
+        echo "/srv $ROOT none bind,ro 0 0"
+      } > "$fstab"
+      share=(--rodir "/srv=$ROOT") ;;
   esac
-  HOME=$CACHE/home run_lane systemd "" --systemd --append container= --append panic=-1 \
+  printf '{"default_opts": {}, "clean_exclude": [], "systemd": {"masks": ["getty@"], "fstab": "%s"}}\n' \
+    "$fstab" > "$CACHE/home/.config/virtme-ng/virtme-ng.conf"
+  HOME=$CACHE/home run_lane systemd "" --systemd "${share[@]}" --append container= --append panic=-1 \
     --append "SYSTEMD_GENERATOR_PATH=$ROOT/scripts/vm/generators:" \
     --append systemd.unit=nrx-vmtest.service \
     ${VMTEST_SYSTEMD_DEBUG:+--append systemd.log_target=console --append systemd.show_status=1} \

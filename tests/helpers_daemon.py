@@ -43,6 +43,10 @@ MiB = 1024 * 1024
 TEST_DEFAULTS: dict[str, Any] = {
     "node": {"node_id": "test-node", "max_sessions": 32},
     "log": {"level": "debug"},
+    # the warm pool (issue 18) is off unless a test asks for it (tests/test_pool.py): a
+    # module-scoped daemon would otherwise refill between tests, and the per-test leftover
+    # check would count its new sandboxes
+    "pool": {"sizes": {"free": 0}},
     "tiers": {
         "free": {"memory_bytes": 128 * MiB, "max_concurrent": 3, "max_ttl_seconds": 300,
                  "default_ttl_seconds": 300},
@@ -50,6 +54,17 @@ TEST_DEFAULTS: dict[str, Any] = {
                     "default_ttl_seconds": 600},
     },
 }
+
+
+def wait_until(pred, timeout: float = 30.0, what: str = "condition"):
+    """Poll `pred` until it returns something true (returned) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def _merge(base: dict, over: dict) -> dict:

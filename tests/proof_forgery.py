@@ -30,6 +30,15 @@ def resign(cdp: dict, signer, *, session_id: str | None = None, bind: bool = Tru
     return add_binding(doc, signer) if bind else doc
 
 
+def with_receipt_keys(cdp: dict, keys: list, signer) -> dict:
+    """`cdp` rebuilt with step 8's `receipt_keys` replaced by `keys`, signed by `signer`
+    (docs/proofs.md "Receipt keys"): isolates the receipt_keys check from the others."""
+    ev = copy.deepcopy(cdp["evidence"])
+    ev[7]["receipt_keys"] = keys
+    return build_cdp(session_id=cdp["session_id"], created_at=cdp["created_at"],
+                     destroyed_at=cdp["destroyed_at"], evidence=ev, signer=signer)
+
+
 def resign_rendition(ap: dict, cdp: dict, signer) -> dict:
     """A 2.1 rendition of `cdp` built and signed by `signer` with `ap`'s metadata."""
     return build_auditproof(signer=signer, customer_id=ap["org_id"],

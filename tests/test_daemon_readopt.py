@@ -101,7 +101,8 @@ def test_readopted_through_the_sandbox_root_when_the_host_view_is_gone(tmp_path)
         assert d.stop() == 0
 
 
-@pytest.mark.parametrize("point", ["adopt.attached", "adopt.confirmed", "adopt.journaled"])
+@pytest.mark.parametrize("point", ["adopt.attached", "adopt.rekeyed", "adopt.confirmed",
+                                   "adopt.journaled"])
 def test_crash_during_readoption_leaves_each_session_adopted_or_proven(tmp_path, point):
     """The agent is killed again in the middle of re-adopting (at `point`, a test-only
     crash point: a kernel cannot crash a process at an exact line on demand); the next
@@ -130,6 +131,7 @@ def test_crash_during_readoption_leaves_each_session_adopted_or_proven(tmp_path,
             proof = d.call("session.destroy", {"session_id": sid})
             assert proof["status"] == "destroyed", proof["cdp"]["evidence"]
             assert proof["cdp"]["evidence"][7]["exec_count"] == execs
+            assert verify(proof)["checks"]["receipt_keys"] is True
     finally:
         assert d.stop() == 0
 

@@ -15,6 +15,7 @@ import time
 import pytest
 from faults import fill_inodes, fill_space, free, mounted, set_immutable, small_fs, verifies
 from helpers_daemon import ROOT, AgentDaemon, agent_daemon  # noqa: F401 (fixture)
+from helpers_daemon import wait_until as _wait
 
 from agent.errors import Conflict, Unavailable
 
@@ -27,16 +28,6 @@ def _create(d: AgentDaemon, **kw) -> str:
 
 def _root(d: AgentDaemon, sid: str):
     return d.runtime_dir / "sessions" / sid / "root"
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def _every_proof_once(d: AgentDaemon, sids: list[str]) -> None:

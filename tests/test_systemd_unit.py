@@ -47,7 +47,8 @@ def test_unit_has_the_required_directives():
             "PrivateNetwork": "yes", "ProtectProc": "invisible",
             "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure",
             "StateDirectory": "nanorix-agent",
-            "RuntimeDirectory": "nanorix-agent lock/nanorix-agent"}
+            "RuntimeDirectory": "nanorix-agent lock/nanorix-agent",
+            "RuntimeDirectoryPreserve": "restart"}
     for k, v in want.items():
         assert d.get(k) == [v], k
     assert d["WatchdogSec"] and d["ExecStart"][0].endswith("nanorix-agent serve")

@@ -340,11 +340,14 @@ def verify_auditproof(doc: object, trust: TrustSource | None = None) -> dict:
             raise _Fail("capsule_started timestamp differs from step 8 created_at")
         return None
 
-    return run_all(res, {
+    from agent.cdp.receiptkeys import add_receipt_keys_check
+
+    return add_receipt_keys_check(run_all(res, {
         "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,
         "step_count": step_counter(doc, len(STEPS_21)), "evidence": evidence,
         "session_binding": session_binding,
         "destruction_complete": lambda: destruction_complete(
             doc, signed_state=bool(signed.get("view"))),
         "signer": lambda: check_signer(trust, d.get("attestation") if d is not None else None,
-                                       d.get("destroyed_at") if d is not None else None)})
+                                       d.get("destroyed_at") if d is not None else None)}),
+        doc, trust)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 CHECKS = ("chain_integrity", "final_hash", "signature", "step_count", "evidence",
           "session_binding", "destruction_complete", "signer")
-TRISTATE = ("evidence", "session_binding", "destruction_complete", "signer", "envelope")
+TRISTATE = ("evidence", "session_binding", "destruction_complete", "signer", "envelope",
+            "receipt_keys")
 LEVELS = ("invalid", "self-consistent", "provenance")
 MAX_REASON = 200
 STEPS_EXPECTED = 8

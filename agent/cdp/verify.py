@@ -185,7 +185,9 @@ def verify_cdp(cdp: object, trust: TrustSource | None = None) -> dict:
                 raise _Fail(f"{k} differs from step 8 evidence")
         return None
 
-    return run_all(res, {
+    from agent.cdp.receiptkeys import add_receipt_keys_check
+
+    return add_receipt_keys_check(run_all(res, {
         "chain_integrity": chain_integrity, "final_hash": final_hash, "signature": signature,
         "step_count": step_counter(cdp), "evidence": evidence,
         "session_binding": session_binding,
@@ -193,7 +195,8 @@ def verify_cdp(cdp: object, trust: TrustSource | None = None) -> dict:
             cdp, signed_state=bool(state.get("bound"))),
         "signer": lambda: check_signer(trust, cdp.get("attestation") if isinstance(cdp, dict)
                                        else None,
-                                       cdp.get("destroyed_at") if isinstance(cdp, dict) else None)})
+                                       cdp.get("destroyed_at") if isinstance(cdp, dict) else None)}),
+        cdp, trust)
 
 
 def _is_rendition(doc: object) -> bool:

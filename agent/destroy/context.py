@@ -17,7 +17,9 @@ __all__ = ["REASONS", "DestroyContext", "DestroyHooks", "DestroyOutcome", "Destr
 
 # sandbox_failed: the sandbox's PID 1 (nrx-init) died on its own (killed from the host,
 # crashed); the agent noticed through its pidfd and ended the session
-REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery", "sandbox_failed")
+# pool_retired: a warm-pool sandbox never bound to a session (agent/service/pool.py; no CDP)
+REASONS = ("requested", "ttl_expired", "oom", "operator", "agent_recovery", "sandbox_failed",
+           "pool_retired")
 
 
 class StepError(RuntimeError):
@@ -44,6 +46,7 @@ class SessionFacts(Protocol):
     receipts: list[dict]
     audit_events: list[dict]
     exec_count: int
+    receipt_keys: list[dict]  # every receipt key, in epoch order (agent/cdp/receiptkeys.py)
 
 
 @dataclass

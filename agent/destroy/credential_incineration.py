@@ -109,6 +109,8 @@ def _settle(st: DestroyState, ev: dict, uts: int | None, timeout: float) -> tupl
             st.uid_ranges, st.gid_ranges, [uts] if uts else [], ("uts",))
         if not n or holders["in_session"] or holders["outside"]:
             break
+        if residue.zombies_not_ours(st.uid_ranges, st.gid_ranges) == n:
+            break  # only zombies another program must reap: recorded as unreaped below
         if time.monotonic() - t0 > timeout:
             break
         time.sleep(delay)

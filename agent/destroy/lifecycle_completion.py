@@ -6,7 +6,9 @@ destruction times (destroyed_at is the CDP's top-level value), reason, final sta
 are all ok for any other reason, `expired_unclean` otherwise), classification,
 jurisdiction, tier, node id, agent version, exec count and the Merkle root (SPEC 6) of
 the receipts' leaves (SHA-256("") when the session ran nothing; after agent recovery the
-leaves are the journal's exec hashes, `receipts_source` says which).
+leaves are the journal's exec hashes, `receipts_source` says which), and `receipt_keys`:
+every receipt key the session had, in order, later ones with their signed introduction
+(agent/cdp/receiptkeys.py; absent for a session record without keys).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def base_fields(ctx: DestroyContext, st: DestroyState) -> dict:
             "data_classification": s.classification, "jurisdiction": s.jurisdiction,
             "tier": s.tier, "node_id": ctx.node_id, "agent_version": ctx.agent_version,
             "exec_count": int(s.exec_count), "receipts_root": merkle.merkle_root(leaves),
-            "receipts_source": source, **_attempts(ctx)}
+            "receipts_source": source,
+            **({"receipt_keys": list(s.receipt_keys)} if s.receipt_keys else {}),
+            **_attempts(ctx)}
 
 
 def _attempts(ctx: DestroyContext) -> dict:

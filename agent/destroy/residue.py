@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["NAMESPACES", "Mount", "id_map", "ids_holders", "list_pids", "list_tasks", "mounts_of",
-           "ns_inodes", "parse_mountinfo", "unreaped_in_namespaces", "processes_in_namespaces", "processes_with_ids",
+           "ns_inodes", "parse_mountinfo", "unreaped_in_namespaces", "zombies_not_ours", "processes_in_namespaces", "processes_with_ids",
            "processes_with_ids_and_in_namespaces", "read_mountinfo"]
 
 NAMESPACES = ("user", "mnt", "uts", "ipc", "pid", "net", "cgroup")
@@ -201,6 +201,20 @@ def ids_holders(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, i
     for kind in kinds.values():
         out[kind] += 1
     return out
+
+
+def zombies_not_ours(uid_ranges: list[tuple[int, int]],
+                     gid_ranges: list[tuple[int, int]]) -> int:
+    """Zombies holding the ids (their leader thread exited) whose parent is not this
+    process: nothing the agent does reaps them (a re-adopted PID 1 is the host init's
+    child), so waiting for them only waits for another program."""
+    me = os.getpid()
+    n = 0
+    for pid, tid, status in _tasks_with_ids(uid_ranges, gid_ranges):
+        if pid == tid and _status_state(status) in (b"Z", b"X") \
+                and _status_ids(status, b"\nPPid:") != [me]:
+            n += 1
+    return n
 
 
 def _status_state(data: bytes) -> bytes:

@@ -168,7 +168,8 @@ def _session_facts(s) -> dict:
     return {"session_id": s.session_id, "customer_id": s.customer_id, "tier": s.tier,
             "classification": s.classification, "jurisdiction": s.jurisdiction,
             "created_at": s.created_at, "receipts": list(s.receipts),
-            "audit_events": list(s.audit_events or []), "exec_count": int(s.exec_count)}
+            "audit_events": list(s.audit_events or []), "exec_count": int(s.exec_count),
+            "receipt_keys": list(s.receipt_keys)}
 
 
 def _job(ctx) -> tuple[dict, list[int]]:

@@ -30,13 +30,14 @@ class KeyZeroized(RuntimeError):
     """The session key was zeroized; it can no longer sign."""
 
 
-def receipt_key_id(session_id: str) -> str:
-    """`nrx-receipt-` + the 16 hex of a `sess_…` id (other ids: hex of their SHA-256, 16)."""
+def receipt_key_id(session_id: str, epoch: int = 0) -> str:
+    """`nrx-receipt-` + the 16 hex of a `sess_…` id (other ids: hex of their SHA-256, 16);
+    the key of a later epoch (a re-adopted session, agent/cdp/receiptkeys.py) adds
+    `-e<epoch>`, so every key a session ever had has its own id."""
     m = _SID.match(session_id)
-    if m:
-        return "nrx-receipt-" + m.group(1)
-
-    return "nrx-receipt-" + hashlib.sha256(session_id.encode()).hexdigest()[:16]
+    base = "nrx-receipt-" + (m.group(1) if m else
+                             hashlib.sha256(session_id.encode()).hexdigest()[:16])
+    return base if epoch == 0 else f"{base}-e{int(epoch)}"
 
 
 class SessionKey:
@@ -52,13 +53,13 @@ class SessionKey:
         self._report: dict | None = None
 
     @classmethod
-    def generate(cls, session_id: str) -> SessionKey:
-        """A fresh random key for `session_id`, never written anywhere."""
+    def generate(cls, session_id: str, epoch: int = 0) -> SessionKey:
+        """A fresh random key for `session_id` (its `epoch`-th), never written anywhere."""
         pk = ffi.new("unsigned char[32]")
         h = lib.nrx_sk_generate(pk)
         if h == ffi.NULL:
             raise MemoryError("could not allocate locked memory for a session key")
-        return cls(ffi.gc(h, lib.nrx_sk_free), bytes(pk), receipt_key_id(session_id))
+        return cls(ffi.gc(h, lib.nrx_sk_free), bytes(pk), receipt_key_id(session_id, epoch))
 
     @classmethod
     def _from_seed_for_tests(cls, session_id: str, seed: bytes) -> SessionKey:

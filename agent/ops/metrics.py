@@ -66,6 +66,16 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "state_damage_total": ("counter", "Damaged or lost state found at start (quarantined "
                            "files, rebuilt journal rows, re-proven sessions), by kind.",
                            ("kind",)),
+    "pool_hits_total": ("counter", "Creates that took a warm-pool sandbox, by tier.",
+                        ("tier",)),
+    "pool_misses_total": ("counter", "Creates of a pooled tier that found its pool empty.",
+                          ("tier",)),
+    "pool_refill_failures_total": ("counter", "Warm-pool sandboxes that could not be made.",
+                                   ("tier",)),
+    "pool_retired_total": ("counter", "Warm-pool sandboxes destroyed without ever being "
+                           "bound to a session (no CDP), by why and whether every step "
+                           "verified.", ("why", "clean")),
+    "pool_refill_seconds": ("histogram", "Time to make one warm-pool sandbox.", ()),
     "create_seconds": ("histogram", "Session creation latency.", ()),
     "exec_seconds": ("histogram", "Command execution latency.", ()),
     "destroy_seconds": ("histogram", "Destruction pipeline latency.", ()),
@@ -80,6 +90,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "capacity_memory_bytes": ("gauge", "Memory the node offers to sessions.", ()),
     "capacity_memory_committed_bytes": ("gauge", "Memory committed to live sessions.", ()),
     "health_engine_ok": ("gauge", "1 when the engine's last self-test passed.", ("engine",)),
+    "pool_members": ("gauge", "Ready warm-pool sandboxes, by tier (they count against "
+                     "capacity).", ("tier",)),
     "draining": ("gauge", "1 while the agent refuses new work (shutdown).", ()),
     "log_lines_dropped": ("gauge", "Log lines lost since start (stderr broken or full).", ()),
 }
@@ -183,6 +195,8 @@ class Metrics:
                              ("memory_committed_bytes", "capacity_memory_committed_bytes")):
                 if src in cap:
                     self.set(dst, int(cap[src]))
+            for tier, n in (cap.get("pool_by_tier") or {}).items():
+                self.set("pool_members", int(n), tier=tier)
         except Exception:  # noqa: S110
             pass
         if service.health is not None:

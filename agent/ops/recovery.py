@@ -19,6 +19,7 @@ import errno
 import os
 import select
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,6 +262,7 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
         for d in sessions.iterdir():
             if d.name in c.keep:
                 continue
+            _unlink_leftover_files(d)
             for sub in (d / "root", d):
                 try:
                     if sub.is_dir() and not sub.is_symlink() and sub.as_posix() not in _mount_points():
@@ -269,6 +271,19 @@ def reclaim_mounts(c: _Ctx) -> ReclaimResult:
                     if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
                         r.errors.append(f"{d.name}: rmdir: {e.strerror}")
     return r
+
+
+def _unlink_leftover_files(d: Path) -> None:
+    """What a dead sandbox leaves in its session directory besides the mount point, and
+    would keep the directory from being removed: the re-attach socket nrx-init bound
+    (issue 12) and a warm-pool sandbox's `unbound` mark (issue 18).  Only a socket and a
+    regular file of those names, never anything else."""
+    for name, kind in (("attach", stat.S_ISSOCK), ("unbound", stat.S_ISREG)):
+        try:
+            if kind(os.lstat(d / name).st_mode):
+                os.unlink(d / name)
+        except OSError:
+            pass
 
 
 def reclaim_cgroups(c: _Ctx) -> ReclaimResult:

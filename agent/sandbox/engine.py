@@ -30,7 +30,7 @@ from agent._native import lib as _native_lib
 from agent.config import Config
 
 from . import exec as _exec
-from . import initproto, mounts, userns, uts
+from . import initproto, initrecord, mounts, userns, uts
 from . import namespaces as namespaces_mod
 from .cgroups import CgroupHandle, CgroupLimits, detect
 from .cleanup import CleanupStack
@@ -42,6 +42,13 @@ SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def unbound_mark(runtime_dir: Path, session_id: str) -> Path:
+    """A file in a warm-pool sandbox's session directory until it is bound (issue 18):
+    after a crash it tells the start's state check that this sandbox never held a session
+    (no journal row to rebuild, nothing to prove; the reclaimers remove it)."""
+    return mounts.session_dir(runtime_dir, session_id) / "unbound"
 
 
 def _err_text(e: BaseException) -> str:
@@ -72,6 +79,10 @@ class SandboxError(RuntimeError):
     """A sandbox could not be created; the message names the failing step."""
 
 
+class BindFailed(SandboxError):
+    """A pooled sandbox did not take its session's identity (the caller destroys it)."""
+
+
 class AdoptFailed(SandboxError):
     """A journaled sandbox cannot be re-adopted (gone, or not provably the same one)."""
 
@@ -87,16 +98,13 @@ def _compile_seccomp(profile: str) -> bytes:
     return bpf
 
 
-# how long to wait for the parent of a re-adopted PID 1 (the host's init, or a subreaper) to
-# reap it after it exited: a zombie holds no memory, files or namespaces, only its pid and
-# credentials, so destruction goes on without it (steps 5 and 6 say how many they saw)
-ORPHAN_REAP_WAIT_SECONDS = 1.0
-
-
 async def _reap(pidfd: int) -> bool:
-    """Wait until the process behind `pidfd` exits, and reap it if it is our child.  A
-    re-adopted sandbox's PID 1 is not (its parent agent died): wait for its exit, then up
-    to ORPHAN_REAP_WAIT_SECONDS for its parent to reap it.  True when it was reaped."""
+    """Wait until the process behind `pidfd` exits, and reap it if it is our child; True
+    when it was reaped.  A re-adopted sandbox's PID 1 is not (its parent agent died, the
+    host's init inherited it): once it exited it holds no memory, files or namespaces,
+    only its pid and credentials until that init reaps it — which took 1.5-1.7 s on the
+    Firecracker host here, and may never happen.  Nothing is waited for then: steps 5
+    and 6 find it and record it as unreaped (evidence), not as running residue."""
     while True:
         try:
             if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None:
@@ -104,11 +112,6 @@ async def _reap(pidfd: int) -> bool:
         except ChildProcessError:
             if not _exited(pidfd):
                 await trio.lowlevel.wait_readable(pidfd)
-            delay = 0.001
-            with trio.move_on_after(ORPHAN_REAP_WAIT_SECONDS):
-                while _pidfd_pid(pidfd) > 0:
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 0.02)
             return _pidfd_pid(pidfd) <= 0
         await trio.lowlevel.wait_readable(pidfd)
 
@@ -152,6 +155,26 @@ def _root_view(root: Path, pidfd: int, kept_fd: int) -> int:
     return _pidfd_getfd(pidfd, kept_fd)
 
 
+def _contained_earlier(cg: CgroupHandle, tier) -> bool:
+    """Frozen with its memory limit above the tier's cap: contained at OOM by an agent
+    that died before ending it (a freeze of destruction's step 1 leaves the cap)."""
+    try:
+        return (tier is not None and cg.frozen()
+                and cg.memory_usage_limit() > tier.memory_bytes)
+    except (OSError, ValueError):
+        return False
+
+
+def _read_cut(session_id: str, pid: int) -> initrecord.CutRecord | None:
+    """The exec a stalled (frozen) PID 1 recorded as cut off by the agent's death, read
+    from its memory; None when none, or (logged loudly) when it cannot be read."""
+    try:
+        return initrecord.read(pid)
+    except (OSError, ValueError) as e:
+        log.get().error("init_record_unreadable", session_id=session_id, error=_err_text(e))
+        return None
+
+
 def _dead_control() -> _exec.Control:
     """A control connection whose peer is closed: any exec on it is SandboxGone."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -184,9 +207,23 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     if fd < 0:
         raise AdoptFailed("the sandbox kept no view of its tmpfs")
     r = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-    if r < 0:
-        raise AdoptFailed(f"pidfd_getfd failed ({errno.errorcode.get(ctypes.get_errno())})")
-    return r
+    if r >= 0:
+        return r
+    err = ctypes.get_errno()
+    if err in (errno.EPERM, errno.ENOSYS):
+        # the systemd unit's SystemCallFilter=~@debug denies pidfd_getfd (EPERM): reach the
+        # same open file through its /proc/PID/fd link, as root with CAP_SYS_PTRACE may
+        pid = _pidfd_pid(pidfd)
+        try:
+            r = os.open(f"/proc/{pid}/fd/{fd}", O_PATH | os.O_CLOEXEC)
+        except OSError as e:
+            err = e.errno or err
+        else:
+            if not _exited(pidfd) and _pidfd_pid(pidfd) == pid:  # still that process
+                return r
+            os.close(r)
+            raise AdoptFailed("init process gone")
+    raise AdoptFailed(f"pidfd_getfd failed ({errno.errorcode.get(err)})")
 
 
 def _is_tmpfs_root(fd: int, pid: int) -> bool:
@@ -273,6 +310,7 @@ class Sandbox:
         self.attached = True  # PID 1 listens on `control` (False: adopted frozen at OOM)
         # re-adoption only: (wait status, exec tag) of the command the agent's death cut off
         self.interrupted: tuple[int, bytes] | None = None
+        self.cut_record: initrecord.CutRecord | None = None  # read from a stalled PID 1
         self.buffers_zeroed = 0  # bytes of exec buffers zeroed (exec.py; step 4 evidence)
         self._engine = engine
         self._busy = False
@@ -328,6 +366,11 @@ class Sandbox:
         # an OOM while the agent was down (re-adoption) left no event to wait for
         look_now = self.oom_guarded
         while True:
+            if self._oom_fd != fd:
+                # stop_oom_watch() closed it meanwhile (the session ended while the guard
+                # was set in its thread): its number may already be another fd a task
+                # waits on, and registering it again would be trio's BusyResourceError
+                await trio.sleep_forever()
             if not look_now:
                 try:
                     await trio.lowlevel.wait_readable(fd)
@@ -361,9 +404,17 @@ class Sandbox:
 
     async def confirm_adopted(self) -> None:
         """Tell PID 1 the command the agent's death cut off is on the record (until
-        then a crashed re-adoption reports it again to the next agent)."""
+        then a crashed re-adoption reports it again to the next agent); a PID 1 stalled
+        at the cap cannot be told: its record is cleared in its memory instead."""
         if self.attached:
             await self.control.send(initproto.encode_adopted())
+        elif self.cut_record is not None:
+            try:
+                initrecord.clear(self.init_pid, self.cut_record)
+            except OSError as e:  # a second crash before the proof would report it again
+                log.get().error("init_record_not_cleared", session_id=self.session_id,
+                                error=_err_text(e))
+            self.cut_record = None
 
     def fall_back_to_kernel_oom(self) -> None:
         """The agent did not end an OOM'd session in bounded time: the kernel killer
@@ -496,7 +547,9 @@ class SandboxEngine:
         return self._bpf[profile]
 
     async def create(self, session_id: str, *, tier: str, classification: str,
-                     hostname: str | None = None) -> Sandbox:
+                     hostname: str | None = None, unbound: bool = False) -> Sandbox:
+        """A new sandbox.  `unbound` (the warm pool, issue 18): everything but the session
+        identity; its PID 1 runs nothing until bind() gave it its hostname."""
         cfg, sc = self.cfg, self.cfg.sandbox
         if not _SESSION_ID_RE.match(session_id):
             raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
@@ -510,8 +563,8 @@ class SandboxEngine:
         try:
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
-            hostname = hostname or uts.new_hostname(
-                sc.hostname_prefix, {s.hostname for s in self.live.values()})
+            hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
+                        or uts.new_hostname(sc.hostname_prefix, self._hostnames()))
             # mkdir of ~6 cgroup directories, their limit writes and the mount point's
             # mkdir (which waits on the filesystem journal while proofs are fsynced):
             # kernel work that blocked the event loop, i.e. every other session
@@ -522,6 +575,9 @@ class SandboxEngine:
             undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
                                                                        session_id))
             undo.push("mount", lambda: mounts.detach(root))
+            if unbound:
+                os.close(os.open(unbound_mark(self.runtime_dir, session_id),
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
@@ -530,7 +586,7 @@ class SandboxEngine:
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
-                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000))
+                orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
             pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
@@ -545,8 +601,32 @@ class SandboxEngine:
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
-                       init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2))
+                       init_pid=pid, ms=round((time.monotonic() - t0) * 1000, 2),
+                       pooled=unbound)
         return sb
+
+    def _hostnames(self) -> set[str]:
+        return {s.hostname for s in self.live.values()}
+
+    async def bind(self, sb: Sandbox) -> None:
+        """Give a pooled (unbound) sandbox its session's identity: a fresh hostname unique
+        among live sandboxes, set by its PID 1 (UTS name, /etc/hostname, /etc/hosts) before
+        anything ran in it.  BindFailed when it did not confirm; the sandbox is then the
+        caller's to destroy."""
+        hostname = uts.new_hostname(self.cfg.sandbox.hostname_prefix, self._hostnames())
+        with contextlib.suppress(FileNotFoundError):  # from here on it is a session's
+            os.unlink(unbound_mark(self.runtime_dir, sb.session_id))
+        try:
+            await sb.control.send(initproto.encode_bind(hostname))
+            with trio.fail_after(self.cfg.timeouts.create_seconds):
+                kind, fields = await sb.control.recv()
+        except (SandboxGone, trio.TooSlowError, initproto.InitProtocolError) as e:
+            raise BindFailed(f"the pooled sandbox did not answer BIND ({type(e).__name__})"
+                             ) from None
+        if kind != initproto.MSG_BOUND or fields[0] != 0:
+            why = errno.errorcode.get(fields[0], fields[0]) if fields else kind
+            raise BindFailed(f"the pooled sandbox refused BIND ({why})")
+        sb.hostname = hostname
 
     async def adopt(self, row: dict) -> Sandbox:
         """Re-adopt a journaled session whose sandbox outlived the agent (issue 12): its
@@ -573,13 +653,22 @@ class SandboxEngine:
                 raise AdoptFailed("init process not in the session cgroup")
             root = mounts.mount_path(self.runtime_dir, sid)
             stalled = cg.oom_stalled()
-            if stalled:
+            # or an agent that re-adopted it so already contained it (frozen, its limit
+            # raised above the tier's cap) and died before ending it
+            contained = not stalled and _contained_earlier(cg, self.cfg.tiers.get(
+                row.get("tier") or ""))
+            if stalled or contained:
                 # it ran into its cap while the agent was down: PID 1, charged to the same
                 # cgroup, cannot answer an attach either.  Contain it (frozen, nothing
                 # freed) and adopt it only to end it: exec gets a dead control socket
-                await trio.to_thread.run_sync(cg.contain_oom, self.cfg.sandbox.oom_headroom_bytes)
-                control, attached = _dead_control(), (False, 0, _find_root_view(pidfd, int(pid)),
-                                                      b"")
+                if stalled:
+                    await trio.to_thread.run_sync(cg.contain_oom,
+                                                  self.cfg.sandbox.oom_headroom_bytes)
+                stalled = True
+                cut = _read_cut(sid, int(pid))
+                control, attached = _dead_control(), (
+                    cut is not None, cut.status if cut else 0,
+                    _find_root_view(pidfd, int(pid)), cut.tag if cut else b"")
             else:
                 control, attached = await self._attach(sid)
             undo.push("control", control.close)
@@ -610,6 +699,7 @@ class SandboxEngine:
         if attached[0]:
             sb.interrupted = (attached[1], attached[3])
         if stalled:
+            sb.cut_record = cut
             sb.oom_guarded = sb.oom_contained = True
             sb.attached = False
             self._log.warning("sandbox_adopted_at_oom", session_id=sid)

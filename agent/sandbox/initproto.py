@@ -21,6 +21,8 @@ MSG_EXEC_FAIL = 9
 MSG_ATTACH = 10
 MSG_ATTACHED = 11
 MSG_ADOPTED = 12
+MSG_BIND = 13  # issue 18: a warm-pool sandbox takes its session's hostname
+MSG_BOUND = 14
 
 T_HOSTNAME = 1
 T_ROOT = 2
@@ -39,6 +41,7 @@ T_SECCOMP = 14
 T_SANDBOX_ID = 15
 T_ATTACH_PATH = 16
 T_ORPHAN_GRACE_MS = 17
+T_UNBOUND = 18
 T_ARG = 20
 T_ENV = 21
 T_CWD = 22
@@ -81,6 +84,7 @@ class InitConfig:
     seccomp_bpf: bytes = b""
     attach_path: str = ""  # re-attach socket (issue 12); "" = the sandbox dies with the agent
     orphan_grace_ms: int = 0
+    unbound: bool = False  # warm pool (issue 18): no EXEC until a BIND names the session
 
     def encode(self) -> bytes:
         parts = [
@@ -103,6 +107,8 @@ class InitConfig:
         if self.attach_path and self.orphan_grace_ms:
             parts.append(_tlv(T_ATTACH_PATH, self.attach_path.encode()))
             parts.append(_u64(T_ORPHAN_GRACE_MS, self.orphan_grace_ms))
+        if self.unbound:
+            parts.append(_u64(T_UNBOUND, 1))
         if self.seccomp_bpf:
             if len(self.seccomp_bpf) % 8:
                 raise ValueError("seccomp BPF must be a whole number of 8-byte instructions")
@@ -130,6 +136,11 @@ def encode_exec(argv: list[str], env: dict[str, str], cwd: str, tag: bytes = b""
     return msg
 
 
+def encode_bind(hostname: str) -> bytes:
+    """BIND: the session identity a pooled sandbox takes (answered by BOUND)."""
+    return struct.pack("=I", MSG_BIND) + _tlv(T_HOSTNAME, hostname.encode())
+
+
 def encode_attach() -> bytes:
     return struct.pack("=I", MSG_ATTACH)
 
@@ -148,7 +159,7 @@ def decode(msg: bytes) -> tuple[int, tuple]:
         raise InitProtocolError("short message from nrx-init")
     (kind,) = struct.unpack_from("=I", msg)
     body = msg[4:]
-    if kind in (MSG_PID, MSG_STARTED):
+    if kind in (MSG_PID, MSG_STARTED, MSG_BOUND):  # BOUND: (0 or errno,)
         return kind, struct.unpack_from("=i", body)
     if kind == MSG_EXITED:
         return kind, struct.unpack_from("=ii", body)

@@ -5,6 +5,8 @@ with `node.ttl_policy = "refuse"`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from agent.config import Config
 from agent.errors import BadRequest, RateLimited, Unavailable
 from agent.service.model import Session
@@ -28,6 +30,9 @@ class Admission:
         self.config = cfg
         self.memory_capacity = cfg.node.memory_capacity_bytes or int(mem_total() * 0.8)
         self.reserved: dict[str, tuple[str, str]] = {}  # sid -> (customer, tier) while creating
+        # the tier of every warm-pool member (issue 18): they count against capacity
+        self.pooled: Callable[[], list[str]] = list
+        self.pool_by_tier: Callable[[], dict[str, int]] = dict
 
     def resolve_ttl(self, tier: str, ttl: int | None) -> int:
         t = self.config.tiers[tier]
@@ -47,10 +52,13 @@ class Admission:
         tiers = self.config.tiers
         committed = sum(tiers[s.record.tier].memory_bytes for s in live)
         committed += sum(tiers[t].memory_bytes for _, t in self.reserved.values())
+        pooled = self.pooled()
+        committed += sum(tiers[t].memory_bytes for t in pooled)
         return {"sessions_live": len(live) + len(self.reserved),
                 "sessions_max": self.config.node.max_sessions,
                 "memory_committed_bytes": committed,
-                "memory_capacity_bytes": self.memory_capacity}
+                "memory_capacity_bytes": self.memory_capacity,
+                "pool_members": len(pooled), "pool_by_tier": self.pool_by_tier()}
 
     def admit(self, session_id: str, customer_id: str, tier: str, live: list[Session],
               draining: bool) -> None:
@@ -58,7 +66,7 @@ class Admission:
         if draining:
             raise Unavailable("node is draining")
         cap = self.capacity(live)
-        if cap["sessions_live"] >= cap["sessions_max"]:
+        if cap["sessions_live"] + cap["pool_members"] >= cap["sessions_max"]:
             raise Unavailable("node is at session capacity")
         need = self.config.tiers[tier].memory_bytes
         if cap["memory_committed_bytes"] + need > cap["memory_capacity_bytes"]:

@@ -22,7 +22,8 @@ _log = structlog.get_logger("nanorix-agent.sessions")
 async def adopt_row(svc: Service, row: dict) -> bool:
     """Re-adopt a journaled live session whose sandbox outlived the agent (issue 12):
     the same sandbox, verified (engine.adopt), becomes an active session again with
-    a fresh receipt key (the old one lived only in the dead agent's locked memory),
+    a fresh receipt key (the old one lived only in the dead agent's locked memory), the
+    next epoch of its receipt keys, introduced by the node's attestation key,
     its TTL and OOM watch re-armed (a TTL that passed while the agent was down ends
     it at once, ttl_expired); an exec the crash cut off gets its receipt
     (`interrupted: agent_restart`).  False when there is nothing to adopt (the caller
@@ -38,11 +39,24 @@ async def adopt_row(svc: Service, row: dict) -> bool:
         _log.info("session_not_adoptable", session_id=sid, why=str(e))
         return False
     fault_point("adopt.attached")
-    s = readopted_session(row, svc.journal.events(sid), sb)
+    try:
+        s = readopted_session(row, svc.journal.events(sid), svc.journal.receipt_keys(sid), sb,
+                              svc.key_store.current())
+    except Exception:
+        _log.exception("session_readopt_failed", session_id=sid)
+        s = session_from_row(row, svc.journal.events(sid), svc.journal.receipt_keys(sid))
+        s.sandbox = sb
+        svc.sessions[sid] = s
+        await svc.end(s, "agent_recovery")
+        return True
     key = s.session_key
     assert key is not None
     svc.sessions[sid] = s
     try:
+        # the new key is on record before it signs anything (a crash after this leaves
+        # an introduced key with no receipts, which the next re-adoption follows)
+        svc.journal.add_receipt_key(sid, s.record.receipt_keys[-1])
+        fault_point("adopt.rekeyed")
         if sb.interrupted is not None:
             svc.receipts.close_out_crashed(s, *sb.interrupted)
         await sb.confirm_adopted()
@@ -74,6 +88,6 @@ async def recover_row(svc: Service, row: dict, reason: str = "agent_recovery") -
         status = stored.get("status", "expired_unclean")
         svc.journal.update_session(sid, status=status, reason=stored.get("reason", reason))
         return status
-    s = session_from_row(row, svc.journal.events(sid))
+    s = session_from_row(row, svc.journal.events(sid), svc.journal.receipt_keys(sid))
     await svc.end(s, reason)
     return s.status

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from agent.cdp.receiptkeys import epoch_entry
 from agent.errors import InternalError, Unavailable
 from agent.keys.session import SessionKey
 from agent.sandbox.userns import SlotsExhausted
 from agent.service.journal import JournalUnwritable
 from agent.service.model import Session, SessionRecord
+from agent.service.pool import Member, bind_or_create, reserve_proof
 from agent.service.spool import SpoolUnavailable
 from agent.timefmt import iso_seconds
 
@@ -28,15 +30,17 @@ _log = structlog.get_logger("nanorix-agent.sessions")
 
 
 async def build_session(svc: Service, session_id: str, customer_id: str, tier: str,
-                        classification: str, jurisdiction: str, ttl: int) -> Session:
-    """Reserve the proof's space, build the sandbox and the session key, journal the
-    session and arm its watcher; anything half-made is destroyed through Service.end()."""
+                        classification: str, jurisdiction: str, ttl: int,
+                        member: Member | None = None) -> Session:
+    """Reserve the proof's space, build the sandbox (or bind the warm-pool `member`) and
+    the session key, journal the session and arm its watcher; anything half-made is
+    destroyed through Service.end()."""
     now = time.time()
     start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
     created_at = iso_seconds(now)
     # the proof's space and inode first: a session that could not be proven never starts
     try:
-        await trio.to_thread.run_sync(svc.spool.reserve, session_id, {
+        await reserve_proof(svc.spool, member, session_id, {
             "customer_id": customer_id, "tier": tier, "classification": classification,
             "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl})
     except SpoolUnavailable as e:
@@ -46,8 +50,8 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
                           f"has room") from None
     key = SessionKey.generate(session_id)
     try:
-        sandbox = await svc.engine.create(session_id, tier=tier,
-                                           classification=classification)
+        sandbox = await bind_or_create(svc.pool, member, session_id, tier=tier,
+                                       classification=classification)
     except SlotsExhausted:  # e.g. a health canary holds a slot
         svc.spool.release(session_id)
         key.zeroize()
@@ -64,6 +68,7 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
     deadline = start + ttl if ttl else math.inf  # from the exact creation time
     s = Session(record=record, ttl_seconds=ttl, created_ts=now, deadline=deadline,
                 sandbox=sandbox, session_key=key, receipt_key=key.public_record(created_at))
+    record.receipt_keys.append(epoch_entry(0, s.receipt_key))
     svc.sessions[session_id] = s
     try:
         svc.journal.insert_session(

@@ -7,8 +7,13 @@ chain's hashes.  Never commands, input or output.
 Schema (docs/design.md): `sessions(session_id PK, customer_id, tier, classification,
 jurisdiction, created_at, ttl_seconds, status, hostname, slot, host_uid, init_pid,
 init_starttime, cgroup_paths JSON, mount_path, namespaces JSON, exec_count, updated_at,
-receipt_key_id, receipt_public_key, reason, proof_acked_at)` and `events(session_id, seq,
-kind, hash, at)`.  A live session is one whose status is `active` or `executing`.
+receipt_key_id, receipt_public_key, reason, proof_acked_at)`, `events(session_id, seq,
+kind, hash, at)` and `receipt_keys(session_id, epoch, key_id, public_key, created_at,
+introduction JSON)`: every receipt key a session ever had, in order (epoch 0 from
+`session.create`, one more per re-adoption, each introduced by a statement signed with
+the attestation key; agent/cdp/receiptkeys.py), while the row's `receipt_key_id` /
+`receipt_public_key` name the current one.  A live session is one whose status is
+`active` or `executing`.
 
 Faults (docs/operations.md "State faults"): creating a session needs its row written
 (`insert_session` raises `JournalUnwritable`), but nothing on the destruction path waits
@@ -82,6 +87,15 @@ CREATE TABLE IF NOT EXISTS events (
     at TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
+CREATE TABLE IF NOT EXISTS receipt_keys (
+    session_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    key_id TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    introduction TEXT,
+    PRIMARY KEY (session_id, epoch)
+);
 CREATE INDEX IF NOT EXISTS sessions_status ON sessions(status);
 CREATE INDEX IF NOT EXISTS sessions_receipt_key ON sessions(receipt_key_id);
 """
@@ -104,6 +118,7 @@ class Journal:
         self.last_error: str | None = None
         self._updates: dict[str, dict] = {}  # session_id -> fields not yet written
         self._events: deque[tuple] = deque()  # (session_id, seq, kind, hash, at) not written
+        self._keys: deque[tuple] = deque()  # receipt_keys rows not written
         self.backlog_dropped = 0
         try:
             self._open()
@@ -160,7 +175,8 @@ class Journal:
     @property
     def writable(self) -> bool:
         """False while a write failed and its backlog is not yet replayed."""
-        return self.last_error is None and not self._updates and not self._events
+        return (self.last_error is None and not self._updates and not self._events
+                and not self._keys)
 
     def _failed(self, what: str, e: sqlite3.Error) -> None:
         first = self.last_error is None
@@ -173,7 +189,7 @@ class Journal:
     def _keep(self, what: str, e: sqlite3.Error, add) -> None:
         if isinstance(e, _PROGRAM_ERRORS):
             raise e
-        if len(self._updates) + len(self._events) >= MAX_BACKLOG:
+        if len(self._updates) + len(self._events) + len(self._keys) >= MAX_BACKLOG:
             self.backlog_dropped += 1
             _log.error("journal_backlog_full", what=what, dropped=self.backlog_dropped)
         else:
@@ -188,6 +204,10 @@ class Journal:
                 self.db.execute("INSERT OR IGNORE INTO events (session_id, seq, kind, hash, at)"
                                 " VALUES (?, ?, ?, ?, ?)", ev)
             self._events.popleft()
+        while self._keys:
+            with self.db:
+                self.db.execute(_INSERT_KEY, self._keys[0])
+            self._keys.popleft()
         for sid in list(self._updates):
             self._write_update(sid, self._updates[sid])
             del self._updates[sid]
@@ -210,6 +230,10 @@ class Journal:
             with self.db:
                 self.db.execute(f"INSERT INTO sessions ({cols}) VALUES ({marks})",
                                 tuple(fields.values()))
+                if fields.get("receipt_key_id") and fields.get("receipt_public_key"):
+                    self.db.execute(_INSERT_KEY, (
+                        fields["session_id"], 0, fields["receipt_key_id"],
+                        fields["receipt_public_key"], fields["created_at"], None))
         except sqlite3.Error as e:
             if isinstance(e, _PROGRAM_ERRORS):
                 raise
@@ -249,6 +273,23 @@ class Journal:
             return True
         except sqlite3.Error as e:
             self._keep("add_event", e, lambda: self._events.append(ev))
+            return False
+
+    def add_receipt_key(self, session_id: str, entry: dict) -> bool:
+        """Record a session's next receipt key (an epoch entry with its introduction,
+        agent/cdp/receiptkeys.py) before anything is signed with it; like update_session,
+        a disk fault is kept and replayed.  True when it is written now."""
+        intro = entry.get("introduction")
+        params = (session_id, int(entry["epoch"]), entry["key_id"], entry["public_key"],
+                  entry["created_at"], json.dumps(intro, sort_keys=True) if intro else None)
+        try:
+            if not self.writable:
+                self.flush()
+            with self.db:
+                self.db.execute(_INSERT_KEY, params)
+            return True
+        except sqlite3.Error as e:
+            self._keep("add_receipt_key", e, lambda: self._keys.append(params))
             return False
 
     def mark_acked(self, session_id: str) -> None:
@@ -294,6 +335,34 @@ class Journal:
                               (key_id,)).fetchone()
         return _decode(row) if row else None
 
+    def receipt_keys(self, session_id: str) -> list[dict]:
+        """Every receipt key of the session in epoch order (agent/cdp/receiptkeys.py
+        entries); a row journaled before this table existed gives its one key as epoch 0."""
+        rows = self.db.execute("SELECT epoch, key_id, public_key, created_at, introduction "
+                               "FROM receipt_keys WHERE session_id = ? ORDER BY epoch",
+                               (session_id,)).fetchall()
+        if not rows:
+            row = self.get(session_id)
+            if row is None or not row.get("receipt_key_id") or not row.get("receipt_public_key"):
+                return []
+            return [{"epoch": 0, "key_id": row["receipt_key_id"],
+                     "public_key": row["receipt_public_key"], "created_at": row["created_at"]}]
+        return [_key_entry(r) for r in rows]
+
+    def receipt_key(self, key_id: str) -> tuple[str, dict] | None:
+        """(session id, epoch entry) of a receipt key id, any epoch; None if unknown."""
+        r = self.db.execute("SELECT session_id, epoch, key_id, public_key, created_at, "
+                            "introduction FROM receipt_keys WHERE key_id = ?",
+                            (key_id,)).fetchone()
+        if r is not None:
+            return r["session_id"], _key_entry(r)
+        row = self.by_receipt_key(key_id)
+        if row is None or not row.get("receipt_public_key"):
+            return None
+        return row["session_id"], {"epoch": 0, "key_id": key_id,
+                                   "public_key": row["receipt_public_key"],
+                                   "created_at": row["created_at"]}
+
     def events(self, session_id: str) -> list[dict]:
         rows = self.db.execute("SELECT seq, kind, hash, at FROM events WHERE session_id = ? "
                                "ORDER BY seq", (session_id,)).fetchall()
@@ -309,6 +378,7 @@ class Journal:
         with self.db:
             for sid in ids:
                 self.db.execute("DELETE FROM events WHERE session_id = ?", (sid,))
+                self.db.execute("DELETE FROM receipt_keys WHERE session_id = ?", (sid,))
                 self.db.execute("DELETE FROM sessions WHERE session_id = ?", (sid,))
         return len(ids)
 
@@ -337,6 +407,18 @@ class Journal:
             return True
         except sqlite3.Error:
             return False
+
+
+_INSERT_KEY = ("INSERT OR IGNORE INTO receipt_keys (session_id, epoch, key_id, public_key, "
+               "created_at, introduction) VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def _key_entry(r: sqlite3.Row) -> dict:
+    out = {"epoch": r["epoch"], "key_id": r["key_id"], "public_key": r["public_key"],
+           "created_at": r["created_at"]}
+    if r["introduction"]:
+        out["introduction"] = json.loads(r["introduction"])
+    return out
 
 
 def _encode(fields: dict) -> dict:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from agent.cdp.document import Signer
+from agent.cdp.receiptkeys import introduce
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import Sandbox
 from agent.sandbox.exec import ExecProgress
@@ -24,8 +26,7 @@ from agent.service.journal import LIVE_STATUSES
 from agent.timefmt import iso_seconds, parse_iso
 
 __all__ = ["ENDED_STATUSES", "LIVE_STATUSES", "SESSION_ID_RE", "InFlight", "Session",
-           "SessionRecord", "new_session_id", "readopted_session", "row_receipt_key",
-           "session_from_row"]
+           "SessionRecord", "new_session_id", "readopted_session", "session_from_row"]
 
 SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{16}$")
 ENDED_STATUSES = ("destroyed", "expired", "expired_unclean")
@@ -58,6 +59,9 @@ class SessionRecord:
     # died are known only as the audit log's exec hashes (the same Merkle leaves), so
     # the pipeline roots and checks those instead of a partial receipt list
     receipts_complete: bool = True
+    # every receipt key of the session in epoch order (agent/cdp/receiptkeys.py entries):
+    # one per agent that held the session; step 8 lists them
+    receipt_keys: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -85,7 +89,6 @@ class Session:
     sandbox: Sandbox | None = None
     session_key: SessionKey | None = None
     receipt_key: dict = field(default_factory=dict)
-    previous_receipt_keys: list[dict] = field(default_factory=list)  # before a re-adoption
     ending: bool = False
     reason: str | None = None
     inflight: InFlight | None = None
@@ -107,30 +110,31 @@ class Session:
         return self.status in LIVE_STATUSES
 
 
-def row_receipt_key(row: dict) -> dict | None:
-    """The public record of the receipt key a journal row names (None without one)."""
-    if not row.get("receipt_key_id") or not row.get("receipt_public_key"):
-        return None
-    return {"key_id": row["receipt_key_id"], "algorithm": "Ed25519",
-            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
-
-
-def readopted_session(row: dict, events: list[dict], sandbox: Sandbox) -> Session:
-    """The active Session of a re-adopted sandbox: a fresh receipt key (the old private
-    key lived only in the dead agent's locked memory; its public record stays findable),
-    and the audit log as the record of execs (an interrupted receipt of a crashed earlier
-    re-adoption may be in it before the row's count was updated)."""
-    s = session_from_row(row, events)
-    s.record.exec_count = sum(1 for e in events if e["kind"] == "exec")
-    key = SessionKey.generate(row["session_id"])
+def readopted_session(row: dict, events: list[dict], keys: list[dict], sandbox: Sandbox,
+                      signer: Signer) -> Session:
+    """The active Session of a re-adopted sandbox.  Its receipt key is a new epoch (the old
+    private key lived only in the dead agent's locked memory): introduced after the last
+    journaled key by a statement `signer` (the node's attestation key) signs over the
+    receipts so far, which the audit log's exec hashes are (an interrupted receipt of a
+    crashed earlier re-adoption may be among them before the row's count was updated).
+    The caller journals the new entry (`record.receipt_keys[-1]`) before signing with it."""
+    s = session_from_row(row, events, keys)
+    leaves = [bytes.fromhex(e["hash"]) for e in events if e["kind"] == "exec"]
+    s.record.exec_count = len(leaves)
+    if not s.record.receipt_keys:  # a row without a key: nothing to follow, start afresh
+        raise ValueError("journal row lacks its receipt key")
+    epoch = len(s.record.receipt_keys)
+    key = SessionKey.generate(row["session_id"], epoch)
     s.sandbox, s.session_key = sandbox, key
     s.receipt_key = key.public_record(iso_seconds())
-    s.previous_receipt_keys = [k for k in [row_receipt_key(row)] if k]
+    s.record.receipt_keys.append(introduce(
+        signer, session_id=row["session_id"], previous=s.record.receipt_keys[-1],
+        epoch=epoch, record=s.receipt_key, exec_count=len(leaves), leaves=leaves))
     s.status = "active"
     return s
 
 
-def session_from_row(row: dict, events: list[dict]) -> Session:
+def session_from_row(row: dict, events: list[dict], keys: list[dict] | None = None) -> Session:
     """A Session rebuilt from its journal row and audit events (no sandbox, no key); the
     deadline is the one the row implies, so a TTL that passed while the agent was down
     has passed here too."""
@@ -138,7 +142,8 @@ def session_from_row(row: dict, events: list[dict]) -> Session:
                            tier=row["tier"], classification=row["classification"],
                            jurisdiction=row["jurisdiction"], created_at=row["created_at"],
                            audit_events=events, exec_count=row["exec_count"] or 0,
-                           receipts_complete=False)
+                           receipts_complete=False,
+                           receipt_keys=[dict(k) for k in keys or []])
     ttl = row["ttl_seconds"] or 0
     created = parse_iso(row["created_at"])
     deadline = (trio.current_time() + (created + ttl - time.time())) if ttl else math.inf

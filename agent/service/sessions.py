@@ -45,6 +45,7 @@ from agent.service.model import (
     Session,
     new_session_id,
 )
+from agent.service.pool import PoolHooks, WarmPool
 from agent.service.proofs import ProofWriter
 from agent.service.receipts import Receipts
 from agent.service.spool import Spool
@@ -82,6 +83,11 @@ class Service:
         self._nursery: trio.Nursery | None = None
         self._adopted: list[Session] = []  # waiting for run() to arm their watchers
         self.memory_capacity = self.admission.memory_capacity
+        self.pool = WarmPool(cfg, engine, PoolHooks(
+            new_id=self._fresh_session_id, room=self._pool_room,
+            draining=lambda: self.draining, busy=self._busy, health=lambda: self.health,
+            metrics=metrics, version=version, spool=spool))
+        self.admission.pooled, self.admission.pool_by_tier = self.pool.tiers, self.pool.counts
 
     # -- lifetime ----------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -92,6 +98,7 @@ class Service:
             for s in self._adopted:  # re-adopted before the nursery existed
                 nursery.start_soon(watch, self, s)
             self._adopted.clear()
+            await nursery.start(self.pool.run)
             task_status.started()
             while True:
                 self.prune_journal()
@@ -115,6 +122,7 @@ class Service:
     async def drain(self, reason: str = "operator") -> None:
         """Refuse new sessions, then destroy every live one (CDPs spooled)."""
         self.draining = True
+        await self.pool.close()  # its members through the pipeline, no CDP (pool.py)
         while True:
             # creates admitted before draining began finish (they are shielded) and are
             # destroyed in the next round; destroys already running are waited for
@@ -207,25 +215,30 @@ class Service:
         if tier not in self.config.tiers:
             raise BadRequest(f"tier must be one of {', '.join(self.config.tiers)}", field="tier")
         ttl = self.resolve_ttl(tier, ttl_seconds)
-        if session_id is None:
-            session_id = new_session_id()
-            while session_id in self.sessions or self.journal.get(session_id):
-                session_id = new_session_id()
+        member = None
+        if session_id is None:  # a warm sandbox if the pool has one (its id is fresh)
+            member = self.pool.take(tier, data_classification)
+            session_id = member.session_id if member else self._fresh_session_id()
         elif not SESSION_ID_RE.match(session_id):
             raise BadRequest("session_id must be sess_ + 16 lowercase hex", field="session_id")
         elif (session_id in self.sessions or session_id in self._reserved
-              or self.journal.get(session_id) is not None):
+              or self.journal.get(session_id) is not None or self.pool.holds(session_id)):
             raise Conflict(f"session {session_id} already exists", field="session_id")
-        if not self.journal.writable:
-            raise Unavailable(f"the state directory cannot be written "
-                              f"({self.journal.last_error}); new sessions are refused until "
-                              f"it can")
-        self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
+        try:
+            if not self.journal.writable:
+                raise Unavailable(f"the state directory cannot be written "
+                                  f"({self.journal.last_error}); new sessions are refused "
+                                  f"until it can")
+            await self._admit(session_id, customer_id, tier)
+        except BaseException:
+            if member is not None:
+                self.pool.put_back(member)
+            raise
         t0 = time.monotonic()
         try:
             with trio.CancelScope(shield=True):
                 s = await build_session(self, session_id, customer_id, tier, data_classification,
-                                       jurisdiction, ttl)
+                                       jurisdiction, ttl, member)
         finally:
             self._reserved.pop(session_id, None)
         self._inc("creates_total")
@@ -234,6 +247,37 @@ class Service:
                 "created_at": s.record.created_at,
                 "receipt_key": {"key_id": s.receipt_key["key_id"],
                                 "public_key": s.receipt_key["public_key"]}}
+
+    async def _admit(self, session_id: str, customer_id: str, tier: str) -> None:
+        """Admission; when only warm-pool members crowd the node, one gives way (it is
+        destroyed through the pipeline, awaited) and admission is asked again."""
+        try:
+            self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
+        except Unavailable:
+            if self.draining or not await self.pool.evict(tier):
+                raise
+            self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
+
+    def _fresh_session_id(self) -> str:
+        """A session id used nowhere: not live, not journaled, not held by the pool."""
+        while True:
+            sid = new_session_id()
+            if not (sid in self.sessions or sid in self._reserved or self.pool.holds(sid)
+                    or self.journal.get(sid)):
+                return sid
+
+    def _busy(self) -> bool:
+        """A create or an exec is in flight (the pool's refill lets them go first)."""
+        return bool(self._reserved) or any(s.status == "executing"
+                                           for s in self.sessions.values())
+
+    def _pool_room(self, tier: str) -> bool:
+        """Room on the node for one more pool member of `tier`, keeping the last uid slot
+        free (the health canary needs one)."""
+        cap = self.capacity()
+        return (cap["sessions_live"] + cap["pool_members"] + 2 <= cap["sessions_max"]
+                and cap["memory_committed_bytes"] + self.config.tiers[tier].memory_bytes
+                <= cap["memory_capacity_bytes"])
 
     # -- TTL and OOM watch -----------------------------------------------------------------
     def _arm(self, s: Session) -> None:

@@ -16,7 +16,9 @@ Durability before destruction (docs/operations.md "State faults"):
   length, fsyncs and renames it to `<session_id>.json`: no new inode and no new block is
   needed at destroy, so a full state filesystem cannot make the proof unwritable.  The
   rename is not fsynced (one fsync per proof): if a crash loses it, `scan()` finishes it.  A
-  session whose reservation cannot be made is refused (`Unavailable`).
+  session whose reservation cannot be made is refused (`Unavailable`).  A warm-pool
+  sandbox (issue 18) gets its reservation ahead as `<session_id>.pool` (no header);
+  `bind_pooled()` writes the header and renames it to `.resv` at `session.create`.
 * **Fallback.** If the write still fails (an immutable directory, a proof larger than the
   reservation on a full disk, EIO), the signed proof is kept in memory (`unsaved`) and in
   `spool.fallback_dir` (default `<runtime_dir>/spool-fallback`, another file system), it
@@ -51,6 +53,7 @@ _SID = r"sess_[0-9a-f]{16}"
 _NAME = re.compile(rf"^({_SID})\.json$")
 _RESV = re.compile(rf"^({_SID})\.resv$")
 _STAGING = re.compile(rf"^\.({_SID})\.tmp$")
+_POOLED = re.compile(rf"^({_SID})\.pool$")
 _HEADER_KEY = "nanorix_spool_reservation"
 
 
@@ -75,6 +78,11 @@ class Damage:
 def _encode(record: dict) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False).encode("utf-8")
+
+
+def _header_line(session_id: str, header: dict) -> bytes:
+    """A reservation's first line: the session's metadata (no customer data)."""
+    return _encode({_HEADER_KEY: 1, "session_id": session_id, **header}) + b"\n"
 
 
 def _proof_error(data: bytes, session_id: str) -> str | None:
@@ -130,6 +138,9 @@ class Spool:
     def _resv(self, session_id: str) -> Path:
         return self._path(session_id).with_suffix(".resv")
 
+    def _pooled(self, session_id: str) -> Path:
+        return self._path(session_id).with_suffix(".pool")
+
     def _fallback(self, session_id: str) -> Path | None:
         if self.fallback_dir is None:
             return None
@@ -139,8 +150,9 @@ class Spool:
     def reserve(self, session_id: str, header: dict) -> None:
         """Preallocate this session's proof file (inode + `reserve_bytes`), fsynced, with
         `header` (session metadata) on its first line.  Raises SpoolUnavailable."""
-        path = self._resv(session_id)
-        line = _encode({_HEADER_KEY: 1, "session_id": session_id, **header}) + b"\n"
+        self._preallocate(self._resv(session_id), _header_line(session_id, header))
+
+    def _preallocate(self, path: Path, line: bytes) -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
@@ -159,6 +171,37 @@ class Spool:
                 path.unlink()
             raise SpoolUnavailable(f"cannot reserve {self.reserve_bytes} bytes for the "
                                    f"proof: {_why(e)}") from None
+
+    # -- a warm-pool sandbox's reservation (issue 18) ------------------------------------
+    def reserve_pooled(self, session_id: str) -> None:
+        """The reservation of a warm-pool sandbox, made ahead: `<session_id>.pool` with its
+        inode and `reserve_bytes` preallocated and fsynced, and no header (no session yet;
+        `reservations()` does not see it).  Raises SpoolUnavailable."""
+        self._preallocate(self._pooled(session_id), b"")
+
+    def bind_pooled(self, session_id: str, header: dict) -> None:
+        """Make a pooled reservation the session's at `session.create`: the header written
+        into it, then renamed to `<session_id>.resv`.  Not fsynced: like the journal row
+        (WAL, synchronous=NORMAL) it survives an agent crash, and the space and inode that
+        make the proof writable were made durable ahead.  Raises SpoolUnavailable (the
+        caller then reserves the normal way)."""
+        line = _header_line(session_id, header)
+        try:
+            fd = os.open(self._pooled(session_id), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, line, 0)
+            finally:
+                os.close(fd)
+            os.rename(self._pooled(session_id), self._resv(session_id))
+        except OSError as e:
+            self.release_pooled(session_id)
+            raise SpoolUnavailable(f"the pooled proof reservation cannot be used: "
+                                   f"{_why(e)}") from None
+
+    def release_pooled(self, session_id: str) -> None:
+        """Drop a pool sandbox's reservation (it was never bound)."""
+        with contextlib.suppress(OSError):
+            self._pooled(session_id).unlink()
 
     def release(self, session_id: str) -> None:
         """Drop a reservation whose session never started."""
@@ -315,7 +358,9 @@ class Spool:
                 self._check_file(p, m.group(1), "spool_file", found)
             elif m := _RESV.match(p.name):
                 self._finish_reservation(p, m.group(1))
-            elif _STAGING.match(p.name):
+            elif _STAGING.match(p.name) or _POOLED.match(p.name):
+                # a pooled reservation never outlives the agent that made it: its sandbox
+                # ended with that agent, unbound (issue 18)
                 with contextlib.suppress(OSError):
                     p.unlink()
         if self.fallback_dir is not None and self.fallback_dir.is_dir():

@@ -76,13 +76,21 @@ def lookup_meta(sessions: dict[str, Session], journal: Journal, session_id: str)
 
 
 def receipt_key(sessions: dict[str, Session], journal: Journal, key_id: str) -> dict | None:
-    """Public record of a session receipt key (live or destroyed session)."""
+    """Public record of a session receipt key, any epoch (live or destroyed session):
+    `{key_id, algorithm, public_key, created_at, session_id, epoch[, introduction]}`
+    (agent/cdp/receiptkeys.py)."""
     for s in sessions.values():
-        for k in (s.receipt_key, *s.previous_receipt_keys):
+        for k in s.record.receipt_keys:
             if k.get("key_id") == key_id:
-                return dict(k)
-    row = journal.by_receipt_key(key_id)
-    if row is None or not row.get("receipt_public_key"):
-        return None
-    return {"key_id": key_id, "algorithm": "Ed25519",
-            "public_key": row["receipt_public_key"], "created_at": row["created_at"]}
+                return _key_record(s.session_id, k)
+    found = journal.receipt_key(key_id)
+    return None if found is None else _key_record(*found)
+
+
+def _key_record(session_id: str, entry: dict) -> dict:
+    out = {"key_id": entry["key_id"], "algorithm": "Ed25519",
+           "public_key": entry["public_key"], "created_at": entry["created_at"],
+           "session_id": session_id, "epoch": entry["epoch"]}
+    if "introduction" in entry:
+        out["introduction"] = entry["introduction"]
+    return out

@@ -107,6 +107,7 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
         case T_FSIZE: c->fsize = tlv_u64(v, l); break;
         case T_ATTACH_PATH: c->attach_path = tlv_str(v, l); break;
         case T_ORPHAN_GRACE_MS: c->orphan_grace_ms = tlv_u64(v, l); break;
+        case T_UNBOUND: c->unbound = tlv_u64(v, l) != 0; break;
         case T_RO_BIND:
             if (c->n_binds < MAX_LIST) c->binds[c->n_binds++] = tlv_str(v, l);
             break;

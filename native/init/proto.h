@@ -30,6 +30,9 @@ enum msg_type {
                         * the agent's death cut off */
     MSG_ADOPTED = 12,  /* agent -> PID 1: the cut-off command is on the record; forget it
                         * (until then every ATTACH reports it again) */
+    MSG_BIND = 13,     /* agent -> PID 1 of a pooled (T_UNBOUND) sandbox: TLV T_HOSTNAME, the
+                        * session's identity (issue 18); accepted once, before any EXEC */
+    MSG_BOUND = 14,    /* PID 1 -> agent: int32 0, or the errno of the step that failed */
 };
 
 enum cfg_tag {
@@ -50,6 +53,8 @@ enum cfg_tag {
     T_SANDBOX_ID = 15,  /* u32 uid/gid of the sandbox user inside */
     T_ATTACH_PATH = 16, /* string: host path of the re-attach socket (issue 12) */
     T_ORPHAN_GRACE_MS = 17, /* u64: how long PID 1 waits for a re-attach after EOF */
+    T_UNBOUND = 18,     /* u64 1: a warm-pool sandbox; EXEC is refused until a BIND gave it
+                         * its session's hostname (T_HOSTNAME is then a placeholder) */
     /* EXEC */
     T_ARG = 20,         /* string, repeated */
     T_ENV = 21,         /* string "K=V", repeated */
@@ -90,6 +95,7 @@ struct config {
     int attach_fd;            /* listening socket inherited by PID 1, -1 when none */
     int root_view_fd;         /* O_PATH on the tmpfs root as the agent's namespace saw it
                                * (no submounts), kept by PID 1 for a re-adopting agent */
+    int unbound;              /* pooled, no session yet: EXEC refused until BIND */
 };
 
 /* 0, -1 when malformed, -2 when it carries no usable seccomp filter (fail closed: the
@@ -98,6 +104,9 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c);
 
 /* sandbox.c: runs in the cloned child; builds the root, returns 0 or -1 with a message sent */
 int setup_sandbox(struct config *c);
+/* sandbox.c: the hostname and the /etc files that name it (paths relative to the cwd,
+ * the new root, both during setup and in PID 1 after pivot_root); 0 or -1 with errno */
+int set_identity(const char *hostname);
 /* serve.c: PID 1 main loop; never returns */
 void serve(struct config *c) __attribute__((noreturn));
 

@@ -111,6 +111,21 @@ static int loopback_up(void)
     return r;
 }
 
+int set_identity(const char *hostname)
+{
+    char text[512];
+    size_t len = strlen(hostname);
+    if (!len || len > 64 || strchr(hostname, '/') || strchr(hostname, '\n')) {
+        errno = EINVAL;
+        return -1;
+    }
+    snprintf(text, sizeof(text), "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost\n",
+             hostname);
+    if (put_file("etc/hosts", text, 0644) < 0 || put_file("etc/hostname", hostname, 0644) < 0)
+        return -1;
+    return sethostname(hostname, len);
+}
+
 int setup_sandbox(struct config *c)
 {
     const char *R = c->root;
@@ -183,11 +198,7 @@ int setup_sandbox(struct config *c)
     snprintf(text, sizeof(text), "root:x:0:\nsandbox:x:%u:\nnogroup:x:65534:\n", id);
     if (put_file(join(R, "etc/group"), text, 0644) < 0)
         STEP_FAIL("writing /etc/group: %s", strerror(errno));
-    snprintf(text, sizeof(text), "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost\n",
-             c->hostname);
-    if (put_file(join(R, "etc/hosts"), text, 0644) < 0 ||
-        put_file(join(R, "etc/hostname"), c->hostname, 0644) < 0 ||
-        put_file(join(R, "etc/nsswitch.conf"),
+    if (put_file(join(R, "etc/nsswitch.conf"),
                  "passwd: files\ngroup: files\nshadow: files\nhosts: files\n", 0644) < 0)
         STEP_FAIL("writing /etc: %s", strerror(errno));
 
@@ -195,8 +206,8 @@ int setup_sandbox(struct config *c)
         mkdir(join(R, "tmp"), 01777) < 0 || mkdir(join(R, "input"), 0755) < 0)
         STEP_FAIL("creating /work, /tmp, /input: %s", strerror(errno));
 
-    if (sethostname(c->hostname, strlen(c->hostname)) < 0)
-        STEP_FAIL("sethostname: %s", strerror(errno));
+    if (set_identity(c->hostname) < 0)
+        STEP_FAIL("sethostname (and /etc/hostname, /etc/hosts): %s", strerror(errno));
     if (loopback_up() < 0)
         STEP_FAIL("bringing lo up: %s", strerror(errno));
 

@@ -7,6 +7,9 @@
  * socket and send ATTACH, which makes the new connection the lifeline.
  * Each EXEC forks one command in its own process group, drops to the sandbox user with
  * no capabilities, no_new_privs, rlimits and the seccomp filter, then execs it.
+ * A warm-pool sandbox (T_UNBOUND, issue 18) refuses EXEC until one BIND gave it its
+ * session's hostname, and ends at once when the lifeline closes before that (it never
+ * held anything of a customer: there is nothing to re-adopt).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,10 +41,22 @@
 static pid_t leader; /* the running command, 0 when idle */
 /* the running command's EXEC_TAG (issue 12): handed back to a re-attaching agent when the
  * agent died during the command, which PID 1 then killed */
-static unsigned char leader_tag[1024], cut_tag[1024];
-static uint32_t leader_tag_len, cut_tag_len;
-static pid_t cut_leader; /* the command killed at the agent's death, until reported */
-static int cut_status, cut_reaped;
+static unsigned char leader_tag[1024];
+static uint32_t leader_tag_len;
+/* The command killed at the agent's death, until reported.  One struct, found by its
+ * magic in this process's initialised data: a restarted agent that cannot ask PID 1
+ * (the sandbox stalled at its memory cap while the agent was down, PID 1 charged to the
+ * same cgroup) reads it from /proc/1's memory with the sandbox frozen, and clears
+ * `leader` once the exec is on its record (agent/sandbox/initrecord.py). */
+struct cut_record {
+    char magic[16];
+    volatile int32_t leader;
+    volatile int32_t reaped;
+    volatile int32_t status;
+    volatile uint32_t tag_len;
+    unsigned char tag[1024];
+};
+static struct cut_record cut = {.magic = "nrx-init-cut/1"};
 
 /* child of fork(): report the failing step through `errfd` and exit */
 static void __attribute__((noreturn)) child_fail(int errfd, const char *step)
@@ -143,8 +158,10 @@ static void handle_exec(struct config *c, const unsigned char *body, size_t len,
     }
     argv[na] = NULL;
     envp[ne] = NULL;
-    if (r < 0 || na == 0 || out < 0 || err < 0 || leader) {
+    if (r < 0 || na == 0 || out < 0 || err < 0 || leader || c->unbound) {
+        /* fail closed: a pooled sandbox runs nothing before it has its session's identity */
         send_text(CONTROL_FD, MSG_EXEC_FAIL, r < 0 ? "malformed exec request"
+                  : c->unbound ? "sandbox not bound to a session"
                   : leader ? "a command is already running" : "exec request without argv/fds");
         goto out;
     }
@@ -190,6 +207,30 @@ out:
     if (err >= 0) close(err);
 }
 
+/* BIND (issue 18): a warm-pool sandbox takes its session's hostname (UTS name, /etc/hostname,
+ * /etc/hosts), once, before any command ran in it.  Answers BOUND with 0 or an errno. */
+static void handle_bind(struct config *c, const unsigned char *body, size_t len)
+{
+    struct tlv_iter it = {body, body + len};
+    uint32_t tag, l;
+    const unsigned char *v;
+    char *hostname = NULL;
+    int r, e = 0;
+    while ((r = tlv_next(&it, &tag, &l, &v)) > 0)
+        if (tag == T_HOSTNAME && !hostname)
+            hostname = tlv_str(v, l);
+    if (!c->unbound)
+        e = EALREADY; /* bound at creation or by an earlier BIND: identity never changes */
+    else if (r < 0 || !hostname)
+        e = EINVAL;
+    else if (set_identity(hostname) < 0)
+        e = errno ? errno : EIO;
+    else
+        c->unbound = 0;
+    free(hostname);
+    send_ints(CONTROL_FD, MSG_BOUND, e, 0, 1);
+}
+
 static long long now_ms(void)
 {
     struct timespec ts;
@@ -202,17 +243,17 @@ static long long now_ms(void)
  * to go) and remembered, and PID 1 waits `orphan_grace_ms` for a restarted agent. */
 static void orphaned(struct config *c)
 {
-    if (c->attach_fd < 0 || !c->orphan_grace_ms) {
+    if (c->attach_fd < 0 || !c->orphan_grace_ms || c->unbound) {
         kill(-1, SIGKILL);
         _exit(0);
     }
     close(CONTROL_FD);
     if (leader) {
         kill(-leader, SIGKILL);
-        cut_leader = leader;
-        cut_reaped = 0;
-        cut_tag_len = leader_tag_len;
-        memcpy(cut_tag, leader_tag, leader_tag_len);
+        cut.leader = leader;
+        cut.reaped = 0;
+        cut.tag_len = leader_tag_len;
+        memcpy(cut.tag, leader_tag, leader_tag_len);
         leader = 0;
     }
 }
@@ -234,12 +275,12 @@ static int attach(struct config *c, int fd)
     if (fd != CONTROL_FD && dup2(fd, CONTROL_FD) < 0) /* accept4 may have reused fd 3 */
         return 0;
     fcntl(CONTROL_FD, F_SETFD, FD_CLOEXEC);
-    unsigned char out[12 + sizeof(cut_tag)];
-    int32_t v[3] = {cut_leader ? 1 : 0, cut_reaped ? cut_status : (int32_t)SIGKILL,
+    unsigned char out[12 + sizeof(cut.tag)];
+    int32_t v[3] = {cut.leader ? 1 : 0, cut.reaped ? cut.status : (int32_t)SIGKILL,
                     c->root_view_fd};
     memcpy(out, v, 12);
-    uint32_t len = cut_leader ? cut_tag_len : 0;
-    memcpy(out + 12, cut_tag, len);
+    uint32_t len = cut.leader ? cut.tag_len : 0;
+    memcpy(out + 12, cut.tag, len);
     send_msg(CONTROL_FD, MSG_ATTACHED, out, 12 + len);
     return 1;
 }
@@ -296,9 +337,9 @@ void serve(struct config *c)
             int st;
             pid_t pid;
             while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
-                if (pid == cut_leader) {
-                    cut_status = st;
-                    cut_reaped = 1;
+                if (pid == cut.leader) {
+                    cut.status = st;
+                    cut.reaped = 1;
                 }
                 if (pid == leader) {
                     leader = 0;
@@ -342,9 +383,11 @@ void serve(struct config *c)
             }
             for (int i = 0; i < nfds; i++)
                 close(fds[i]);
+            if (type == MSG_BIND)
+                handle_bind(c, buf + 4, (size_t)n - 4);
             if (type == MSG_ADOPTED) {
-                cut_leader = 0;
-                cut_tag_len = 0;
+                cut.leader = 0;
+                cut.tag_len = 0;
             }
             if (type == MSG_SIGNAL && n >= 12) {
                 int32_t v[2];

@@ -16,7 +16,7 @@ for d in etc usr opt; do
   mount -t overlay overlay \
     -o lowerdir=/$d,upperdir=/run/vmtest-ov/$d/upper,workdir=/run/vmtest-ov/$d/work /$d
 done
-export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 NRX_VM_LANE=systemd
+export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 NRX_VM_LANE=systemd NRX_VM_OUT=$out
 echo "guest: $(uname -r), PID 1: $(cat /proc/1/comm), virt: $(systemd-detect-virt), cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 .venv/bin/python -m pytest -p no:cacheprovider -q -o addopts="-ra --strict-markers" \
   tests/vm/test_systemd_host.py ${VMTEST_PYTEST_ARGS:-}

@@ -224,7 +224,11 @@ def test_crash_and_restart_recovery(tmp_path):
     the next start re-adopts them on real v2 (active, /work intact, exec works) and their
     destroys give complete proofs although this guest's init never reaps the old PID 1;
     their cgroups are gone, and after a stop so is the agent's tree."""
-    d = AgentDaemon(tmp_path, config={"tiers": TIERS}, start_timeout=START_TIMEOUT)
+    # the grace outlasts a restart under TCG on a loaded host (157 s seen; the default
+    # 60 s let the sandboxes end themselves before the agent was back)
+    d = AgentDaemon(tmp_path, config={"tiers": TIERS,
+                                      "sandbox": {"orphan_grace_seconds": 900}},
+                    start_timeout=START_TIMEOUT)
     d.start()
     tree = CG / d.config["sandbox"]["cgroup_prefix"]
     try:

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import log
 
@@ -27,6 +28,9 @@ from .base import (
     write_control,
     write_file,
 )
+
+if TYPE_CHECKING:
+    from .systemd_scope import SandboxScope
 
 CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 
@@ -50,6 +54,19 @@ def find_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[dict[str, Path
             elif fstype == "cgroup2" and unified is None and fields[3] == "/":
                 unified = mnt
     return v1, unified
+
+
+def find_named_systemd(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
+    """Mount point of the v1 `name=systemd` hierarchy (systemd's tracking hierarchy on a
+    legacy host, kept in sync on a hybrid one), or None."""
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            rfields = right.split()
+            if len(rfields) >= 3 and rfields[0] == "cgroup" and left.split()[3] == "/" \
+                    and "name=systemd" in rfields[2].split(","):
+                return Path(left.split()[4].replace("\\040", " "))
+    return None
 
 
 def service_subtree(proc_cgroup: str, env: dict[str, str]) -> str:
@@ -269,8 +286,14 @@ class V1Driver(CgroupDriver):
     mode = "v1"
 
     def __init__(self, prefix: str, *, mounts: dict[str, Path] | None = None,
-                 unified: Path | None | bool = True) -> None:
+                 unified: Path | None | bool = True, scope: SandboxScope | None = None) -> None:
+        """`scope`: under systemd, the sandbox scope (systemd_scope.py): each session also
+        gets a directory under the scope in the hierarchies systemd tracks units by
+        (the cgroup2 tree, name=systemd), so KillMode= of the agent's unit no longer
+        reaches it; the older layout (under the unit's cgroup2 directory) is still listed
+        and opened for recovery.  remove_root() ends the scope."""
         found, found_unified = find_mounts()
+        self.scope = scope
         self.prefix = check_name(prefix)
         mounts = mounts if mounts is not None else found
         missing = [c for c in CONTROLLERS if c not in mounts]
@@ -278,13 +301,23 @@ class V1Driver(CgroupDriver):
             raise CgroupError(f"cgroup v1 controllers not mounted: {', '.join(missing)} "
                               "(mount them under /sys/fs/cgroup/<controller>)")
         self.roots = {c: mounts[c] / self.prefix for c in CONTROLLERS}
+        self.legacy_unified_root: Path | None = None
         if unified is True:
             unified = found_unified
             if unified is not None:
                 with open("/proc/self/cgroup") as f:
                     sub = service_subtree(f.read(), dict(os.environ))
-                unified = unified / sub if sub else unified
+                if scope is not None:
+                    if sub:
+                        self.legacy_unified_root = unified / sub / self.prefix
+                    unified = scope.dir_under(unified)
+                else:
+                    unified = unified / sub if sub else unified
         self.unified_root = (unified / self.prefix) if unified else None
+        if scope is not None:
+            named = find_named_systemd()
+            if named is not None:
+                self.roots["systemd"] = scope.dir_under(named) / self.prefix
         self._memsw: bool | None = None
         self._log = log.get().bind(component="cgroups", mode="v1")
 
@@ -330,22 +363,29 @@ class V1Driver(CgroupDriver):
         dirs, unified = self._dirs(name)
         dirs = {c: p for c, p in dirs.items() if p.is_dir()}
         if unified is not None and not unified.is_dir():
-            unified = None
+            legacy = self.legacy_unified_root
+            unified = legacy / name if legacy is not None and (legacy / name).is_dir() else None
         return _PartialV1Handle(name, dirs, unified)
 
     def leftovers(self) -> list[str]:
         names: set[str] = set()
-        for root in [*self.roots.values(), self.unified_root]:
+        for root in [*self.roots.values(), self.unified_root, self.legacy_unified_root]:
             if root is not None and root.is_dir():
                 names.update(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
         return sorted(names)
 
     def remove_root(self) -> bool:
+        """Remove the tree once it holds no session; then end the sandbox scope, if any."""
         if self.leftovers():
             return False
         for root in [*self.roots.values(), self.unified_root]:
             if root is not None:
                 rmdir_retry(root)
+        if self.legacy_unified_root is not None:
+            with contextlib.suppress(OSError, CgroupError):
+                rmdir_retry(self.legacy_unified_root, timeout=0)
+        if self.scope is not None:
+            self.scope.release()
         return True
 
 

@@ -1,6 +1,8 @@
 """cgroup v2 driver (modern hosts): one directory per session under the agent's delegated
-subtree.  Under systemd (`Delegate=yes`) the agent's own cgroup is the subtree root; the
-"no internal processes" rule means the agent first moves itself into `<prefix>/agent`
+subtree.  Under systemd that subtree is the sandbox scope (`nanorix-sandboxes-<prefix>.scope`,
+`Delegate=yes`, systemd_scope.py), so the sandboxes outlive the agent's unit; with the scope
+off (`[sandbox] systemd_scope = "off"`) it is the agent's own unit cgroup, and the "no
+internal processes" rule means the agent first moves itself into `<prefix>/agent`
 (`enter_leaf()`), then enables controllers for its children."""
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import ctypes
 import errno
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import log
 
@@ -28,6 +32,9 @@ from .base import (
     write_control,
     write_file,
 )
+
+if TYPE_CHECKING:
+    from .systemd_scope import SandboxScope
 
 CONTROLLERS = ("memory", "pids", "cpu")
 OOM_SLACK = 1 << 20  # unreclaimable bytes this close to memory.high count as an OOM
@@ -200,14 +207,22 @@ class V2Handle(CgroupHandle):
 class V2Driver(CgroupDriver):
     mode = "v2"
 
-    def __init__(self, prefix: str, root: Path, *, delegated: bool = False) -> None:
+    def __init__(self, prefix: str, root: Path, *, delegated: bool = False,
+                 scope: SandboxScope | None = None, legacy_roots: Sequence[Path] = ()) -> None:
         """`root` is the delegated subtree (or the cgroup2 mount when the agent runs in "/").
-        `delegated`: root is the agent's own cgroup, so before enabling controllers there the
-        agent moves itself into its leaf (the root cgroup is exempt from that rule)."""
+        `delegated`: root is delegated to the agent (its own cgroup, or the sandbox scope);
+        if the agent itself sits in it, it moves into its leaf before enabling controllers
+        there (the root cgroup is exempt from that rule).  `scope`: the systemd sandbox
+        scope whose cgroup `root` is (systemd_scope.py), ended by remove_root().
+        `legacy_roots`: where sessions of an older layout may still be (under the agent's
+        unit cgroup, before the scope): listed, opened and removed, never created in."""
         self.prefix = check_name(prefix)
         self.root = Path(root)
         self.delegated = delegated
+        self.scope = scope
         self.tree = self.root / self.prefix
+        self.legacy_trees = [Path(r) / self.prefix for r in legacy_roots
+                             if Path(r) / self.prefix != self.tree]
         self._enabled = False
         self._log = log.get().bind(component="cgroups", mode="v2")
 
@@ -286,15 +301,22 @@ class V2Driver(CgroupDriver):
         return V2Handle(name, path)
 
     def open(self, name: str) -> CgroupHandle:
-        return V2Handle(name, self._dir(name))
+        path = self._dir(name)
+        if not path.is_dir():  # a session of the older layout (recovery after an upgrade)
+            path = next((t / name for t in self.legacy_trees if (t / name).is_dir()), path)
+        return V2Handle(name, path)
 
     def leftovers(self) -> list[str]:
-        if not self.tree.is_dir():
-            return []
-        return sorted(e.name for e in os.scandir(self.tree)
-                      if e.is_dir(follow_symlinks=False) and e.name != AGENT_LEAF)
+        names: set[str] = set()
+        for tree in [self.tree, *self.legacy_trees]:
+            if tree.is_dir():
+                names.update(e.name for e in os.scandir(tree)
+                             if e.is_dir(follow_symlinks=False) and e.name != AGENT_LEAF)
+        return sorted(names)
 
     def remove_root(self) -> bool:
+        """Remove the tree (and an empty one of the older layout) once it holds no session;
+        then, under systemd, end the sandbox scope (nothing is left to keep)."""
         if self.leftovers():
             return False
         leaf = self.tree / AGENT_LEAF
@@ -303,4 +325,10 @@ class V2Driver(CgroupDriver):
                 return False  # the agent is still inside its leaf
             rmdir_retry(leaf)
         rmdir_retry(self.tree)
+        for tree in self.legacy_trees:  # best effort: an old agent's leaf may still be busy
+            with contextlib.suppress(OSError, CgroupError):
+                rmdir_retry(tree / AGENT_LEAF, timeout=0)
+                rmdir_retry(tree, timeout=0)
+        if self.scope is not None:
+            self.scope.release()
         return True
