@@ -471,6 +471,11 @@ int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinne
             if (fd < 0) {
                 len = -1;
                 e = errno;
+                /* the kernel answers EINVAL when the task has already dropped its
+                 * namespaces (it is exiting: mounts_open_common finds no nsproxy), so it
+                 * pins no mount namespace any more: the same as gone */
+                if (e == EINVAL)
+                    e = ESRCH;
             } else {
                 ssize_t r = read_all(fd, &buf, &cap);
                 close(fd);
