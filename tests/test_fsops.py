@@ -250,9 +250,9 @@ def test_frozen_process_memory_wipe_removes_secret(cgroup):
         _kill(p, cgroup)
 
 
-def test_wipe_throughput(shm_file, cgroup, capsys):
-    """Per-pass wipe throughput for a 64 MiB tmpfs file and 64 MiB of process memory
-    (printed for the report; the floor is loose so CI noise does not fail it)."""
+def test_wipe_three_passes_cover_64_mib(shm_file, cgroup):
+    """Three passes over a 64 MiB tmpfs file and 64 MiB of frozen process memory each cover
+    every byte and read back all zero (speed lives in bench/run.py's wipe row, not here)."""
     size = 64 * MiB
     os.pwrite(shm_file, secrets.token_bytes(MiB) * 64, 0)
     fsops.wipe_ranges(shm_file, [(0, size)], ["zeros"])  # warm up
@@ -269,11 +269,9 @@ def test_wipe_throughput(shm_file, cgroup, capsys):
             os.close(mem)
     finally:
         _kill(p, cgroup)
-    with capsys.disabled():
-        for what, r in (("file", rf), ("memory", rm)):
-            print(f"\nwipe {what} {r.bytes >> 20} MiB GiB/s random/ones/zeros/readback: "
-                  + " ".join(f"{x:.2f}" for x in r.throughput()))
-    assert min(rf.throughput()) > 0.3 and min(rm.throughput()) > 0.2
+    assert rf.bytes == size and rf.blocks == size // 4096 and rf.nonzero_blocks == 0
+    assert rm.bytes >= size and rm.blocks == rm.bytes // 4096 and rm.nonzero_blocks == 0
+    assert len(rf.pass_ns) == len(rm.pass_ns) == 4  # three passes, then the read-back
 
 
 def test_random_pass_generator_is_aes_ctr():
