@@ -284,6 +284,15 @@ def test_plan_framing_is_bounded(tmp_path):
     assert not mounts.is_mountpoint(tmp_path)
 
 
+@pytest.mark.parametrize("key", ["ro_binds", "usr_links"])
+def test_a_config_that_makes_a_bad_plan_stops_the_engine_at_start(sandbox_cfg, key):
+    """A runtime bind that climbs with `..` or a merged-usr link name with a slash is
+    refused when the engine starts (the daemon does not start), not at each create."""
+    setattr(sandbox_cfg.sandbox, key, ["/usr/../usr"] if key == "ro_binds" else ["bin/x"])
+    with pytest.raises(mounts.PlanError):
+        SandboxEngine(sandbox_cfg)
+
+
 def test_plan_of_the_host_runtime():
     """The agent's plan binds /usr read-only, recursively, nosuid and nodev into a
     directory made for it, adds only the merged-usr links the host has, and encodes to

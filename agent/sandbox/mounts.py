@@ -86,7 +86,8 @@ def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
     Without an image directory the host's runtime paths are bound at the same place and
     each merged-usr link is made only if the host has `/usr/<name>`.  With
-    `image_dir`, each entry of `ro_binds` is taken from inside the image instead.
+    `image_dir`, each entry of `ro_binds` is taken from inside the image instead.  Raises
+    PlanError (the agent does not start) when they make a plan nrx-init would refuse.
     """
     image = sandbox_cfg.image_dir
     binds = []
@@ -96,8 +97,11 @@ def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         if os.path.isdir(src):
             binds.append((src, inside))
     top = Path(image) if image else Path("/")
+    if any(not name or "/" in name for name in sandbox_cfg.usr_links):
+        raise PlanError("sandbox.usr_links holds names of /usr entries, without a slash")
     links = [(name, f"usr/{name}") for name in sandbox_cfg.usr_links
              if (top / "usr" / name).is_dir()]
+    setup_plan(binds, links, hostname="localhost", sandbox_id=0)  # checked once, at start
     return binds, links
 
 

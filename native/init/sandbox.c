@@ -115,7 +115,13 @@ static int apply_op(const struct mount_op *op, const char *base)
         fd = open(base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, op->mode);
         if (fd < 0)
             return -1;
-        if (write_all(fd, op->arg, op->arg_len) < 0 || close(fd) < 0)
+        if (write_all(fd, op->arg, op->arg_len) < 0) {
+            int e = errno;
+            close(fd);
+            errno = e;
+            return -1;
+        }
+        if (close(fd) < 0)
             return -1;
         break;
     case OP_SYMLINK:
