@@ -181,8 +181,8 @@ async def test_a_bind_whose_source_vanished_fails_create_and_leaves_nothing(sand
 
 async def test_no_plan_op_follows_a_symlink(sandbox_cfg, monkeypatch):
     """An op whose dest lies behind a symlink of the plan (/dev/fd, which points at the
-    host's /proc before pivot_root) fails with ELOOP instead of writing through it, and
-    create leaves nothing.  The plan is extended by the test: the agent's own plan has
+    host's /proc before pivot_root) fails (ENOTDIR: the link is not a directory, it is not
+    followed) instead of writing through it, and create leaves nothing.  The plan is extended by the test: the agent's own plan has
     no such op, and config cannot make one."""
     real = mounts.setup_plan
 
@@ -193,7 +193,7 @@ async def test_no_plan_op_follows_a_symlink(sandbox_cfg, monkeypatch):
     eng = SandboxEngine(sandbox_cfg)
     try:
         sid = fx.new_session_id()
-        with pytest.raises(SandboxError, match=r"mount plan op \d+ \(file\) failed: ELOOP"):
+        with pytest.raises(SandboxError, match=r"mount plan op \d+ \(file\) failed: ENOTDIR"):
             await eng.create(sid, tier="tiny", classification="general")
         nothing_left(eng, sid)
     finally:

@@ -13,7 +13,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
-#include <linux/openat2.h>
 #include <sched.h>
 #include <net/if.h>
 #include <stdio.h>
@@ -31,21 +30,29 @@
 
 #define STEP_FAIL(...) do { send_text(CONTROL_FD, MSG_ERROR, __VA_ARGS__); return -1; } while (0)
 
-/* The directory that holds `dest` (an absolute path inside the new root, checked by
- * parse_config), opened beneath `rootfd` without following any symlink, so no op of the
- * plan reaches outside the session tmpfs; *base is dest's last component. */
+/* The directory that holds `dest` (an absolute path inside the new root with no ".", ".."
+ * or empty component, checked by parse_config), reached from `rootfd` one component at a
+ * time with O_NOFOLLOW (ELOOP on a symlink), so no op of the plan reaches outside the
+ * session tmpfs; *base is dest's last component.  (openat2 with RESOLVE_BENEATH and
+ * RESOLVE_NO_SYMLINKS would do it in one call, but under the shipped systemd unit's
+ * SystemCallFilter it fails with ENOSYS.) */
 static int open_parent(int rootfd, const char *dest, const char **base)
 {
-    char dir[MAX_OP_PATH + 2];
-    const char *slash = strrchr(dest, '/');
-    *base = slash + 1;
-    if (slash == dest)
-        snprintf(dir, sizeof(dir), ".");
-    else
-        snprintf(dir, sizeof(dir), "%.*s", (int)(slash - dest - 1), dest + 1);
-    struct open_how how = {.flags = O_PATH | O_DIRECTORY | O_CLOEXEC,
-                           .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS};
-    return (int)syscall(SYS_openat2, rootfd, dir, &how, sizeof(how));
+    char path[MAX_OP_PATH + 1];
+    snprintf(path, sizeof(path), "%s", dest + 1);
+    int fd = fcntl(rootfd, F_DUPFD_CLOEXEC, 0);
+    char *name = path, *slash;
+    while (fd >= 0 && (slash = strchr(name, '/'))) {
+        *slash = 0;
+        int next = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        int e = errno;
+        close(fd);
+        errno = e;
+        fd = next;
+        name = slash + 1;
+    }
+    *base = dest + 1 + (name - path);
+    return fd;
 }
 
 static int write_all(int fd, const char *data, size_t len)
