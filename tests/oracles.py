@@ -1,15 +1,19 @@
 """Reference implementations (oracles) of the native wipe (native/ext/fsops.c through
-agent/fsops.py): the same algorithm in plain Python, used only by tests to check the native
-code's answers.  Moved out of agent/destroy/wipe.py (issue 11): the agent runs the native
-code only, so these never run in production."""
+agent/fsops.py) and of the native /proc scans (native/ext/procscan.c through
+agent/destroy/residue.py): the same algorithms in plain Python, used only by tests to check
+the native code's answers.  Moved out of agent/destroy/wipe.py and residue.py (issue 11):
+the agent runs the native code only, so these never run in production.  The scans walk
+the tasks through residue's own per-task generators (which production uses to classify
+what a scan found), so only the counting is repeated here."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from agent.destroy import residue
 from agent.destroy.wipe import BLOCK, WipeResult
 
 CHUNK = 1 << 20
@@ -132,3 +136,53 @@ def py_present_ranges(pid: int) -> list[tuple[int, int]]:
     finally:
         os.close(pm)
     return out
+
+
+# ---- /proc scans (residue.processes_in_namespaces, processes_with_ids, mounts_of) -------
+
+def py_processes_in_namespaces(inodes: Iterable[int],
+                               names: Sequence[str] = residue.NAMESPACES) -> tuple[int, int]:
+    """residue.processes_in_namespaces in Python: (processes, threads) with a namespace
+    among `names` whose inode is one of `inodes`."""
+    procs: set[int] = set()
+    threads = 0
+    for pid, _tid in residue._tasks_in_namespaces(inodes, tuple(names)):
+        procs.add(pid)
+        threads += 1
+    return len(procs), threads
+
+
+def py_processes_with_ids(uid_ranges: list[tuple[int, int]],
+                          gid_ranges: list[tuple[int, int]]) -> int:
+    """residue.processes_with_ids in Python: processes with a thread whose uid or gid
+    (any of real, effective, saved, fs) is in a range."""
+    return len({pid for pid, _tid, _status in residue._tasks_with_ids(uid_ranges, gid_ranges)})
+
+
+def py_mounts_of(dev: str | None, ns_inodes: Iterable[int],
+                 proc: str = "/proc") -> tuple[int, int]:
+    """residue.mounts_of in Python: (mounts of superblock `dev` or nsfs mounts pinning one
+    of `ns_inodes`, mount namespaces read), each mount namespace read once."""
+    pinned = {f"{n}:[{i}]" for i in ns_inodes for n in residue.NAMESPACES}
+    seen_ns: set[str] = set()
+    count = 0
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            mnt_ns = os.readlink(f"{proc}/{name}/ns/mnt")  # "mnt:[inode]"
+            if mnt_ns in seen_ns:
+                continue
+            with open(f"{proc}/{name}/mountinfo") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited
+        except PermissionError:
+            if residue._outside_sandboxes(f"{proc}/{name}"):
+                continue
+            raise
+        seen_ns.add(mnt_ns)
+        for m in residue.parse_mountinfo(text):
+            if (dev is not None and m.dev == dev) or (m.fs_type == "nsfs" and m.root in pinned):
+                count += 1
+    return count, len(seen_ns)

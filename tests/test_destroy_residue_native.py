@@ -1,8 +1,10 @@
 """The C scans of /proc used by destruction steps 5 and 6 count exactly what the Python
-reference scans count, on a real sandbox (hits) and on ids nobody uses (misses)."""
+oracles (tests/oracles.py) count, on a real sandbox (hits) and on ids nobody uses
+(misses)."""
 
 from __future__ import annotations
 
+import oracles
 import test_sandbox_fixtures as fx
 
 from agent.destroy import residue
@@ -13,7 +15,6 @@ sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
 async def test_native_scans_match_python_reference(sandbox):
     """Processes/threads in the session's namespaces and processes with its host ids agree
     between the native and Python scans, and a miss is zero in both."""
-    assert residue._NATIVE_SCANS, "agent._native lacks the procscan functions"
     r = await sandbox.exec(
         "sleep 60 >/dev/null 2>&1 & sleep 60 >/dev/null 2>&1 & "
         "python3 -c 'import threading,time; [threading.Thread(target=time.sleep, args=(60,),"
@@ -29,9 +30,9 @@ async def test_native_scans_match_python_reference(sandbox):
     try:
         names = tuple(residue.NAMESPACES)
         native_ns = residue.processes_in_namespaces(inodes)
-        python_ns = residue._py_processes_in_namespaces(inodes, names)
+        python_ns = oracles.py_processes_in_namespaces(inodes, names)
         native_ids = residue.processes_with_ids(ids, gids)
-        python_ids = residue._py_processes_with_ids(ids, gids)
+        python_ids = oracles.py_processes_with_ids(ids, gids)
         combined = residue.processes_with_ids_and_in_namespaces(ids, gids, inodes)
     finally:
         sandbox.cgroup.thaw()
@@ -39,8 +40,8 @@ async def test_native_scans_match_python_reference(sandbox):
     assert native_ids == python_ids and native_ids >= 3
     assert combined == (native_ids, *native_ns)
     nobody = [(4_000_000_000, 4_000_000_001)]
-    assert residue.processes_in_namespaces([1]) == residue._py_processes_in_namespaces([1], names) == (0, 0)
-    assert residue.processes_with_ids(nobody, nobody) == residue._py_processes_with_ids(nobody, nobody) == 0
+    assert residue.processes_in_namespaces([1]) == oracles.py_processes_in_namespaces([1], names) == (0, 0)
+    assert residue.processes_with_ids(nobody, nobody) == oracles.py_processes_with_ids(nobody, nobody) == 0
 
 
 async def test_native_mount_scan_matches_python_reference(sandbox):
@@ -58,7 +59,7 @@ async def test_native_mount_scan_matches_python_reference(sandbox):
         pairs = []
         for _ in range(20):
             pairs.append((residue.mounts_of(dev, inodes),
-                          residue._py_mounts_of(dev, inodes, "/proc")))
+                          oracles.py_mounts_of(dev, inodes, "/proc")))
             if pairs[-1][0] == pairs[-1][1]:
                 break
     finally:
@@ -66,7 +67,7 @@ async def test_native_mount_scan_matches_python_reference(sandbox):
     native, python = pairs[-1]
     assert native == python, pairs
     assert native[0] >= 1 and native[1] >= 2
-    assert residue.mounts_of("0:1", [1]) == residue._py_mounts_of("0:1", [1], "/proc")
+    assert residue.mounts_of("0:1", [1]) == oracles.py_mounts_of("0:1", [1], "/proc")
     assert residue.mounts_of("0:1", [1])[0] == 0
 
 

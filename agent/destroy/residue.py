@@ -2,7 +2,16 @@
 
 Everything here reads the running kernel's view and returns counts or inode numbers;
 nothing returns a path inside a sandbox, a command line or a file name.  Processes that
-exit while being scanned are skipped (their absence is the answer we want)."""
+exit while being scanned are skipped (their absence is the answer we want).
+
+The counting scans of every process on the host (namespaces, ids, mounts) run in C
+(native/ext/procscan.c): from Python every readlink releases and retakes the GIL, which
+serialised concurrent destructions.  The native extension is part of every install
+(setup.py builds it; scripts/setup.sh runs that), so importing this module without it
+fails: there is no slower fallback that could answer differently.  The same scans in
+plain Python are the tests' oracles (tests/oracles.py).  The per-task walks below
+(`unreaped_in_namespaces`, `ids_holders`) classify the few tasks a scan found and stay in
+Python."""
 
 from __future__ import annotations
 
@@ -10,6 +19,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent._native import ffi as _ffi
+from agent._native import lib as _lib
 
 __all__ = ["NAMESPACES", "Mount", "id_map", "ids_holders", "list_pids", "list_tasks", "mounts_of",
            "ns_inodes", "parse_mountinfo", "unreaped_in_namespaces", "zombies_not_ours", "processes_in_namespaces", "processes_with_ids",
@@ -41,41 +53,34 @@ def ns_inodes(pid: int | str, names: Iterable[str] = NAMESPACES) -> dict[str, in
     return {n: os.stat(PROC / str(pid) / "ns" / n).st_ino for n in names}
 
 
-try:  # native scans (native/ext/procscan.c): the same walk in one call, no GIL per syscall
-    from agent._native import ffi as _ffi
-    from agent._native import lib as _lib
+def _ns_mask(names: Iterable[str]) -> int:
+    """The bit mask of namespace names procscan.c takes (bit i: NAMESPACES[i])."""
+    mask = 0
+    for n in names:
+        if n not in NAMESPACES:
+            raise ValueError(f"unknown namespace {n!r}")
+        mask |= 1 << NAMESPACES.index(n)
+    return mask
 
-    _NATIVE_SCANS = hasattr(_lib, "nrx_scan_ns") and hasattr(_lib, "nrx_scan_ids")
-except Exception:  # any import failure means "use the Python path"
-    _NATIVE_SCANS = False
+
+def _u64s(values: list[int]):
+    return _ffi.new("uint64_t[]", values or [0])
+
+
+def _flat(ranges: list[tuple[int, int]]) -> list[int]:
+    return [int(x) for r in ranges for x in r]
 
 
 def processes_in_namespaces(inodes: Iterable[int],
                             names: Iterable[str] = NAMESPACES) -> tuple[int, int]:
     """(processes, threads) on the host with a namespace (among `names`) whose inode is
-    one of `inodes`.  Done in C when the native extension has it: from Python every
-    readlink releases and retakes the GIL, which serialised concurrent destructions."""
-    names = tuple(names)
+    one of `inodes`."""
     inodes = sorted(set(inodes))
-    if _NATIVE_SCANS and all(n in NAMESPACES for n in names):
-        mask = sum(1 << NAMESPACES.index(n) for n in set(names))
-        procs, threads = _ffi.new("int *"), _ffi.new("int *")
-        arr = _ffi.new("uint64_t[]", inodes or [0])
-        rc = _lib.nrx_scan_ns(arr, len(inodes), mask, procs, threads)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
-        return int(procs[0]), int(threads[0])
-    return _py_processes_in_namespaces(inodes, names)
-
-
-def _py_processes_in_namespaces(inodes: Iterable[int],
-                                names: tuple[str, ...]) -> tuple[int, int]:
-    procs: set[int] = set()
-    threads = 0
-    for pid, _tid in _tasks_in_namespaces(inodes, names):
-        procs.add(pid)
-        threads += 1
-    return len(procs), threads
+    procs, threads = _ffi.new("int *"), _ffi.new("int *")
+    rc = _lib.nrx_scan_ns(_u64s(inodes), len(inodes), _ns_mask(names), procs, threads)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(procs[0]), int(threads[0])
 
 
 def _tasks_in_namespaces(inodes: Iterable[int], names: tuple[str, ...]):
@@ -119,45 +124,27 @@ def unreaped_in_namespaces(inodes: Iterable[int],
 def processes_with_ids(uid_ranges: list[tuple[int, int]],
                        gid_ranges: list[tuple[int, int]]) -> int:
     """Processes with any thread whose real/effective/saved/fs uid or gid is in a range
-    (in C when the native extension has it, see processes_in_namespaces)."""
-    if _NATIVE_SCANS:
-        u = [int(x) for r in uid_ranges for x in r]
-        g = [int(x) for r in gid_ranges for x in r]
-        n = _lib.nrx_scan_ids(_ffi.new("uint64_t[]", u or [0]), len(u),
-                              _ffi.new("uint64_t[]", g or [0]), len(g))
-        if n < 0:
-            raise OSError(-n, os.strerror(-n))
-        return int(n)
-    return _py_processes_with_ids(uid_ranges, gid_ranges)
+    ([start, end))."""
+    u, g = _flat(uid_ranges), _flat(gid_ranges)
+    n = _lib.nrx_scan_ids(_u64s(u), len(u), _u64s(g), len(g))
+    if n < 0:
+        raise OSError(-n, os.strerror(-n))
+    return int(n)
 
 
 def processes_with_ids_and_in_namespaces(
         uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]],
         inodes: Iterable[int], names: Iterable[str] = NAMESPACES) -> tuple[int, int, int]:
     """(processes_with_ids(...), *processes_in_namespaces(...)) from one walk of /proc
-    when the native extension has it (step 5 asks both of the same moment)."""
-    names = tuple(names)
+    (step 5 asks both of the same moment)."""
     inodes = sorted(set(inodes))
-    if (_NATIVE_SCANS and hasattr(_lib, "nrx_scan_ids_ns")
-            and all(n in NAMESPACES for n in names)):
-        u = [int(x) for r in uid_ranges for x in r]
-        g = [int(x) for r in gid_ranges for x in r]
-        mask = sum(1 << NAMESPACES.index(n) for n in set(names))
-        out = _ffi.new("int[3]")
-        rc = _lib.nrx_scan_ids_ns(_ffi.new("uint64_t[]", u or [0]), len(u),
-                                  _ffi.new("uint64_t[]", g or [0]), len(g),
-                                  _ffi.new("uint64_t[]", inodes or [0]), len(inodes), mask,
-                                  out, out + 1, out + 2)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
-        return int(out[0]), int(out[1]), int(out[2])
-    ids = processes_with_ids(uid_ranges, gid_ranges)
-    return (ids, *processes_in_namespaces(inodes, names))
-
-
-def _py_processes_with_ids(uid_ranges: list[tuple[int, int]],
-                           gid_ranges: list[tuple[int, int]]) -> int:
-    return len({pid for pid, _tid, _status in _tasks_with_ids(uid_ranges, gid_ranges)})
+    u, g = _flat(uid_ranges), _flat(gid_ranges)
+    out = _ffi.new("int[3]")
+    rc = _lib.nrx_scan_ids_ns(_u64s(u), len(u), _u64s(g), len(g), _u64s(inodes), len(inodes),
+                              _ns_mask(names), out, out + 1, out + 2)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(out[0]), int(out[1]), int(out[2])
 
 
 def _tasks_with_ids(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]]):
@@ -276,45 +263,17 @@ def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = (),
     mount namespace is read once (through the first process found in it).  A process that
     exited meanwhile is skipped; any other read error raises (a scan that could not look
     never answers "none"), except a refused one for a process provably outside every
-    sandbox (`_outside_sandboxes`).  `proc` is for tests on a /proc-shaped tree.  Done in
-    C when the native extension has it (procscan.c, nrx_count_mounts_at)."""
+    sandbox (one NSpid entry, as `_outside_sandboxes` tells).  `proc` is for tests on a
+    /proc-shaped tree.  With many sessions, every one of their mount namespaces is read
+    and parsed by each destruction: in C (procscan.c, nrx_count_mounts_at)."""
     ns_inodes_ = sorted(set(ns_inodes_))
-    if _NATIVE_SCANS and hasattr(_lib, "nrx_count_mounts_at"):
-        # the same walk in C: with many sessions, every one of their mount namespaces is
-        # read and parsed by each destruction (most of step 6 from Python)
-        out = _ffi.new("int[2]")
-        rc = _lib.nrx_count_mounts_at(os.fsencode(proc),
-                                      dev.encode() if dev is not None else _ffi.NULL,
-                                      _ffi.new("uint64_t[]", ns_inodes_ or [0]),
-                                      len(ns_inodes_), out, out + 1)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
-        return int(out[0]), int(out[1])
-    return _py_mounts_of(dev, ns_inodes_, proc)
-
-
-def _py_mounts_of(dev: str | None, ns_inodes_: Iterable[int], proc: str) -> tuple[int, int]:
-    pinned = {f"{n}:[{i}]" for i in ns_inodes_ for n in NAMESPACES}
-    seen_ns: set[str] = set()
-    count = 0
-    for name in os.listdir(proc):
-        if not name.isdigit():
-            continue
-        try:
-            mnt_ns = os.readlink(f"{proc}/{name}/ns/mnt")  # "mnt:[inode]"
-            if mnt_ns in seen_ns:
-                continue
-            with open(f"{proc}/{name}/mountinfo") as f:
-                text = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited
-        except PermissionError:
-            if _outside_sandboxes(f"{proc}/{name}"):
-                continue
-            raise
-        seen_ns.add(mnt_ns)
-        count += _count_mounts(text, dev, pinned)
-    return count, len(seen_ns)
+    out = _ffi.new("int[2]")
+    rc = _lib.nrx_count_mounts_at(os.fsencode(proc),
+                                  dev.encode() if dev is not None else _ffi.NULL,
+                                  _u64s(ns_inodes_), len(ns_inodes_), out, out + 1)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(out[0]), int(out[1])
 
 
 def _outside_sandboxes(pid_dir: str) -> bool:
@@ -330,26 +289,6 @@ def _outside_sandboxes(pid_dir: str) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return False
-
-
-def _count_mounts(text: str, dev: str | None, pinned: set[str]) -> int:
-    """The lines of parse_mountinfo(text) whose superblock is `dev` or that are nsfs
-    mounts of a `pinned` root, without building a Mount per line (with many sessions
-    every one of their mount namespaces is read by each destruction)."""
-    count = 0
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        f = left.split()
-        if len(f) < 5:
-            continue
-        r = right.split(None, 1)
-        if not r:
-            continue
-        if (dev is not None and f[2] == dev) or (r[0] == "nsfs" and f[3] in pinned):
-            count += 1
-    return count
 
 
 def dev_str(st_dev: int) -> str:

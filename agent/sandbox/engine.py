@@ -581,8 +581,10 @@ class SandboxEngine:
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
-                map_size=ids.size, sandbox_id=userns.SANDBOX_ID, ro_binds=self.binds,
-                links=self.links, cgroup_procs=[str(p) for p in cg.procs_files()],
+                map_size=ids.size, sandbox_id=userns.SANDBOX_ID,
+                mount_plan=mounts.setup_plan(self.binds, self.links, hostname=hostname,
+                                             sandbox_id=userns.SANDBOX_ID),
+                cgroup_procs=[str(p) for p in cg.procs_files()],
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),

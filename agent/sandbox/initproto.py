@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from .mounts import SetupOp, check_plan
+
 MSG_CONFIG = 1
 MSG_PID = 2
 MSG_READY = 3
@@ -31,8 +33,6 @@ T_TMPFS_INODES = 4
 T_UID_BASE = 5
 T_GID_BASE = 6
 T_MAP_SIZE = 7
-T_RO_BIND = 8
-T_LINK = 9
 T_CGROUP_PROCS = 10
 T_OOM_SCORE = 11
 T_NOFILE = 12
@@ -42,6 +42,7 @@ T_SANDBOX_ID = 15
 T_ATTACH_PATH = 16
 T_ORPHAN_GRACE_MS = 17
 T_UNBOUND = 18
+T_MOUNT_OP = 19
 T_ARG = 20
 T_ENV = 21
 T_CWD = 22
@@ -63,6 +64,15 @@ def _u64(tag: int, value: int) -> bytes:
     return _tlv(tag, struct.pack("=q" if value < 0 else "=Q", value))
 
 
+def encode_op(op: SetupOp) -> bytes:
+    """One T_MOUNT_OP record: u32 kind, flags, mode, uid, gid, dest_len, arg_len, dest, arg
+    (proto.h).  Not checked here: InitConfig.encode checks the whole plan."""
+    dest = op.dest.encode()
+    head = struct.pack("=7I", op.kind, op.flags, op.mode, op.uid, op.gid, len(dest),
+                       len(op.arg))
+    return _tlv(T_MOUNT_OP, head + dest + op.arg)
+
+
 @dataclass
 class InitConfig:
     """Everything nrx-init needs to build one sandbox."""
@@ -75,8 +85,7 @@ class InitConfig:
     gid_base: int
     map_size: int
     sandbox_id: int = 1000
-    ro_binds: list[tuple[str, str]] = field(default_factory=list)  # (host src, inside dst)
-    links: list[tuple[str, str]] = field(default_factory=list)  # (name, target)
+    mount_plan: list[SetupOp] = field(default_factory=list)  # mounts.setup_plan
     cgroup_procs: list[str] = field(default_factory=list)
     oom_score_adj: int = 500
     nofile: int = 1024
@@ -101,8 +110,8 @@ class InitConfig:
             _u64(T_NOFILE, self.nofile),
             _u64(T_FSIZE, self.fsize),
         ]
-        parts += [_tlv(T_RO_BIND, f"{s}\0{d}".encode()) for s, d in self.ro_binds]
-        parts += [_tlv(T_LINK, f"{n}\0{t}".encode()) for n, t in self.links]
+        check_plan(self.mount_plan)
+        parts += [encode_op(op) for op in self.mount_plan]
         parts += [_tlv(T_CGROUP_PROCS, p.encode()) for p in self.cgroup_procs]
         if self.attach_path and self.orphan_grace_ms:
             parts.append(_tlv(T_ATTACH_PATH, self.attach_path.encode()))

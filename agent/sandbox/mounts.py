@@ -3,8 +3,11 @@ session tmpfs.
 
 nrx-init mounts the session tmpfs at `<runtime_dir>/sessions/<id>/root` in the AGENT's
 mount namespace (so the agent can wipe it through a root fd), then, inside the new mount
-namespace: read-only binds of the runtime, merged-usr links, /proc, a minimal /dev with
-/dev/shm, generated /etc, /work, /tmp, /input; pivot_root into the tmpfs.
+namespace, applies the mount plan built here (`setup_plan`: an ordered list of
+`SetupOp`s, bubblewrap's SetupOp list as the model: read-only binds of the runtime,
+merged-usr links, /proc, a minimal /dev with /dev/shm, generated /etc, /work, /tmp,
+/input) and pivot_roots into the tmpfs.  The ops, their bounds and their wire format are
+in native/init/proto.h; docs/design.md (Sandbox, mount plan) lists them.
 
 The agent's mount namespace is its own (`enter_private_namespace`, called by `serve`
 before anything else): the host's mount table never lists a session tmpfs, and no other
@@ -22,7 +25,8 @@ import ctypes
 import errno
 import os
 import shutil
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
@@ -82,7 +86,8 @@ def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
     Without an image directory the host's runtime paths are bound at the same place and
     each merged-usr link is made only if the host has `/usr/<name>`.  With
-    `image_dir`, each entry of `ro_binds` is taken from inside the image instead.
+    `image_dir`, each entry of `ro_binds` is taken from inside the image instead.  Raises
+    PlanError (the agent does not start) when they make a plan nrx-init would refuse.
     """
     image = sandbox_cfg.image_dir
     binds = []
@@ -92,9 +97,142 @@ def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         if os.path.isdir(src):
             binds.append((src, inside))
     top = Path(image) if image else Path("/")
+    if any(not name or "/" in name for name in sandbox_cfg.usr_links):
+        raise PlanError("sandbox.usr_links holds names of /usr entries, without a slash")
     links = [(name, f"usr/{name}") for name in sandbox_cfg.usr_links
              if (top / "usr" / name).is_dir()]
+    setup_plan(binds, links, hostname="localhost", sandbox_id=0)  # checked once, at start
     return binds, links
+
+
+# ---- the mount plan (mirrors native/init/proto.h: change both together) ----------------
+OP_DIR, OP_FILE, OP_SYMLINK, OP_BIND, OP_PROC = 1, 2, 3, 4, 5
+OP_NAMES = {OP_DIR: "dir", OP_FILE: "file", OP_SYMLINK: "symlink", OP_BIND: "bind",
+            OP_PROC: "proc"}
+RO, NOSUID, NODEV, NOEXEC, REC = 1, 2, 4, 8, 16
+NO_ID = 0xFFFFFFFF
+MAX_OPS = 256
+MAX_OP_PATH = 1024
+MAX_OP_DATA = 4096
+DEVICES = ("null", "zero", "full", "random", "urandom")
+DEV_LINKS = (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+             ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"))
+
+
+class PlanError(ValueError):
+    """A mount plan breaks a rule nrx-init would refuse it for (proto.h)."""
+
+
+@dataclass(frozen=True)
+class SetupOp:
+    """One step of the mount plan.  `dest` is an absolute path inside the sandbox; `arg`
+    is the bind source (a host path), the symlink's text or the file's content."""
+
+    kind: int
+    dest: str
+    arg: bytes = b""
+    mode: int = 0
+    flags: int = 0
+    uid: int = NO_ID
+    gid: int = NO_ID
+
+    def check(self) -> None:
+        """Raise PlanError unless nrx-init's parser accepts this op (proto.c, parse_op)."""
+        kind = OP_NAMES.get(self.kind)
+        ids = (self.uid, self.gid) != (NO_ID, NO_ID)
+        rules = {
+            "dir": not self.flags and not self.arg,
+            "file": not self.flags and len(self.arg) <= MAX_OP_DATA,
+            "symlink": (not self.flags and not self.mode and not ids
+                        and 0 < len(self.arg) <= MAX_OP_PATH and b"\0" not in self.arg),
+            "bind": (not self.flags & ~(RO | NOSUID | NODEV | NOEXEC | REC) and not self.mode
+                     and not ids and _path_ok(self.arg)),
+            "proc": not self.flags and not self.mode and not ids and not self.arg,
+        }
+        if kind is None:
+            raise PlanError(f"unknown mount op kind {self.kind}")
+        if not (_path_ok(self.dest.encode()) and 0 <= self.mode <= 0o7777 and rules[kind]
+                and 0 <= self.uid <= NO_ID and 0 <= self.gid <= NO_ID):
+            raise PlanError(f"mount op {kind} breaks the plan's rules (proto.h)")
+
+
+def _path_ok(p: bytes) -> bool:
+    """Absolute, <= MAX_OP_PATH bytes, no NUL, no empty, "." or ".." component."""
+    parts = p.split(b"/")
+    return (2 <= len(p) <= MAX_OP_PATH and p.startswith(b"/") and b"\0" not in p
+            and all(c not in (b"", b".", b"..") for c in parts[1:]))
+
+
+def dir_op(dest: str, mode: int, owner: int | None = None) -> SetupOp:
+    ids = NO_ID if owner is None else owner
+    return SetupOp(OP_DIR, dest, mode=mode, uid=ids, gid=ids)
+
+
+def file_op(dest: str, mode: int, text: str) -> SetupOp:
+    return SetupOp(OP_FILE, dest, text.encode(), mode=mode)
+
+
+def symlink_op(dest: str, target: str) -> SetupOp:
+    return SetupOp(OP_SYMLINK, dest, target.encode())
+
+
+def bind_op(src: str, dest: str, flags: int = 0) -> SetupOp:
+    return SetupOp(OP_BIND, dest, os.fsencode(src), flags=flags)
+
+
+def proc_op(dest: str) -> SetupOp:
+    return SetupOp(OP_PROC, dest)
+
+
+def setup_plan(binds: list[tuple[str, str]], links: list[tuple[str, str]], *,
+               hostname: str, sandbox_id: int) -> list[SetupOp]:
+    """The sandbox's filesystem, in the order nrx-init applies it: read-only binds of the
+    runtime (`binds` from `plan`, each with the directories above it), merged-usr links,
+    /proc, /dev (device binds from the host, /dev/shm in the session tmpfs: charged to the
+    session, wiped with it), /etc, /work (the sandbox user's), /tmp, /input.  Raises
+    PlanError when it breaks a rule (bounds, paths) nrx-init would refuse it for."""
+    ops: list[SetupOp] = []
+    made: set[str] = set()
+    for src, inside in binds:
+        for d in reversed(PurePosixPath(inside).parents[:-1]):
+            if str(d) not in made:
+                made.add(str(d))
+                ops.append(dir_op(str(d), 0o755))
+        made.add(inside)
+        ops.append(dir_op(inside, 0o755))
+        ops.append(bind_op(src, inside, REC | RO | NOSUID | NODEV))
+    ops += [symlink_op(f"/{name}", target) for name, target in links if f"/{name}" not in made]
+    ops += [dir_op("/proc", 0o555), proc_op("/proc"), dir_op("/dev", 0o755),
+            dir_op("/dev/shm", 0o1777)]
+    for dev in DEVICES:
+        ops += [file_op(f"/dev/{dev}", 0o666, ""), bind_op(f"/dev/{dev}", f"/dev/{dev}")]
+    ops += [symlink_op(name, target) for name, target in DEV_LINKS]
+    i = sandbox_id
+    ops += [
+        dir_op("/etc", 0o755),
+        file_op("/etc/passwd", 0o644, "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                f"sandbox:x:{i}:{i}:sandbox:/work:/bin/sh\n"
+                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+        file_op("/etc/group", 0o644, f"root:x:0:\nsandbox:x:{i}:\nnogroup:x:65534:\n"),
+        file_op("/etc/hosts", 0o644,
+                f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n"),
+        file_op("/etc/hostname", 0o644, hostname),
+        file_op("/etc/nsswitch.conf", 0o644,
+                "passwd: files\ngroup: files\nshadow: files\nhosts: files\n"),
+        dir_op("/work", 0o700, owner=sandbox_id),
+        dir_op("/tmp", 0o1777),
+        dir_op("/input", 0o755),
+    ]
+    check_plan(ops)
+    return ops
+
+
+def check_plan(ops: list[SetupOp]) -> None:
+    """Raise PlanError unless nrx-init accepts the whole list (each op, and its length)."""
+    if not 0 < len(ops) <= MAX_OPS:
+        raise PlanError(f"a mount plan has 1..{MAX_OPS} ops, not {len(ops)}")
+    for op in ops:
+        op.check()
 
 
 def is_mountpoint(path: Path) -> bool:

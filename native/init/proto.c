@@ -79,6 +79,57 @@ int send_text(int fd, uint32_t type, const char *fmt, ...)
     return send_msg(fd, type, text, (size_t)n);
 }
 
+/* `p` (len bytes, no NUL) is an absolute path whose components are neither empty nor
+ * "." nor "..": it names one place and never climbs out of it */
+static int path_ok(const char *p, size_t len)
+{
+    if (len < 2 || len > MAX_OP_PATH || p[0] != '/' || memchr(p, 0, len))
+        return 0;
+    for (size_t i = 1, start = 1; i <= len; i++) {
+        if (i < len && p[i] != '/')
+            continue;
+        size_t n = i - start;
+        if (n == 0 || (n == 1 && p[start] == '.') ||
+            (n == 2 && p[start] == '.' && p[start + 1] == '.'))
+            return 0;
+        start = i + 1;
+    }
+    return 1;
+}
+
+/* one T_MOUNT_OP value (format and rules: proto.h); 0, or -1 when it breaks a rule */
+static int parse_op(const unsigned char *v, uint32_t len, struct mount_op *op)
+{
+    uint32_t h[7];
+    if (len < sizeof(h))
+        return -1;
+    memcpy(h, v, sizeof(h));
+    uint32_t dest_len = h[5], arg_len = h[6];
+    if (dest_len > MAX_OP_PATH || arg_len > MAX_OP_DATA ||
+        (size_t)len != sizeof(h) + dest_len + arg_len)
+        return -1;
+    const char *dest = (const char *)v + sizeof(h), *arg = dest + dest_len;
+    *op = (struct mount_op){h[0], h[1], h[2], h[3], h[4], arg_len, NULL, NULL};
+    int ids = op->uid != NO_ID || op->gid != NO_ID;
+    int ok = path_ok(dest, dest_len) && op->mode <= 07777;
+    switch (op->kind) {
+    case OP_DIR: ok = ok && !op->flags && !arg_len; break;
+    case OP_FILE: ok = ok && !op->flags; break;
+    case OP_SYMLINK:
+        ok = ok && !op->flags && !op->mode && !ids && arg_len && arg_len <= MAX_OP_PATH &&
+             !memchr(arg, 0, arg_len);
+        break;
+    case OP_BIND: ok = ok && !(op->flags & ~OPF_ALL) && !op->mode && !ids &&
+                       path_ok(arg, arg_len); break;
+    case OP_PROC: ok = ok && !op->flags && !op->mode && !ids && !arg_len; break;
+    default: ok = 0; /* an op this init does not know is never skipped */
+    }
+    if (!ok || !(op->dest = tlv_str((const unsigned char *)dest, dest_len)) ||
+        !(op->arg = tlv_str((const unsigned char *)arg, arg_len)))
+        return -1;
+    return 0;
+}
+
 int parse_config(const unsigned char *buf, size_t len, struct config *c)
 {
     struct tlv_iter it = {buf, buf + len};
@@ -108,11 +159,12 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
         case T_ATTACH_PATH: c->attach_path = tlv_str(v, l); break;
         case T_ORPHAN_GRACE_MS: c->orphan_grace_ms = tlv_u64(v, l); break;
         case T_UNBOUND: c->unbound = tlv_u64(v, l) != 0; break;
-        case T_RO_BIND:
-            if (c->n_binds < MAX_LIST) c->binds[c->n_binds++] = tlv_str(v, l);
-            break;
-        case T_LINK:
-            if (c->n_links < MAX_LIST) c->links[c->n_links++] = tlv_str(v, l);
+        case T_MOUNT_OP:
+            if (!c->ops && !(c->ops = calloc(MAX_OPS, sizeof(*c->ops))))
+                return -1;
+            if (c->n_ops >= MAX_OPS || parse_op(v, l, &c->ops[c->n_ops]) < 0)
+                return -1;
+            c->n_ops++;
             break;
         case T_CGROUP_PROCS:
             if (c->n_cgroups < MAX_LIST) c->cgroups[c->n_cgroups++] = tlv_str(v, l);
@@ -125,10 +177,11 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
             memcpy(c->bpf, v, l);
             c->bpf_len = l;
             break;
-        default: break; /* unknown tags are ignored: newer agent, older init */
+        default: return -1; /* agent and init ship together: an unknown tag is an error,
+                             * never a part of the sandbox left out */
         }
     }
-    if (r < 0 || !c->hostname || !c->root || !c->uid_base || !c->gid_base)
+    if (r < 0 || !c->hostname || !c->root || !c->uid_base || !c->gid_base || !c->n_ops)
         return -1;
     /* fail closed: no sandbox is built without the seccomp filter its commands need */
     if (!c->bpf || !c->bpf_len)

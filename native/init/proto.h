@@ -43,8 +43,7 @@ enum cfg_tag {
     T_UID_BASE = 5,     /* u32 host uid of uid 0 inside */
     T_GID_BASE = 6,     /* u32 */
     T_MAP_SIZE = 7,     /* u32 ids mapped */
-    T_RO_BIND = 8,      /* string "src\0dst" (dst inside the sandbox), repeated */
-    T_LINK = 9,         /* string "name\0target", repeated */
+    /* 8, 9: retired (read-only binds and links, now ops of the mount plan) */
     T_CGROUP_PROCS = 10,/* string path of a cgroup.procs to join, repeated */
     T_OOM_SCORE = 11,   /* i32 */
     T_NOFILE = 12,      /* u64 */
@@ -55,6 +54,7 @@ enum cfg_tag {
     T_ORPHAN_GRACE_MS = 17, /* u64: how long PID 1 waits for a re-attach after EOF */
     T_UNBOUND = 18,     /* u64 1: a warm-pool sandbox; EXEC is refused until a BIND gave it
                          * its session's hostname (T_HOSTNAME is then a placeholder) */
+    T_MOUNT_OP = 19,    /* one op of the mount plan (below), repeated, applied in order */
     /* EXEC */
     T_ARG = 20,         /* string, repeated */
     T_ENV = 21,         /* string "K=V", repeated */
@@ -81,13 +81,43 @@ int send_text(int fd, uint32_t type, const char *fmt, ...) __attribute__((format
 
 #define MAX_LIST 64
 
+/* The mount plan (agent/sandbox/mounts.py builds it): an ordered list of setup ops that
+ * sandbox.c applies in the new mount namespace, inside the session tmpfs, before
+ * pivot_root; the first op that fails stops the sandbox (nothing runs).  One T_MOUNT_OP
+ * value: u32 kind, flags, mode, uid, gid, dest_len, arg_len, then dest, then arg.
+ * `dest` is an absolute path inside the sandbox with no empty, "." or ".." component;
+ * no op follows a symlink on the way to its dest. */
+enum op_kind {
+    OP_DIR = 1,     /* mkdir dest (mode), then chown to uid/gid unless NO_ID */
+    OP_FILE = 2,    /* create dest (mode, must not exist) holding arg (<= MAX_OP_DATA), chown */
+    OP_SYMLINK = 3, /* symlink dest -> arg (the link text) */
+    OP_BIND = 4,    /* bind host path arg (absolute) onto the existing dest; then, if any of
+                     * RO/NOSUID/NODEV/NOEXEC is set, remount it with those plus the flags the
+                     * kernel locked on the source (a user namespace may not clear them) */
+    OP_PROC = 5,    /* mount a proc (nosuid, nodev, noexec) on the existing directory dest */
+};
+#define OPF_RO 1u
+#define OPF_NOSUID 2u
+#define OPF_NODEV 4u
+#define OPF_NOEXEC 8u
+#define OPF_REC 16u /* bind with MS_REC (submounts too) */
+#define OPF_ALL 31u
+#define NO_ID 0xFFFFFFFFu
+#define MAX_OPS 256
+#define MAX_OP_PATH 1024
+#define MAX_OP_DATA 4096
+
+struct mount_op {
+    uint32_t kind, flags, mode, uid, gid, arg_len;
+    char *dest, *arg; /* NUL-terminated copies */
+};
+
 struct config {
     char *hostname, *root;
     uint64_t tmpfs_size, tmpfs_inodes, nofile, fsize;
     uint32_t uid_base, gid_base, map_size, sandbox_id;
     int32_t oom_score;
-    char *binds[MAX_LIST]; int n_binds;       /* "src\0dst" */
-    char *links[MAX_LIST]; int n_links;       /* "name\0target" */
+    struct mount_op *ops; int n_ops;          /* the mount plan, in order */
     char *cgroups[MAX_LIST]; int n_cgroups;
     unsigned char *bpf; uint32_t bpf_len;
     char *attach_path;        /* NULL: no re-attach, EOF on the lifeline ends the sandbox */
@@ -98,7 +128,8 @@ struct config {
     int unbound;              /* pooled, no session yet: EXEC refused until BIND */
 };
 
-/* 0, -1 when malformed, -2 when it carries no usable seccomp filter (fail closed: the
+/* 0, -1 when malformed (a mount op out of bounds, of unknown kind or with a bad path, an
+ * empty mount plan, an unknown tag), -2 when it carries no usable seccomp filter (fail closed: the
  * sandbox is not built) */
 int parse_config(const unsigned char *buf, size_t len, struct config *c);
 

@@ -3,9 +3,12 @@
  * Runs in the cloned child (PID 1 of the new PID namespace) after the helper wrote
  * its uid/gid maps.  One ordered list of steps; each reports what failed to the
  * agent and stops the sequence:
- *   become root of the user namespace; make every mount private; bind the read-only
- *   runtime; merged-usr links; /proc; minimal /dev; /etc; /work /tmp /input;
+ *   new cgroup namespace; make every mount private; enter the session tmpfs; become
+ *   root of the user namespace; apply the mount plan (the agent's ordered list of setup
+ *   ops, proto.h: the runtime binds, merged-usr links, /proc, /dev, /etc, /work, ...);
  *   hostname; loopback up; pivot_root into the tmpfs and detach the old root.
+ * What the root holds is the plan's; that it is private, entered and pivoted into is
+ * fixed here (a plan cannot leave the host's root in view).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -27,61 +30,74 @@
 
 #define STEP_FAIL(...) do { send_text(CONTROL_FD, MSG_ERROR, __VA_ARGS__); return -1; } while (0)
 
-/* paths inside the new root are relative to the cwd, which is the root mount: the host
- * directories above it may not be searchable by the namespace's root (e.g. a 0700 /tmp dir) */
-static const char *join(const char *root, const char *rel)
+/* The directory that holds `dest` (an absolute path inside the new root with no ".", ".."
+ * or empty component, checked by parse_config), reached from `rootfd` one component at a
+ * time with O_NOFOLLOW (ELOOP on a symlink), so no op of the plan reaches outside the
+ * session tmpfs; *base is dest's last component.  (openat2 with RESOLVE_BENEATH and
+ * RESOLVE_NO_SYMLINKS would do it in one call, but under the shipped systemd unit's
+ * SystemCallFilter it fails with ENOSYS.) */
+static int open_parent(int rootfd, const char *dest, const char **base)
 {
-    (void)root;
-    while (*rel == '/')
-        rel++;
-    return rel;
+    char path[MAX_OP_PATH + 1];
+    snprintf(path, sizeof(path), "%s", dest + 1);
+    int fd = fcntl(rootfd, F_DUPFD_CLOEXEC, 0);
+    char *name = path, *slash;
+    while (fd >= 0 && (slash = strchr(name, '/'))) {
+        *slash = 0;
+        int next = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        int e = errno;
+        close(fd);
+        errno = e;
+        fd = next;
+        name = slash + 1;
+    }
+    *base = dest + 1 + (name - path);
+    return fd;
 }
 
-static int mkdir_p(const char *path, mode_t mode)
+static int write_all(int fd, const char *data, size_t len)
 {
-    char tmp[4096];
-    snprintf(tmp, sizeof(tmp), "%s", path);
-    for (char *s = tmp + 1; *s; s++) {
-        if (*s == '/') {
-            *s = 0;
-            if (mkdir(tmp, 0755) < 0 && errno != EEXIST)
-                return -1;
-            *s = '/';
-        }
+    while (len) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        data += n;
+        len -= (size_t)n;
     }
-    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
-        return -1;
     return 0;
 }
 
-static int put_file(const char *path, const char *text, mode_t mode)
+/* a mount's target must be there already and not be a symlink (mount(2) would follow it) */
+static int mount_target(const char *base)
 {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode);
-    if (fd < 0)
+    struct stat st;
+    if (lstat(base, &st) < 0)
         return -1;
-    size_t len = strlen(text);
-    ssize_t n = write(fd, text, len);
-    close(fd);
-    return n == (ssize_t)len ? 0 : -1;
+    if (S_ISLNK(st.st_mode)) {
+        errno = ELOOP;
+        return -1;
+    }
+    return 0;
 }
 
-/* Read-only bind that keeps the flags the kernel locked on the source mount (a remount in
- * a user namespace may not clear nodev/nosuid/noexec/atime flags it inherited). */
-static int ro_bind(const char *src, const char *dst, int is_dir)
+/* Bind, then (if asked) remount with the requested flags plus those the kernel locked on
+ * the source mount (a remount in a user namespace may not clear nodev/nosuid/noexec/atime
+ * flags it inherited). */
+static int bind_mount(const struct mount_op *op, const char *base)
 {
-    struct statvfs sv;
-    if (is_dir) {
-        if (mkdir_p(dst, 0755) < 0)
-            return -1;
-    } else {
-        int fd = open(dst, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0444);
-        if (fd < 0)
-            return -1;
-        close(fd);
-    }
-    if (mount(src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
+    unsigned long want = 0;
+    if (op->flags & OPF_RO) want |= MS_RDONLY;
+    if (op->flags & OPF_NOSUID) want |= MS_NOSUID;
+    if (op->flags & OPF_NODEV) want |= MS_NODEV;
+    if (op->flags & OPF_NOEXEC) want |= MS_NOEXEC;
+    if (mount(op->arg, base, NULL, MS_BIND | (op->flags & OPF_REC ? MS_REC : 0), NULL) < 0)
         return -1;
-    if (statvfs(dst, &sv) < 0)
+    if (!want)
+        return 0;
+    struct statvfs sv;
+    if (statvfs(base, &sv) < 0)
         return -1;
     unsigned long keep = 0;
     if (sv.f_flag & ST_NOEXEC) keep |= MS_NOEXEC;
@@ -89,9 +105,79 @@ static int ro_bind(const char *src, const char *dst, int is_dir)
     if (sv.f_flag & ST_NODIRATIME) keep |= MS_NODIRATIME;
     if (sv.f_flag & ST_RELATIME) keep |= MS_RELATIME;
     if (sv.f_flag & ST_NODEV) keep |= MS_NODEV;
-    unsigned long extra = is_dir ? MS_NODEV : 0; /* device binds must keep working */
-    return mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | extra | keep,
-                 NULL);
+    if (sv.f_flag & ST_NOSUID) keep |= MS_NOSUID;
+    return mount(NULL, base, NULL, MS_BIND | MS_REMOUNT | want | keep, NULL);
+}
+
+/* one op, with the cwd at its dest's parent directory */
+static int apply_op(const struct mount_op *op, const char *base)
+{
+    int fd;
+    switch (op->kind) {
+    case OP_DIR:
+        if (mkdir(base, op->mode) < 0)
+            return -1;
+        break;
+    case OP_FILE:
+        fd = open(base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, op->mode);
+        if (fd < 0)
+            return -1;
+        if (write_all(fd, op->arg, op->arg_len) < 0) {
+            int e = errno;
+            close(fd);
+            errno = e;
+            return -1;
+        }
+        if (close(fd) < 0)
+            return -1;
+        break;
+    case OP_SYMLINK:
+        return symlink(op->arg, base);
+    case OP_BIND:
+        return mount_target(base) < 0 ? -1 : bind_mount(op, base);
+    case OP_PROC:
+        if (mount_target(base) < 0)
+            return -1;
+        return mount("proc", base, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    default:
+        errno = EINVAL;
+        return -1;
+    }
+    if ((op->uid != NO_ID || op->gid != NO_ID) && lchown(base, op->uid, op->gid) < 0)
+        return -1;
+    return 0;
+}
+
+static const char *op_name(uint32_t kind)
+{
+    static const char *names[] = {"?", "dir", "file", "symlink", "bind", "proc"};
+    return kind < sizeof(names) / sizeof(*names) ? names[kind] : "?";
+}
+
+/* The mount plan, in order, from the new root (the cwd and `rootfd`).  The first op that
+ * fails stops it: the agent is told the op's index, kind and errno (never a path). */
+static int apply_plan(const struct config *c, int rootfd)
+{
+    for (int i = 0; i < c->n_ops; i++) {
+        const struct mount_op *op = &c->ops[i];
+        const char *base;
+        int dfd = open_parent(rootfd, op->dest, &base);
+        int r = dfd < 0 || fchdir(dfd) < 0 ? -1 : apply_op(op, base);
+        int e = errno;
+        if (dfd >= 0)
+            close(dfd);
+        if (fchdir(rootfd) < 0 && r == 0) {
+            e = errno;
+            r = -1;
+        }
+        if (r < 0) {
+            const char *name = strerrorname_np(e);
+            send_text(CONTROL_FD, MSG_ERROR, "mount plan op %d (%s) failed: %s (%s)", i,
+                      op_name(op->kind), name ? name : "?", strerror(e));
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static int loopback_up(void)
@@ -111,6 +197,20 @@ static int loopback_up(void)
     return r;
 }
 
+/* Replace a file of the session's /etc (cwd-relative; the last component is never followed) */
+static int put_file(const char *path, const char *text, mode_t mode)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode);
+    if (fd < 0)
+        return -1;
+    int rc = write_all(fd, text, strlen(text));
+    if (close(fd) < 0)
+        rc = -1;
+    return rc;
+}
+
+/* The session's identity: hostname plus /etc/hostname and /etc/hosts (the mount plan wrote
+ * them for the placeholder name; a warm-pool sandbox gets its real one at BIND) */
 int set_identity(const char *hostname)
 {
     char text[512];
@@ -129,8 +229,6 @@ int set_identity(const char *hostname)
 int setup_sandbox(struct config *c)
 {
     const char *R = c->root;
-    char text[2048];
-    unsigned id = c->sandbox_id;
 
     /* Still host root here, so the host path is searchable.  Private mounts first; then
      * bind the session tmpfs onto itself: the copy inherited from the host is locked in
@@ -143,7 +241,7 @@ int setup_sandbox(struct config *c)
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
         STEP_FAIL("making mounts private: %s", strerror(errno));
     if (mount(R, R, NULL, MS_BIND | MS_REC, NULL) < 0 || chdir(R) < 0)
-        STEP_FAIL("entering the session root %s: %s", R, strerror(errno));
+        STEP_FAIL("entering the session root: %s", strerror(errno));
     /* leave the agent's session: no controlling terminal, no terminal signals */
     if (setsid() < 0)
         STEP_FAIL("setsid: %s", strerror(errno));
@@ -151,60 +249,12 @@ int setup_sandbox(struct config *c)
     if (setresgid(0, 0, 0) < 0 || setgroups(0, NULL) < 0 || setresuid(0, 0, 0) < 0)
         STEP_FAIL("becoming root of the user namespace: %s", strerror(errno));
 
-    for (int i = 0; i < c->n_binds; i++) {
-        const char *src = c->binds[i];
-        const char *dst = src + strlen(src) + 1;
-        if (ro_bind(src, join(R, dst), 1) < 0)
-            STEP_FAIL("read-only bind of %s: %s", src, strerror(errno));
-    }
-    for (int i = 0; i < c->n_links; i++) {
-        const char *name = c->links[i];
-        const char *target = name + strlen(name) + 1;
-        if (symlink(target, join(R, name)) < 0 && errno != EEXIST)
-            STEP_FAIL("link /%s: %s", name, strerror(errno));
-    }
-
-    if (mkdir(join(R, "proc"), 0555) < 0 ||
-        mount("proc", join(R, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-        STEP_FAIL("mounting /proc: %s", strerror(errno));
-
-    /* /dev and /dev/shm live in the session tmpfs: charged to the session, wiped with it */
-    if (mkdir(join(R, "dev"), 0755) < 0 || mkdir(join(R, "dev/shm"), 01777) < 0)
-        STEP_FAIL("creating /dev: %s", strerror(errno));
-    static const char *devs[] = {"null", "zero", "full", "random", "urandom"};
-    for (size_t i = 0; i < sizeof(devs) / sizeof(*devs); i++) {
-        char src[64];
-        snprintf(src, sizeof(src), "/dev/%s", devs[i]);
-        snprintf(text, sizeof(text), "dev/%s", devs[i]);
-        int fd = open(join(R, text), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0 || close(fd) < 0 || mount(src, join(R, text), NULL, MS_BIND, NULL) < 0)
-            STEP_FAIL("binding %s: %s", src, strerror(errno));
-    }
-    static const char *links[][2] = {{"dev/fd", "/proc/self/fd"}, {"dev/stdin", "/proc/self/fd/0"},
-                                     {"dev/stdout", "/proc/self/fd/1"},
-                                     {"dev/stderr", "/proc/self/fd/2"}};
-    for (size_t i = 0; i < sizeof(links) / sizeof(*links); i++)
-        if (symlink(links[i][1], join(R, links[i][0])) < 0)
-            STEP_FAIL("link /%s: %s", links[i][0], strerror(errno));
-
-    if (mkdir(join(R, "etc"), 0755) < 0)
-        STEP_FAIL("creating /etc: %s", strerror(errno));
-    snprintf(text, sizeof(text),
-             "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-             "sandbox:x:%u:%u:sandbox:/work:/bin/sh\n"
-             "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n", id, id);
-    if (put_file(join(R, "etc/passwd"), text, 0644) < 0)
-        STEP_FAIL("writing /etc/passwd: %s", strerror(errno));
-    snprintf(text, sizeof(text), "root:x:0:\nsandbox:x:%u:\nnogroup:x:65534:\n", id);
-    if (put_file(join(R, "etc/group"), text, 0644) < 0)
-        STEP_FAIL("writing /etc/group: %s", strerror(errno));
-    if (put_file(join(R, "etc/nsswitch.conf"),
-                 "passwd: files\ngroup: files\nshadow: files\nhosts: files\n", 0644) < 0)
-        STEP_FAIL("writing /etc: %s", strerror(errno));
-
-    if (mkdir(join(R, "work"), 0700) < 0 || chown(join(R, "work"), id, id) < 0 ||
-        mkdir(join(R, "tmp"), 01777) < 0 || mkdir(join(R, "input"), 0755) < 0)
-        STEP_FAIL("creating /work, /tmp, /input: %s", strerror(errno));
+    int rootfd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0)
+        STEP_FAIL("opening the session root: %s", strerror(errno));
+    if (apply_plan(c, rootfd) < 0)
+        return -1;
+    close(rootfd);
 
     if (set_identity(c->hostname) < 0)
         STEP_FAIL("sethostname (and /etc/hostname, /etc/hosts): %s", strerror(errno));
