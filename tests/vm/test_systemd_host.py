@@ -150,7 +150,8 @@ def test_status_shown_by_systemctl():
 def test_run_through_the_socket_and_cgroups_in_the_sandbox_scope(tmp_path):
     """A session run with the CLI on the unit's socket: its cgroup sits in the sandbox scope
     (a delegated transient scope next to the unit, +memory +pids +cpu enabled, its holder in
-    a leaf), the unit's cgroup holds only the agent, and the proof verifies."""
+    a leaf), the unit's cgroup holds only the agent, an exec with input data works, and the
+    proof verifies."""
     unit_cg = CG / show("ControlGroup")["ControlGroup"].lstrip("/")
     main = show("MainPID")["MainPID"]
     st = show("ActiveState", "Delegate", unit=SCOPE)
@@ -168,6 +169,10 @@ def test_run_through_the_socket_and_cgroups_in_the_sandbox_scope(tmp_path):
         assert not (scope / "cgroup.procs").read_text().split()
         assert {"memory", "pids", "cpu"} <= set(
             (scope / "cgroup.subtree_control").read_text().split())
+        # input_data reaches the sandbox through openat2 under the unit's syscall filter
+        r = call("session.exec", {"session_id": sid, "command": "cat /input/data",
+                                  "input_data": b"input under systemd"})
+        assert (r["exit_code"], r["stdout"]) == (0, b"input under systemd"), r
     finally:
         complete(call("session.destroy", {"session_id": sid}))
     out = sh(str(ROOT / ".venv/bin/nanorix-agent"), "run", "--cdp-out",
