@@ -28,12 +28,12 @@ import trio
 
 from agent import __version__ as VERSION
 from agent import config as config_mod
-from agent import log
+from agent import hardening, log
 from agent.destroy import workers as destroy_workers
 from agent.keys.attestation import AttestationKeyStore
 from agent.ops import debug as debug_mod
-from agent.ops import hardening, notify, recovery
 from agent.ops import metrics as metrics_mod
+from agent.ops import notify, recovery
 from agent.ops import reload as reload_mod
 from agent.ops.health import HealthMonitor
 from agent.ops.instance_lock import AlreadyRunning, InstanceLock

@@ -31,7 +31,7 @@ and a msgpack array (at most MAX_FRAME bytes), so a worker cannot make the daemo
 
 Hygiene: a worker starts from the daemon's environment with the wiping allocator
 (memory_hygiene.wanted_env), is non-dumpable with RLIMIT_CORE 0 and the daemon's
-capability set (ops/hardening.harden), dies with the daemon (PR_SET_PDEATHSIG), ignores
+capability set (agent/hardening.harden), dies with the daemon (PR_SET_PDEATHSIG), ignores
 SIGTERM/SIGINT/SIGHUP (a service stop signals the whole cgroup; the daemon's drain still
 needs its workers) and logs through its own structlog to the same stderr.
 
@@ -61,13 +61,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import structlog
 import trio
 
 from agent import log
+
+if TYPE_CHECKING:
+    from agent.destroy.context import SessionFacts
 
 __all__ = ["MAX_FRAME", "DestroyPool", "WorkerDied", "current", "open_pool"]
 
@@ -164,7 +167,23 @@ def _cgroup_from_spec(spec: dict):
     return h
 
 
-def _session_facts(s) -> dict:
+@dataclass
+class _JobFacts:
+    """The session facts a job carries to its worker (destroy.context.SessionFacts)."""
+
+    session_id: str
+    customer_id: str
+    tier: str
+    classification: str
+    jurisdiction: str
+    created_at: str
+    receipts: list[dict]
+    audit_events: list[dict]
+    exec_count: int
+    receipt_keys: list[dict]
+
+
+def _session_facts(s: SessionFacts) -> dict:
     return {"session_id": s.session_id, "customer_id": s.customer_id, "tier": s.tier,
             "classification": s.classification, "jurisdiction": s.jurisdiction,
             "created_at": s.created_at, "receipts": list(s.receipts),
@@ -620,7 +639,6 @@ async def _run_job(link: _Link, job_id: int, payload: dict, fds: list[int]) -> N
     from agent.destroy.context import DestroyContext, DestroyHooks
     from agent.destroy.pipeline import run_steps
     from agent.sandbox.engine import Sandbox
-    from agent.service.model import SessionRecord
 
     sb = WorkerSandbox(link, job_id, payload["sandbox"], fds[0] if fds else -1,
                        payload["timeout"])
@@ -630,7 +648,7 @@ async def _run_job(link: _Link, job_id: int, payload: dict, fds: list[int]) -> N
     ctx = DestroyContext(
         # the same surface the steps use of a Sandbox (duck-typed: its methods that the
         # daemon owns are calls back, awaited through context.settle())
-        sandbox=cast(Sandbox, sb), session=SessionRecord(**payload["session"]), session_key=None,
+        sandbox=cast(Sandbox, sb), session=_JobFacts(**payload["session"]), session_key=None,
         passes=list(payload["passes"]), reason=payload["reason"], node_id=payload["node_id"],
         agent_version=payload["agent_version"],
         revoke=lambda: link.call(job_id, "revoke"),
@@ -688,7 +706,7 @@ def _harden_worker() -> None:
 
     import prctl
 
-    from agent.ops import hardening
+    from agent import hardening
 
     prctl.set_pdeathsig(signal.SIGKILL)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

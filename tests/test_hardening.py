@@ -10,13 +10,13 @@ from pathlib import Path
 
 import prctl
 
-from agent.ops.hardening import CAPS_USED
+from agent.hardening import CAPS_USED
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent("""
     import json, os, sys, time
-    from agent.ops.hardening import harden
+    from agent.hardening import harden
     rep = harden()
     status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines()
                   if ":\\t" in l)
@@ -75,7 +75,7 @@ def test_harden_drops_unused_caps_and_becomes_nondumpable_subreaper():
 def test_harden_reports_instead_of_raising_without_setpcap():
     """Without CAP_SETPCAP the bounding-set drops fail, harden() reports them and still returns."""
     code = ("import json, prctl; prctl.cap_effective.drop('setpcap'); "
-            "from agent.ops.hardening import harden; r = harden(); "
+            "from agent.hardening import harden; r = harden(); "
             "print(json.dumps([r['subreaper'], r['errors']]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=30, check=True)
