@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,11 +55,24 @@ class WipeResult:
 
 def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0,
             resolve: int = SAFE_RESOLVE) -> int:
-    """openat2(2) with `resolve` (default never follow links, never leave dirfd)."""
-    fd = lib.nrx_openat2(dirfd, os.fsencode(path), flags | os.O_CLOEXEC, mode, resolve)
+    """openat2(2) with `resolve` (default never follow links, never leave dirfd).
+
+    Where openat2 answers ENOSYS — systemd's RestrictSUIDSGID= (the shipped unit sets it)
+    denies it that way, because a seccomp filter cannot read the flags inside its
+    `struct open_how` — a single-component name under the default resolve is opened with
+    openat(O_NOFOLLOW) instead, which gives the same guarantee for one component (never a
+    link, never outside dirfd); anything else still fails."""
+    raw = os.fsencode(path)
+    fd = lib.nrx_openat2(dirfd, raw, flags | os.O_CLOEXEC, mode, resolve)
+    if fd == -errno.ENOSYS and resolve & ~SAFE_RESOLVE == 0 and _one_component(raw):
+        return os.open(raw, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dirfd)
     if fd < 0:
         raise OSError(-fd, os.strerror(-fd), os.fsdecode(path))
     return fd
+
+
+def _one_component(name: bytes) -> bool:
+    return bool(name) and b"/" not in name and b"\0" not in name and name not in (b".", b"..")
 
 
 def wipe_ranges(fd: int, ranges: Sequence[tuple[int, int]], passes: Sequence[str]) -> WipeResult:

@@ -331,3 +331,20 @@ async def test_a_member_that_refuses_bind_is_destroyed_and_the_create_goes_cold(
         await eng.aclose()
         journal.close()
     assert not eng.live and eng.cgroups.leftovers() == []
+
+
+def test_the_pool_never_refuses_a_create_that_fits_without_it(tmp_path):
+    """A node of 4 sessions with a pool of 2: four creates back to back all succeed (the
+    pool gives way: a member still being made is waited for, then one is retired), and a
+    fifth is refused as at capacity; every session then ends with a complete proof."""
+    cfg = {**POOL2, "node": {"max_sessions": 4}}
+    with AgentDaemon(tmp_path, config=cfg) as d:
+        _wait(lambda: _pool(d) == 2, what="pool of 2")
+        sids = [d.call("session.create", {"customer_id": f"c{i}", "tier": "free"})
+                ["session_id"] for i in range(4)]
+        with pytest.raises(Exception, match="capacity"):
+            d.call("session.create", {"customer_id": "c9", "tier": "free"})
+        assert d.call("agent.info")["capacity"]["sessions_live"] == 4
+        for sid in sids:
+            res = d.call("session.destroy", {"session_id": sid})
+            assert res["status"] == "destroyed", res

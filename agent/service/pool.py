@@ -117,6 +117,7 @@ class WarmPool:
         self._retiring: set[str] = set()
         self._idle = trio.Event()  # set while nothing is being made or retired
         self._idle.set()
+        self.room_waiters = 0  # creates waiting for the pool to give way: no refill starts
 
     # -- what the config asks for ----------------------------------------------------------
     def wanted(self) -> dict[tuple[str, str], int]:
@@ -206,7 +207,7 @@ class WarmPool:
         return max(0.01, min([now + 1.0, *at]) - now)
 
     def _may_refill(self, key: tuple[str, str]) -> bool:
-        if self.closed or self.hooks.draining():
+        if self.closed or self.room_waiters or self.hooks.draining():
             return False
         h = self.hooks.health()
         if h is not None and (not h.database or not h.engines.get("eee", True)):
@@ -352,16 +353,27 @@ class WarmPool:
         with trio.move_on_after(self.cfg.timeouts.create_seconds * 2):
             await self._idle.wait()
 
-    async def evict(self, keep_tier: str) -> bool:
-        """Make room for a create the pool's members crowd out: retire the newest member
-        of another tier (or of this one when no other has any) and wait for it.  False
-        when the pool holds nothing."""
-        order = sorted(self.members.items(), key=lambda kv: kv[0][0] == keep_tier)
-        for _, q in order:
-            if q:
-                await self.retire(q.pop(), "making_room")
-                return True
-        return False
+    async def make_room(self, keep_tier: str) -> bool:
+        """Make room for a create the pool crowds out: no refill starts meanwhile; a member
+        still being made is waited for (bounded by timeouts.create_seconds: it counts
+        against capacity until it is ready or failed), then the newest member of another
+        tier (or of this one when no other has any) is retired and waited for.  False when
+        the pool held nothing, ready or being made (admission is not worth asking again)."""
+        self.room_waiters += 1
+        waited = any(self.making.values())
+        try:
+            with trio.move_on_after(self.cfg.timeouts.create_seconds):
+                while not any(self.members.values()) and any(self.making.values()):
+                    await self._idle.wait()
+            order = sorted(self.members.items(), key=lambda kv: kv[0][0] == keep_tier)
+            for _, q in order:
+                if q:
+                    await self.retire(q.pop(), "making_room")
+                    return True
+            return waited  # a refill in flight gave up (or failed): its room is free
+        finally:
+            self.room_waiters -= 1
+            self.wake()
 
     # -- metrics and health --------------------------------------------------------------------
     def _inc(self, name: str, **labels) -> None:

@@ -249,12 +249,13 @@ class Service:
                                 "public_key": s.receipt_key["public_key"]}}
 
     async def _admit(self, session_id: str, customer_id: str, tier: str) -> None:
-        """Admission; when only warm-pool members crowd the node, one gives way (it is
-        destroyed through the pipeline, awaited) and admission is asked again."""
+        """Admission; when only warm-pool members crowd the node, one gives way (a member
+        being made is waited for, then one is destroyed through the pipeline, awaited) and
+        admission is asked again: the pool never refuses a create that fits without it."""
         try:
             self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
         except Unavailable:
-            if self.draining or not await self.pool.evict(tier):
+            if self.draining or not await self.pool.make_room(tier):
                 raise
             self.admission.admit(session_id, customer_id, tier, self.live(), self.draining)
 
