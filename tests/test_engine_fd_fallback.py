@@ -9,21 +9,16 @@ import subprocess
 import sys
 import textwrap
 
+_CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])}
+
 CHILD = textwrap.dedent("""
-    import ctypes, errno, os, struct, sys
+    import ctypes, errno, os, sys
+    from seccomp_deny import deny
     from agent.sandbox import engine
     target, fd, want = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     # the unit's filter in small: pidfd_getfd (438) -> EPERM, everything else allowed
-    ins = [(0x20, 0, 0, 0), (0x15, 0, 1, 438), (0x06, 0, 0, 0x00050000 | errno.EPERM),
-           (0x06, 0, 0, 0x7FFF0000)]
-    raw = b"".join(struct.pack("HBBI", *i) for i in ins)
-    buf = ctypes.create_string_buffer(raw)
-    prog = struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(buf))
-    pbuf = ctypes.create_string_buffer(prog)
-    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
-    assert libc.prctl(22, 2, ctypes.addressof(pbuf), 0, 0) == 0  # seccomp filter
+    libc = deny(438, errno.EPERM)
     pidfd = os.pidfd_open(target)
     assert libc.syscall(438, pidfd, fd, 0) == -1 and ctypes.get_errno() == errno.EPERM
     got = engine._pidfd_getfd(pidfd, fd)
@@ -43,7 +38,7 @@ def test_kept_fd_is_reached_through_proc_when_pidfd_getfd_is_denied(tmp_path):
         try:
             st = os.stat(d)
             res = subprocess.run([sys.executable, "-c", CHILD, str(holder.pid), str(fd),
-                                  f"{st.st_dev}:{st.st_ino}"], capture_output=True, text=True,
+                                  f"{st.st_dev}:{st.st_ino}"], env=_CHILD_ENV, capture_output=True, text=True,
                                  timeout=60, cwd=os.getcwd())
             assert res.returncode == 0, res.stderr[-2000:]
             assert res.stdout.strip() == "True"

@@ -10,22 +10,17 @@ import subprocess
 import sys
 import textwrap
 
+_CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])}
+
 CHILD = textwrap.dedent("""
-    import ctypes, errno, os, struct, sys
+    import ctypes, errno, os, sys
+    from seccomp_deny import deny
     from agent import fsops
     from agent.sandbox.exec import write_input
     root = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     # systemd's RestrictSUIDSGID= in small: openat2 (437) -> ENOSYS, everything else allowed
-    ins = [(0x20, 0, 0, 0), (0x15, 0, 1, 437), (0x06, 0, 0, 0x00050000 | errno.ENOSYS),
-           (0x06, 0, 0, 0x7FFF0000)]
-    raw = b"".join(struct.pack("HBBI", *i) for i in ins)
-    buf = ctypes.create_string_buffer(raw)
-    prog = struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(buf))
-    pbuf = ctypes.create_string_buffer(prog)
-    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
-    assert libc.prctl(22, 2, ctypes.addressof(pbuf), 0, 0) == 0  # seccomp filter
+    libc = deny(437, errno.ENOSYS)
     assert libc.syscall(437, root, b"input", 0, 0) == -1 and ctypes.get_errno() == errno.ENOSYS
     write_input(root, b"input under ENOSYS", os.getuid(), os.getgid())
     out = []
@@ -45,7 +40,7 @@ def test_openat2_enosys_falls_back_for_one_component_and_never_follows_a_link(tm
     fails (ENOSYS) instead of being resolved without openat2's guarantees."""
     (tmp_path / "input").mkdir()
     (tmp_path / "link").symlink_to("/etc")
-    res = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], env=_CHILD_ENV, capture_output=True,
                          text=True, timeout=60, cwd=os.getcwd())
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["link:ELOOP", "input/data:ENOSYS", "..:ENOSYS"]
