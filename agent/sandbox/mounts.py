@@ -101,7 +101,8 @@ def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         raise PlanError("sandbox.usr_links holds names of /usr entries, without a slash")
     links = [(name, f"usr/{name}") for name in sandbox_cfg.usr_links
              if (top / "usr" / name).is_dir()]
-    setup_plan(binds, links, hostname="localhost", sandbox_id=0)  # checked once, at start
+    # checked once, at start: a bad runtime bind or link stops the engine, not each create
+    check_plan(setup_plan(binds, links, hostname="localhost", sandbox_id=0))
     return binds, links
 
 
@@ -189,8 +190,9 @@ def setup_plan(binds: list[tuple[str, str]], links: list[tuple[str, str]], *,
     """The sandbox's filesystem, in the order nrx-init applies it: read-only binds of the
     runtime (`binds` from `plan`, each with the directories above it), merged-usr links,
     /proc, /dev (device binds from the host, /dev/shm in the session tmpfs: charged to the
-    session, wiped with it), /etc, /work (the sandbox user's), /tmp, /input.  Raises
-    PlanError when it breaks a rule (bounds, paths) nrx-init would refuse it for."""
+    session, wiped with it), /etc, /work (the sandbox user's), /tmp, /input.  Not checked
+    here: `plan()` checks it once at start and InitConfig.encode at the wire (check_plan,
+    PlanError), so each create checks it once."""
     ops: list[SetupOp] = []
     made: set[str] = set()
     for src, inside in binds:
@@ -223,7 +225,6 @@ def setup_plan(binds: list[tuple[str, str]], links: list[tuple[str, str]], *,
         dir_op("/tmp", 0o1777),
         dir_op("/input", 0o755),
     ]
-    check_plan(ops)
     return ops
 
 
