@@ -87,8 +87,7 @@ async def test_mount_table_is_the_plan_in_every_tier(engine):
         try:
             r = await sb.exec("cat /proc/self/mountinfo", timeout=10)
             assert r.exit_code == 0, r.stderr
-            plan = mounts.setup_plan(engine.binds, engine.links, hostname=sb.hostname,
-                                     sandbox_id=1000)
+            plan = mounts.setup_plan(engine.binds, engine.links, sandbox_id=1000)
             want = expected_mounts(plan, cfg.tmpfs_bytes(tier), cfg.tiers[tier].tmpfs_inodes)
             got = mountinfo(r.stdout.decode())
             assert [(m["point"], m["root"], m["fs"], m["opts"]) for m in got] == \
@@ -116,17 +115,22 @@ def walk(dirfd: int, rel: str = "") -> dict[str, os.stat_result]:
 
 
 async def test_session_tmpfs_holds_exactly_the_plans_files(sandbox):
-    """The session tmpfs holds the plan's directories, files and links and nothing else,
+    """The session tmpfs holds the plan's directories, files and links and the session's
+    identity files (nrx-init's set_identity: /etc/hostname, /etc/hosts) and nothing else,
     each with the planned type, mode, owner, content or link text (mount points as empty
     directories and files: the host's view has no submounts)."""
     eng = sandbox._engine
-    plan = mounts.setup_plan(eng.binds, eng.links, hostname=sandbox.hostname, sandbox_id=1000)
+    plan = mounts.setup_plan(eng.binds, eng.links, sandbox_id=1000)
     top = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=sandbox.root_fd)
     try:
         found = walk(top)
     finally:
         os.close(top)
     made = [op for op in plan if op.kind in (mounts.OP_DIR, mounts.OP_FILE, mounts.OP_SYMLINK)]
+    h = sandbox.hostname
+    made += [mounts.file_op("/etc/hostname", 0o644, h),
+             mounts.file_op("/etc/hosts", 0o644,
+                            f"127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost\n")]
     assert sorted(found) == sorted(op.dest for op in made)
     base = sandbox.slot_root_uid
     for op in made:
@@ -299,7 +303,7 @@ def test_plan_of_the_host_runtime():
     records of the documented layout."""
     binds = [("/usr", "/usr")]
     links = [("bin", "usr/bin")]
-    plan = mounts.setup_plan(binds, links, hostname="nrx-abc", sandbox_id=1000)
+    plan = mounts.setup_plan(binds, links, sandbox_id=1000)
     kinds = [(mounts.OP_NAMES[op.kind], op.dest) for op in plan]
     assert kinds[:3] == [("dir", "/usr"), ("bind", "/usr"), ("symlink", "/bin")]
     assert plan[1].flags == mounts.REC | mounts.RO | mounts.NOSUID | mounts.NODEV
@@ -313,7 +317,7 @@ def test_plan_of_the_host_runtime():
     assert head == (mounts.OP_BIND, plan[1].flags, 0, mounts.NO_ID, mounts.NO_ID, 4, 4)
     assert rec[36:] == b"/usr/usr"
     nested = mounts.setup_plan([("/srv/a/b", "/opt/a/b"), ("/srv/c", "/opt/c")], [("opt", "x")],
-                               hostname="h", sandbox_id=1000)
+                               sandbox_id=1000)
     assert [op.dest for op in nested[:6]] == ["/opt", "/opt/a", "/opt/a/b", "/opt/a/b",
                                                "/opt/c", "/opt/c"]
     assert not any(op.kind == mounts.OP_SYMLINK and op.dest == "/opt" for op in nested)

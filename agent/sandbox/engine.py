@@ -582,7 +582,7 @@ class SandboxEngine:
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
                 map_size=ids.size, sandbox_id=userns.SANDBOX_ID,
-                mount_plan=mounts.setup_plan(self.binds, self.links, hostname=hostname,
+                mount_plan=mounts.setup_plan(self.binds, self.links,
                                              sandbox_id=userns.SANDBOX_ID),
                 cgroup_procs=[str(p) for p in cg.procs_files()],
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,

@@ -102,7 +102,7 @@ def plan(sandbox_cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     links = [(name, f"usr/{name}") for name in sandbox_cfg.usr_links
              if (top / "usr" / name).is_dir()]
     # checked once, at start: a bad runtime bind or link stops the engine, not each create
-    check_plan(setup_plan(binds, links, hostname="localhost", sandbox_id=0))
+    check_plan(setup_plan(binds, links, sandbox_id=0))
     return binds, links
 
 
@@ -186,11 +186,13 @@ def proc_op(dest: str) -> SetupOp:
 
 
 def setup_plan(binds: list[tuple[str, str]], links: list[tuple[str, str]], *,
-               hostname: str, sandbox_id: int) -> list[SetupOp]:
+               sandbox_id: int) -> list[SetupOp]:
     """The sandbox's filesystem, in the order nrx-init applies it: read-only binds of the
     runtime (`binds` from `plan`, each with the directories above it), merged-usr links,
     /proc, /dev (device binds from the host, /dev/shm in the session tmpfs: charged to the
-    session, wiped with it), /etc, /work (the sandbox user's), /tmp, /input.  Not checked
+    session, wiped with it), /etc (its /etc/hostname and /etc/hosts are the session's
+    identity: nrx-init's set_identity writes them, at setup or at a pooled sandbox's BIND),
+    /work (the sandbox user's), /tmp, /input.  Not checked
     here: `plan()` checks it once at start and InitConfig.encode at the wire (check_plan,
     PlanError), so each create checks it once."""
     ops: list[SetupOp] = []
@@ -216,9 +218,6 @@ def setup_plan(binds: list[tuple[str, str]], links: list[tuple[str, str]], *,
                 f"sandbox:x:{i}:{i}:sandbox:/work:/bin/sh\n"
                 "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
         file_op("/etc/group", 0o644, f"root:x:0:\nsandbox:x:{i}:\nnogroup:x:65534:\n"),
-        file_op("/etc/hosts", 0o644,
-                f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n"),
-        file_op("/etc/hostname", 0o644, hostname),
         file_op("/etc/nsswitch.conf", 0o644,
                 "passwd: files\ngroup: files\nshadow: files\nhosts: files\n"),
         dir_op("/work", 0o700, owner=sandbox_id),

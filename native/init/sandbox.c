@@ -209,8 +209,8 @@ static int put_file(const char *path, const char *text, mode_t mode)
     return rc;
 }
 
-/* The session's identity: hostname plus /etc/hostname and /etc/hosts (the mount plan wrote
- * them for the placeholder name; a warm-pool sandbox gets its real one at BIND) */
+/* The session's identity: hostname plus /etc/hostname and /etc/hosts, their one writer (at
+ * setup after the mount plan; a warm-pool sandbox gets its real name at BIND) */
 int set_identity(const char *hostname)
 {
     char text[512];
