@@ -14,7 +14,8 @@ sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
 
 async def test_native_scans_match_python_reference(sandbox):
     """Processes/threads in the session's namespaces and processes with its host ids agree
-    between the native and Python scans, and a miss is zero in both."""
+    between the native and Python scans (the id scan also through thread pidfds), and a
+    miss is zero in all."""
     r = await sandbox.exec(
         "sleep 60 >/dev/null 2>&1 & sleep 60 >/dev/null 2>&1 & "
         "python3 -c 'import threading,time; [threading.Thread(target=time.sleep, args=(60,),"
@@ -33,15 +34,18 @@ async def test_native_scans_match_python_reference(sandbox):
         python_ns = oracles.py_processes_in_namespaces(inodes, names)
         native_ids = residue.processes_with_ids(ids, gids)
         python_ids = oracles.py_processes_with_ids(ids, gids)
+        pidfd_ids = residue.processes_with_ids_fast(ids, gids)
         combined = residue.processes_with_ids_and_in_namespaces(ids, gids, inodes)
     finally:
         sandbox.cgroup.thaw()
     assert native_ns == python_ns and native_ns[0] >= 4 and native_ns[1] > native_ns[0]
     assert native_ids == python_ids and native_ids >= 3
+    assert pidfd_ids == (native_ids, "pidfd_info")
     assert combined == (native_ids, *native_ns)
     nobody = [(4_000_000_000, 4_000_000_001)]
     assert residue.processes_in_namespaces([1]) == oracles.py_processes_in_namespaces([1], names) == (0, 0)
     assert residue.processes_with_ids(nobody, nobody) == oracles.py_processes_with_ids(nobody, nobody) == 0
+    assert residue.processes_with_ids_fast(nobody, nobody) == (0, "pidfd_info")
 
 
 async def test_native_mount_scan_matches_python_reference(sandbox):

@@ -70,10 +70,18 @@ def test_read_error_fails_the_scan(tmp_path, status, ns, err):
 
 
 class _ProcAt:
-    """The native library with every scan pointed at a fake /proc (see module docstring)."""
+    """The native library with every scan pointed at a fake /proc (see module docstring);
+    the pidfd id scan, which needs live tids, reads the fake tree's status files instead.
+    Everything else (nsfs handles, the superblock watch) is the real library."""
 
     def __init__(self, lib, root: bytes) -> None:
         self._lib, self._root = lib, root
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def nrx_scan_ids_pidfd(self, *a):
+        return self._lib.nrx_scan_ids_at(self._root, *a)
 
     def nrx_scan_ns(self, *a):
         return self._lib.nrx_scan_ns_at(self._root, *a)

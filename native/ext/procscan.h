@@ -38,4 +38,14 @@ int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid
                        int *ns_threads);
 int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinned,
                         size_t npinned, int *mounts, int *mnt_ns);
+/* Kernel facts that answer without a walk (procscan.c explains each): nsfs file handles
+ * of a namespace and whether it still exists (nrx_ns_open: -ESTALE = gone), an inotify
+ * watch that sees a superblock shut down (no mount of it left anywhere), and the id
+ * scan through thread pidfds (PIDFD_GET_INFO) instead of status text. */
+int nrx_ns_handle(int nsfd, unsigned char *out, size_t cap);
+int nrx_ns_open(const unsigned char *handle, size_t len);
+int nrx_sb_watch(int fd);
+int nrx_sb_released(int ifd);
+int nrx_scan_ids_pidfd(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
+                       size_t ngid);
 #endif
