@@ -401,6 +401,31 @@ class SuperblockWatch:
             self.ifd = -1
 
 
+TMPFS_MAGIC = 0x01021994  # statfs(2) f_type of a tmpfs
+
+
+def fs_magic(fd: int) -> int:
+    """The f_type fstatfs(2) reports for the filesystem `fd` is on."""
+    r = _lib.nrx_fs_magic(fd)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r))
+    return int(r)
+
+
+def own_mounts_of(dev: str) -> int:
+    """Mounts in this process's mount namespace whose superblock is `dev` ("major:minor"):
+    the mount table mountinfo prints, read through listmount(2)/statmount(2) (Linux 6.8)
+    without a text line per mount (the agent's table holds a view of every live session);
+    /proc/self/mountinfo where the kernel has neither."""
+    major, minor = (int(x) for x in dev.split(":"))
+    n = _lib.nrx_own_mounts_of_dev(major, minor)
+    if n == -errno.ENOSYS:
+        return sum(1 for m in read_mountinfo() if m.dev == dev)
+    if n < 0:
+        raise OSError(-n, os.strerror(-n))
+    return int(n)
+
+
 def dev_str(st_dev: int) -> str:
     """st_dev as mountinfo writes it ("major:minor")."""
     return f"{os.major(st_dev)}:{os.minor(st_dev)}"

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -89,7 +90,9 @@ static struct dirent *next_pid(DIR *proc, int *err)
     }
 }
 
-/* calls fn(taskfd, tid, arg) for every task; fn returns 1 when the task matched, 0 when
+/* calls fn(taskfd, tid, arg) for every task, `tid` being the task's path relative to
+ * `taskfd` (its number, or "PID/task/TID" from /proc itself; it starts with the tid
+ * either way); fn returns 1 when the task matched, 0 when
  * not (or the task is gone), -errno when it could not be read.  Returns the number of
  * processes with a matching task (and adds matching tasks to *tasks), or -errno when
  * /proc or a task could not be read.  after(arg) runs after each process, when given. */
@@ -105,6 +108,31 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
     struct dirent *de;
     char path[4200];
     while ((de = next_pid(proc, &err)) != NULL) {
+        /* /proc/PID/task's link count is 2 + the process's threads (zombie leader
+         * included: it is released last).  One thread is then the leader itself, whose
+         * path is known: no directory to open and list (most processes, on any host) */
+        struct stat st;
+        snprintf(path, sizeof path, "%s/task", de->d_name);
+        if (fstatat(dirfd(proc), path, &st, 0) < 0) {
+            if (gone(errno))
+                continue;
+            err = -errno;
+            break;
+        }
+        if (st.st_nlink == 3) {
+            snprintf(path, sizeof path, "%s/task/%s", de->d_name, de->d_name);
+            int r = fn(dirfd(proc), path, arg);
+            if (r < 0) {
+                err = r;
+                break;
+            }
+            if (r && tasks)
+                (*tasks)++;
+            procs += r > 0;
+            if (after)
+                after(arg);
+            continue;
+        }
         snprintf(path, sizeof path, "%s/%s/task", root, de->d_name);
         DIR *task = opendir(path);
         if (!task) {
@@ -223,6 +251,34 @@ static int task_in_ns(int taskfd, const char *tid, void *p)
     return hit;
 }
 
+/* The user namespace is one per process: the kernel refuses setns(2) and unshare(2) of a
+ * user namespace to a process with more than one thread (EINVAL), a thread cannot be
+ * cloned into another one (CLONE_NEWUSER | CLONE_THREAD: EINVAL), and nothing else
+ * changes a task's cred->user_ns.  So the leader's ns/user link answers for every thread
+ * (even a zombie leader's: it keeps its credentials until reaped), and no task directory
+ * is listed.  *threads counts the processes found (their threads are not listed). */
+static int scan_userns_at(const char *root, struct ns_arg *a, int *procs, int *threads)
+{
+    DIR *proc = opendir(root);
+    if (!proc)
+        return -errno;
+    int err = 0;
+    struct dirent *de;
+    char path[300];
+    while ((de = next_pid(proc, &err)) != NULL) {
+        snprintf(path, sizeof path, "%s", de->d_name);
+        int r = task_in_ns(dirfd(proc), path, a); /* "PID/ns/user" from /proc */
+        if (r < 0) {
+            err = r;
+            break;
+        }
+        *procs += r;
+    }
+    closedir(proc);
+    *threads = *procs;
+    return err;
+}
+
 int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
                    unsigned name_mask, int *procs, int *threads)
 {
@@ -231,6 +287,8 @@ int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
     *procs = 0;
     if (ninodes == 0)
         return 0;
+    if (name_mask == 1u) /* the user namespace alone: one link per process */
+        return scan_userns_at(root, &a, procs, threads);
     int r = for_each_task_at(root, task_in_ns, &a, threads, NULL);
     if (r < 0)
         return r;
@@ -695,4 +753,90 @@ int nrx_scan_ids_pidfd(const uint64_t *uid_ranges, size_t nuid, const uint64_t *
         return -EXDEV;
     struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
     return for_each_task_at("/proc", task_ids_pidfd, &a, NULL, NULL);
+}
+
+/* ---- the caller's own mount table without mountinfo text (step 2) -------------------- */
+
+#include <sys/statfs.h>
+
+#ifndef SYS_statmount
+#define SYS_statmount 457
+#endif
+#ifndef SYS_listmount
+#define SYS_listmount 458
+#endif
+
+struct nrx_mnt_id_req {
+    uint32_t size, spare;
+    uint64_t mnt_id, param;
+};
+#define NRX_LSMT_ROOT 0xffffffffffffffffULL
+#define NRX_STATMOUNT_SB_BASIC 0x1ULL
+
+/* Mounts in the caller's mount namespace whose superblock is dev major:minor, read
+ * through listmount(2) + statmount(2) (Linux 6.8): the same mount table mountinfo
+ * prints, without generating and parsing a text line per mount (a node's mount table
+ * holds every live session's view).  Returns the count or -errno (-ENOSYS: older
+ * kernel; a mount that goes away meanwhile, ENOENT, is not counted). */
+int nrx_own_mounts_of_dev(unsigned major, unsigned minor)
+{
+    uint64_t ids[512];
+    uint64_t buf[128]; /* struct statmount, 8-aligned */
+    struct nrx_mnt_id_req req;
+    int count = 0;
+    uint64_t last = 0;
+    for (;;) {
+        memset(&req, 0, sizeof req);
+        req.size = sizeof req;
+        req.mnt_id = NRX_LSMT_ROOT;
+        req.param = last;
+        long n = syscall(SYS_listmount, &req, ids, 512, 0);
+        if (n < 0)
+            return -errno;
+        for (long i = 0; i < n; i++) {
+            memset(&req, 0, sizeof req);
+            req.size = sizeof req;
+            req.mnt_id = ids[i];
+            req.param = NRX_STATMOUNT_SB_BASIC;
+            if (syscall(SYS_statmount, &req, buf, sizeof buf, 0) < 0) {
+                if (errno == ENOENT)
+                    continue;
+                return -errno;
+            }
+            const unsigned char *b = (const unsigned char *)buf;
+            uint64_t mask;
+            uint32_t maj, min;
+            memcpy(&mask, b + 8, 8);
+            memcpy(&maj, b + 16, 4);
+            memcpy(&min, b + 20, 4);
+            if (!(mask & NRX_STATMOUNT_SB_BASIC))
+                return -EIO;
+            count += maj == major && min == minor;
+        }
+        if (n < 512)
+            return count;
+        last = ids[n - 1];
+    }
+}
+
+/* f_type of the filesystem `fd` is on (fstatfs), or -errno */
+long long nrx_fs_magic(int fd)
+{
+    struct statfs s;
+    if (fstatfs(fd, &s) < 0)
+        return -errno;
+    return (long long)(unsigned long)s.f_type;
+}
+
+/* 1 when `path` (not following a final symlink) is the root of a mount in the caller's
+ * view (statx STATX_ATTR_MOUNT_ROOT, Linux 5.8), 0 when not, or -errno (-EOPNOTSUPP:
+ * the kernel does not report the attribute) */
+int nrx_is_mount_root(const char *path)
+{
+    struct statx stx;
+    if (statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, STATX_TYPE, &stx) < 0)
+        return -errno;
+    if (!(stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT))
+        return -EOPNOTSUPP;
+    return (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
 }

@@ -48,4 +48,10 @@ int nrx_sb_watch(int fd);
 int nrx_sb_released(int ifd);
 int nrx_scan_ids_pidfd(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                        size_t ngid);
+/* Step 2: mounts of a superblock in the caller's own mount namespace through
+ * listmount/statmount (no mountinfo text), and fstatfs's f_type. */
+int nrx_own_mounts_of_dev(unsigned major, unsigned minor);
+long long nrx_fs_magic(int fd);
+/* statx STATX_ATTR_MOUNT_ROOT of a path: 1, 0 or -errno */
+int nrx_is_mount_root(const char *path);
 #endif
