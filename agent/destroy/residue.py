@@ -143,7 +143,9 @@ def processes_with_ids_fast(uid_ranges: list[tuple[int, int]],
     where the kernel has no PIDFD_GET_INFO or /proc is not of this PID namespace."""
     u, g = _flat(uid_ranges), _flat(gid_ranges)
     n = _lib.nrx_scan_ids_pidfd(_u64s(u), len(u), _u64s(g), len(g))
-    if n in (-errno.ENOTTY, -errno.EINVAL, -errno.EXDEV, -errno.ENOSYS):
+    # not on this kernel (ENOTTY, EINVAL: no PIDFD_GET_INFO / PIDFD_THREAD; ENOSYS), denied
+    # by a seccomp filter (EPERM), or a /proc of another PID namespace (EXDEV)
+    if n in (-errno.ENOTTY, -errno.EINVAL, -errno.EXDEV, -errno.ENOSYS, -errno.EPERM):
         return processes_with_ids(uid_ranges, gid_ranges), "proc_status"
     if n < 0:
         raise OSError(-n, os.strerror(-n))
@@ -419,7 +421,7 @@ def own_mounts_of(dev: str) -> int:
     /proc/self/mountinfo where the kernel has neither."""
     major, minor = (int(x) for x in dev.split(":"))
     n = _lib.nrx_own_mounts_of_dev(major, minor)
-    if n == -errno.ENOSYS:
+    if n in (-errno.ENOSYS, -errno.EPERM):  # an older kernel, or a seccomp filter
         return sum(1 for m in read_mountinfo() if m.dev == dev)
     if n < 0:
         raise OSError(-n, os.strerror(-n))
