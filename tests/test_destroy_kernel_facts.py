@@ -7,6 +7,7 @@ uid while its process's leader does not.  Real sandboxes, real leftovers."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -168,3 +169,38 @@ def test_pidfd_scan_reads_each_threads_own_credentials():
     while residue.processes_with_ids_fast([(uid, uid + 1)], [])[0]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+class _OlderKernel:
+    """The native library as a kernel before 6.18 / 6.13 / 6.8 answers it: no nsfs file
+    handles (EOPNOTSUPP), no PIDFD_GET_INFO (ENOTTY), no listmount (ENOSYS).  A fake for
+    a kernel this host does not run; everything else is the real library."""
+
+    def __init__(self, lib) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def nrx_ns_handle(self, *a):
+        return -errno.EOPNOTSUPP
+
+    def nrx_scan_ids_pidfd(self, *a):
+        return -errno.ENOTTY
+
+    def nrx_own_mounts_of_dev(self, *a):
+        return -errno.ENOSYS
+
+
+async def test_without_the_new_kernel_facts_every_check_walks_and_still_finds(
+        engine, monkeypatch):
+    """On an older kernel steps 5 and 6 walk everything (the evidence says so): a clean
+    session still ends destroyed, and a process left in its net namespace is still found."""
+    monkeypatch.setattr(residue, "_lib", _OlderKernel(residue._lib))
+    out, ev = await _destroy_with(engine, lambda sb: subprocess.Popen(["true"]))
+    assert out.status == "destroyed", bad(out)
+    assert ev[5]["ids_read_via"] == "proc_status" and ev[5]["uts_namespace_released"] is False
+    assert len(ev[6]["namespaces_walked"]) == 7 and ev[6]["namespaces_released"] == 0
+    assert ev[6]["mount_namespaces_scanned"] >= 1 and ev[6]["namespaces_pinned"] is True
+    out, ev = await _destroy_with(engine, lambda sb: _join(sb, "-n"))
+    assert out.status == "expired_unclean" and ev[6]["residue"]["processes"] == 1
