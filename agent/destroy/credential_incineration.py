@@ -149,7 +149,7 @@ def _in_uts(st: DestroyState, ev: dict, uts: int) -> int:
     ev["uts_namespace_released"] = False
     if handles is None:
         return residue.processes_in_namespaces([uts], ("uts",))[0]
-    alive, fds = handles.reopen()
+    alive, fds = handles.reopen(("uts",))
     try:
         if "uts" not in alive:
             ev["uts_namespace_released"] = True

@@ -116,9 +116,10 @@ def _namespaces_left(st: DestroyState) -> _Left:
     if handles is None:
         return _Left(dict(st.namespaces), dict(st.namespaces), [])
     alive, fds = handles.reopen()
+    released = len(handles.handles) - len(alive)
     alive = {n: i for n, i in alive.items() if n in st.namespaces}
     left = _Left(dict(alive), {n: i for n, i in alive.items() if n not in LINGERING}, fds,
-                 released=len(handles.handles) - len(alive))
+                 released=released)
     if "pid" in alive:
         fd = next((f for f in fds if os.fstat(f).st_ino == alive["pid"]), -1)
         if fd >= 0 and residue.pid_namespace_emptied(fd):

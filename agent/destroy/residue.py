@@ -340,13 +340,15 @@ class NsHandles:
             out[name] = bytes(_ffi.buffer(buf, n))
         return cls(out)
 
-    def reopen(self) -> tuple[dict[str, int], list[int]]:
-        """({name: inode} of the namespaces that still exist, fds pinning them).  Only
-        ESTALE counts as gone: any other error leaves the namespace to the walk (without
-        a pin: at worst a reused inode is found as residue, never the reverse)."""
+    def reopen(self, names: Iterable[str] = NAMESPACES) -> tuple[dict[str, int], list[int]]:
+        """({name: inode} of the namespaces among `names` that still exist, fds pinning
+        them).  Only ESTALE counts as gone: any other error leaves the namespace to the
+        walk (without a pin: at worst a reused inode is found as residue, never the
+        reverse)."""
         alive: dict[str, int] = {}
         fds: list[int] = []
-        for name, h in self.handles.items():
+        for name in names:
+            h = self.handles[name]
             fd = _lib.nrx_ns_open(h, len(h))
             if fd == -errno.ESTALE:
                 continue
