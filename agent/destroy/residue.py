@@ -28,7 +28,7 @@ from agent._native import lib as _lib
 __all__ = ["NAMESPACES", "Mount", "NsHandles", "SuperblockWatch", "id_map", "ids_holders",
            "list_pids", "list_tasks", "mounts_of", "ns_inodes", "parse_mountinfo",
            "unreaped_in_namespaces", "zombies_not_ours", "processes_in_namespaces",
-           "processes_with_ids", "processes_with_ids_and_in_namespaces", "read_mountinfo"]
+           "processes_with_ids", "processes_with_ids_fast", "read_mountinfo"]
 
 NAMESPACES = ("user", "mnt", "uts", "ipc", "pid", "net", "cgroup")
 PROC = Path("/proc")
@@ -150,21 +150,6 @@ def processes_with_ids_fast(uid_ranges: list[tuple[int, int]],
     if n < 0:
         raise OSError(-n, os.strerror(-n))
     return int(n), "pidfd_info"
-
-
-def processes_with_ids_and_in_namespaces(
-        uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]],
-        inodes: Iterable[int], names: Iterable[str] = NAMESPACES) -> tuple[int, int, int]:
-    """(processes_with_ids(...), *processes_in_namespaces(...)) from one walk of /proc
-    (step 5 asks both of the same moment)."""
-    inodes = sorted(set(inodes))
-    u, g = _flat(uid_ranges), _flat(gid_ranges)
-    out = _ffi.new("int[3]")
-    rc = _lib.nrx_scan_ids_ns(_u64s(u), len(u), _u64s(g), len(g), _u64s(inodes), len(inodes),
-                              _ns_mask(names), out, out + 1, out + 2)
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    return int(out[0]), int(out[1]), int(out[2])
 
 
 def _tasks_with_ids(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]]):

@@ -95,11 +95,10 @@ static struct dirent *next_pid(DIR *proc, int *err)
  * either way); fn returns 1 when the task matched, 0 when
  * not (or the task is gone), -errno when it could not be read.  Returns the number of
  * processes with a matching task (and adds matching tasks to *tasks), or -errno when
- * /proc or a task could not be read.  after(arg) runs after each process, when given. */
+ * /proc or a task could not be read. */
 typedef int (*task_fn)(int taskfd, const char *tid, void *arg);
 
-static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
-                            void (*after)(void *))
+static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks)
 {
     DIR *proc = opendir(root);
     if (!proc)
@@ -129,8 +128,6 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
             if (r && tasks)
                 (*tasks)++;
             procs += r > 0;
-            if (after)
-                after(arg);
             continue;
         }
         snprintf(path, sizeof path, "%s/%s/task", root, de->d_name);
@@ -167,8 +164,6 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
         if (err)
             break;
         procs += hit;
-        if (after)
-            after(arg);
     }
     closedir(proc);
     return err ? err : procs;
@@ -289,7 +284,7 @@ int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
         return 0;
     if (name_mask == 1u) /* the user namespace alone: one link per process */
         return scan_userns_at(root, &a, procs, threads);
-    int r = for_each_task_at(root, task_in_ns, &a, threads, NULL);
+    int r = for_each_task_at(root, task_in_ns, &a, threads);
     if (r < 0)
         return r;
     *procs = r;
@@ -353,75 +348,13 @@ int nrx_scan_ids_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
                     const uint64_t *gid_ranges, size_t ngid)
 {
     struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
-    return for_each_task_at(root, task_has_ids, &a, NULL, NULL);
+    return for_each_task_at(root, task_has_ids, &a, NULL);
 }
 
 int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                  size_t ngid)
 {
     return nrx_scan_ids_at("/proc", uid_ranges, nuid, gid_ranges, ngid);
-}
-
-struct both_arg {
-    struct ids_arg ids;
-    struct ns_arg ns;
-    int ids_procs, ns_procs, ns_threads;
-    int ids_hit, ns_hit; /* per process being walked */
-};
-
-static int task_both(int taskfd, const char *tid, void *p)
-{
-    struct both_arg *a = p;
-    int r = task_has_ids(taskfd, tid, &a->ids);
-    if (r < 0)
-        return r;
-    if (r)
-        a->ids_hit = 1;
-    if (a->ns.n) {
-        r = task_in_ns(taskfd, tid, &a->ns);
-        if (r < 0)
-            return r;
-        if (r) {
-            a->ns_hit = 1;
-            a->ns_threads++;
-        }
-    }
-    return 0;
-}
-
-static void end_process(void *p)
-{
-    struct both_arg *a = p;
-    a->ids_procs += a->ids_hit;
-    a->ns_procs += a->ns_hit;
-    a->ids_hit = a->ns_hit = 0;
-}
-
-int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
-                       const uint64_t *gid_ranges, size_t ngid, const uint64_t *inodes,
-                       size_t ninodes, unsigned name_mask, int *ids_procs, int *ns_procs,
-                       int *ns_threads)
-{
-    struct both_arg a;
-    memset(&a, 0, sizeof a);
-    a.ids = (struct ids_arg){uid_ranges, gid_ranges, nuid, ngid};
-    a.ns = (struct ns_arg){inodes, ninodes, name_mask};
-    *ids_procs = *ns_procs = *ns_threads = 0;
-    int r = for_each_task_at(root, task_both, &a, NULL, end_process);
-    if (r < 0)
-        return r;
-    *ids_procs = a.ids_procs;
-    *ns_procs = a.ns_procs;
-    *ns_threads = a.ns_threads;
-    return 0;
-}
-
-int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
-                    size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
-                    int *ids_procs, int *ns_procs, int *ns_threads)
-{
-    return nrx_scan_ids_ns_at("/proc", uid_ranges, nuid, gid_ranges, ngid, inodes, ninodes,
-                              name_mask, ids_procs, ns_procs, ns_threads);
 }
 
 /* ---- mounts of a superblock in every mount namespace (step 6) ------------------------ */
@@ -752,7 +685,7 @@ int nrx_scan_ids_pidfd(const uint64_t *uid_ranges, size_t nuid, const uint64_t *
     if (atoi(self) != getpid())
         return -EXDEV;
     struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
-    return for_each_task_at("/proc", task_ids_pidfd, &a, NULL, NULL);
+    return for_each_task_at("/proc", task_ids_pidfd, &a, NULL);
 }
 
 /* ---- the caller's own mount table without mountinfo text (step 2) -------------------- */

@@ -20,22 +20,12 @@ int nrx_scan_ns(const uint64_t *inodes, size_t ninodes, unsigned name_mask, int 
  * read (a task that exited meanwhile is skipped, as above). */
 int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                  size_t ngid);
-/* Both scans above in one walk of /proc (destruction step 5 asks both questions of the
- * same moment): *ids_procs as nrx_scan_ids, *ns_procs / *ns_threads as nrx_scan_ns.
- * Returns 0 or -errno. */
-int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
-                    size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
-                    int *ids_procs, int *ns_procs, int *ns_threads);
 /* The same scans of a /proc-like tree at `root` (tests: a tree whose files give read
  * errors the live /proc cannot be made to give on demand). */
 int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
                    unsigned name_mask, int *procs, int *threads);
 int nrx_scan_ids_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
                     const uint64_t *gid_ranges, size_t ngid);
-int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
-                       const uint64_t *gid_ranges, size_t ngid, const uint64_t *inodes,
-                       size_t ninodes, unsigned name_mask, int *ids_procs, int *ns_procs,
-                       int *ns_threads);
 int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinned,
                         size_t npinned, int *mounts, int *mnt_ns);
 /* Kernel facts that answer without a walk (procscan.c explains each): nsfs file handles
