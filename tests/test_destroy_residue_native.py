@@ -73,8 +73,9 @@ async def test_native_mount_scan_matches_python_reference(sandbox):
     native, python = pairs[-1]
     assert native == python, pairs
     assert native[0] >= 1 and native[1] >= 2
-    assert residue.mounts_of("0:1", [1]) == oracles.py_mounts_of("0:1", [1], "/proc")
-    assert residue.mounts_of("0:1", [1])[0] == 0
+    # a miss: no mount in either (the namespace counts of two moments may differ by the
+    # sandboxes other suites create meanwhile, as above)
+    assert residue.mounts_of("0:1", [1])[0] == oracles.py_mounts_of("0:1", [1], "/proc")[0] == 0
 
 
 def test_an_exited_unreaped_process_is_told_apart_from_a_live_one():
