@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --quick    # fewer iterations, smaller density
     .venv/bin/python bench/run.py --only transport   # exec round trip and lifecycle over
                                                       # the unix socket and over mTLS
+    .venv/bin/python bench/run.py --only destroy     # destroy with 0/50/200 idle sessions
 
 Starts a real daemon on a temporary socket (temporary state/runtime dirs, its own
 cgroup prefix and host uid range), drives it with a plain msgpack-rpc client, and runs bubblewrap with an
@@ -712,9 +713,10 @@ def load() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
-    ap.add_argument("--only", choices=("all", "transport", "pool"), default="all",
+    ap.add_argument("--only", choices=("all", "transport", "pool", "destroy"), default="all",
                     help="transport: just the unix-socket vs mTLS rows (about a minute); "
-                         "pool: create + exec cold, then from a warm pool")
+                         "pool: create + exec cold, then from a warm pool; destroy: the "
+                         "destroy vs live idle sessions rows (bench/destroy_idle.py: per step)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench needs root (namespaces, cgroups)", file=sys.stderr)
@@ -744,18 +746,21 @@ def main() -> int:
             px.close()
             raise
         warm = ("warm pool", lambda: bench_warm_pool(Path(td), n, rows, COLD))
+        destroy_idle = ("destroy vs idle", lambda: bench_destroy_idle(
+            d, [0, 200] if args.quick else [0, 50, 200], 10 if args.quick else 40, rows))
         benches = [
             ("transport", lambda: bench_transport(d, tls, n, rows)),
         ] if args.only == "transport" else [
             ("create+exec", lambda: bench_create_exec(d, n, rows, px)), warm,
         ] if args.only == "pool" else [
+            destroy_idle,
+        ] if args.only == "destroy" else [
             ("create+exec", lambda: bench_create_exec(d, n, rows, px)), warm,
             ("exec rtt", lambda: bench_exec_rtt(d, n * 2, rows, px)),
             ("lifecycle", lambda: bench_lifecycle(d, n, rows, px)),
             ("throughput", lambda: bench_throughput(d, 10 if args.quick else 40, rows, px,
                                                     not args.quick)),
-            ("destroy vs idle", lambda: bench_destroy_idle(
-                d, [0, 200] if args.quick else [0, 50, 200], 10 if args.quick else 40, rows)),
+            destroy_idle,
             ("streaming", lambda: bench_streaming(d, rows)),
             ("density", lambda: bench_density(d, [100] if args.quick else [100, 500, 1000],
                                               rows)),

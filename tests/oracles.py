@@ -186,3 +186,16 @@ def py_mounts_of(dev: str | None, ns_inodes: Iterable[int],
             if (dev is not None and m.dev == dev) or (m.fs_type == "nsfs" and m.root in pinned):
                 count += 1
     return count, len(seen_ns)
+
+
+def py_own_mounts_of(dev: str) -> int:
+    """residue.own_mounts_of in Python: mounts of superblock `dev` in this process's
+    /proc/self/mountinfo."""
+    return sum(1 for m in residue.read_mountinfo() if m.dev == dev)
+
+
+def py_is_mountpoint(path: str) -> bool:
+    """mounts.is_mountpoint in Python: a /proc/self/mountinfo line has `path` as its mount
+    point."""
+    target = os.path.abspath(path)
+    return any(m.mount_point.replace("\\040", " ") == target for m in residue.read_mountinfo())

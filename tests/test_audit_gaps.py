@@ -165,28 +165,12 @@ async def test_slot_is_kept_while_a_host_process_runs_with_the_session_uid(engin
     uid: it records the process and fails, so the session ends expired_unclean."""
     import subprocess
 
-    import trio
-    from test_destroy_pipeline import make_ctx, new_id
+    from test_destroy_kernel_facts import _destroy_with
 
-    from agent.destroy import DestroyHooks, run_pipeline
-
-    sb = await engine.create(new_id(), tier="free", classification="general")
-    procs: list[subprocess.Popen] = []
-
-    async def after_step(n, ev):
-        if n == 4:  # the sandbox is dead by now; a stray process keeps its host uid
-            procs.append(subprocess.Popen(["sleep", "60"], user=sb.host_uid,
-                                          group=sb.host_gid, extra_groups=[]))
-            await trio.sleep(0.05)
-
-    try:
-        out = await run_pipeline(make_ctx(sb, passes=["zeros"],
-                                          hooks=DestroyHooks(after_step=after_step)))
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    ev5 = out.evidence[4]
+    # after step 4 the sandbox is dead; a stray process keeps its host uid
+    out, ev = await _destroy_with(engine, lambda sb: subprocess.Popen(
+        ["sleep", "60"], user=sb.host_uid, group=sb.host_gid, extra_groups=[]), at_step=4)
+    ev5 = ev[5]
     assert ev5["processes_with_ids"] >= 1 and ev5["slot_released"] is False
     assert ev5["ok"] is False and out.status == "expired_unclean"
 

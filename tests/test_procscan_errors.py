@@ -20,10 +20,12 @@ sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
 STATUS = "Name:\tx\nUid:\t5\t5\t5\t5\nGid:\t5\t5\t5\t5\nNSpid:\t100\n"
 
 
-def fake_proc(root, *, status="file", ns="dir") -> bytes:
-    """A one-task /proc tree: 100/task/100/{status,ns/<name>} shaped as asked."""
-    task = root / "100" / "task" / "100"
+def fake_proc(root, *, status="file", ns="dir", tid="100") -> bytes:
+    """A one-task /proc tree: 100/task/<tid>/{status,ns/<name>} shaped as asked (and, for
+    the per-process user-namespace link, 100/ns as a link to task/<tid>/ns)."""
+    task = root / "100" / "task" / tid
     task.mkdir(parents=True)
+    os.symlink(f"task/{tid}/ns", root / "100" / "ns")
     if status == "file":
         (task / "status").write_text(STATUS)
     elif status == "dir":
@@ -37,18 +39,26 @@ def fake_proc(root, *, status="file", ns="dir") -> bytes:
     return os.fsencode(root)
 
 
-def scan_both(root: bytes) -> int:
+def scan_both(root: bytes) -> tuple[int, tuple[int, int, int]]:
+    """(the first error of the id and namespace scans or 0, (processes with ids,
+    processes in the namespace, their threads)) of a fake tree."""
     lib, ffi = residue._lib, residue._ffi
-    out = ffi.new("int[3]")
+    out = ffi.new("int[2]")
     r = ffi.new("uint64_t[]", [5, 6])
-    return lib.nrx_scan_ids_ns_at(root, r, 2, r, 2, ffi.new("uint64_t[]", [4026531840]), 1,
-                                  0x7F, out, out + 1, out + 2), tuple(out)
+    ids = lib.nrx_scan_ids_at(root, r, 2, r, 2)
+    rc = lib.nrx_scan_ns_at(root, ffi.new("uint64_t[]", [4026531840]), 1, 0x7F, out, out + 1)
+    return (ids if ids < 0 else rc), (max(ids, 0), out[0], out[1])
 
 
 def test_readable_tree_counts_and_vanished_task_is_skipped(tmp_path):
-    """The fake tree itself scans fine (1 process by ids and by namespace), and a task whose
-    files are gone (ENOENT: it exited) is skipped, not an error."""
+    """The fake tree itself scans fine (1 process by ids and by namespace), whether the
+    process's one thread is its leader (read at its known path) or another thread (its task
+    directory listed: a two-entry one here), and a task whose files are gone (ENOENT: it
+    exited) is skipped, not an error."""
     assert scan_both(fake_proc(tmp_path / "ok")) == (0, (1, 1, 1))
+    other = fake_proc(tmp_path / "other", tid="101")
+    os.mkdir(tmp_path / "other" / "100" / "task" / "102")  # a second (empty: gone) thread
+    assert scan_both(other) == (0, (1, 1, 1))
     assert scan_both(fake_proc(tmp_path / "gone", status="none", ns="none")) == (0, (0, 0, 0))
 
 
@@ -60,6 +70,10 @@ def test_read_error_fails_the_scan(tmp_path, status, ns, err):
     root = fake_proc(tmp_path, status=status, ns=ns)
     rc, _ = scan_both(root)
     assert rc == -err
+    if ns == "file":  # the walk for the user namespace alone reads 100/ns/user
+        p, t = residue._ffi.new("int *"), residue._ffi.new("int *")
+        assert residue._lib.nrx_scan_ns_at(root, residue._ffi.new("uint64_t[]", [1]), 1, 1,
+                                           p, t) == -err
     lib, ffi = residue._lib, residue._ffi
     if status == "dir":
         r = ffi.new("uint64_t[]", [5, 6])
@@ -70,10 +84,18 @@ def test_read_error_fails_the_scan(tmp_path, status, ns, err):
 
 
 class _ProcAt:
-    """The native library with every scan pointed at a fake /proc (see module docstring)."""
+    """The native library with every scan pointed at a fake /proc (see module docstring);
+    the pidfd id scan, which needs live tids, reads the fake tree's status files instead.
+    Everything else (nsfs handles, the superblock watch) is the real library."""
 
     def __init__(self, lib, root: bytes) -> None:
         self._lib, self._root = lib, root
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    def nrx_scan_ids_pidfd(self, *a):
+        return self._lib.nrx_scan_ids_at(self._root, *a)
 
     def nrx_scan_ns(self, *a):
         return self._lib.nrx_scan_ns_at(self._root, *a)
@@ -81,8 +103,6 @@ class _ProcAt:
     def nrx_scan_ids(self, *a):
         return self._lib.nrx_scan_ids_at(self._root, *a)
 
-    def nrx_scan_ids_ns(self, *a):
-        return self._lib.nrx_scan_ids_ns_at(self._root, *a)
 
 
 async def test_scan_read_error_fails_steps_5_and_6(engine, tmp_path, monkeypatch):

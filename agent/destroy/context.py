@@ -7,10 +7,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.keys.session import SessionKey
 from agent.sandbox.engine import Sandbox
+
+if TYPE_CHECKING:
+    from agent.destroy.residue import NsHandles
 
 __all__ = ["REASONS", "DestroyContext", "DestroyHooks", "DestroyOutcome", "DestroyState",
            "InjectedFault", "KeyOwner", "SessionFacts", "StepError", "settle"]
@@ -108,7 +111,8 @@ class DestroyState:
     tmpfs_dev_num: int | None = None    # st_dev of the same
     pin_fd: int = -1                    # O_PATH fd keeping the superblock (and so its dev
                                         # number) alive until step 6 has scanned for it
-    ns_fds: list[int] = field(default_factory=list)  # pins on the 7 namespaces (steps 1-6)
+    ns_fds: list[int] = field(default_factory=list)  # pins on the 7 namespaces (steps 1-5)
+    ns_handles: NsHandles | None = None  # the same 7 by nsfs handle (step 5 on; residue.py)
     deferred_fds: list[int] = field(default_factory=list)  # leased files: step 2 -> step 3
     frozen_pids: list[int] = field(default_factory=list)
     leaves_fs: list[bytes] = field(default_factory=list)   # read-back digests, step 2

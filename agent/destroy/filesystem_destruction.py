@@ -358,7 +358,7 @@ def _detach(sb: Sandbox | None, dev: str) -> tuple[bool, int]:
             ok = True
         except Exception:
             ok = False
-    return ok, sum(1 for m in residue.read_mountinfo() if m.dev == dev)
+    return ok, residue.own_mounts_of(dev)
 
 
 def _wipe_and_detach(sb: Sandbox | None, root_fd: int, pids: list[int], dev_num: int, dev: str,
@@ -396,8 +396,13 @@ async def run(ctx: DestroyContext, st: DestroyState, ev: dict) -> None:
         st.pin_fd = os.dup(root_fd)
     st.tmpfs_dev_num = rst.st_dev
     st.tmpfs_dev = residue.dev_str(rst.st_dev)
-    mine = [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
-    if not mine and sb is not None:
+    # the kernel's f_type of the pinned root answers at once; the mount table is read
+    # (and names the type) only when it is not a tmpfs
+    tmpfs = residue.fs_magic(root_fd) == residue.TMPFS_MAGIC
+    mine = [] if tmpfs else [m for m in residue.read_mountinfo() if m.dev == st.tmpfs_dev]
+    if tmpfs:
+        ev["fs_type"] = "tmpfs"
+    elif not mine and sb is not None:
         # a re-adopted sandbox seen through its PID 1's root (the agent's own mount
         # namespace is new since the restart): its mount table says what the root is
         try:

@@ -21,7 +21,7 @@ import trio
 
 from agent.destroy import residue
 
-__all__ = ["IDS_AND_UTS", "IN_NAMESPACES", "SharedWalk"]
+__all__ = ["IDS", "IN_NAMESPACES", "SharedWalk"]
 
 Q = TypeVar("Q")
 A = TypeVar("A")
@@ -93,21 +93,23 @@ class SharedWalk(Generic[Q, A]):
 
 # -- the two walks the steps share ---------------------------------------------------------
 
-IdsQuery = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], tuple[int, ...]]
+IdsQuery = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
 
 
 def _ids_union(qs: Sequence[IdsQuery]) -> IdsQuery:
-    return (tuple(r for q in qs for r in q[0]), tuple(r for q in qs for r in q[1]),
-            tuple(i for q in qs for i in q[2]))
+    return (tuple(r for q in qs for r in q[0]), tuple(r for q in qs for r in q[1]))
 
 
-# step 5: (processes with the ids, processes in the UTS namespace, their threads)
-IDS_AND_UTS: SharedWalk[IdsQuery, tuple[int, int, int]] = SharedWalk(
-    one=lambda q: residue.processes_with_ids_and_in_namespaces(
-        list(q[0]), list(q[1]), list(q[2]), ("uts",)),
-    union=_ids_union, zero=lambda a: a == (0, 0, 0))
+# step 5: (processes with the ids, how the ids were read)
+IDS: SharedWalk[IdsQuery, tuple[int, str]] = SharedWalk(
+    one=lambda q: residue.processes_with_ids_fast(list(q[0]), list(q[1])),
+    union=_ids_union, zero=lambda a: a[0] == 0)
 
-# step 6: (processes, threads) in any of the namespaces
-IN_NAMESPACES: SharedWalk[tuple[int, ...], tuple[int, int]] = SharedWalk(
-    one=lambda q: residue.processes_in_namespaces(q),
-    union=lambda qs: tuple(i for q in qs for i in q), zero=lambda a: a == (0, 0))
+# step 6, for the namespaces the kernel does not already say are empty: (processes,
+# threads) with one of the names' links pointing at one of the inodes
+NsQuery = tuple[tuple[str, ...], tuple[int, ...]]
+IN_NAMESPACES: SharedWalk[NsQuery, tuple[int, int]] = SharedWalk(
+    one=lambda q: residue.processes_in_namespaces(q[1], q[0]),
+    union=lambda qs: (tuple(sorted({n for q in qs for n in q[0]})),
+                      tuple(i for q in qs for i in q[1])),
+    zero=lambda a: a == (0, 0))

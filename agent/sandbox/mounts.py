@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from agent._native import lib as _native
+
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 CLONE_NEWNS = 0x00020000
@@ -236,7 +238,14 @@ def check_plan(ops: list[SetupOp]) -> None:
 
 
 def is_mountpoint(path: Path) -> bool:
+    """Something is mounted at `path` in our view: statx's STATX_ATTR_MOUNT_ROOT (the
+    kernel's answer, without reading a mountinfo line per live session), else mountinfo."""
     target = os.fsencode(os.path.abspath(path))
+    r = _native.nrx_is_mount_root(target)
+    if r >= 0:
+        return bool(r)
+    if r == -errno.ENOENT:
+        return False
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             mp = line.split()[4].replace(b"\\040", b" ")

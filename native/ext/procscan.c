@@ -6,6 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static const char *const NS_NAMES[] = {"user", "mnt", "uts", "ipc", "pid", "net", "cgroup"};
@@ -86,14 +90,15 @@ static struct dirent *next_pid(DIR *proc, int *err)
     }
 }
 
-/* calls fn(taskfd, tid, arg) for every task; fn returns 1 when the task matched, 0 when
+/* calls fn(taskfd, tid, arg) for every task, `tid` being the task's path relative to
+ * `taskfd` (its number, or "PID/task/TID" from /proc itself; it starts with the tid
+ * either way); fn returns 1 when the task matched, 0 when
  * not (or the task is gone), -errno when it could not be read.  Returns the number of
  * processes with a matching task (and adds matching tasks to *tasks), or -errno when
- * /proc or a task could not be read.  after(arg) runs after each process, when given. */
+ * /proc or a task could not be read. */
 typedef int (*task_fn)(int taskfd, const char *tid, void *arg);
 
-static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
-                            void (*after)(void *))
+static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks)
 {
     DIR *proc = opendir(root);
     if (!proc)
@@ -102,6 +107,29 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
     struct dirent *de;
     char path[4200];
     while ((de = next_pid(proc, &err)) != NULL) {
+        /* /proc/PID/task's link count is 2 + the process's threads (zombie leader
+         * included: it is released last).  One thread is then the leader itself, whose
+         * path is known: no directory to open and list (most processes, on any host) */
+        struct stat st;
+        snprintf(path, sizeof path, "%s/task", de->d_name);
+        if (fstatat(dirfd(proc), path, &st, 0) < 0) {
+            if (gone(errno))
+                continue;
+            err = -errno;
+            break;
+        }
+        if (st.st_nlink == 3) {
+            snprintf(path, sizeof path, "%s/task/%s", de->d_name, de->d_name);
+            int r = fn(dirfd(proc), path, arg);
+            if (r < 0) {
+                err = r;
+                break;
+            }
+            if (r && tasks)
+                (*tasks)++;
+            procs += r > 0;
+            continue;
+        }
         snprintf(path, sizeof path, "%s/%s/task", root, de->d_name);
         DIR *task = opendir(path);
         if (!task) {
@@ -136,8 +164,6 @@ static int for_each_task_at(const char *root, task_fn fn, void *arg, int *tasks,
         if (err)
             break;
         procs += hit;
-        if (after)
-            after(arg);
     }
     closedir(proc);
     return err ? err : procs;
@@ -156,6 +182,30 @@ static int task_in_ns(int taskfd, const char *tid, void *p)
 {
     struct ns_arg *a = p;
     char path[300], link[64];
+    if (a->mask && !(a->mask & (a->mask - 1))) {
+        /* one namespace asked for (step 6: the one the kernel still keeps): one readlinkat
+         * from the task directory instead of opening the thread's ns directory */
+        size_t i = 0;
+        while (!(a->mask & (1u << i)))
+            i++;
+        snprintf(path, sizeof path, "%s/ns/%s", tid, NS_NAMES[i]);
+        ssize_t len = readlinkat(taskfd, path, link, sizeof link - 1);
+        if (len < 0) {
+            int e = errno;
+            if (e == EACCES || e == EPERM)
+                return refused(taskfd, tid, e);
+            return gone(e) ? 0 : -e;
+        }
+        link[len] = 0;
+        const char *lb = strchr(link, '[');
+        if (!lb)
+            return -EIO;
+        uint64_t ino = strtoull(lb + 1, NULL, 10);
+        for (size_t j = 0; j < a->n; j++)
+            if (a->inodes[j] == ino)
+                return 1;
+        return 0;
+    }
     snprintf(path, sizeof path, "%s/ns", tid);
     int nsfd = openat(taskfd, path, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (nsfd < 0) {
@@ -196,6 +246,34 @@ static int task_in_ns(int taskfd, const char *tid, void *p)
     return hit;
 }
 
+/* The user namespace is one per process: the kernel refuses setns(2) and unshare(2) of a
+ * user namespace to a process with more than one thread (EINVAL), a thread cannot be
+ * cloned into another one (CLONE_NEWUSER | CLONE_THREAD: EINVAL), and nothing else
+ * changes a task's cred->user_ns.  So the leader's ns/user link answers for every thread
+ * (even a zombie leader's: it keeps its credentials until reaped), and no task directory
+ * is listed.  *threads counts the processes found (their threads are not listed). */
+static int scan_userns_at(const char *root, struct ns_arg *a, int *procs, int *threads)
+{
+    DIR *proc = opendir(root);
+    if (!proc)
+        return -errno;
+    int err = 0;
+    struct dirent *de;
+    char path[300];
+    while ((de = next_pid(proc, &err)) != NULL) {
+        snprintf(path, sizeof path, "%s", de->d_name);
+        int r = task_in_ns(dirfd(proc), path, a); /* "PID/ns/user" from /proc */
+        if (r < 0) {
+            err = r;
+            break;
+        }
+        *procs += r;
+    }
+    closedir(proc);
+    *threads = *procs;
+    return err;
+}
+
 int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
                    unsigned name_mask, int *procs, int *threads)
 {
@@ -204,7 +282,9 @@ int nrx_scan_ns_at(const char *root, const uint64_t *inodes, size_t ninodes,
     *procs = 0;
     if (ninodes == 0)
         return 0;
-    int r = for_each_task_at(root, task_in_ns, &a, threads, NULL);
+    if (name_mask == 1u) /* the user namespace alone: one link per process */
+        return scan_userns_at(root, &a, procs, threads);
+    int r = for_each_task_at(root, task_in_ns, &a, threads);
     if (r < 0)
         return r;
     *procs = r;
@@ -268,75 +348,13 @@ int nrx_scan_ids_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
                     const uint64_t *gid_ranges, size_t ngid)
 {
     struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
-    return for_each_task_at(root, task_has_ids, &a, NULL, NULL);
+    return for_each_task_at(root, task_has_ids, &a, NULL);
 }
 
 int nrx_scan_ids(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
                  size_t ngid)
 {
     return nrx_scan_ids_at("/proc", uid_ranges, nuid, gid_ranges, ngid);
-}
-
-struct both_arg {
-    struct ids_arg ids;
-    struct ns_arg ns;
-    int ids_procs, ns_procs, ns_threads;
-    int ids_hit, ns_hit; /* per process being walked */
-};
-
-static int task_both(int taskfd, const char *tid, void *p)
-{
-    struct both_arg *a = p;
-    int r = task_has_ids(taskfd, tid, &a->ids);
-    if (r < 0)
-        return r;
-    if (r)
-        a->ids_hit = 1;
-    if (a->ns.n) {
-        r = task_in_ns(taskfd, tid, &a->ns);
-        if (r < 0)
-            return r;
-        if (r) {
-            a->ns_hit = 1;
-            a->ns_threads++;
-        }
-    }
-    return 0;
-}
-
-static void end_process(void *p)
-{
-    struct both_arg *a = p;
-    a->ids_procs += a->ids_hit;
-    a->ns_procs += a->ns_hit;
-    a->ids_hit = a->ns_hit = 0;
-}
-
-int nrx_scan_ids_ns_at(const char *root, const uint64_t *uid_ranges, size_t nuid,
-                       const uint64_t *gid_ranges, size_t ngid, const uint64_t *inodes,
-                       size_t ninodes, unsigned name_mask, int *ids_procs, int *ns_procs,
-                       int *ns_threads)
-{
-    struct both_arg a;
-    memset(&a, 0, sizeof a);
-    a.ids = (struct ids_arg){uid_ranges, gid_ranges, nuid, ngid};
-    a.ns = (struct ns_arg){inodes, ninodes, name_mask};
-    *ids_procs = *ns_procs = *ns_threads = 0;
-    int r = for_each_task_at(root, task_both, &a, NULL, end_process);
-    if (r < 0)
-        return r;
-    *ids_procs = a.ids_procs;
-    *ns_procs = a.ns_procs;
-    *ns_threads = a.ns_threads;
-    return 0;
-}
-
-int nrx_scan_ids_ns(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
-                    size_t ngid, const uint64_t *inodes, size_t ninodes, unsigned name_mask,
-                    int *ids_procs, int *ns_procs, int *ns_threads)
-{
-    return nrx_scan_ids_ns_at("/proc", uid_ranges, nuid, gid_ranges, ngid, inodes, ninodes,
-                              name_mask, ids_procs, ns_procs, ns_threads);
 }
 
 /* ---- mounts of a superblock in every mount namespace (step 6) ------------------------ */
@@ -517,4 +535,241 @@ int nrx_count_mounts_at(const char *root, const char *dev, const uint64_t *pinne
     free(buf);
     *mnt_ns = (int)nseen;
     return err;
+}
+
+/* ---- kernel facts that answer without a walk (steps 5 and 6) -------------------------- */
+
+/* An nsfs file handle (Linux 6.18: a namespace's unique 64-bit id, its type and inode)
+ * of the namespace `nsfd` is open on, as [handle_type u32][handle_bytes u32][bytes]. */
+int nrx_ns_handle(int nsfd, unsigned char *out, size_t cap)
+{
+    struct {
+        struct file_handle fh;
+        unsigned char room[128];
+    } h;
+    int mnt;
+    h.fh.handle_bytes = sizeof h.room;
+    if (name_to_handle_at(nsfd, "", &h.fh, &mnt, AT_EMPTY_PATH) < 0)
+        return -errno;
+    size_t need = 8 + h.fh.handle_bytes;
+    if (need > cap)
+        return -ENOSPC;
+    memcpy(out, &h.fh.handle_type, 4);
+    memcpy(out + 4, &h.fh.handle_bytes, 4);
+    memcpy(out + 8, h.fh.f_handle, h.fh.handle_bytes);
+    return (int)need;
+}
+
+/* Opens the namespace a handle of nrx_ns_handle names: an fd (a new pin on it), or
+ * -errno.  -ESTALE is the kernel's answer that the namespace no longer exists (no task,
+ * open fd or bind mount holds it); its id is never reused, unlike its inode number. */
+int nrx_ns_open(const unsigned char *handle, size_t len)
+{
+    struct {
+        struct file_handle fh;
+        unsigned char room[128];
+    } h;
+    if (len < 8 || len - 8 > sizeof h.room)
+        return -EINVAL;
+    memcpy(&h.fh.handle_type, handle, 4);
+    memcpy(&h.fh.handle_bytes, handle + 4, 4);
+    if (h.fh.handle_bytes != len - 8)
+        return -EINVAL;
+    memcpy(h.fh.f_handle, handle + 8, len - 8);
+    int nsfs = open("/proc/self/ns/uts", O_RDONLY | O_CLOEXEC); /* any fd on nsfs */
+    if (nsfs < 0)
+        return -errno;
+    int fd = open_by_handle_at(nsfs, &h.fh, O_RDONLY | O_CLOEXEC);
+    int e = errno;
+    close(nsfs);
+    return fd < 0 ? -e : fd;
+}
+
+/* An inotify fd watching the root inode of the filesystem `fd` is open on.  The kernel
+ * queues IN_UNMOUNT on it when the superblock is shut down, which happens only once no
+ * mount of it is left anywhere (every mount, attached or detached, in any mount
+ * namespace, holds an active reference on the superblock; so does every open file). */
+int nrx_sb_watch(int fd)
+{
+    char path[64];
+    int ifd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (ifd < 0)
+        return -errno;
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    if (inotify_add_watch(ifd, path, IN_DELETE_SELF) < 0) {
+        int e = errno;
+        close(ifd);
+        return -e;
+    }
+    return ifd;
+}
+
+/* 1 when the watch of nrx_sb_watch has received IN_UNMOUNT (the superblock was shut
+ * down), 0 when not (yet), or -errno. */
+int nrx_sb_released(int ifd)
+{
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    int seen = 0;
+    for (;;) {
+        ssize_t n = read(ifd, buf, sizeof buf);
+        if (n < 0)
+            return errno == EAGAIN ? seen : -errno;
+        if (n == 0)
+            return seen;
+        for (char *p = buf; p < buf + n;) {
+            struct inotify_event *ev = (struct inotify_event *)p;
+            if (ev->mask & IN_UNMOUNT)
+                seen = 1;
+            p += sizeof *ev + ev->len;
+        }
+    }
+}
+
+/* PIDFD_GET_INFO (Linux 6.13): the credentials of the task a pidfd names, not munged
+ * by dumpability as /proc's owner is; with PIDFD_THREAD (6.9) the thread's own. */
+struct nrx_pidfd_info {
+    uint64_t mask, cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    int32_t exit_code;
+    uint32_t coredump_mask, spare;
+};
+#define NRX_PIDFD_GET_INFO _IOWR(0xFF, 11, struct nrx_pidfd_info)
+#define NRX_PIDFD_INFO_CREDS 2u
+#define NRX_PIDFD_THREAD O_EXCL
+
+static int in_ranges(uint64_t id, const uint64_t *r, size_t n)
+{
+    for (size_t j = 0; j + 1 < n; j += 2)
+        if (r[j] <= id && id < r[j + 1])
+            return 1;
+    return 0;
+}
+
+/* one task's real/effective/saved/fs uid and gid through a thread pidfd: 1 when one is in
+ * a range, 0 when not or the task is gone, -errno */
+static int task_ids_pidfd(int taskfd, const char *tid, void *p)
+{
+    (void)taskfd;
+    struct ids_arg *a = p;
+    int fd = (int)syscall(SYS_pidfd_open, atoi(tid), NRX_PIDFD_THREAD);
+    if (fd < 0)
+        return gone(errno) ? 0 : -errno;
+    struct nrx_pidfd_info i;
+    memset(&i, 0, sizeof i);
+    i.mask = NRX_PIDFD_INFO_CREDS;
+    int r = ioctl(fd, NRX_PIDFD_GET_INFO, &i);
+    int e = errno;
+    close(fd);
+    if (r < 0)
+        return gone(e) ? 0 : -e;
+    if (!(i.mask & NRX_PIDFD_INFO_CREDS))
+        return -EIO;
+    uint64_t u[4] = {i.ruid, i.euid, i.suid, i.fsuid}, g[4] = {i.rgid, i.egid, i.sgid, i.fsgid};
+    for (int k = 0; k < 4; k++)
+        if (in_ranges(u[k], a->u, a->nu) || in_ranges(g[k], a->g, a->ng))
+            return 1;
+    return 0;
+}
+
+/* nrx_scan_ids through pidfds: the same answer (every thread's four uids and gids) for
+ * a fraction of the cost (no /proc/PID/task/TID/status text is generated).  The tids come
+ * from /proc, so /proc must be of this process's PID namespace: -EXDEV when it is not. */
+int nrx_scan_ids_pidfd(const uint64_t *uid_ranges, size_t nuid, const uint64_t *gid_ranges,
+                       size_t ngid)
+{
+    char self[32];
+    ssize_t n = readlink("/proc/self", self, sizeof self - 1);
+    if (n <= 0)
+        return n < 0 ? -errno : -EIO;
+    self[n] = 0;
+    if (atoi(self) != getpid())
+        return -EXDEV;
+    struct ids_arg a = {uid_ranges, gid_ranges, nuid, ngid};
+    return for_each_task_at("/proc", task_ids_pidfd, &a, NULL);
+}
+
+/* ---- the caller's own mount table without mountinfo text (step 2) -------------------- */
+
+#include <sys/statfs.h>
+
+#ifndef SYS_statmount
+#define SYS_statmount 457
+#endif
+#ifndef SYS_listmount
+#define SYS_listmount 458
+#endif
+
+struct nrx_mnt_id_req {
+    uint32_t size, spare;
+    uint64_t mnt_id, param;
+};
+#define NRX_LSMT_ROOT 0xffffffffffffffffULL
+#define NRX_STATMOUNT_SB_BASIC 0x1ULL
+
+/* Mounts in the caller's mount namespace whose superblock is dev major:minor, read
+ * through listmount(2) + statmount(2) (Linux 6.8): the same mount table mountinfo
+ * prints, without generating and parsing a text line per mount (a node's mount table
+ * holds every live session's view).  Returns the count or -errno (-ENOSYS: older
+ * kernel; a mount that goes away meanwhile, ENOENT, is not counted). */
+int nrx_own_mounts_of_dev(unsigned major, unsigned minor)
+{
+    uint64_t ids[512];
+    uint64_t buf[128]; /* struct statmount, 8-aligned */
+    struct nrx_mnt_id_req req;
+    int count = 0;
+    uint64_t last = 0;
+    for (;;) {
+        memset(&req, 0, sizeof req);
+        req.size = sizeof req;
+        req.mnt_id = NRX_LSMT_ROOT;
+        req.param = last;
+        long n = syscall(SYS_listmount, &req, ids, 512, 0);
+        if (n < 0)
+            return -errno;
+        for (long i = 0; i < n; i++) {
+            memset(&req, 0, sizeof req);
+            req.size = sizeof req;
+            req.mnt_id = ids[i];
+            req.param = NRX_STATMOUNT_SB_BASIC;
+            if (syscall(SYS_statmount, &req, buf, sizeof buf, 0) < 0) {
+                if (errno == ENOENT)
+                    continue;
+                return -errno;
+            }
+            const unsigned char *b = (const unsigned char *)buf;
+            uint64_t mask;
+            uint32_t maj, min;
+            memcpy(&mask, b + 8, 8);
+            memcpy(&maj, b + 16, 4);
+            memcpy(&min, b + 20, 4);
+            if (!(mask & NRX_STATMOUNT_SB_BASIC))
+                return -EIO;
+            count += maj == major && min == minor;
+        }
+        if (n < 512)
+            return count;
+        last = ids[n - 1];
+    }
+}
+
+/* f_type of the filesystem `fd` is on (fstatfs), or -errno */
+long long nrx_fs_magic(int fd)
+{
+    struct statfs s;
+    if (fstatfs(fd, &s) < 0)
+        return -errno;
+    return (long long)(unsigned long)s.f_type;
+}
+
+/* 1 when `path` (not following a final symlink) is the root of a mount in the caller's
+ * view (statx STATX_ATTR_MOUNT_ROOT, Linux 5.8), 0 when not, or -errno (-EOPNOTSUPP:
+ * the kernel does not report the attribute) */
+int nrx_is_mount_root(const char *path)
+{
+    struct statx stx;
+    if (statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, STATX_TYPE, &stx) < 0)
+        return -errno;
+    if (!(stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT))
+        return -EOPNOTSUPP;
+    return (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
 }
