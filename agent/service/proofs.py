@@ -3,6 +3,8 @@ AuditProof rendition, and spooled durably.  The only place that builds proof doc
 
 from __future__ import annotations
 
+import functools
+
 import structlog
 import trio
 
@@ -18,6 +20,15 @@ from agent.service.spool import Spool
 __all__ = ["ProofWriter", "sign_cdp"]
 
 _log = structlog.get_logger("nanorix-agent.proofs")
+
+
+@functools.lru_cache(maxsize=64)
+def _regulatory(classification: str, jurisdiction: str) -> dict:
+    """regulatory_context() per (class, jurisdiction), built once: the data file is read
+    once per process, and encoded_destroy_result serialises the context into every result
+    and hands out a copy read back from those bytes, so this one is never shared.  At
+    most 5 classes x 7 jurisdictions (agent/config.py)."""
+    return regulatory_context(classification, jurisdiction)
 
 
 def sign_cdp(outcome: DestroyOutcome, signer) -> dict:
@@ -54,7 +65,7 @@ class ProofWriter:
         return encoded_destroy_result(
             signer=signer, session_id=record.session_id, status=outcome.status,
             reason=outcome.reason, cdp=cdp, auditproof=auditproof,
-            regulatory_context=regulatory_context(record.classification, record.jurisdiction),
+            regulatory_context=_regulatory(record.classification, record.jurisdiction),
             session_context={"jurisdiction": record.jurisdiction,
                              "data_classification": record.classification})
 
