@@ -98,6 +98,7 @@ def test_proof_from_sealed_encodings_is_the_same_proof():
     result, data = encoded_destroy_result(**parts)
     assert data == canonical_json(result)
     assert json.dumps(result) == json.dumps(normalize(destroy_result(**parts)))
+    assert list(result) == sorted(result) and list(result["cdp"]) == sorted(result["cdp"])
     assert verify(result["cdp"])["valid"] is True
 
 
@@ -108,3 +109,16 @@ def test_encodings_must_match_the_evidence_count():
         build_chain(ev, [canonical_json(e) for e in ev[:7]])
     with pytest.raises(ValueError):
         chain_512(ev, "2026-03-01T14:30:00Z", [canonical_json(e) for e in ev[:7]])
+
+
+def test_canonical_pair_is_normalize_and_canonical_json():
+    """canonical_pair gives normalize()'s value (same key order) and canonical_json's bytes,
+    on plain values and on the ones that need the UTF-16 order or plain types first."""
+    for value in ({"b": [1, (2, 3)], "a": {"z": None, "é": True}},
+                  {"\ue000": 1, "\U0001f600": {"y": 1, "x": 2}},
+                  {"n": Level.HIGH, "s": Tag("t")}):
+        norm, data = canonical.canonical_pair(value)
+        assert json.dumps(norm) == json.dumps(normalize(value))
+        assert data == canonical_json(value)
+    with pytest.raises(CanonicalError):
+        canonical.canonical_pair({"a": 0.5})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["CanonicalError", "canonical_json", "normalize"]
+__all__ = ["CanonicalError", "canonical_json", "canonical_pair", "normalize"]
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
                             check_circular=False)
@@ -91,15 +91,43 @@ def _check(obj: object, depth: int = 0) -> bool:
     raise CanonicalError(f"type {type(obj).__name__} not allowed in canonical JSON")
 
 
+def _ordered(obj: object) -> object:
+    """A copy of a checked value (see _check) with dict keys in code-point order, sharing
+    every str and int with `obj` (nothing but the containers is new)."""
+    t = type(obj)
+    if t is dict:
+        return {k: _ordered(obj[k]) for k in sorted(obj)}  # type: ignore[index]
+    if t is list or t is tuple:
+        return [_ordered(v) for v in obj]  # type: ignore[attr-defined]
+    return obj
+
+
+def canonical_pair(obj: object) -> tuple[object, bytes]:
+    """(normalize(obj), canonical_json(obj)) with one check of the value: a proof is kept
+    as a dict in canonical key order (the order the spool stores and `proof.get` answers)
+    and stored as its canonical JSON."""
+    try:
+        if _check(obj):
+            norm = normalize(obj)
+            return norm, _encode(_ENCODER, norm)
+        return _ordered(obj), _encode(_SORTED, obj)
+    except RecursionError:
+        raise CanonicalError("nesting deeper than 512 levels") from None
+
+
 def canonical_json(obj: object) -> bytes:
     """UTF-8 bytes of `obj` as canonical JSON; raises CanonicalError on disallowed values."""
     try:
         if _check(obj):
-            text = _ENCODER.encode(normalize(obj))
-        else:
-            text = _SORTED.encode(obj)
+            return _encode(_ENCODER, normalize(obj))
+        return _encode(_SORTED, obj)
     except RecursionError:
         raise CanonicalError("nesting deeper than 512 levels") from None
+
+
+def _encode(encoder: json.JSONEncoder, obj: object) -> bytes:
+    try:
+        text = encoder.encode(obj)
     except ValueError as e:  # e.g. an int beyond the interpreter's int->str digit limit
         if isinstance(e, CanonicalError):
             raise

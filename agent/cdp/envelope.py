@@ -25,13 +25,12 @@ CDP's step 8 evidence when it is present.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.cdp.canonical import canonical_json
+from agent.cdp.canonical import canonical_json, canonical_pair
 from agent.cdp.checks import Fail, Unverifiable, decode_b64
 from agent.cdp.document import Signer, add_binding, b64
 
@@ -80,9 +79,10 @@ def destroy_result(*, signer: Signer, session_id: str, status: str, reason: str,
 def encoded_destroy_result(*, signer: Signer, session_id: str, status: str, reason: str,
                            cdp: dict, auditproof: dict | None, regulatory_context: object,
                            session_context: dict) -> tuple[dict, bytes]:
-    """destroy_result() and its canonical JSON, the bytes the spool stores: the result is
-    serialised once and read back (json.loads keeps the canonical key order), instead of
-    being copied to sort it and serialised again for the spool."""
+    """destroy_result() and its canonical JSON, the bytes the spool stores: the value is
+    checked once, copied once in canonical key order (sharing its strings: a live
+    session keeps its result) and serialised once, instead of being normalised and then
+    serialised again by the spool."""
     cdp = add_binding(cdp, signer)
     result = {"session_id": session_id, "status": status, "reason": reason, "cdp": cdp,
               "auditproof": auditproof, "regulatory_context": regulatory_context,
@@ -91,8 +91,9 @@ def encoded_destroy_result(*, signer: Signer, session_id: str, status: str, reas
            "auditproof_sha256": part_hash(auditproof)}
     env["signature"] = b64(bytes(signer.sign(envelope_message(result, env))))
     result["envelope"] = env
-    data = canonical_json(result)
-    return json.loads(data), data
+    out, data = canonical_pair(result)
+    assert isinstance(out, dict)
+    return out, data
 
 
 def _cross_check(doc: Mapping) -> None:
