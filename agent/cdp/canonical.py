@@ -94,11 +94,10 @@ def _check(obj: object, depth: int = 0) -> bool:
 def _ordered(obj: object) -> object:
     """A copy of a checked value (see _check) with dict keys in code-point order, sharing
     every str and int with `obj` (nothing but the containers is new)."""
-    t = type(obj)
-    if t is dict:
-        return {k: _ordered(obj[k]) for k in sorted(obj)}  # type: ignore[index]
-    if t is list or t is tuple:
-        return [_ordered(v) for v in obj]  # type: ignore[attr-defined]
+    if isinstance(obj, dict):  # exact types only, once _check passed
+        return {k: _ordered(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_ordered(v) for v in obj]
     return obj
 
 
