@@ -134,6 +134,6 @@ class DestroyOutcome:
     teardown_ok: bool = True            # the final best-effort teardown raised nothing
     duration_us: int = 0
     # the evidence objects in canonical JSON as the pipeline sealed them (the proof's
-    # chains hash these bytes instead of serialising the evidence again); None when the
-    # evidence crossed a process boundary (a destroy worker) and was not encoded here
+    # chains hash these bytes instead of serialising the evidence again; a destroy worker
+    # sends its own); None when not one per object (the proof then serialises them)
     evidence_json: list[bytes] | None = None

@@ -25,9 +25,9 @@ _log = structlog.get_logger("nanorix-agent.proofs")
 @functools.lru_cache(maxsize=64)
 def _regulatory(classification: str, jurisdiction: str) -> dict:
     """regulatory_context() per (class, jurisdiction), built once: the data file is read
-    once per process, and encoded_destroy_result serialises the context into every result
-    and hands out a copy read back from those bytes, so this one is never shared.  At
-    most 5 classes x 7 jurisdictions (agent/config.py)."""
+    once per process, and encoded_destroy_result puts a copy of it (new containers, the
+    same strings) into every result, so this one is never handed out.  At most 5
+    classes x 7 jurisdictions (agent/config.py)."""
     return regulatory_context(classification, jurisdiction)
 
 
