@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def main() -> int:
         return 2
     ident = peers.RunIdentity(benchrun.RUN_SPAN)
     with tempfile.TemporaryDirectory(prefix="nrx-profile-") as td:
-        d = benchrun.Daemon(Path(td), ident)
+        d = benchrun.Daemon(Path(td), ident=ident)
         try:
             c = benchrun.Client(d.sock)
             idle = [benchrun.create(c, customer=f"idle-{i % 50}") for i in range(args.idle)]
@@ -99,7 +100,7 @@ def main() -> int:
                         done[0] += 1
                 cc.close()
 
-            raw = Path(td) / "pyspy.txt"
+            raw = Path(os.environ.get("NRX_PYSPY_RAW") or Path(td) / "pyspy.txt")
             rec = subprocess.Popen([spy, "record", "-p", str(d.proc.pid), "-d", str(args.seconds),
                                     "-r", "250", "--threads", "--nonblocking", "--format", "raw",
                                     "-o", str(raw)],

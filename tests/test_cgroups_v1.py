@@ -18,6 +18,7 @@ from suite import cgroup_prefix
 
 from agent.config import Config
 from agent.sandbox.cgroups import CgroupBusy, CgroupLimits, detect, detect_mode
+from agent.sandbox.cgroups.base import CgroupHandle
 from agent.sandbox.cgroups.v1 import V1Driver
 
 MiB = 1 << 20
@@ -304,3 +305,42 @@ def test_driver_under_a_service_cgroup_nests_session_dirs_in_it():
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+def _charge_page_cache_and_exit(h, tmp_path: Path) -> None:
+    """A child in the cgroup writes 8 MiB of page cache to a file on disk and exits: the
+    empty cgroup keeps that cache (and per-CPU charge stocks) charged to it."""
+    target = tmp_path / "cache.bin"
+    p = _waiting_child(f"open({str(target)!r}, 'wb').write(b'y' * (8 << 20))")
+    h.attach(p.pid)
+    _go(p)
+    p.wait(timeout=10)
+    assert h.wait_empty(2)
+    assert h.memory_after()[0] >= 8 * MiB
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_reclaim_rounds_release_an_empty_cgroups_page_cache(driver, tmp_path, native):
+    """reclaim_rounds (one native call on v1, the Python loop as fallback) asks the kernel
+    to release the cache an exited process left charged and reports the counters it read."""
+    h = driver.create("rel-n" if native else "rel-p", CgroupLimits(256 * MiB, 32, 100))
+    try:
+        _charge_page_cache_and_exit(h, tmp_path)
+        if native:
+            n, user, kernel = h.reclaim_rounds(3)
+        else:
+            n, user, kernel = CgroupHandle.reclaim_rounds(h, 3)
+        assert 1 <= n <= 3 and user == 0
+        assert (user, kernel) == h.memory_after() or h.memory_after()[0] == 0
+        assert h.reclaim_rounds(3) == (0, 0, h.memory_after()[1])  # nothing left: no request
+    finally:
+        h.remove()
+
+
+def test_reclaim_rounds_fall_back_when_the_counters_are_gone(driver, tmp_path):
+    """With the memory directory unreadable to the native call (removed under it), the
+    handle falls back to the Python loop, whose OSError reaches the caller."""
+    h = driver.create("rel-gone", CgroupLimits(64 * MiB, 16, 50))
+    h.remove()
+    with pytest.raises(OSError):
+        h.reclaim_rounds(3)

@@ -764,3 +764,29 @@ async def test_oom_fallback_to_the_kernel_is_reported_not_hidden(engine):
     ev3 = out.evidence[2]
     assert ev3["oom_kernel_fallback"] is True and ev3["kernel_oom_kills"] >= 1
     assert ev3["ok"] is False and out.status == "expired_unclean", bad(out)
+
+
+async def test_proof_chain_hashes_the_evidence_as_each_step_sealed_it(engine):
+    """Each step's evidence is serialised once, when it is sealed: the outcome carries those
+    bytes, the CDP built from them verifies, and evidence changed after its step ended
+    (here by a test hook) no longer matches its hash in the proof, where step 7 also
+    reports it; the proof never re-hashes what changed as if it had been sealed."""
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    out = await run_pipeline(make_ctx(sb))
+    assert out.status == "destroyed", bad(out)
+    assert out.evidence_json == [canonical_json(ev) for ev in out.evidence]
+    assert verify_cdp(sign_cdp(out, signer()))["valid"] is True
+
+    seen: dict[int, dict] = {}
+
+    async def after_step(n, ev):
+        seen[n] = ev
+        if n == 6:  # steps 1-6 are sealed; step 7 re-checks them next
+            seen[2]["files"] = -1
+
+    sb2 = await engine.create(new_id(), tier="free", classification="general")
+    out2 = await run_pipeline(make_ctx(sb2, hooks=DestroyHooks(after_step=after_step)))
+    assert out2.evidence[1]["files"] == -1
+    assert out2.evidence[6]["ok"] is False and out2.evidence[6]["steps_verified"] == 1
+    res = verify_cdp(sign_cdp(out2, signer()))
+    assert res["valid"] is False and res["checks"]["evidence"] is False, res

@@ -26,6 +26,37 @@ async def test_failed_setup_inside_undoes_everything(engine):
     assert list((engine.runtime_dir / "sessions").iterdir()) == []
 
 
+async def test_create_runs_its_prelude_first_and_makes_nothing_when_it_fails(engine):
+    """create()'s prelude (the proof reservation) runs before any piece of the sandbox
+    exists, in the cgroups' worker thread; when it raises, that error ends the create and
+    no slot, cgroup, mount point or process is left."""
+    seen = {}
+    sessions = engine.runtime_dir / "sessions"
+
+    class Refused(Exception):
+        pass
+
+    def prelude():
+        seen["cgroups"] = engine.cgroups.leftovers()
+        seen["sessions"] = list(sessions.iterdir()) if sessions.exists() else []
+        raise Refused("no room")
+
+    with pytest.raises(Refused):
+        await engine.create(fx.new_session_id(), tier="tiny", classification="general",
+                            prelude=prelude)
+    assert seen == {"cgroups": [], "sessions": []}
+    assert not engine.slots.in_use() and not engine.live
+    assert engine.cgroups.leftovers() == []
+    assert not sessions.exists() or list(sessions.iterdir()) == []
+    ran = []
+    sb = await engine.create(fx.new_session_id(), tier="tiny", classification="general",
+                             prelude=lambda: ran.append(engine.cgroups.leftovers()))
+    try:
+        assert ran == [[]] and engine.cgroups.leftovers() == [sb.session_id]
+    finally:
+        await sb.teardown()
+
+
 async def test_cancelled_create_undoes_everything(engine):
     """Cancelling create() at any point leaves nothing behind (checked at several delays)."""
     for delay in (0, 0.0005, 0.001, 0.002, 0.004):

@@ -85,23 +85,33 @@ def evidence_hash_512(evidence: object) -> str:
     return PREFIX + hashlib.sha512(canonical_json(evidence)).hexdigest()
 
 
+def _hash_512(encoded: bytes) -> str:
+    return PREFIX + hashlib.sha512(encoded).hexdigest()
+
+
 def _step_512(prev_hex: str, subsystem: str, method: str, destroyed_at: str) -> str:
     msg = b"\x00".join(s.encode("utf-8") for s in (prev_hex, subsystem, "destroy", method,
                                                     destroyed_at))
     return hashlib.sha512(msg).hexdigest()
 
 
-def chain_512(evidence: Sequence[object], destroyed_at: str) -> tuple[list[dict], str]:
-    """The 8 rendition chain entries and `final_hash` for our 8 evidence objects."""
+def chain_512(evidence: Sequence[object], destroyed_at: str,
+              encoded: Sequence[bytes] | None = None) -> tuple[list[dict], str]:
+    """The 8 rendition chain entries and `final_hash` for our 8 evidence objects
+    (`encoded`: the same already in canonical JSON, as for chain.build_chain)."""
     if len(evidence) != len(STEPS_21):
         raise ValueError(f"expected {len(STEPS_21)} evidence objects, got {len(evidence)}")
+    if encoded is None:
+        encoded = [canonical_json(ev) for ev in evidence]
+    elif len(encoded) != len(evidence):
+        raise ValueError("one canonical encoding per evidence object")
     prev = GENESIS_512
     out = []
-    for (step, _sub, operation), (subsystem, method), ev in zip(STEPS, STEPS_21, evidence,
-                                                                strict=True):
+    for (step, _sub, operation), (subsystem, method), data in zip(STEPS, STEPS_21, encoded,
+                                                                  strict=True):
         prev = _step_512(prev, subsystem, method, destroyed_at)
         out.append({"step": step, "subsystem": subsystem, "operation": operation,
-                    "evidence_hash": evidence_hash_512(ev), "chain_hash": PREFIX + prev})
+                    "evidence_hash": _hash_512(data), "chain_hash": PREFIX + prev})
     return out, PREFIX + prev
 
 
@@ -160,9 +170,11 @@ def build_auditproof(*, signer: Signer, customer_id: str, jurisdiction: str,
                      region: str | None = None, cdp_v1: Mapping | None = None,
                      evidence: Sequence[dict] | None = None, session_id: str | None = None,
                      created_at: str | None = None, destroyed_at: str | None = None,
-                     include_evidence: bool = True) -> dict:
+                     include_evidence: bool = True,
+                     encoded: Sequence[bytes] | None = None) -> dict:
     """A signed AuditProof 2.1 rendition, from a v1.0 CDP (`cdp_v1`, evidence included)
-    or from `evidence` + `session_id` + `created_at` + `destroyed_at`."""
+    or from `evidence` + `session_id` + `created_at` + `destroyed_at`.  `encoded`: the
+    evidence already in canonical JSON (chain_512)."""
     if cdp_v1 is not None:
         evidence = cdp_v1["evidence"] if evidence is None else evidence
         session_id = session_id or cdp_v1["session_id"]
@@ -174,7 +186,7 @@ def build_auditproof(*, signer: Signer, customer_id: str, jurisdiction: str,
     if type(signing_key_version) is not int or signing_key_version < 0:
         raise ValueError("signing_key_version must be a non-negative int")
     evidence = list(evidence)
-    chain, final_hash = chain_512(evidence, destroyed_at)
+    chain, final_hash = chain_512(evidence, destroyed_at, encoded)
     state = destruction_state(evidence)
     doc: dict = {
         "cdp_version": AUDITPROOF_VERSION,

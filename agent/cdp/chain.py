@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from agent.cdp.canonical import canonical_json
 
 __all__ = ["GENESIS", "PREFIX", "STEPS", "build_chain", "chain_step", "evidence_hash",
-           "signed_message"]
+           "hash_encoded", "signed_message"]
 
 PREFIX = "sha256:"
 GENESIS = hashlib.sha256(b"").hexdigest()
@@ -29,7 +29,13 @@ STEPS: tuple[tuple[int, str, str], ...] = (
 
 def evidence_hash(evidence: object) -> str:
     """`sha256:` + hex SHA-256 of the canonical JSON of one evidence object."""
-    return PREFIX + hashlib.sha256(canonical_json(evidence)).hexdigest()
+    return hash_encoded(canonical_json(evidence))
+
+
+def hash_encoded(encoded: bytes) -> str:
+    """`evidence_hash` of an evidence object already in canonical JSON (the pipeline
+    encodes each step's evidence once, when the step is sealed)."""
+    return PREFIX + hashlib.sha256(encoded).hexdigest()
 
 
 def chain_step(prev_hex: str, step: int, subsystem: str, operation: str,
@@ -41,14 +47,21 @@ def chain_step(prev_hex: str, step: int, subsystem: str, operation: str,
     return hashlib.sha256(msg).hexdigest()
 
 
-def build_chain(evidence: Sequence[object]) -> tuple[list[dict], str]:
-    """The 8 chain entries for the 8 evidence objects (in step order) and `final_hash`."""
+def build_chain(evidence: Sequence[object],
+                encoded: Sequence[bytes] | None = None) -> tuple[list[dict], str]:
+    """The 8 chain entries for the 8 evidence objects (in step order) and `final_hash`.
+    `encoded`: the same objects already in canonical JSON (DestroyOutcome.evidence_json),
+    so they are not serialised again."""
     if len(evidence) != len(STEPS):
         raise ValueError(f"expected {len(STEPS)} evidence objects, got {len(evidence)}")
+    if encoded is None:
+        encoded = [canonical_json(ev) for ev in evidence]
+    elif len(encoded) != len(evidence):
+        raise ValueError("one canonical encoding per evidence object")
     prev = GENESIS
     chain = []
-    for (step, subsystem, operation), ev in zip(STEPS, evidence, strict=True):
-        eh = evidence_hash(ev)
+    for (step, subsystem, operation), data in zip(STEPS, encoded, strict=True):
+        eh = hash_encoded(data)
         prev = chain_step(prev, step, subsystem, operation, eh[len(PREFIX):])
         chain.append({"step": step, "subsystem": subsystem, "operation": operation,
                       "evidence_hash": eh, "chain_hash": PREFIX + prev})

@@ -50,10 +50,12 @@ def destruction_state(evidence: Sequence[object]) -> str:
 
 
 def build_cdp(*, session_id: str, created_at: str, destroyed_at: str,
-              evidence: Sequence[dict], signer: Signer) -> dict:
-    """A signed CDP v1.0 for the 8 evidence objects; raises CanonicalError on a float."""
+              evidence: Sequence[dict], signer: Signer,
+              encoded: Sequence[bytes] | None = None) -> dict:
+    """A signed CDP v1.0 for the 8 evidence objects; raises CanonicalError on a float.
+    `encoded`: the evidence objects already in canonical JSON (chain.build_chain)."""
     evidence = list(evidence)
-    chain, final_hash = build_chain(evidence)
+    chain, final_hash = build_chain(evidence, encoded)
     signature = signer.sign(signed_message(final_hash))
     if len(signature) != 64:
         raise ValueError("signer returned a signature that is not 64 bytes")

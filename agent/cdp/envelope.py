@@ -30,11 +30,12 @@ from collections.abc import Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.cdp.canonical import canonical_json, normalize
+from agent.cdp.canonical import canonical_json, canonical_pair
 from agent.cdp.checks import Fail, Unverifiable, decode_b64
 from agent.cdp.document import Signer, add_binding, b64
 
-__all__ = ["ENVELOPE_PURPOSE", "RESULT_FIELDS", "check_envelope", "destroy_result"]
+__all__ = ["ENVELOPE_PURPOSE", "RESULT_FIELDS", "check_envelope", "destroy_result",
+           "encoded_destroy_result"]
 
 ENVELOPE_PURPOSE = "nanorix-agent/destroy-result/1"
 RESULT_FIELDS = ("session_id", "status", "reason", "cdp", "auditproof", "regulatory_context",
@@ -69,6 +70,19 @@ def destroy_result(*, signer: Signer, session_id: str, status: str, reason: str,
     """The signed destroy result: the CDP gets its `binding_signature`, the whole gets its
     `envelope`; keys in canonical order, the order the spool stores and `proof.get`
     answers, so both send the same bytes."""
+    return encoded_destroy_result(
+        signer=signer, session_id=session_id, status=status, reason=reason, cdp=cdp,
+        auditproof=auditproof, regulatory_context=regulatory_context,
+        session_context=session_context)[0]
+
+
+def encoded_destroy_result(*, signer: Signer, session_id: str, status: str, reason: str,
+                           cdp: dict, auditproof: dict | None, regulatory_context: object,
+                           session_context: dict) -> tuple[dict, bytes]:
+    """destroy_result() and its canonical JSON, the bytes the spool stores: the value is
+    checked once, copied once in canonical key order (sharing its strings: a live
+    session keeps its result) and serialised once, instead of being normalised and then
+    serialised again by the spool."""
     cdp = add_binding(cdp, signer)
     result = {"session_id": session_id, "status": status, "reason": reason, "cdp": cdp,
               "auditproof": auditproof, "regulatory_context": regulatory_context,
@@ -77,9 +91,9 @@ def destroy_result(*, signer: Signer, session_id: str, status: str, reason: str,
            "auditproof_sha256": part_hash(auditproof)}
     env["signature"] = b64(bytes(signer.sign(envelope_message(result, env))))
     result["envelope"] = env
-    out = normalize(result)
+    out, data = canonical_pair(result)
     assert isinstance(out, dict)
-    return out
+    return out, data
 
 
 def _cross_check(doc: Mapping) -> None:

@@ -120,6 +120,8 @@ class DestroyState:
     cgroup_paths: list[str] = field(default_factory=list)
     chain_at_step: dict[int, str] = field(default_factory=dict)  # h_i sealed when step i ended
     evidence: list[dict] = field(default_factory=list)
+    evidence_json: list[bytes] = field(default_factory=list)  # canonical JSON of each
+                                        # evidence object as sealed (serialised once)
     destroy_started: float = 0.0
     destroyed_at: str = ""              # seconds precision, set before step 8
 
@@ -135,3 +137,7 @@ class DestroyOutcome:
     evidence: list[dict]
     teardown_ok: bool = True            # the final best-effort teardown raised nothing
     duration_us: int = 0
+    # the evidence objects in canonical JSON as the pipeline sealed them (the proof's
+    # chains hash these bytes instead of serialising the evidence again; a destroy worker
+    # sends its own); None when not one per object (the proof then serialises them)
+    evidence_json: list[bytes] | None = None

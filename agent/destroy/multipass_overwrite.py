@@ -238,19 +238,6 @@ def _is_session_init(pid: int, st: DestroyState, sb: Sandbox) -> bool:
         return False
 
 
-def _reclaim_rounds(cgroup: CgroupHandle, tries: int) -> tuple[int, int, int]:
-    """Up to `tries` reclaim requests, each followed by a look at the counters, in one
-    worker-thread call; stops at the first look with no user page charged.  Returns
-    (requests, user bytes, kernel bytes)."""
-    user, kernel = memory_after(cgroup)
-    n = 0
-    while user and n < tries:
-        cgroup.reclaim()
-        n += 1
-        user, kernel = memory_after(cgroup)
-    return n, user, kernel
-
-
 async def _release(cgroup: CgroupHandle, timeout: float) -> tuple[int, int, int]:
     """Wait (bounded) until no user page is charged to the empty cgroup, asking the kernel
     to reclaim before each look (clean page cache the session read stays charged
@@ -265,7 +252,7 @@ async def _release(cgroup: CgroupHandle, timeout: float) -> tuple[int, int, int]
         tries = 3
         while True:
             try:
-                n, user, kernel = await trio.to_thread.run_sync(_reclaim_rounds, cgroup, tries)
+                n, user, kernel = await trio.to_thread.run_sync(cgroup.reclaim_rounds, tries)
             except OSError:
                 break
             rounds += n

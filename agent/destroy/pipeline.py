@@ -21,6 +21,7 @@ import trio
 
 from agent import log, timefmt
 from agent.cdp import chain
+from agent.cdp.canonical import canonical_json
 from agent.cdp.document import destruction_state
 from agent.destroy import (
     chain_integrity_seal,
@@ -83,7 +84,9 @@ async def run_pipeline(ctx: DestroyContext) -> DestroyOutcome:
         session_id=ctx.session.session_id, created_at=ctx.session.created_at,
         destroyed_at=st.destroyed_at, reason=ctx.reason, status=status,
         destruction_state=destruction_state(st.evidence), evidence=st.evidence,
-        teardown_ok=teardown_ok, duration_us=(time.perf_counter_ns() - t_start) // 1000)
+        teardown_ok=teardown_ok, duration_us=(time.perf_counter_ns() - t_start) // 1000,
+        evidence_json=(st.evidence_json if len(st.evidence_json) == len(st.evidence)
+                       else None))
     # a warm-pool sandbox never had a session key, so step 4 fails and its status is
     # expired_unclean by design; pool.py judges the other steps and logs an error for them
     expected = out.status != "expired_unclean" or ctx.reason == "pool_retired"
@@ -133,8 +136,10 @@ async def run_steps(ctx: DestroyContext) -> tuple[DestroyState, BaseException | 
             ev["duration_us"] = (time.perf_counter_ns() - t0) // 1000
             ev["completed_at"] = timefmt.iso_micro()
             st.evidence.append(ev)
+            # serialised once: the CDP and AuditProof chains hash these same bytes
+            st.evidence_json.append(canonical_json(ev))
             prev = chain.chain_step(prev, n, subsystem, operation,
-                                    chain.evidence_hash(ev)[len(chain.PREFIX):])
+                                    chain.hash_encoded(st.evidence_json[-1])[len(chain.PREFIX):])
             st.chain_at_step[n] = prev
             # a failed step is a warning (journald priority 4), never info
             (logger.info if ev["ok"] else logger.warning)(

@@ -324,6 +324,12 @@ class DestroyPool:
         st = DestroyState(destroy_started=result["destroy_started"])
         st.destroyed_at = result["destroyed_at"]
         st.evidence = result["evidence"]
+        # the canonical JSON the worker sealed the chain with, so the daemon (which signs)
+        # does not serialise the evidence again; bytes, checked to be one per object
+        enc = result.get("evidence_json")
+        if (isinstance(enc, list) and len(enc) == len(st.evidence)
+                and all(isinstance(b, bytes) for b in enc)):
+            st.evidence_json = enc
         return st
 
     async def _run_in(self, w: _Worker, ctx, owner: _Owner) -> dict:
@@ -658,7 +664,8 @@ async def _run_job(link: _Link, job_id: int, payload: dict, fds: list[int]) -> N
     try:
         st, _ = await run_steps(ctx)
         msg = ["done", job_id, {"evidence": st.evidence, "destroyed_at": st.destroyed_at,
-                                "destroy_started": st.destroy_started}]
+                                "destroy_started": st.destroy_started,
+                                "evidence_json": st.evidence_json}]
     except Exception as e:
         log.get().exception("destroy_worker_job_crashed", session_id=sb.session_id)
         msg = ["fail", job_id, type(e).__name__]

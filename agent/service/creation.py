@@ -29,6 +29,13 @@ __all__ = ["build_session"]
 _log = structlog.get_logger("nanorix-agent.sessions")
 
 
+def _unreservable(svc: Service, session_id: str, e: SpoolUnavailable) -> Unavailable:
+    """The create is refused: its proof could not be reserved (logged, rzl at fault)."""
+    _log.error("spool_reservation_failed", session_id=session_id, error=str(e))
+    svc._health_fault("rzl", str(e))
+    return Unavailable(f"{e}; new sessions are refused until the state directory has room")
+
+
 async def build_session(svc: Service, session_id: str, customer_id: str, tier: str,
                         classification: str, jurisdiction: str, ttl: int,
                         member: Member | None = None) -> Session:
@@ -38,20 +45,27 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
     now = time.time()
     start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
     created_at = iso_seconds(now)
-    # the proof's space and inode first: a session that could not be proven never starts
+    # the proof's space and inode first: a session that could not be proven never starts.
+    # A warm member's was made ahead (no fsync, no thread here); a cold create's is made
+    # in the engine's first worker-thread call, before any piece of the sandbox exists
+    header = {"customer_id": customer_id, "tier": tier, "classification": classification,
+              "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl}
+    prelude = None
     try:
-        await reserve_proof(svc.spool, member, session_id, {
-            "customer_id": customer_id, "tier": tier, "classification": classification,
-            "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl})
+        if member is not None:
+            await reserve_proof(svc.spool, member, session_id, header)
+        else:
+            def prelude() -> None:
+                svc.spool.reserve(session_id, header)
     except SpoolUnavailable as e:
-        _log.error("spool_reservation_failed", session_id=session_id, error=str(e))
-        svc._health_fault("rzl", str(e))
-        raise Unavailable(f"{e}; new sessions are refused until the state directory "
-                          f"has room") from None
+        raise _unreservable(svc, session_id, e) from None
     key = SessionKey.generate(session_id)
     try:
         sandbox = await bind_or_create(svc.pool, member, session_id, tier=tier,
-                                       classification=classification)
+                                       classification=classification, prelude=prelude)
+    except SpoolUnavailable as e:  # the cold reservation (nothing of the sandbox was made)
+        key.zeroize()
+        raise _unreservable(svc, session_id, e) from None
     except SlotsExhausted:  # e.g. a health canary holds a slot
         svc.spool.release(session_id)
         key.zeroize()

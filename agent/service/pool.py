@@ -398,10 +398,11 @@ class WarmPool:
 
 
 async def bind_or_create(pool: WarmPool, member: Member | None, session_id: str, *, tier: str,
-                         classification: str) -> Sandbox:
+                         classification: str, prelude=None) -> Sandbox:
     """The new session's sandbox: the warm `member` bound to it, or a new one (no member;
     or its bind failed, fail closed: it is destroyed through the pipeline first, then the
-    session is built cold under the same id)."""
+    session is built cold under the same id).  `prelude`: SandboxEngine.create's, for a
+    new sandbox only (a member has none)."""
     if member is not None:
         assert member.session_id == session_id
         try:
@@ -410,7 +411,8 @@ async def bind_or_create(pool: WarmPool, member: Member | None, session_id: str,
         except BindFailed as e:
             _log.error("pool_bind_failed", session_id=session_id, error=str(e))
             await pool.retire(member, "bind_failed")
-    return await pool.engine.create(session_id, tier=tier, classification=classification)
+    return await pool.engine.create(session_id, tier=tier, classification=classification,
+                                    prelude=prelude if member is None else None)
 
 
 async def reserve_proof(spool: Spool, member: Member | None, session_id: str,

@@ -219,11 +219,14 @@ class Spool:
         return out
 
     # -- proofs (destroy) --------------------------------------------------------------
-    def put(self, session_id: str, record: dict) -> bool:
-        """Store a proof durably; True when it is in the spool.  On failure the proof is
-        kept in memory and in the fallback directory (served as usual, retried by
-        `retry()`) and False is returned; never raises for an I/O error."""
-        data = _encode(record)
+    def put(self, session_id: str, record: dict, data: bytes | None = None) -> bool:
+        """Store a proof durably; True when it is in the spool.  `data`: the record
+        already serialised (its canonical JSON, ProofWriter.build_encoded), so it is not
+        serialised twice.  On failure the proof is kept in memory and in the fallback
+        directory (served as usual, retried by `retry()`) and False is returned; never
+        raises for an I/O error."""
+        if data is None:
+            data = _encode(record)
         self._path(session_id)  # ValueError for a bad id, before anything is kept
         try:
             self._store(session_id, data)

@@ -185,6 +185,19 @@ class CgroupHandle(abc.ABC):
         """Ask the kernel to drop what the (empty) cgroup still has charged: per-CPU charge
         stocks and reclaimable caches.  True when a request was made."""
 
+    def reclaim_rounds(self, tries: int) -> tuple[int, int, int]:
+        """Up to `tries` reclaim requests, each followed by a look at the counters; stops at
+        the first look with no user byte charged.  Returns (requests, user bytes, kernel
+        bytes) of the last look; OSError when the counters cannot be read.  (v1 does the
+        same in one native call.)"""
+        user, kernel = self.memory_after()
+        n = 0
+        while user and n < tries:
+            self.reclaim()
+            n += 1
+            user, kernel = self.memory_after()
+        return n, user, kernel
+
     @abc.abstractmethod
     def swap_limited(self) -> bool:
         """The cgroup forbids swap (its pages can never be written to a swap device)."""

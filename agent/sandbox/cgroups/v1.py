@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import log
+from agent._native import ffi as _native_ffi
+from agent._native import lib as _native_lib
 
 from .base import (
     CPU_PERIOD_US,
@@ -229,6 +231,15 @@ class V1Handle(CgroupHandle):
     def reclaim(self) -> bool:
         return write_control(self.dirs["memory"] / "memory.force_empty", "0")
 
+    def reclaim_rounds(self, tries: int) -> tuple[int, int, int]:
+        """CgroupHandle.reclaim_rounds in one native call (native/ext/cgmem.c: the same
+        requests and exact page counters, without a Python file open per read); the
+        Python loop (with memory_after's memory.stat fallback) when it cannot read them."""
+        out = _native_ffi.new("int64_t[3]")
+        if _native_lib.nrx_cg_v1_release(os.fsencode(self.dirs["memory"]), tries, out) < 0:
+            return super().reclaim_rounds(tries)
+        return int(out[0]), int(out[1]), int(out[2])
+
     def swap_limited(self) -> bool:
         """memsw limit == memory limit: no byte of the session may go to swap."""
         memsw = self._read_int("memory.memsw.limit_in_bytes")
@@ -432,6 +443,9 @@ class _PartialV1Handle(V1Handle):
 
     def reclaim(self) -> bool:
         return super().reclaim() if "memory" in self.dirs else False
+
+    def reclaim_rounds(self, tries: int) -> tuple[int, int, int]:
+        return super().reclaim_rounds(tries) if "memory" in self.dirs else (0, 0, 0)
 
     def swap_limited(self) -> bool:
         return super().swap_limited() if "memory" in self.dirs else False
