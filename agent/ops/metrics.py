@@ -80,7 +80,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "exec_seconds": ("histogram", "Command execution latency.", ()),
     "destroy_seconds": ("histogram", "Destruction pipeline latency.", ()),
     # gauges, filled from the service at render time
-    "sessions": ("gauge", "Live and ended sessions known to the agent, by status.", ("status",)),
+    "sessions": ("gauge", "Sessions held in memory by status: live ones, and ended ones whose end the journal does not hold yet (ended sessions are counted by destroys_total).", ("status",)),
     "spool_depth": ("gauge", "CDPs spooled and not yet acknowledged.", ()),
     "proofs_not_durable": ("gauge", "Proofs kept only in memory/fallback: the spool could not "
                            "take them (retried).", ()),

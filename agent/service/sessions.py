@@ -77,7 +77,8 @@ class Service:
         self.audit = AuditLog(journal)
         self.proofs = ProofWriter(cfg, key_store, spool)
         self.receipts = Receipts(self.audit)
-        self.sessions: dict[str, Session] = {}  # live and ended-since-start
+        self.sessions: dict[str, Session] = {}  # live, ending, and ended-not-yet-journaled
+        self._unforgotten: set[str] = set()  # ended, kept in memory until journaled (_forget)
         self.admission = Admission(cfg)
         self._reserved = self.admission.reserved  # sid -> (customer, tier) while creating
         self._nursery: trio.Nursery | None = None
@@ -107,6 +108,8 @@ class Service:
     def prune_journal(self) -> int:
         """Forget ended sessions older than node.journal_retention_seconds whose proof was
         acknowledged (their metadata, audit hashes and receipt public key)."""
+        if self._unforgotten:
+            self._forget_pending()
         before = iso_seconds(time.time() - self.config.node.journal_retention_seconds)
         keep = {str(p.get("session_id")) for p in self.spool.pending()}
         keep |= set(self.sessions)
@@ -339,6 +342,36 @@ class Service:
             s.session_key = None
             s.done.set()
             self._observe("destroy_seconds", time.monotonic() - t0)
+            self._forget(s)
+
+    def _forget(self, s: Session) -> None:
+        """Drop ended sessions from memory once the journal holds their end (status and
+        exec count) and their proof is spooled: from then on every lookup answers from the
+        journal and the spool, as after a restart, so memory and the walks over `sessions`
+        (admission, the pool's refill, metrics) stay bounded by the live sessions instead
+        of growing with every lifecycle since start.  One whose end the journal does not
+        hold yet (a disk fault: its update is kept and replayed) or whose proof failed
+        stays, and is looked at again at the next end and at the hourly prune."""
+        self._unforgotten.add(s.session_id)
+        self._forget_pending()
+
+    def _forget_pending(self) -> None:
+        for sid in list(self._unforgotten):
+            ended = self.sessions.get(sid)
+            if ended is None or not ended.done.is_set():
+                self._unforgotten.discard(sid)
+                continue
+            if ended.result is None:
+                continue
+            try:
+                row = self.journal.get(sid)
+            except Exception:
+                _log.exception("journal_read_failed", session_id=sid)
+                return
+            if (row is not None and row["status"] == ended.status
+                    and row["exec_count"] == ended.record.exec_count):
+                del self.sessions[sid]
+                self._unforgotten.discard(sid)
 
     # -- recovery (ops.recovery calls this per journaled live session) ---------------------
     async def adopt_row(self, row: dict) -> bool:

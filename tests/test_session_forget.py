@@ -1,0 +1,100 @@
+"""Ended sessions leave the agent's memory once the journal holds their end (issue 18's
+"bounded everything" on the request path): lookups then answer from the journal and the
+spool exactly as they did from memory, and a session whose end the journal could not
+take (a real full state disk) stays until it can."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+
+import pytest
+import trio
+from suite import cgroup_prefix, uid_base
+
+from agent import config as config_mod
+from agent.errors import Conflict
+from agent.keys.attestation import AttestationKeyStore
+from agent.sandbox.engine import SandboxEngine
+from agent.service.journal import Journal
+from agent.service.sessions import Service
+from agent.service.spool import Spool
+
+
+@contextlib.asynccontextmanager
+async def _service(state, runtime, name: str):
+    cfg = config_mod.load(None, state_dir=state, runtime_dir=runtime)
+    cfg.sandbox.cgroup_prefix = cgroup_prefix(name)
+    cfg.sandbox.uid_base = uid_base()
+    cfg.pool.sizes = {}
+    eng = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
+    journal = Journal(state)
+    svc = Service(cfg, engine=eng, key_store=AttestationKeyStore(state), journal=journal,
+                  spool=Spool(state), version="test")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            yield svc
+            nursery.cancel_scope.cancel()
+    finally:
+        await eng.aclose()
+        journal.close()
+
+
+async def test_ended_sessions_are_forgotten_and_answer_the_same(agent_dirs):
+    """After three lifecycles no session is held in memory, yet get, meta, list, a second
+    destroy, exec and the receipt key lookup answer as they did while it was held."""
+    state, runtime = agent_dirs
+    async with _service(state, runtime, "forget") as svc:
+        for _ in range(3):
+            res = await svc.create(customer_id="c", tier="free")
+            sid = res["session_id"]
+            await svc.exec(sid, "true")
+            s = svc.sessions[sid]
+            proof = await svc.destroy(sid)
+            assert sid not in svc.sessions
+            assert s.done.is_set() and s.status == "destroyed"
+            held_view = {"session_id": sid, "status": "destroyed",
+                         "ttl_seconds": s.ttl_seconds, "created_at": s.record.created_at,
+                         "data_classification": s.record.classification,
+                         "expires_at": s.expires_at}
+            assert svc.get(sid, "c") == held_view
+            meta = svc.get_meta(sid)
+            assert meta is not None and meta["exec_count"] == 1
+            assert meta["reason"] == "requested" and meta["tier"] == "free"
+            assert held_view in svc.list("c")
+            assert await svc.destroy(sid) == proof  # from the spool, as after a restart
+            with pytest.raises(Conflict, match="has ended"):
+                await svc.exec(sid, "true")
+            key = svc.receipt_key(res["receipt_key"]["key_id"])
+            assert key is not None and key["session_id"] == sid
+        assert svc.sessions == {} and svc.live() == []
+        assert svc.list_sessions() == []
+
+
+async def test_an_end_the_journal_cannot_take_stays_until_it_can(agent_dirs, monkeypatch):
+    """While the journal cannot write, the ended session stays in memory, where its end
+    status lives while the journal keeps the update for replay; once the journal writes
+    again the next end forgets both.  The failing write is a fake (SQLite's error raised
+    from the journal's update): a real kernel does not fail it on demand here (a full
+    tmpfs lets the WAL reuse its space after a checkpoint, a read-only remount is refused
+    while the journal is open, chattr +i does not stop writes through open fds)."""
+    state, runtime = agent_dirs
+    async with _service(state, runtime, "forgetro") as svc:
+        first = (await svc.create(customer_id="c", tier="free"))["session_id"]
+        second = (await svc.create(customer_id="c", tier="free"))["session_id"]
+        journal = svc.journal
+
+        def broken(session_id, fields):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with monkeypatch.context() as m:
+            m.setattr(journal, "_write_update", broken)
+            await svc.destroy(first)
+            assert not journal.writable
+            assert svc.sessions[first].status == "destroyed"  # held: the journal lacks it
+            assert svc.get(first)["status"] == "destroyed"
+        await svc.destroy(second)
+        assert svc.sessions == {}
+        assert svc.get(first)["status"] == "destroyed"
+        assert journal.get(first)["status"] == "destroyed"
