@@ -8,8 +8,7 @@ import json
 
 import pytest
 from helpers_daemon import AgentDaemon
-from service_fixtures import bare_service
-from suite import cgroup_prefix, uid_base
+from service_fixtures import bare_service, real_service
 from test_destroy_pipeline import engine  # noqa: F401 (fixture)
 
 from agent.cdp.verify import verify
@@ -227,32 +226,12 @@ async def test_ttl_runs_from_the_exact_creation_time(agent_dirs):
 
     import trio
 
-    from agent import config as config_mod
-    from agent.keys.attestation import AttestationKeyStore
-    from agent.sandbox.engine import SandboxEngine
-    from agent.service.journal import Journal
-    from agent.service.sessions import Service
-    from agent.service.spool import Spool
-
     state, runtime = agent_dirs
-    cfg = config_mod.load(None, state_dir=state, runtime_dir=runtime)
-    cfg.sandbox.cgroup_prefix = cgroup_prefix("ttl")
-    cfg.sandbox.uid_base = uid_base()
-    eng = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
-    journal = Journal(state)
-    svc = Service(cfg, engine=eng, key_store=AttestationKeyStore(state), journal=journal,
-                  spool=Spool(state), version="test")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(svc.run)
-            start, before = trio.current_time(), time.time()
-            res = await svc.create(customer_id="c", tier="free", ttl_seconds=60)
-            end, after = trio.current_time(), time.time()
-            s = svc.sessions[res["session_id"]]
-            assert start + 60 <= s.deadline <= end + 60
-            assert before <= s.created_ts <= after  # truncation would put it before `before`
-            await svc.destroy(res["session_id"])
-            nursery.cancel_scope.cancel()
-    finally:
-        await eng.aclose()
-        journal.close()
+    async with real_service(state, runtime, "ttl") as svc:
+        start, before = trio.current_time(), time.time()
+        res = await svc.create(customer_id="c", tier="free", ttl_seconds=60)
+        end, after = trio.current_time(), time.time()
+        s = svc.sessions[res["session_id"]]
+        assert start + 60 <= s.deadline <= end + 60
+        assert before <= s.created_ts <= after  # truncation would put it before `before`
+        await svc.destroy(res["session_id"])

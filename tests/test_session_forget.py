@@ -1,51 +1,23 @@
 """Ended sessions leave the agent's memory once the journal holds their end (issue 18's
 "bounded everything" on the request path): lookups then answer from the journal and the
 spool exactly as they did from memory, and a session whose end the journal could not
-take (a real full state disk) stays until it can."""
+take (its write failing) stays until it can."""
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 
 import pytest
-import trio
-from suite import cgroup_prefix, uid_base
+from service_fixtures import real_service
 
-from agent import config as config_mod
 from agent.errors import Conflict
-from agent.keys.attestation import AttestationKeyStore
-from agent.sandbox.engine import SandboxEngine
-from agent.service.journal import Journal
-from agent.service.sessions import Service
-from agent.service.spool import Spool
-
-
-@contextlib.asynccontextmanager
-async def _service(state, runtime, name: str):
-    cfg = config_mod.load(None, state_dir=state, runtime_dir=runtime)
-    cfg.sandbox.cgroup_prefix = cgroup_prefix(name)
-    cfg.sandbox.uid_base = uid_base()
-    cfg.pool.sizes = {}
-    eng = SandboxEngine(cfg, cgroup_prefix=cfg.sandbox.cgroup_prefix)
-    journal = Journal(state)
-    svc = Service(cfg, engine=eng, key_store=AttestationKeyStore(state), journal=journal,
-                  spool=Spool(state), version="test")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(svc.run)
-            yield svc
-            nursery.cancel_scope.cancel()
-    finally:
-        await eng.aclose()
-        journal.close()
 
 
 async def test_ended_sessions_are_forgotten_and_answer_the_same(agent_dirs):
     """After three lifecycles no session is held in memory, yet get, meta, list, a second
     destroy, exec and the receipt key lookup answer as they did while it was held."""
     state, runtime = agent_dirs
-    async with _service(state, runtime, "forget") as svc:
+    async with real_service(state, runtime, "forget") as svc:
         for _ in range(3):
             res = await svc.create(customer_id="c", tier="free")
             sid = res["session_id"]
@@ -80,7 +52,7 @@ async def test_an_end_the_journal_cannot_take_stays_until_it_can(agent_dirs, mon
     tmpfs lets the WAL reuse its space after a checkpoint, a read-only remount is refused
     while the journal is open, chattr +i does not stop writes through open fds)."""
     state, runtime = agent_dirs
-    async with _service(state, runtime, "forgetro") as svc:
+    async with real_service(state, runtime, "forgetro") as svc:
         first = (await svc.create(customer_id="c", tier="free"))["session_id"]
         second = (await svc.create(customer_id="c", tier="free"))["session_id"]
         journal = svc.journal
