@@ -640,7 +640,10 @@ class _Connection:
                             continue
                         # bounded in-flight requests and bytes: a flooding client stops
                         # being read
-                        await self.inflight.acquire()
+                        try:  # no trip through the scheduler when there is room
+                            self.inflight.acquire_nowait()
+                        except trio.WouldBlock:
+                            await self.inflight.acquire()
                         # the frame's own size as read (re-packing the params to size it
                         # cost a full copy of every request's input)
                         held = await self.budget.acquire(max(size, ANSWER_RESERVE))

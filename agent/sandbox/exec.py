@@ -228,38 +228,55 @@ async def _drain(stream: _Stream, on_output: OnOutput | None, *, paced: bool = F
 
 
 class Control:
-    """The agent's end of the control socket, for one sandbox."""
+    """The agent's end of the control socket, for one sandbox.
+
+    A message is sent or received straight on the non-blocking socket, and the task waits
+    for the socket only when it would block: an exec exchanges three messages with PID 1,
+    and trio's socket methods add a trip through the scheduler after each one that
+    succeeds at once.  One task at a time uses it (Sandbox.exec is exclusive)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.sock = trio.socket.from_stdlib_socket(sock)  # sets it non-blocking
+        self.raw = sock
         # one receive buffer for the sandbox's life: recv(MAX_MSG) would allocate (and the
         # wiping allocator fill and clear) 1 MiB per reply
         self.buf = bytearray(CONTROL_BUF)
 
     async def recv(self) -> tuple[int, tuple]:
-        try:
-            n = await self.sock.recv_into(self.buf)
-        except (trio.ClosedResourceError, OSError) as e:
-            raise SandboxGone("the sandbox was killed") from e
+        while True:
+            try:
+                n = self.raw.recv_into(self.buf)
+                break
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise SandboxGone("the sandbox was killed") from e
+            try:
+                await trio.lowlevel.wait_readable(self.raw)
+            except (trio.ClosedResourceError, OSError) as e:
+                raise SandboxGone("the sandbox was killed") from e
         if not n:
             raise SandboxGone("the sandbox's init exited")
         return initproto.decode(bytes(self.buf[:n]))
 
     async def send(self, msg: bytes, fds: list[int] | None = None) -> None:
-        try:
-            if fds:
-                await self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array.array("i", fds))])
-            else:
-                await self.sock.send(msg)
-        except OSError as e:
-            if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
-                raise ExecRefused(f"command and env together ({len(msg)} bytes) exceed "
-                                  f"what this host's control socket takes "
-                                  f"(net.core.wmem_max)", field="command") from None
-            raise SandboxGone("the sandbox's init exited") from e
-        except trio.ClosedResourceError as e:
-            raise SandboxGone("the sandbox's init exited") from e
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while True:
+            try:
+                self.raw.sendmsg([msg], anc)  # SOCK_SEQPACKET: the whole message or nothing
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
+                    raise ExecRefused(f"command and env together ({len(msg)} bytes) exceed "
+                                      f"what this host's control socket takes "
+                                      f"(net.core.wmem_max)", field="command") from None
+                raise SandboxGone("the sandbox's init exited") from e
+            try:
+                await trio.lowlevel.wait_writable(self.raw)
+            except (trio.ClosedResourceError, OSError) as e:
+                raise SandboxGone("the sandbox's init exited") from e
 
     def close(self) -> None:
         self.sock.close()
