@@ -341,7 +341,9 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
         status: int | None = None
         timed_out = False
         try:
-            pgid = await _wait_started(sb.control)
+            # the readers are set up while PID 1 starts the command (on another CPU when
+            # one is free), not after STARTED: they need no pgid, and a command that could
+            # not start closes its pipes (EOF)
             async with _single_errors(), trio.open_nursery() as nursery:
                 readers = trio.CancelScope()
 
@@ -352,6 +354,7 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
                                 inner.start_soon(_pump, s, on_output)
 
                 nursery.start_soon(pumps)
+                pgid = await _wait_started(sb.control)
                 with trio.move_on_after(max(timeout, 0)):
                     status = await _wait_exit(sb.control, pgid)
                 if status is None:
@@ -366,6 +369,8 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
                         if status is None:
                             raise SandboxGone("the command survived SIGKILL")
                 readers.cancel()
+        except ExecFailed:
+            raise  # PID 1 started nothing: there is nothing to kill or wait for
         except BaseException:
             # cancelled or failed while the command runs: it must not outlive the exec
             # (unless the sandbox is being destroyed: destruction kills it, frozen)
