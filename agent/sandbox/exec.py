@@ -192,20 +192,24 @@ async def _deliver(stream: _Stream, data: memoryview, on_output: OnOutput | None
             await on_output(stream.name, bytes(data))
 
 
-async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
+async def _pump(stream: _Stream, on_output: OnOutput | None,
+                scope: trio.CancelScope) -> None:
+    """Read `stream` until EOF, or until `scope` is cancelled (the leader exited: the rest
+    is drained)."""
     paced = on_output if isinstance(on_output, PacedOutput) else None
-    while not stream.eof:
-        if paced is not None:
-            await paced.room()
-        try:
-            data = stream.read()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(stream.fd)
-            continue
-        if data is None:
-            return
-        await _deliver(stream, data, on_output)
-        await trio.lowlevel.checkpoint()
+    with scope:
+        while not stream.eof:
+            if paced is not None:
+                await paced.room()
+            try:
+                data = stream.read()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(stream.fd)
+                continue
+            if data is None:
+                return
+            await _deliver(stream, data, on_output)
+            await trio.lowlevel.checkpoint()
 
 
 async def _drain(stream: _Stream, on_output: OnOutput | None, *, paced: bool = False) -> None:
@@ -345,15 +349,9 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
             # one is free), not after STARTED: they need no pgid, and a command that could
             # not start closes its pipes (EOF)
             async with _single_errors(), trio.open_nursery() as nursery:
-                readers = trio.CancelScope()
-
-                async def pumps() -> None:
-                    with readers:
-                        async with trio.open_nursery() as inner:
-                            for s in streams:
-                                inner.start_soon(_pump, s, on_output)
-
-                nursery.start_soon(pumps)
+                readers = [trio.CancelScope() for _ in streams]
+                for st, scope in zip(streams, readers, strict=True):
+                    nursery.start_soon(_pump, st, on_output, scope)
                 pgid = await _wait_started(sb.control)
                 with trio.move_on_after(max(timeout, 0)):
                     status = await _wait_exit(sb.control, pgid)
@@ -368,7 +366,8 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
                             status = await _wait_exit(sb.control, pgid)
                         if status is None:
                             raise SandboxGone("the command survived SIGKILL")
-                readers.cancel()
+                for scope in readers:
+                    scope.cancel()
         except ExecFailed:
             raise  # PID 1 started nothing: there is nothing to kill or wait for
         except BaseException:
