@@ -69,11 +69,25 @@ static struct cut_record cut = {.magic = "nrx-init-cut/1"};
  * are its own (no CLONE_SIGHAND, CLONE_FILES, CLONE_THREAD, CLONE_FS). */
 static char spawn_stack[64 * 1024] __attribute__((aligned(16)));
 static char spawn_err[256];
-/* signals whose disposition PID 1 changed (SIGPIPE ignored, ...): execve keeps an ignored
- * one, so the child resets these; every other one is already SIG_DFL */
+/* signals not at SIG_DFL in PID 1 (SIGPIPE ignored, and whatever it inherited ignored):
+ * execve keeps an ignored one, so the child resets these; every other one is SIG_DFL */
 static int changed_sigs[NSIG];
 static int n_changed_sigs;
 static int devnull = -1; /* opened once: the command's stdin */
+
+/* the kernel's sigaction: glibc refuses its two internal signals (32, 33), which may still
+ * arrive ignored from the agent and would stay ignored across execve */
+struct ksigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+
+static int raw_sigaction(int sig, const struct ksigaction *act, struct ksigaction *old)
+{
+    return (int)syscall(SYS_rt_sigaction, sig, act, old, sizeof(uint64_t));
+}
 
 struct spawn {
     struct config *c;
@@ -153,8 +167,9 @@ static int run_command(void *arg)
 
     /* files the command creates are its own: 0600/0700 unless it asks otherwise */
     umask(077);
+    const struct ksigaction dfl = {SIG_DFL, 0, NULL, 0};
     for (int i = 0; i < n_changed_sigs; i++)
-        signal(changed_sigs[i], SIG_DFL);
+        raw_sigaction(changed_sigs[i], &dfl, NULL);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 
@@ -310,8 +325,8 @@ void serve(struct config *c)
     if (sfd < 0)
         _exit(1);
     for (int s = 1; s < NSIG; s++) {
-        struct sigaction sa;
-        if (sigaction(s, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL)
+        struct ksigaction sa;
+        if (raw_sigaction(s, NULL, &sa) == 0 && sa.handler != (void *)SIG_DFL)
             changed_sigs[n_changed_sigs++] = s;
     }
     devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
