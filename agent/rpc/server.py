@@ -565,13 +565,13 @@ class _Connection:
     async def send(self, data: bytes) -> None:
         """One frame, whole, within the send timeout; a peer that does not take it in
         time (or a cancelled partial write) ends the connection."""
-        data = self._send_now(data)
-        if not data:
+        rest = self._send_now(data)
+        if not rest:
             return
         async with self.lock:
             with trio.move_on_after(self.limits.send_timeout) as cs:
                 try:
-                    await self.stream.send_all(data)
+                    await self.stream.send_all(rest)
                 except trio.Cancelled:
                     # part of the frame may be out: the stream is unusable either way.
                     # (Once _abort cancels the connection's scope, that outer scope is the
