@@ -6,10 +6,18 @@ from __future__ import annotations
 import datetime as _dt
 import time
 
+_last_second: tuple[int, str] = (-1, "")  # an exec stamps the same second ~6 times
+
 
 def iso_seconds(t: float | None = None) -> str:
-    t = time.time() if t is None else t
-    return _dt.datetime.fromtimestamp(int(t), _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    global _last_second
+    sec = int(time.time() if t is None else t)
+    last = _last_second
+    if last[0] == sec:
+        return last[1]
+    text = _dt.datetime.fromtimestamp(sec, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    _last_second = (sec, text)
+    return text
 
 
 def iso_micro(t: float | None = None) -> str:

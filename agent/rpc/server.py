@@ -565,10 +565,13 @@ class _Connection:
     async def send(self, data: bytes) -> None:
         """One frame, whole, within the send timeout; a peer that does not take it in
         time (or a cancelled partial write) ends the connection."""
+        rest = self._send_now(data)
+        if not rest:
+            return
         async with self.lock:
             with trio.move_on_after(self.limits.send_timeout) as cs:
                 try:
-                    await self.stream.send_all(data)
+                    await self.stream.send_all(rest)
                 except trio.Cancelled:
                     # part of the frame may be out: the stream is unusable either way.
                     # (Once _abort cancels the connection's scope, that outer scope is the
@@ -579,6 +582,25 @@ class _Connection:
                     raise
             if cs.cancelled_caught:  # not reached while _abort has a scope to cancel
                 raise trio.BrokenResourceError("peer did not read in time")
+
+    def _send_now(self, data: bytes) -> bytes | memoryview:
+        """Write what the socket takes at once, without a trip through the scheduler (a
+        reply usually fits the socket buffer whole); returns what is left for send().
+        Only on a plain socket and while no other frame is being sent (no await between
+        the check and the write, so frames never interleave)."""
+        stream = self.stream
+        if self.lock.locked() or not isinstance(stream, trio.SocketStream):
+            return data
+        fd = stream.socket.fileno()
+        if fd < 0:
+            return data  # closed: send() raises as before
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            return data
+        except OSError as e:
+            raise trio.BrokenResourceError(f"peer gone: {e}") from None
+        return memoryview(data)[n:] if n < len(data) else b""
 
     def _abort(self) -> None:
         if self.scope is not None:
@@ -618,7 +640,10 @@ class _Connection:
                             continue
                         # bounded in-flight requests and bytes: a flooding client stops
                         # being read
-                        await self.inflight.acquire()
+                        try:  # no trip through the scheduler when there is room
+                            self.inflight.acquire_nowait()
+                        except trio.WouldBlock:
+                            await self.inflight.acquire()
                         # the frame's own size as read (re-packing the params to size it
                         # cost a full copy of every request's input)
                         held = await self.budget.acquire(max(size, ANSWER_RESERVE))

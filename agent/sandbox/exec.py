@@ -192,20 +192,24 @@ async def _deliver(stream: _Stream, data: memoryview, on_output: OnOutput | None
             await on_output(stream.name, bytes(data))
 
 
-async def _pump(stream: _Stream, on_output: OnOutput | None) -> None:
+async def _pump(stream: _Stream, on_output: OnOutput | None,
+                scope: trio.CancelScope) -> None:
+    """Read `stream` until EOF, or until `scope` is cancelled (the leader exited: the rest
+    is drained)."""
     paced = on_output if isinstance(on_output, PacedOutput) else None
-    while not stream.eof:
-        if paced is not None:
-            await paced.room()
-        try:
-            data = stream.read()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(stream.fd)
-            continue
-        if data is None:
-            return
-        await _deliver(stream, data, on_output)
-        await trio.lowlevel.checkpoint()
+    with scope:
+        while not stream.eof:
+            if paced is not None:
+                await paced.room()
+            try:
+                data = stream.read()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(stream.fd)
+                continue
+            if data is None:
+                return
+            await _deliver(stream, data, on_output)
+            await trio.lowlevel.checkpoint()
 
 
 async def _drain(stream: _Stream, on_output: OnOutput | None, *, paced: bool = False) -> None:
@@ -228,38 +232,55 @@ async def _drain(stream: _Stream, on_output: OnOutput | None, *, paced: bool = F
 
 
 class Control:
-    """The agent's end of the control socket, for one sandbox."""
+    """The agent's end of the control socket, for one sandbox.
+
+    A message is sent or received straight on the non-blocking socket, and the task waits
+    for the socket only when it would block: an exec exchanges three messages with PID 1,
+    and trio's socket methods add a trip through the scheduler after each one that
+    succeeds at once.  One task at a time uses it (Sandbox.exec is exclusive)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.sock = trio.socket.from_stdlib_socket(sock)  # sets it non-blocking
+        self.raw = sock
         # one receive buffer for the sandbox's life: recv(MAX_MSG) would allocate (and the
         # wiping allocator fill and clear) 1 MiB per reply
         self.buf = bytearray(CONTROL_BUF)
 
     async def recv(self) -> tuple[int, tuple]:
-        try:
-            n = await self.sock.recv_into(self.buf)
-        except (trio.ClosedResourceError, OSError) as e:
-            raise SandboxGone("the sandbox was killed") from e
+        while True:
+            try:
+                n = self.raw.recv_into(self.buf)
+                break
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise SandboxGone("the sandbox was killed") from e
+            try:
+                await trio.lowlevel.wait_readable(self.raw)
+            except (trio.ClosedResourceError, OSError) as e:
+                raise SandboxGone("the sandbox was killed") from e
         if not n:
             raise SandboxGone("the sandbox's init exited")
         return initproto.decode(bytes(self.buf[:n]))
 
     async def send(self, msg: bytes, fds: list[int] | None = None) -> None:
-        try:
-            if fds:
-                await self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array.array("i", fds))])
-            else:
-                await self.sock.send(msg)
-        except OSError as e:
-            if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
-                raise ExecRefused(f"command and env together ({len(msg)} bytes) exceed "
-                                  f"what this host's control socket takes "
-                                  f"(net.core.wmem_max)", field="command") from None
-            raise SandboxGone("the sandbox's init exited") from e
-        except trio.ClosedResourceError as e:
-            raise SandboxGone("the sandbox's init exited") from e
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while True:
+            try:
+                self.raw.sendmsg([msg], anc)  # SOCK_SEQPACKET: the whole message or nothing
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:  # nothing was sent; the sandbox is fine
+                    raise ExecRefused(f"command and env together ({len(msg)} bytes) exceed "
+                                      f"what this host's control socket takes "
+                                      f"(net.core.wmem_max)", field="command") from None
+                raise SandboxGone("the sandbox's init exited") from e
+            try:
+                await trio.lowlevel.wait_writable(self.raw)
+            except (trio.ClosedResourceError, OSError) as e:
+                raise SandboxGone("the sandbox's init exited") from e
 
     def close(self) -> None:
         self.sock.close()
@@ -324,17 +345,14 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
         status: int | None = None
         timed_out = False
         try:
-            pgid = await _wait_started(sb.control)
+            # the readers are set up while PID 1 starts the command (on another CPU when
+            # one is free), not after STARTED: they need no pgid, and a command that could
+            # not start closes its pipes (EOF)
             async with _single_errors(), trio.open_nursery() as nursery:
-                readers = trio.CancelScope()
-
-                async def pumps() -> None:
-                    with readers:
-                        async with trio.open_nursery() as inner:
-                            for s in streams:
-                                inner.start_soon(_pump, s, on_output)
-
-                nursery.start_soon(pumps)
+                readers = [trio.CancelScope() for _ in streams]
+                for st, scope in zip(streams, readers, strict=True):
+                    nursery.start_soon(_pump, st, on_output, scope)
+                pgid = await _wait_started(sb.control)
                 with trio.move_on_after(max(timeout, 0)):
                     status = await _wait_exit(sb.control, pgid)
                 if status is None:
@@ -348,7 +366,10 @@ async def run(sb: Sandbox, command: str, *, input_data: bytes | None, env: dict[
                             status = await _wait_exit(sb.control, pgid)
                         if status is None:
                             raise SandboxGone("the command survived SIGKILL")
-                readers.cancel()
+                for scope in readers:
+                    scope.cancel()
+        except ExecFailed:
+            raise  # PID 1 started nothing: there is nothing to kill or wait for
         except BaseException:
             # cancelled or failed while the command runs: it must not outlive the exec
             # (unless the sandbox is being destroyed: destruction kills it, frozen)

@@ -42,8 +42,11 @@ async def run_exec(svc: Service, s: Session | None, session_id: str, command: st
         raise Conflict(f"session {session_id} is expiring", field="session_id")
     limit = remaining if math.isfinite(remaining) else UNLIMITED_EXEC_TIMEOUT
     timeout = limit if timeout is None else min(float(timeout), limit)
+    # in memory only (session.get, metrics): the journal row stays `active` while a command
+    # runs (nothing reads `executing` back from it; re-adoption writes `active` anyway),
+    # which saves a SQLite commit per exec; exec_count and the receipt's audit hash are
+    # written before the answer, as before
     s.status = "executing"
-    svc.journal.update_session(session_id, status="executing")
     t0 = time.monotonic()
     inflight = InFlight(command=command, input_data=input_data,
                         progress=ExecProgress(tag=exec_tag(command, input_data)))

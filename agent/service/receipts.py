@@ -9,7 +9,6 @@ import json
 import structlog
 import trio
 
-from agent.cdp.canonical import canonical_json
 from agent.cdp.receipt import build_receipt, receipt_leaf
 from agent.sandbox.exec import ExecResult, decode_status
 from agent.service.audit import AuditLog, sha256_hex
@@ -34,9 +33,11 @@ def exec_result(res: ExecResult, receipt: dict) -> dict:
 def exec_tag(command: str, input_data: bytes | None) -> bytes:
     """What PID 1 keeps while the command runs, so that a restarted agent can still give
     an exec cut off by the agent's death its receipt: hashes and the start time only."""
-    return canonical_json({"command_sha256": sha256_hex(command.encode("utf-8")),
-                           "input_sha256": sha256_hex(input_data or b""),
-                           "started_at": iso_seconds()})
+    # canonical JSON of {command_sha256, input_sha256, started_at}, written out: keys in
+    # canonical order, every value ASCII without characters to escape
+    return (f'{{"command_sha256":"{sha256_hex(command.encode("utf-8"))}",'
+            f'"input_sha256":"{sha256_hex(input_data or b"")}",'
+            f'"started_at":"{iso_seconds()}"}}').encode("ascii")
 
 
 def receipt_fields(s: Session, command_sha256: str, input_sha256: str, res: ExecResult,

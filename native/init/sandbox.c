@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -265,5 +266,11 @@ int setup_sandbox(struct config *c)
         STEP_FAIL("pivot_root: %s", strerror(errno));
     if (umount2(".", MNT_DETACH) < 0 || chdir("/") < 0)
         STEP_FAIL("detaching the old root: %s", strerror(errno));
+    /* PID 1 never execs, so its capability bounding set only matters to the commands it
+     * starts: emptied once here, every command inherits it empty (fail closed: a sandbox
+     * whose bounding set cannot be emptied runs nothing) */
+    for (int cap = 0; cap <= 63; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            STEP_FAIL("dropping the capability bounding set: %s", strerror(errno));
     return 0;
 }

@@ -5,8 +5,9 @@
  * the agent gave it a re-attach socket and a grace (issue 12): then only the command in
  * flight is killed, and PID 1 waits that long for a restarted agent to connect to the
  * socket and send ATTACH, which makes the new connection the lifeline.
- * Each EXEC forks one command in its own process group, drops to the sandbox user with
- * no capabilities, no_new_privs, rlimits and the seccomp filter, then execs it.
+ * Each EXEC starts one command (clone with CLONE_VM | CLONE_VFORK, see run_command) in its
+ * own process group, drops to the sandbox user with no capabilities, no_new_privs, rlimits
+ * and the seccomp filter, then execs it.
  * A warm-pool sandbox (T_UNBOUND, issue 18) refuses EXEC until one BIND gave it its
  * session's hostname, and ends at once when the lifeline closes before that (it never
  * held anything of a customer: there is nothing to re-adopt).
@@ -18,6 +19,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,48 +60,85 @@ struct cut_record {
 };
 static struct cut_record cut = {.magic = "nrx-init-cut/1"};
 
-/* child of fork(): report the failing step through `errfd` and exit */
-static void __attribute__((noreturn)) child_fail(int errfd, const char *step)
+/* The command is started like posix_spawn: clone(CLONE_VM | CLONE_VFORK) on a stack of its
+ * own, so PID 1's page tables are neither copied nor torn down again at the execve, and
+ * PID 1 resumes only when the child has exec'd or exited.  Until then the child shares
+ * PID 1's memory: it writes why it failed into `spawn_err` (no error pipe), calls nothing
+ * that allocates, and uses raw syscalls for the credential changes (no glibc setxid
+ * machinery).  Its own signal dispositions, fd table, rlimits, credentials, cwd and umask
+ * are its own (no CLONE_SIGHAND, CLONE_FILES, CLONE_THREAD, CLONE_FS). */
+static char spawn_stack[64 * 1024] __attribute__((aligned(16)));
+static char spawn_err[256];
+/* signals not at SIG_DFL in PID 1 (SIGPIPE ignored, and whatever it inherited ignored):
+ * execve keeps an ignored one, so the child resets these; every other one is SIG_DFL */
+static int changed_sigs[NSIG];
+static int n_changed_sigs;
+static int devnull = -1; /* opened once: the command's stdin */
+
+/* the kernel's sigaction: glibc refuses its two internal signals (32, 33), which may still
+ * arrive ignored from the agent and would stay ignored across execve */
+struct ksigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+
+static int raw_sigaction(int sig, const struct ksigaction *act, struct ksigaction *old)
 {
-    char text[256];
-    int n = snprintf(text, sizeof(text), "%s: %s", step, strerror(errno));
-    if (n > 0 && write(errfd, text, (size_t)n) < 0) {
-        /* nothing left to tell */
-    }
+    return (int)syscall(SYS_rt_sigaction, sig, act, old, sizeof(uint64_t));
+}
+
+struct spawn {
+    struct config *c;
+    int out, err;
+    char **argv, **envp;
+    const char *cwd;
+};
+
+/* the child: report the failing step in `spawn_err` and exit */
+static void __attribute__((noreturn)) child_fail(const char *step)
+{
+    const char *parts[3] = {step, ": ", strerror(errno)};
+    size_t n = 0;
+    for (int i = 0; i < 3; i++)
+        for (const char *t = parts[i]; *t && n < sizeof(spawn_err) - 1; t++)
+            spawn_err[n++] = *t;
+    spawn_err[n] = 0;
     _exit(127);
 }
 
 /* Fail closed: the command never runs without its seccomp filter in force.  A config
  * without one is refused at start (parse_config); this is the last line, right before
  * execve. */
-static void load_filter(const struct config *c, int errfd)
+static void load_filter(const struct config *c)
 {
     if (!c->bpf || !c->bpf_len) {
         errno = EPERM;
-        child_fail(errfd, "seccomp filter missing, refusing to run the command");
+        child_fail("seccomp filter missing, refusing to run the command");
     }
     struct sock_fprog prog = {(unsigned short)(c->bpf_len / sizeof(struct sock_filter)),
                               (struct sock_filter *)c->bpf};
     if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
-        child_fail(errfd, "loading the seccomp filter");
+        child_fail("loading the seccomp filter");
 }
 
-static void __attribute__((noreturn))
-run_command(struct config *c, int out, int err, int errfd, char **argv, char **envp,
-            const char *cwd)
+static int run_command(void *arg)
 {
+    const struct spawn *sp = arg;
+    const struct config *c = sp->c;
     unsigned id = c->sandbox_id;
     sigset_t none;
 
     /* own session and process group, no controlling terminal (no TIOCSTI target) */
     if (setsid() < 0)
-        child_fail(errfd, "setsid");
-    int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
-        child_fail(errfd, "stdio");
+        child_fail("setsid");
+    int null = devnull >= 0 ? devnull : open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0 || dup2(null, 0) < 0 || dup2(sp->out, 1) < 0 || dup2(sp->err, 2) < 0)
+        child_fail("stdio");
     /* nothing of PID 1 (the control socket above all) survives the execve */
     if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
-        child_fail(errfd, "close_range");
+        child_fail("close_range");
 
     struct rlimit core = {0, 0}, nofile = {c->nofile, c->nofile};
     struct rlimit fsize = {RLIM_INFINITY, RLIM_INFINITY};
@@ -107,37 +146,36 @@ run_command(struct config *c, int out, int err, int errfd, char **argv, char **e
         fsize.rlim_cur = fsize.rlim_max = c->fsize;
     if (setrlimit(RLIMIT_CORE, &core) < 0 || setrlimit(RLIMIT_NOFILE, &nofile) < 0 ||
         setrlimit(RLIMIT_FSIZE, &fsize) < 0)
-        child_fail(errfd, "setrlimit");
+        child_fail("setrlimit");
 
-    if (setgroups(0, NULL) < 0)
-        child_fail(errfd, "setgroups");
-    for (int cap = 0; cap <= 63; cap++)
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
-            child_fail(errfd, "dropping the bounding set");
-    if (setresgid(id, id, id) < 0 || setresuid(id, id, id) < 0)
-        child_fail(errfd, "switching to the sandbox user");
+    /* the bounding set is already empty: PID 1 dropped it once (setup_sandbox) */
+    if (syscall(SYS_setgroups, 0, NULL) < 0)
+        child_fail("setgroups");
+    if (syscall(SYS_setresgid, id, id, id) < 0 || syscall(SYS_setresuid, id, id, id) < 0)
+        child_fail("switching to the sandbox user");
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
-        child_fail(errfd, "clearing ambient capabilities");
+        child_fail("clearing ambient capabilities");
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2];
     memset(data, 0, sizeof(data));
     if (syscall(SYS_capset, &hdr, data) < 0)
-        child_fail(errfd, "clearing capabilities");
+        child_fail("clearing capabilities");
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-        child_fail(errfd, "no_new_privs");
-    if (chdir(cwd) < 0)
-        child_fail(errfd, "chdir");
+        child_fail("no_new_privs");
+    if (chdir(sp->cwd) < 0)
+        child_fail("chdir");
 
     /* files the command creates are its own: 0600/0700 unless it asks otherwise */
     umask(077);
+    const struct ksigaction dfl = {SIG_DFL, 0, NULL, 0};
+    for (int i = 0; i < n_changed_sigs; i++)
+        raw_sigaction(changed_sigs[i], &dfl, NULL);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    for (int s = 1; s < NSIG; s++)
-        signal(s, SIG_DFL);
 
-    load_filter(c, errfd);
-    execve(argv[0], argv, envp);
-    child_fail(errfd, "execve");
+    load_filter(c);
+    execve(sp->argv[0], sp->argv, sp->envp);
+    child_fail("execve");
 }
 
 static void handle_exec(struct config *c, const unsigned char *body, size_t len, int out, int err)
@@ -165,34 +203,23 @@ static void handle_exec(struct config *c, const unsigned char *body, size_t len,
                   : leader ? "a command is already running" : "exec request without argv/fds");
         goto out;
     }
-    int ep[2];
-    if (pipe2(ep, O_CLOEXEC) < 0) {
-        send_text(CONTROL_FD, MSG_EXEC_FAIL, "pipe: %s", strerror(errno));
-        goto out;
-    }
-    pid_t pid = fork();
-    if (pid == 0) {
-        close(ep[0]);
-        run_command(c, out, err, ep[1], argv, envp, cwd ? cwd : "/work");
-    }
-    close(ep[1]);
+    struct spawn sp = {c, out, err, argv, envp, cwd ? cwd : "/work"};
+    sigset_t all, old;
+    /* no signal may run a handler of PID 1 in the child that shares its memory */
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &old);
+    spawn_err[0] = 0;
+    pid_t pid = clone(run_command, spawn_stack + sizeof(spawn_stack),
+                      CLONE_VM | CLONE_VFORK | SIGCHLD, &sp);
+    int e = errno;
+    sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
-        send_text(CONTROL_FD, MSG_EXEC_FAIL, "fork: %s", strerror(errno));
-        close(ep[0]);
-        goto out;
-    }
-    /* the child's setsid() is done once the error pipe closes at execve */
-    char why[256];
-    ssize_t n;
-    do
-        n = read(ep[0], why, sizeof(why) - 1);
-    while (n < 0 && errno == EINTR);
-    close(ep[0]);
-    if (n > 0) {
-        why[n] = 0;
-        send_text(CONTROL_FD, MSG_EXEC_FAIL, "%s", why);
+        send_text(CONTROL_FD, MSG_EXEC_FAIL, "clone: %s", strerror(e));
+    } else if (spawn_err[0]) {
         /* the child exits 127; it is reaped by the SIGCHLD path but not reported */
+        send_text(CONTROL_FD, MSG_EXEC_FAIL, "%s", spawn_err);
     } else {
+        /* here the child has exec'd: its setsid() is done */
         leader = pid;
         leader_tag_len = tag_len;
         if (tag_len)
@@ -297,6 +324,12 @@ void serve(struct config *c)
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
         _exit(1);
+    for (int s = 1; s < NSIG; s++) {
+        struct ksigaction sa;
+        if (raw_sigaction(s, NULL, &sa) == 0 && sa.handler != (void *)SIG_DFL)
+            changed_sigs[n_changed_sigs++] = s;
+    }
+    devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     fcntl(CONTROL_FD, F_SETFD, FD_CLOEXEC);
 
     for (;;) {

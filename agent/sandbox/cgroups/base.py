@@ -60,8 +60,16 @@ def write_file(path: Path, value: str | int) -> None:
 
 
 def read_file(path: Path) -> str:
-    with open(path) as f:
-        return f.read()
+    # os-level: a cgroup file is small, and open() would add a buffered text wrapper and
+    # five syscalls (fstat, ioctl, lseek...) to every read (an exec reads oom counts twice)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 def read_keyed(path: Path) -> dict[str, int]:
