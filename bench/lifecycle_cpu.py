@@ -28,6 +28,7 @@ from pathlib import Path
 
 import peers
 import run as benchrun
+from destroy_workers import _runs
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 
@@ -118,16 +119,6 @@ def main() -> int:
     print(f"destroys: {benchrun.STATUSES}")
     print("left behind: " + ("; ".join(left) if left else "nothing"))
     return 1 if left else 0
-
-
-def _runs(d):
-    def agent_runs(n):
-        c = benchrun.Client(d.sock)
-        try:
-            return [benchrun.timed(benchrun.lifecycle, c) for _ in range(n)]
-        finally:
-            c.close()
-    return agent_runs
 
 
 if __name__ == "__main__":
