@@ -13,6 +13,7 @@ thread is what caps one daemon: the rate it allows alone is 1000 / its ms per li
 syscalls per lifecycle (strace slows every syscall: read the counts, not the rate).
 `--perf FILE` records the daemon's threads with `perf record -g` instead (read it with
 `perf report -i FILE --no-children --sort sym`).
+`--against DIR` runs this tree's daemon and DIR's side by side, one lifecycle each in turn.
 `--tree DIR` runs the daemon of another checkout (its own .venv) for a before/after pair.
 `--config` appends a TOML fragment to the bench config (e.g. "[destroy]\\nworkers = 1").
 """
@@ -55,9 +56,14 @@ def main() -> int:
     ap.add_argument("--perf", metavar="FILE", help="perf record -g the daemon's threads over "
                     "the last row into FILE (kernel stacks: where the system time goes)")
     ap.add_argument("--config", default="")
+    ap.add_argument("--against", metavar="DIR", help="A/B: this tree's daemon and DIR's "
+                    "(its own .venv), one lifecycle each in turn from one client, so a "
+                    "load burst from other work hits both")
     ap.add_argument("--tree", metavar="DIR", help="run the daemon of another checkout with "
                     "its own .venv (a before/after pair from one script)")
     args = ap.parse_args()
+    if args.against:
+        return against(Path(args.against).resolve(), args.per_client, args.config)
     if args.tree:
         benchrun.ROOT = Path(args.tree).resolve()
         sys.executable = str(benchrun.ROOT / ".venv" / "bin" / "python")
@@ -117,6 +123,66 @@ def main() -> int:
             d.stop()
             left = benchrun.leftovers(d)
     print(f"destroys: {benchrun.STATUSES}")
+    print("left behind: " + ("; ".join(left) if left else "nothing"))
+    return 1 if left else 0
+
+
+def against(other: Path, n: int, config: str) -> int:
+    """Both daemons side by side, lifecycles alternating: per side the p50 of create, exec,
+    destroy and the whole lifecycle, and the CPU per lifecycle (split as above)."""
+    print(f"machine: {benchrun.machine()}; {benchrun.load()}")
+    sides = {"this tree": (benchrun.ROOT, sys.executable),
+             str(other): (other, str(other / ".venv" / "bin" / "python"))}
+    left: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="nrx-bench-ab-") as td:
+        daemons = {}
+        try:
+            for i, (label, (root, py)) in enumerate(sides.items()):
+                benchrun.ROOT, sys.executable = root, py
+                sub = Path(td) / f"side{i}"
+                sub.mkdir()
+                daemons[label] = benchrun.Daemon(sub, config.replace("\\n", "\n"))
+            clients = {k: benchrun.Client(d.sock) for k, d in daemons.items()}
+            for c in clients.values():
+                for _ in range(5):
+                    benchrun.lifecycle(c)
+            times = {k: {"create": [], "exec": [], "destroy": [], "lifecycle": []}
+                     for k in daemons}
+            before = {k: snapshot(d.proc.pid) for k, d in daemons.items()}
+            for _ in range(n):
+                for k, c in clients.items():
+                    t0 = benchrun.time.perf_counter()
+                    sid = benchrun.create(c)
+                    t1 = benchrun.time.perf_counter()
+                    benchrun.exec_true(c, sid)
+                    t2 = benchrun.time.perf_counter()
+                    r = benchrun.count_status(benchrun.destroy(c, sid))
+                    t3 = benchrun.time.perf_counter()
+                    for ev in r["cdp"]["evidence"]:
+                        times[k].setdefault(f"step {ev['step']}", []).append(
+                            ev["duration_us"] / 1000)
+                    for what, dt in (("create", t1 - t0), ("exec", t2 - t1),
+                                     ("destroy", t3 - t2), ("lifecycle", t3 - t0)):
+                        times[k][what].append(dt * 1000)
+            for k, d in daemons.items():
+                after = snapshot(d.proc.pid)
+                cpu = {x: (after[x] - before[k][x]) / n for x in after}
+                p50 = {w: benchrun.summary(v)["p50"] for w, v in times[k].items()}
+                print(f"{k}: lifecycle p50 {p50['lifecycle']:.2f} ms (create {p50['create']:.2f}, "
+                      f"exec {p50['exec']:.2f}, destroy {p50['destroy']:.2f}) | CPU/lifecycle "
+                      f"{sum(cpu.values()):.1f} ms: trio {cpu['trio_user']:.1f}u+"
+                      f"{cpu['trio_sys']:.1f}s, threads {cpu['threads_user']:.1f}u+"
+                      f"{cpu['threads_sys']:.1f}s, children {cpu['children_user']:.1f}u+"
+                      f"{cpu['children_sys']:.1f}s")
+                print("  steps p50 (ms): " + ", ".join(
+                    f"{w[5:]} {p50[w]:.2f}" for w in p50 if w.startswith("step ")))
+            for c in clients.values():
+                c.close()
+        finally:
+            for d in daemons.values():
+                d.stop()
+                left += benchrun.leftovers(d)
+    print(f"{benchrun.load()}; destroys: {benchrun.STATUSES}")
     print("left behind: " + ("; ".join(left) if left else "nothing"))
     return 1 if left else 0
 

@@ -154,10 +154,6 @@ def _mounts_and_cgroups(st: DestroyState, watch: residue.SuperblockWatch | None,
             else:
                 mounts = 0
     cgroups = sum(1 for p in st.cgroup_paths if os.path.exists(p))
-    if watch is not None:
-        # closing an inotify instance waits for an SRCU grace period: here, not on the
-        # event loop (scan's `finally` closes it only when this call did not run)
-        watch.close()
     return {"mounts": mounts, "mnt_ns": mnt_ns, "cgroups": cgroups, "sb_released": released}
 
 
