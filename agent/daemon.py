@@ -28,7 +28,7 @@ import trio
 
 from agent import __version__ as VERSION
 from agent import config as config_mod
-from agent import hardening, log
+from agent import hardening, log, memory_hygiene
 from agent.destroy import workers as destroy_workers
 from agent.keys.attestation import AttestationKeyStore
 from agent.ops import debug as debug_mod
@@ -152,6 +152,7 @@ class Daemon:
                     self._ready_if_healthy(notifier, service)
                     nursery.start_soon(notifier.watchdog_task)
                     nursery.start_soon(self._status_task, notifier, service)
+                memory_hygiene.freeze_startup_heap()  # full collections skip start-up
                 _log.info("agent_ready", version=VERSION, node_id=cfg.node.node_id,
                           socket_mode=oct(cfg.rpc.socket_mode),
                           max_connections=gate.max_connections,

@@ -790,3 +790,29 @@ async def test_proof_chain_hashes_the_evidence_as_each_step_sealed_it(engine):
     assert out2.evidence[6]["ok"] is False and out2.evidence[6]["steps_verified"] == 1
     res = verify_cdp(sign_cdp(out2, signer()))
     assert res["valid"] is False and res["checks"]["evidence"] is False, res
+
+
+PIPE_CMD = """
+python3 -c "
+import os, socket, time
+r, w = os.pipe(); os.write(w, b'x' * 3000)
+a, b = socket.socketpair()
+open('/tmp/ready', 'w').close(); time.sleep(1000)
+" </dev/null >/dev/null 2>&1 &
+while [ ! -e /tmp/ready ]; do sleep 0.01; done
+"""
+
+
+async def test_step3_measures_pipe_bytes_and_sockets_of_the_frozen_processes(engine):
+    """Bytes queued in a session pipe and the sockets a session process holds are
+    measured from the frozen processes (step 3's worker-thread call) and reported as not
+    wiped."""
+    sb = await engine.create(new_id(), tier="free", classification="general")
+    r = await sb.exec(PIPE_CMD, timeout=20)
+    assert r.exit_code == 0, r.stderr
+    out = await run_pipeline(make_ctx(sb))
+    ev = out.evidence[2]
+    assert out.status == "destroyed", bad(out)
+    assert ev["pipe_buffer_bytes"] == 3000
+    assert ev["sockets"] >= 2  # the pair (PID 1's own control sockets come on top)
+    assert ev["pipe_socket_buffers_wiped"] is False

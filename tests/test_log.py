@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from agent import log
@@ -38,3 +39,32 @@ def test_journal_stream_match_and_priority_prefixes():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_level_gate_writes_only_lines_at_or_above_the_level():
+    """A bound logger writes the lines at or above the configured level (with its bound
+    context) to the fd and nothing for the ones below, whatever the method."""
+    r, w = os.pipe()
+    before = log.get_level()
+    try:
+        log.setup("warning", fd=w, journal=False)
+        lg = log.get(session_id="s1")
+        assert lg.info("below", n=1) is None
+        lg.debug("below")
+        lg.warning("kept", n=2)
+        lg.error("kept_too")
+        lg.exception("kept_three")
+        log.set_level("debug")
+        lg.debug("now_kept")
+        os.close(w)
+        w = -1
+        lines = [json.loads(x) for x in os.read(r, 65536).decode().splitlines()]
+        assert [(x["event"], x["level"]) for x in lines] == [
+            ("kept", "warning"), ("kept_too", "error"), ("kept_three", "error"),
+            ("now_kept", "debug")]
+        assert all(x["session_id"] == "s1" for x in lines) and lines[0]["n"] == 2
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        log.setup(before)

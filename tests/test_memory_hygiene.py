@@ -93,3 +93,29 @@ def test_measure_tells_a_wiping_allocator_from_a_plain_one():
     assert not got["plain"]["free_perturb_configured"]
     assert got["wiping"]["allocator"] == "malloc" and got["wiping"]["free_perturb_configured"]
     assert got["wiping"]["freed_small_cleared"] and got["wiping"]["freed_large_cleared"]
+
+
+def test_frozen_startup_heap_still_collects_what_comes_after():
+    """After freeze_startup_heap() (the daemon calls it once it is ready) the objects alive
+    at that moment are frozen, and a reference cycle made later (as a session's would be)
+    is still freed by the young-generation collection step 4 runs."""
+    import gc
+    import weakref
+
+    from agent import memory_hygiene
+
+    class Holder:
+        pass
+
+    try:
+        assert memory_hygiene.freeze_startup_heap() == gc.get_freeze_count() > 0
+        a, b = Holder(), Holder()
+        a.other, b.other = b, a
+        a.data = secrets.token_bytes(32)
+        gone = weakref.ref(a)
+        del a, b
+        assert gone() is not None  # only a collection frees a cycle
+        gc.collect(memory_hygiene.GC_GENERATION)
+        assert gone() is None
+    finally:
+        gc.unfreeze()

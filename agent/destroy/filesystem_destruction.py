@@ -210,13 +210,16 @@ def wipe_open_unlinked(pids: list[int], dev: int, passes: list[str]) -> TreeStat
                 path = f"{base}/{n}"
                 try:
                     lst = os.stat(path)  # follows the magic link to the inode itself
-                    link = os.readlink(path)
                 except OSError:
                     continue
                 if not stat.S_ISREG(lst.st_mode) or lst.st_nlink != 0:
-                    continue
-                if lst.st_dev != dev and not _is_memfd(link):
-                    continue
+                    continue  # most entries (the mapped binaries and libraries): no readlink
+                if lst.st_dev != dev:
+                    try:
+                        if not _is_memfd(os.readlink(path)):
+                            continue
+                    except OSError:
+                        continue
                 key = (lst.st_dev, lst.st_ino)
                 if key in seen:
                     continue
