@@ -9,7 +9,8 @@ import pytest
 import test_sandbox_fixtures as fx
 import trio
 
-from agent.sandbox import SandboxError, namespaces, userns
+from agent.destroy import residue
+from agent.sandbox import SandboxError, mounts, namespaces, userns
 from agent.sandbox.uts import new_hostname
 
 sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
@@ -26,28 +27,33 @@ async def test_failed_setup_inside_undoes_everything(engine):
     assert list((engine.runtime_dir / "sessions").iterdir()) == []
 
 
-async def test_create_runs_its_prelude_first_and_makes_nothing_when_it_fails(engine):
-    """create()'s prelude (the proof reservation) runs before any piece of the sandbox
-    exists, in the cgroups' worker thread; when it raises, that error ends the create and
-    no slot, cgroup, mount point or process is left."""
+async def test_create_runs_its_prelude_before_pid1_and_leaves_nothing_when_it_fails(engine):
+    """create()'s prelude (the proof reservation) runs in the worker thread that makes the
+    cgroups while nrx-init starts: before any cgroup or PID 1 exists; when it raises, that
+    error ends the create and no slot, cgroup, mount, session directory or process is
+    left (nrx-init, waiting for GO, undoes its tmpfs on EOF)."""
     seen = {}
     sessions = engine.runtime_dir / "sessions"
+    span = engine.cfg.sandbox.uid_slot_size
+    ids = [(engine.slots.base, engine.slots.base + span * engine.slots.count)]
 
     class Refused(Exception):
         pass
 
     def prelude():
         seen["cgroups"] = engine.cgroups.leftovers()
-        seen["sessions"] = list(sessions.iterdir()) if sessions.exists() else []
+        seen["processes"] = residue.processes_with_ids(ids, ids)
         raise Refused("no room")
 
+    sid = fx.new_session_id()
     with pytest.raises(Refused):
-        await engine.create(fx.new_session_id(), tier="tiny", classification="general",
-                            prelude=prelude)
-    assert seen == {"cgroups": [], "sessions": []}
+        await engine.create(sid, tier="tiny", classification="general", prelude=prelude)
+    assert seen == {"cgroups": [], "processes": 0}
     assert not engine.slots.in_use() and not engine.live
     assert engine.cgroups.leftovers() == []
-    assert not sessions.exists() or list(sessions.iterdir()) == []
+    assert list(sessions.iterdir()) == []
+    assert not mounts.is_mountpoint(mounts.mount_path(engine.runtime_dir, sid))
+    assert residue.processes_with_ids(ids, ids) == 0
     ran = []
     sb = await engine.create(fx.new_session_id(), tier="tiny", classification="general",
                              prelude=lambda: ran.append(engine.cgroups.leftovers()))
@@ -55,6 +61,31 @@ async def test_create_runs_its_prelude_first_and_makes_nothing_when_it_fails(eng
         assert ran == [[]] and engine.cgroups.leftovers() == [sb.session_id]
     finally:
         await sb.teardown()
+
+
+async def test_a_cgroup_that_cannot_be_made_leaves_nothing(engine, monkeypatch):
+    """When the session cgroups cannot be made (here: the driver refuses, as a full or
+    broken hierarchy would), nrx-init, which already mounted the tmpfs, is told nothing
+    more, clones no PID 1 and undoes its part: no mount, session directory, slot, cgroup
+    or process is left.  The refusal is injected: a real kernel does not fail mkdir in a
+    cgroup hierarchy on demand."""
+    from agent.sandbox.cgroups.base import CgroupError
+
+    span = engine.cfg.sandbox.uid_slot_size
+    ids = [(engine.slots.base, engine.slots.base + span * engine.slots.count)]
+
+    def refuse(name, limits):
+        raise CgroupError("cannot create cgroup (injected)")
+
+    monkeypatch.setattr(engine.cgroups, "create", refuse)
+    sid = fx.new_session_id()
+    with pytest.raises(CgroupError):
+        await engine.create(sid, tier="tiny", classification="general")
+    assert not engine.slots.in_use() and not engine.live
+    assert engine.cgroups.leftovers() == []
+    assert list((engine.runtime_dir / "sessions").iterdir()) == []
+    assert not mounts.is_mountpoint(mounts.mount_path(engine.runtime_dir, sid))
+    assert residue.processes_with_ids(ids, ids) == 0
 
 
 async def test_cancelled_create_undoes_everything(engine):

@@ -1,10 +1,10 @@
 """The sandbox engine: the ordered plan that makes a session sandbox (SPEC 3) and the
 Sandbox object the rest of the agent uses (docs/design.md).
 
-create(): uid slot (userns) -> hostname (uts) -> cgroup (cgroups driver) -> seccomp BPF
--> mount point (mounts) -> nrx-init [joins the cgroup, mounts the tmpfs, clones PID 1 into
-user/mnt/uts/ipc/pid/net/cgroup namespaces, maps ids] -> pidfd, root fd, namespace inodes,
-OOM watcher.  Every step pushes its undo on a stack, so a failure undoes exactly what
+create(): uid slot (userns) -> hostname (uts) -> seccomp BPF -> nrx-init [makes the mount
+point, mounts the tmpfs] while a worker thread makes the cgroup (cgroups driver) -> GO ->
+nrx-init [joins the cgroup, clones PID 1 into user/mnt/uts/ipc/pid/net/cgroup namespaces,
+maps ids] -> pidfd, root fd, namespace inodes, OOM watcher.  Every step pushes its undo on a stack, so a failure undoes exactly what
 was done, newest first.
 """
 
@@ -532,6 +532,10 @@ class SandboxEngine:
         self.live: dict[str, Sandbox] = {}
         self._log = log.get().bind(component="sandbox")
         self.binds, self.links = mounts.plan(sc)
+        # the same for every sandbox: built, checked and encoded once
+        self.plan_records = initproto.encode_plan(mounts.setup_plan(
+            self.binds, self.links, sandbox_id=userns.SANDBOX_ID))
+        mounts.sessions_root(self.runtime_dir)  # 0700; nrx-init makes each session's below
         for cls in cfg.classes.values():  # once per profile, at start: fail early
             self.bpf(cls.seccomp_profile)
 
@@ -551,9 +555,9 @@ class SandboxEngine:
                      prelude: Callable[[], object] | None = None) -> Sandbox:
         """A new sandbox.  `unbound` (the warm pool, issue 18): everything but the session
         identity; its PID 1 runs nothing until bind() gave it its hostname.  `prelude`: a
-        blocking call to make first, before any piece of the sandbox exists, in the same
-        worker-thread call as the cgroups (the session's proof reservation: one thread hop
-        instead of two); its exception ends the create with nothing made."""
+        blocking call (the session's proof reservation) made before the cgroups, in the
+        worker-thread call that makes them while nrx-init starts: before any PID 1 exists
+        (nothing can run); its exception ends the create and nothing is left."""
         cfg, sc = self.cfg, self.cfg.sandbox
         if not _SESSION_ID_RE.match(session_id):
             raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
@@ -569,31 +573,28 @@ class SandboxEngine:
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
                         or uts.new_hostname(sc.hostname_prefix, self._hostnames()))
-            # mkdir of ~6 cgroup directories, their limit writes and the mount point's
-            # mkdir (which waits on the filesystem journal while proofs are fsynced):
-            # kernel work that blocked the event loop, i.e. every other session
+            # nrx-init makes the mount point (and a pooled sandbox's unbound mark) and
+            # mounts the tmpfs while a worker thread makes the prelude and the cgroups
             root = mounts.mount_path(self.runtime_dir, session_id)
-            cg = await trio.to_thread.run_sync(self._cgroup_and_root, session_id,
-                                               CgroupLimits.from_tier(t), root, prelude)
-            undo.push("cgroup", lambda: _remove_cgroup(cg))
             undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
                                                                        session_id))
             undo.push("mount", lambda: mounts.detach(root))
-            if unbound:
-                os.close(os.open(unbound_mark(self.runtime_dir, session_id),
-                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
-                map_size=ids.size, sandbox_id=userns.SANDBOX_ID,
-                mount_plan=mounts.setup_plan(self.binds, self.links,
-                                             sandbox_id=userns.SANDBOX_ID),
-                cgroup_procs=[str(p) for p in cg.procs_files()],
+                map_size=ids.size, sandbox_id=userns.SANDBOX_ID, plan_records=self.plan_records,
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
                 orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
-            pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
+            limits = CgroupLimits.from_tier(t)
+
+            def cgroups() -> CgroupHandle:
+                if prelude is not None:
+                    prelude()
+                return self.cgroups.create(session_id, limits)
+
+            pid, pidfd, control, cg = await self._spawn(init_cfg, undo, cgroups)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
@@ -750,25 +751,15 @@ class SandboxEngine:
             raise
         return control, fields
 
-    def _cgroup_and_root(self, session_id: str, limits: CgroupLimits, root: Path,
-                         prelude: Callable[[], object] | None = None):
-        """The caller's prelude (create), then the session cgroups, then the mount point;
-        on failure of the latter the cgroups are removed again (the caller's undo list
-        does not have them yet)."""
-        if prelude is not None:
-            prelude()
-        cg = self.cgroups.create(session_id, limits)
-        try:
-            mounts.make_mount_point(root)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                cg.remove()
-            raise
-        return cg
-
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
-                     cg: CgroupHandle) -> tuple:
-        """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
+                     make_cgroups: Callable[[], CgroupHandle]) -> tuple:
+        """Run nrx-init with the control socket on fd 3 and CONFIG; while it starts (exec,
+        mount point, tmpfs, re-attach socket), `make_cgroups` runs in a worker thread (the
+        caller's prelude, then the session cgroups: kernel work that would block the event
+        loop, i.e. every other session); then GO names the cgroups and nrx-init joins them
+        and clones PID 1.  No PID 1 exists before `make_cgroups` returned: when it raises,
+        our end of the socket is shut, nrx-init undoes its part and exits (reaped here
+        before the caller's undo runs).  Returns (pid, pidfd, control, cgroup)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _size_control_socket(ours)
         control = _exec.Control(ours)
@@ -785,12 +776,17 @@ class SandboxEngine:
             theirs.close()
         helper_fd = os.pidfd_open(helper)
         pid = pidfd = -1
+        cg: CgroupHandle | None = None
 
         def push_kill(pidfd: int) -> None:
             undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
+            cg = await trio.to_thread.run_sync(make_cgroups)
+            undo.push("cgroup", lambda: _remove_cgroup(cg))
             with trio.fail_after(self.cfg.timeouts.create_seconds):
+                with contextlib.suppress(SandboxGone):  # it failed early: its ERROR is read below
+                    await control.send(initproto.encode_go([str(p) for p in cg.procs_files()]))
                 try:
                     while True:
                         kind, fields = await control.recv()
@@ -807,17 +803,20 @@ class SandboxEngine:
                                        "without a message") from None
         finally:
             with trio.CancelScope(shield=True):
+                if pidfd < 0:  # no GO, or no PID yet: nrx-init waiting for GO stops on EOF
+                    with contextlib.suppress(OSError):
+                        ours.shutdown(socket.SHUT_WR)
                 with trio.move_on_after(self.cfg.timeouts.create_seconds):
                     await _reap(helper_fd)
                 os.close(helper_fd)
-                if pidfd < 0:
+                if pidfd < 0 and cg is not None:
                     # aborted before reading it: the helper sent the PID before exiting, so
                     # the child can still be found (to kill and reap it) in the socket
                     pid = _late_pid(ours)
                     if pid > 0:
                         pidfd = os.pidfd_open(pid)
                         push_kill(pidfd)
-        return pid, pidfd, control
+        return pid, pidfd, control, cg
 
     def sweep_leftovers(self) -> dict:
         """Detach session mounts under our runtime dir and remove session cgroups under
