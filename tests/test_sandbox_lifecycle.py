@@ -4,6 +4,7 @@ and hostnames are unique among live sandboxes, teardown pieces are idempotent.""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import test_sandbox_fixtures as fx
@@ -27,12 +28,11 @@ async def test_failed_setup_inside_undoes_everything(engine):
     assert list((engine.runtime_dir / "sessions").iterdir()) == []
 
 
-async def test_create_runs_its_prelude_before_pid1_and_leaves_nothing_when_it_fails(engine):
-    """create()'s prelude (the proof reservation) runs in the worker thread that makes the
-    cgroups while nrx-init starts: before any cgroup or PID 1 exists; when it raises, that
-    error ends the create and no slot, cgroup, mount, session directory or process is
-    left (nrx-init, waiting for GO, undoes its tmpfs on EOF)."""
-    seen = {}
+async def test_create_returns_after_its_prelude_and_leaves_nothing_when_it_fails(engine):
+    """create()'s prelude (the proof reservation) runs in a worker thread alongside the
+    whole build (here it is still running when PID 1 exists); create returns only after
+    it returned, and when it raises, that error ends the create and no slot, cgroup,
+    mount, session directory or process is left, PID 1 included."""
     sessions = engine.runtime_dir / "sessions"
     span = engine.cfg.sandbox.uid_slot_size
     ids = [(engine.slots.base, engine.slots.base + span * engine.slots.count)]
@@ -40,25 +40,34 @@ async def test_create_runs_its_prelude_before_pid1_and_leaves_nothing_when_it_fa
     class Refused(Exception):
         pass
 
-    def prelude():
-        seen["cgroups"] = engine.cgroups.leftovers()
-        seen["processes"] = residue.processes_with_ids(ids, ids)
-        raise Refused("no room")
+    def prelude(seen: dict, fail: bool):
+        deadline = time.monotonic() + 5
+        while not residue.processes_with_ids(ids, ids) and time.monotonic() < deadline:
+            time.sleep(0.001)  # the sandbox is built meanwhile
+        seen["pid 1 while it ran"] = residue.processes_with_ids(ids, ids) > 0
+        time.sleep(0.02)
+        seen["returned"] = time.monotonic()
+        if fail:
+            raise Refused("no room")
 
+    seen: dict = {}
     sid = fx.new_session_id()
     with pytest.raises(Refused):
-        await engine.create(sid, tier="tiny", classification="general", prelude=prelude)
-    assert seen == {"cgroups": [], "processes": 0}
+        await engine.create(sid, tier="tiny", classification="general",
+                            prelude=lambda: prelude(seen, True))
+    assert seen["pid 1 while it ran"]
     assert not engine.slots.in_use() and not engine.live
     assert engine.cgroups.leftovers() == []
     assert list(sessions.iterdir()) == []
     assert not mounts.is_mountpoint(mounts.mount_path(engine.runtime_dir, sid))
     assert residue.processes_with_ids(ids, ids) == 0
-    ran = []
+    seen = {}
     sb = await engine.create(fx.new_session_id(), tier="tiny", classification="general",
-                             prelude=lambda: ran.append(engine.cgroups.leftovers()))
-    try:
-        assert ran == [[]] and engine.cgroups.leftovers() == [sb.session_id]
+                             prelude=lambda: prelude(seen, False))
+    after = time.monotonic()
+    try:  # create did not return before its prelude did
+        assert seen["pid 1 while it ran"] and "returned" in seen and seen["returned"] <= after
+        assert sb.init_pid in sb.cgroup.pids()
     finally:
         await sb.teardown()
 

@@ -517,6 +517,46 @@ def _spawn_helper(path: str, control_fd: int) -> int:
     return pid
 
 
+class _Background:
+    """A blocking call started in a worker thread at once and awaited later: create()
+    starts the proof reservation and the cgroups this way before it spawns nrx-init, so
+    the three run together (trio.to_thread.run_sync would start the thread only after a
+    trip through the scheduler, i.e. after the spawn).  It takes a token of trio's default
+    thread limiter like to_thread does (bounded threads); `result()` is always awaited."""
+
+    def __init__(self, fn: Callable[[], Any], limiter: trio.CapacityLimiter) -> None:
+        self._done = trio.Event()
+        self._outcome: Any = None
+        self._limiter = limiter
+        token = trio.lowlevel.current_trio_token()
+
+        def finish(result: Any) -> None:  # in the trio thread
+            self._outcome = result
+            limiter.release_on_behalf_of(self)
+            self._done.set()
+
+        limiter.acquire_on_behalf_of_nowait(self)  # WouldBlock: the caller waits first
+        trio.lowlevel.start_thread_soon(fn, lambda r: token.run_sync_soon(finish, r),
+                                        name="nrx-create")
+
+    @classmethod
+    async def start(cls, fn: Callable[[], Any]) -> _Background:
+        limiter = trio.to_thread.current_default_thread_limiter()
+        while True:
+            try:
+                return cls(fn, limiter)
+            except trio.WouldBlock:
+                await limiter.acquire()  # wait for a token, then hand it back and retry
+                limiter.release()
+
+    async def result(self) -> Any:
+        """The call's return value or exception; waits for it even when cancelled (what
+        it made must be known to be undone)."""
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+        return self._outcome.unwrap()
+
+
 class SandboxEngine:
     """Creates sandboxes; one per agent process."""
 
@@ -555,9 +595,11 @@ class SandboxEngine:
                      prelude: Callable[[], object] | None = None) -> Sandbox:
         """A new sandbox.  `unbound` (the warm pool, issue 18): everything but the session
         identity; its PID 1 runs nothing until bind() gave it its hostname.  `prelude`: a
-        blocking call (the session's proof reservation) made before the cgroups, in the
-        worker-thread call that makes them while nrx-init starts: before any PID 1 exists
-        (nothing can run); its exception ends the create and nothing is left."""
+        blocking call (the session's proof reservation: its fsyncs wait on the disk) run
+        in a worker thread alongside the whole build; create returns only after it did,
+        so before the caller answers, and PID 1 runs nothing before an EXEC, which needs
+        that answer.  Its exception ends the create: everything built is undone (nothing
+        ran in it) and that exception is raised."""
         cfg, sc = self.cfg, self.cfg.sandbox
         if not _SESSION_ID_RE.match(session_id):
             raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
@@ -568,7 +610,10 @@ class SandboxEngine:
         bpf = self.bpf(cfg.classes[classification].seccomp_profile)
         undo = CleanupStack()
         t0 = time.monotonic()
+        pre = None
         try:
+            if prelude is not None:  # its fsyncs wait on the disk: alongside all the rest
+                pre = await _Background.start(prelude)
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
@@ -588,23 +633,23 @@ class SandboxEngine:
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
                 orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
             limits = CgroupLimits.from_tier(t)
-
-            def cgroups() -> CgroupHandle:
-                if prelude is not None:
-                    prelude()
-                return self.cgroups.create(session_id, limits)
-
-            pid, pidfd, control, cg = await self._spawn(init_cfg, undo, cgroups)
+            pid, pidfd, control, cg = await self._spawn(
+                init_cfg, undo, lambda: self.cgroups.create(session_id, limits))
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
                          pidfd=pidfd, control=control, root_mount_path=root, root_fd=root_fd,
                          tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo)
+            if pre is not None:  # done before create returns (before the caller answers)
+                done, pre = pre, None
+                await done.result()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await undo.run(lambda name, e: self._log.error(
                     "create_undo_failed", session_id=session_id, step=name,
                     error=_err_text(e)))
+                if pre is not None:  # waited for, so the caller can undo it; its error first
+                    await pre.result()
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
@@ -753,37 +798,41 @@ class SandboxEngine:
 
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
                      make_cgroups: Callable[[], CgroupHandle]) -> tuple:
-        """Run nrx-init with the control socket on fd 3 and CONFIG; while it starts (exec,
-        mount point, tmpfs, re-attach socket), `make_cgroups` runs in a worker thread (the
-        caller's prelude, then the session cgroups: kernel work that would block the event
-        loop, i.e. every other session); then GO names the cgroups and nrx-init joins them
-        and clones PID 1.  No PID 1 exists before `make_cgroups` returned: when it raises,
-        our end of the socket is shut, nrx-init undoes its part and exits (reaped here
-        before the caller's undo runs).  Returns (pid, pidfd, control, cgroup)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        _size_control_socket(ours)
-        control = _exec.Control(ours)
-        undo.push("control", control.close)
-        try:
-            ours.send(init_cfg.encode())
-            fd = theirs.fileno()
-            if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
-                fd = os.dup(fd)
-                theirs.close()
-                theirs = socket.socket(fileno=fd)
-            helper = _spawn_helper(str(INIT_BIN), fd)
-        finally:
-            theirs.close()
-        helper_fd = os.pidfd_open(helper)
-        pid = pidfd = -1
+        """Start `make_cgroups` (~5 cgroup mkdirs and limit writes: kernel work that would
+        block the event loop, i.e. every other session) in a worker thread, then run
+        nrx-init with the control socket on fd 3 and CONFIG; it makes the mount point,
+        mounts the tmpfs and binds the re-attach socket meanwhile.  Once the cgroups exist,
+        GO names them and nrx-init joins them and clones PID 1.  When anything before GO
+        fails, our end of the socket is shut, nrx-init undoes its part and exits (reaped
+        here before the caller's undo runs), and the cgroups are removed by the undo.
+        Returns (pid, pidfd, control, cgroup)."""
+        cgs = await _Background.start(make_cgroups)
         cg: CgroupHandle | None = None
+        ours: socket.socket | None = None
+        helper_fd = pid = pidfd = -1
 
         def push_kill(pidfd: int) -> None:
             undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
-            cg = await trio.to_thread.run_sync(make_cgroups)
-            undo.push("cgroup", lambda: _remove_cgroup(cg))
+            try:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                _size_control_socket(ours)
+                control = _exec.Control(ours)
+                undo.push("control", control.close)
+                try:
+                    ours.send(init_cfg.encode())
+                    fd = theirs.fileno()
+                    if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
+                        fd = os.dup(fd)
+                        theirs.close()
+                        theirs = socket.socket(fileno=fd)
+                    helper_fd = os.pidfd_open(_spawn_helper(str(INIT_BIN), fd))
+                finally:
+                    theirs.close()
+            finally:  # waited for whatever happened: what it made is undone
+                cg = await cgs.result()
+                undo.push("cgroup", lambda: _remove_cgroup(cg))
             with trio.fail_after(self.cfg.timeouts.create_seconds):
                 with contextlib.suppress(SandboxGone):  # it failed early: its ERROR is read below
                     await control.send(initproto.encode_go([str(p) for p in cg.procs_files()]))
@@ -802,20 +851,21 @@ class SandboxEngine:
                     raise SandboxError("sandbox creation failed: nrx-init exited early "
                                        "without a message") from None
         finally:
-            with trio.CancelScope(shield=True):
-                if pidfd < 0:  # no GO, or no PID yet: nrx-init waiting for GO stops on EOF
-                    with contextlib.suppress(OSError):
-                        ours.shutdown(socket.SHUT_WR)
-                with trio.move_on_after(self.cfg.timeouts.create_seconds):
-                    await _reap(helper_fd)
-                os.close(helper_fd)
-                if pidfd < 0 and cg is not None:
-                    # aborted before reading it: the helper sent the PID before exiting, so
-                    # the child can still be found (to kill and reap it) in the socket
-                    pid = _late_pid(ours)
-                    if pid > 0:
-                        pidfd = os.pidfd_open(pid)
-                        push_kill(pidfd)
+            if helper_fd >= 0:
+                with trio.CancelScope(shield=True):
+                    if pidfd < 0:  # no GO, or no PID yet: nrx-init waiting for GO stops on EOF
+                        with contextlib.suppress(OSError):
+                            ours.shutdown(socket.SHUT_WR)
+                    with trio.move_on_after(self.cfg.timeouts.create_seconds):
+                        await _reap(helper_fd)
+                    os.close(helper_fd)
+                    if pidfd < 0 and cg is not None:
+                        # aborted before reading it: the helper sent the PID before exiting,
+                        # so the child can still be found (to kill and reap it) in the socket
+                        pid = _late_pid(ours)
+                        if pid > 0:
+                            pidfd = os.pidfd_open(pid)
+                            push_kill(pidfd)
         return pid, pidfd, control, cg
 
     def sweep_leftovers(self) -> dict:
