@@ -798,44 +798,58 @@ class SandboxEngine:
 
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
                      make_cgroups: Callable[[], CgroupHandle]) -> tuple:
-        """Start `make_cgroups` (~5 cgroup mkdirs and limit writes: kernel work that would
-        block the event loop, i.e. every other session) in a worker thread, then run
-        nrx-init with the control socket on fd 3 and CONFIG; it makes the mount point,
-        mounts the tmpfs and binds the re-attach socket meanwhile.  Once the cgroups exist,
-        GO names them and nrx-init joins them and clones PID 1.  When anything before GO
+        """Send CONFIG, start `make_cgroups` (~5 cgroup mkdirs and limit writes: kernel
+        work that would block the event loop, i.e. every other session) in a worker
+        thread, then run nrx-init with the control socket on fd 3; it makes the mount
+        point, mounts the tmpfs and binds the re-attach socket meanwhile.  Once the cgroups
+        exist, the thread sends GO naming them and nrx-init joins them and clones PID 1.  When anything before GO
         fails, our end of the socket is shut, nrx-init undoes its part and exits (reaped
         here before the caller's undo runs), and the cgroups are removed by the undo.
         Returns (pid, pidfd, control, cgroup)."""
-        cgs = await _Background.start(make_cgroups)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        _size_control_socket(ours)
+        control = _exec.Control(ours)
+        undo.push("control", control.close)
         cg: CgroupHandle | None = None
-        ours: socket.socket | None = None
         helper_fd = pid = pidfd = -1
+
+        def cgroups_then_go() -> tuple[CgroupHandle, bool]:
+            """The cgroups, then GO straight from this thread (no trip through the event
+            loop before nrx-init may clone); False when GO could not be sent here."""
+            made = make_cgroups()
+            try:
+                ours.send(initproto.encode_go([str(p) for p in made.procs_files()]))
+                return made, True
+            except OSError:  # would block, or nrx-init already failed (its ERROR is read)
+                return made, False
 
         def push_kill(pidfd: int) -> None:
             undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
 
         try:
             try:
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                _size_control_socket(ours)
-                control = _exec.Control(ours)
-                undo.push("control", control.close)
-                try:
-                    ours.send(init_cfg.encode())
-                    fd = theirs.fileno()
-                    if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
-                        fd = os.dup(fd)
-                        theirs.close()
-                        theirs = socket.socket(fileno=fd)
-                    helper_fd = os.pidfd_open(_spawn_helper(str(INIT_BIN), fd))
-                finally:
+                ours.send(init_cfg.encode())  # CONFIG before the thread can send GO
+                cgs = await _Background.start(cgroups_then_go)
+            except BaseException:
+                theirs.close()
+                raise
+            try:
+                fd = theirs.fileno()
+                if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
+                    fd = os.dup(fd)
                     theirs.close()
-            finally:  # waited for whatever happened: what it made is undone
-                cg = await cgs.result()
+                    theirs = socket.socket(fileno=fd)
+                helper_fd = os.pidfd_open(_spawn_helper(str(INIT_BIN), fd))
+            finally:
+                theirs.close()
+                # waited for whatever happened: what it made is undone
+                cg, go_sent = await cgs.result()
                 undo.push("cgroup", lambda: _remove_cgroup(cg))
             with trio.fail_after(self.cfg.timeouts.create_seconds):
-                with contextlib.suppress(SandboxGone):  # it failed early: its ERROR is read below
-                    await control.send(initproto.encode_go([str(p) for p in cg.procs_files()]))
+                if not go_sent:
+                    with contextlib.suppress(SandboxGone):  # it failed early: ERROR is read below
+                        await control.send(initproto.encode_go([str(p)
+                                                                for p in cg.procs_files()]))
                 try:
                     while True:
                         kind, fields = await control.recv()
