@@ -519,9 +519,9 @@ def _spawn_helper(path: str, control_fd: int) -> int:
 
 class _Background:
     """A blocking call started in a worker thread at once and awaited later: create()
-    starts the proof reservation and the cgroups this way before it spawns nrx-init, so
-    the three run together (trio.to_thread.run_sync would start the thread only after a
-    trip through the scheduler, i.e. after the spawn).  It takes a token of trio's default
+    starts the proof reservation and the cgroups this way right after it spawned
+    nrx-init, so the three run together (trio.to_thread.run_sync would wait for its
+    result at once, and start the thread only after a trip through the scheduler).  It takes a token of trio's default
     thread limiter like to_thread does (bounded threads); `result()` is always awaited."""
 
     def __init__(self, fn: Callable[[], Any], limiter: trio.CapacityLimiter) -> None:
@@ -610,10 +610,8 @@ class SandboxEngine:
         bpf = self.bpf(cfg.classes[classification].seccomp_profile)
         undo = CleanupStack()
         t0 = time.monotonic()
-        pre = None
+        started: list[_Background] = []  # the prelude's thread, once _spawn started it
         try:
-            if prelude is not None:  # its fsyncs wait on the disk: alongside all the rest
-                pre = await _Background.start(prelude)
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
@@ -634,22 +632,22 @@ class SandboxEngine:
                 orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
             limits = CgroupLimits.from_tier(t)
             pid, pidfd, control, cg = await self._spawn(
-                init_cfg, undo, lambda: self.cgroups.create(session_id, limits))
+                init_cfg, undo, lambda: self.cgroups.create(session_id, limits), prelude,
+                started)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
                          pidfd=pidfd, control=control, root_mount_path=root, root_fd=root_fd,
                          tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo)
-            if pre is not None:  # done before create returns (before the caller answers)
-                done, pre = pre, None
-                await done.result()
+            if started:  # done before create returns (before the caller answers)
+                await started.pop().result()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await undo.run(lambda name, e: self._log.error(
                     "create_undo_failed", session_id=session_id, step=name,
                     error=_err_text(e)))
-                if pre is not None:  # waited for, so the caller can undo it; its error first
-                    await pre.result()
+                if started:  # waited for, so the caller can undo it; its error first
+                    await started.pop().result()
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
@@ -797,15 +795,17 @@ class SandboxEngine:
         return control, fields
 
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
-                     make_cgroups: Callable[[], CgroupHandle]) -> tuple:
-        """Send CONFIG, start `make_cgroups` (~5 cgroup mkdirs and limit writes: kernel
-        work that would block the event loop, i.e. every other session) in a worker
-        thread, then run nrx-init with the control socket on fd 3; it makes the mount
-        point, mounts the tmpfs and binds the re-attach socket meanwhile.  Once the cgroups
-        exist, the thread sends GO naming them and nrx-init joins them and clones PID 1.  When anything before GO
-        fails, our end of the socket is shut, nrx-init undoes its part and exits (reaped
-        here before the caller's undo runs), and the cgroups are removed by the undo.
-        Returns (pid, pidfd, control, cgroup)."""
+                     make_cgroups: Callable[[], CgroupHandle],
+                     prelude: Callable[[], object] | None, started: list) -> tuple:
+        """Run nrx-init with the control socket on fd 3 and CONFIG, then start `prelude`
+        (the proof reservation, appended to `started`: the caller awaits it) and
+        `make_cgroups` (~5 cgroup mkdirs and limit writes: kernel work that would block
+        the event loop, i.e. every other session) in two worker threads; nrx-init makes
+        the mount point, mounts the tmpfs and binds the re-attach socket meanwhile.  Once
+        the cgroups exist, their thread sends GO naming them and nrx-init joins them and
+        clones PID 1.  When anything before GO fails, our end of the socket is shut,
+        nrx-init undoes its part and exits (reaped here before the caller's undo runs),
+        and the cgroups are removed by the undo.  Returns (pid, pidfd, control, cgroup)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _size_control_socket(ours)
         control = _exec.Control(ours)
@@ -829,22 +829,22 @@ class SandboxEngine:
         try:
             try:
                 ours.send(init_cfg.encode())  # CONFIG before the thread can send GO
-                cgs = await _Background.start(cgroups_then_go)
-            except BaseException:
-                theirs.close()
-                raise
-            try:
                 fd = theirs.fileno()
                 if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
                     fd = os.dup(fd)
                     theirs.close()
                     theirs = socket.socket(fileno=fd)
+                # spawned before the threads start: a thread running Python would hold the
+                # GIL this thread needs back after the spawn (up to the 5 ms switch interval)
                 helper_fd = os.pidfd_open(_spawn_helper(str(INIT_BIN), fd))
             finally:
                 theirs.close()
-                # waited for whatever happened: what it made is undone
-                cg, go_sent = await cgs.result()
-                undo.push("cgroup", lambda: _remove_cgroup(cg))
+            if prelude is not None:
+                started.append(await _Background.start(prelude))
+            cgs = await _Background.start(cgroups_then_go)
+            # waited for whatever happens: what it made is undone
+            cg, go_sent = await cgs.result()
+            undo.push("cgroup", lambda: _remove_cgroup(cg))
             with trio.fail_after(self.cfg.timeouts.create_seconds):
                 if not go_sent:
                     with contextlib.suppress(SandboxGone):  # it failed early: ERROR is read below
