@@ -42,6 +42,8 @@ SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# the namespaces PID 1's clone makes (the cgroup one it makes again in its setup)
+_CLONED_NAMESPACES = tuple(n for n in namespaces_mod.NAMESPACES if n != "cgroup")
 
 
 def unbound_mark(runtime_dir: Path, session_id: str) -> Path:
@@ -631,14 +633,15 @@ class SandboxEngine:
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
                 orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
             limits = CgroupLimits.from_tier(t)
-            pid, pidfd, control, cg = await self._spawn(
+            pid, pidfd, control, cg, (start, ns) = await self._spawn(
                 init_cfg, undo, lambda: self.cgroups.create(session_id, limits), prelude,
                 started)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
                          pidfd=pidfd, control=control, root_mount_path=root, root_fd=root_fd,
-                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo)
+                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo,
+                         init_starttime=start, namespaces=ns)
             if started:  # done before create returns (before the caller answers)
                 await started.pop().result()
         except BaseException:
@@ -805,13 +808,15 @@ class SandboxEngine:
         the cgroups exist, their thread sends GO naming them and nrx-init joins them and
         clones PID 1.  When anything before GO fails, our end of the socket is shut,
         nrx-init undoes its part and exits (reaped here before the caller's undo runs),
-        and the cgroups are removed by the undo.  Returns (pid, pidfd, control, cgroup)."""
+        and the cgroups are removed by the undo.  Returns (pid, pidfd, control, cgroup,
+        (PID 1's start time, its namespace inodes))."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _size_control_socket(ours)
         control = _exec.Control(ours)
         undo.push("control", control.close)
         cg: CgroupHandle | None = None
         helper_fd = pid = pidfd = -1
+        identity: tuple[int, dict[str, int]] = (0, {})
 
         def cgroups_then_go() -> tuple[CgroupHandle, bool]:
             """The cgroups, then GO straight from this thread (no trip through the event
@@ -857,7 +862,13 @@ class SandboxEngine:
                             pid = fields[0]
                             pidfd = os.pidfd_open(pid)
                             push_kill(pidfd)
+                            # while PID 1 sets up: what its clone fixed (an unreaped child's
+                            # pid is not reused); it makes its cgroup namespace in setup
+                            identity = (namespaces_mod.starttime(pid), namespaces_mod.inodes(
+                                pid, _CLONED_NAMESPACES))
                         elif kind == initproto.MSG_READY:
+                            identity[1]["cgroup"] = namespaces_mod.inodes(pid, ("cgroup",))[
+                                "cgroup"]
                             break
                         elif kind == initproto.MSG_ERROR:
                             raise SandboxError(f"sandbox creation failed: {fields[0]}")
@@ -880,7 +891,7 @@ class SandboxEngine:
                         if pid > 0:
                             pidfd = os.pidfd_open(pid)
                             push_kill(pidfd)
-        return pid, pidfd, control, cg
+        return pid, pidfd, control, cg, identity
 
     def sweep_leftovers(self) -> dict:
         """Detach session mounts under our runtime dir and remove session cgroups under
