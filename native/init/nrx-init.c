@@ -69,9 +69,9 @@ static int join_fast(const char *path, int *into_fd, const char **into_procs)
     memcpy(dir, path, len - sl);
     dir[len - sl] = 0;
     snprintf(tasks, sizeof(tasks), "%s/tasks", dir);
-    if (access(tasks, W_OK) == 0)
-        return write_file(tasks, "0\n");
-    if (*into_fd >= 0)
+    if (write_file(tasks, "0\n") == 0)
+        return 0;
+    if (errno != ENOENT || *into_fd >= 0) /* a v1 `tasks` that refused: cgroup.procs */
         return -1;
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
