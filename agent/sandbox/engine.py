@@ -829,7 +829,9 @@ class SandboxEngine:
                 return made, False
 
         def push_kill(pidfd: int) -> None:
-            undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
+            made = cg  # PID 1 is cloned only after GO, which follows the cgroups
+            assert made is not None
+            undo.push("init", lambda: _kill_and_reap(pidfd, made, control))
 
         try:
             try:
