@@ -538,8 +538,12 @@ class _Background:
             self._done.set()
 
         limiter.acquire_on_behalf_of_nowait(self)  # WouldBlock: the caller waits first
-        trio.lowlevel.start_thread_soon(fn, lambda r: token.run_sync_soon(finish, r),
-                                        name="nrx-create")
+        try:
+            trio.lowlevel.start_thread_soon(fn, lambda r: token.run_sync_soon(finish, r),
+                                            name="nrx-create")
+        except BaseException:  # no thread: nothing ran, the token goes back
+            limiter.release_on_behalf_of(self)
+            raise
 
     @classmethod
     async def start(cls, fn: Callable[[], Any]) -> _Background:
