@@ -869,10 +869,16 @@ class SandboxEngine:
                             pidfd = os.pidfd_open(pid)
                             push_kill(pidfd)
                             # while PID 1 sets up: what its clone fixed (an unreaped child's
-                            # pid is not reused); it makes its cgroup namespace in setup
-                            identity = (namespaces_mod.starttime(pid), namespaces_mod.inodes(
-                                pid, _CLONED_NAMESPACES))
+                            # pid is not reused); it makes its cgroup namespace in setup.  A
+                            # PID 1 that already failed has no namespaces left to read (its
+                            # ERROR follows): read at READY then
+                            with contextlib.suppress(OSError):
+                                identity = (namespaces_mod.starttime(pid),
+                                            namespaces_mod.inodes(pid, _CLONED_NAMESPACES))
                         elif kind == initproto.MSG_READY:
+                            if not identity[1]:
+                                identity = (namespaces_mod.starttime(pid),
+                                            namespaces_mod.inodes(pid, _CLONED_NAMESPACES))
                             identity[1]["cgroup"] = namespaces_mod.inodes(pid, ("cgroup",))[
                                 "cgroup"]
                             break
