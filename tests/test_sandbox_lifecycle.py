@@ -4,12 +4,14 @@ and hostnames are unique among live sandboxes, teardown pieces are idempotent.""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import test_sandbox_fixtures as fx
 import trio
 
-from agent.sandbox import SandboxError, namespaces, userns
+from agent.destroy import residue
+from agent.sandbox import SandboxError, mounts, namespaces, userns
 from agent.sandbox.uts import new_hostname
 
 sandbox_cfg, engine, sandbox = fx.sandbox_cfg, fx.engine, fx.sandbox  # fixtures
@@ -26,35 +28,73 @@ async def test_failed_setup_inside_undoes_everything(engine):
     assert list((engine.runtime_dir / "sessions").iterdir()) == []
 
 
-async def test_create_runs_its_prelude_first_and_makes_nothing_when_it_fails(engine):
-    """create()'s prelude (the proof reservation) runs before any piece of the sandbox
-    exists, in the cgroups' worker thread; when it raises, that error ends the create and
-    no slot, cgroup, mount point or process is left."""
-    seen = {}
+async def test_create_returns_after_its_prelude_and_leaves_nothing_when_it_fails(engine):
+    """create()'s prelude (the proof reservation) runs in a worker thread alongside the
+    whole build (here it is still running when PID 1 exists); create returns only after
+    it returned, and when it raises, that error ends the create and no slot, cgroup,
+    mount, session directory or process is left, PID 1 included."""
     sessions = engine.runtime_dir / "sessions"
+    span = engine.cfg.sandbox.uid_slot_size
+    ids = [(engine.slots.base, engine.slots.base + span * engine.slots.count)]
 
     class Refused(Exception):
         pass
 
-    def prelude():
-        seen["cgroups"] = engine.cgroups.leftovers()
-        seen["sessions"] = list(sessions.iterdir()) if sessions.exists() else []
-        raise Refused("no room")
+    def prelude(seen: dict, fail: bool):
+        deadline = time.monotonic() + 5
+        while not residue.processes_with_ids(ids, ids) and time.monotonic() < deadline:
+            time.sleep(0.001)  # the sandbox is built meanwhile
+        seen["pid 1 while it ran"] = residue.processes_with_ids(ids, ids) > 0
+        time.sleep(0.02)
+        seen["returned"] = time.monotonic()
+        if fail:
+            raise Refused("no room")
 
+    seen: dict = {}
+    sid = fx.new_session_id()
     with pytest.raises(Refused):
-        await engine.create(fx.new_session_id(), tier="tiny", classification="general",
-                            prelude=prelude)
-    assert seen == {"cgroups": [], "sessions": []}
+        await engine.create(sid, tier="tiny", classification="general",
+                            prelude=lambda: prelude(seen, True))
+    assert seen["pid 1 while it ran"]
     assert not engine.slots.in_use() and not engine.live
     assert engine.cgroups.leftovers() == []
-    assert not sessions.exists() or list(sessions.iterdir()) == []
-    ran = []
+    assert list(sessions.iterdir()) == []
+    assert not mounts.is_mountpoint(mounts.mount_path(engine.runtime_dir, sid))
+    assert residue.processes_with_ids(ids, ids) == 0
+    seen = {}
     sb = await engine.create(fx.new_session_id(), tier="tiny", classification="general",
-                             prelude=lambda: ran.append(engine.cgroups.leftovers()))
-    try:
-        assert ran == [[]] and engine.cgroups.leftovers() == [sb.session_id]
+                             prelude=lambda: prelude(seen, False))
+    after = time.monotonic()
+    try:  # create did not return before its prelude did
+        assert seen["pid 1 while it ran"] and "returned" in seen and seen["returned"] <= after
+        assert sb.init_pid in sb.cgroup.pids()
     finally:
         await sb.teardown()
+
+
+async def test_a_cgroup_that_cannot_be_made_leaves_nothing(engine, monkeypatch):
+    """When the session cgroups cannot be made (here: the driver refuses, as a full or
+    broken hierarchy would), nrx-init, which already mounted the tmpfs, is told nothing
+    more, clones no PID 1 and undoes its part: no mount, session directory, slot, cgroup
+    or process is left.  The refusal is injected: a real kernel does not fail mkdir in a
+    cgroup hierarchy on demand."""
+    from agent.sandbox.cgroups.base import CgroupError
+
+    span = engine.cfg.sandbox.uid_slot_size
+    ids = [(engine.slots.base, engine.slots.base + span * engine.slots.count)]
+
+    def refuse(name, limits):
+        raise CgroupError("cannot create cgroup (injected)")
+
+    monkeypatch.setattr(engine.cgroups, "create", refuse)
+    sid = fx.new_session_id()
+    with pytest.raises(CgroupError):
+        await engine.create(sid, tier="tiny", classification="general")
+    assert not engine.slots.in_use() and not engine.live
+    assert engine.cgroups.leftovers() == []
+    assert list((engine.runtime_dir / "sessions").iterdir()) == []
+    assert not mounts.is_mountpoint(mounts.mount_path(engine.runtime_dir, sid))
+    assert residue.processes_with_ids(ids, ids) == 0
 
 
 async def test_cancelled_create_undoes_everything(engine):
@@ -68,11 +108,12 @@ async def test_cancelled_create_undoes_everything(engine):
 
 
 async def test_sandbox_exposes_what_destruction_needs(sandbox):
-    """pidfd, init pid + starttime, pinned root fd on the host tmpfs, 7 namespace inodes,
-    cgroup paths, slot ids."""
+    """pidfd, init pid + starttime, pinned root fd on the host tmpfs, 7 namespace inodes
+    (PID 1's own, as /proc shows them once it is ready: six read while it set up, the
+    cgroup one it made in setup read after), cgroup paths, slot ids."""
     assert sandbox.init_pid in sandbox.cgroup.pids()
     assert sandbox.init_starttime == namespaces.starttime(sandbox.init_pid)
-    assert set(sandbox.namespaces) == set(namespaces.NAMESPACES)
+    assert sandbox.namespaces == namespaces.inodes(sandbox.init_pid)
     for ns, ino in sandbox.namespaces.items():
         assert ino != os.stat(f"/proc/self/ns/{ns}").st_ino, ns
     st = os.stat(".", dir_fd=sandbox.root_fd)

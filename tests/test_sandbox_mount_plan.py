@@ -236,12 +236,16 @@ def raw_config(root: str, plan_records: bytes, extra: bytes = b"") -> bytes:
     return cfg.encode().replace(initproto.encode_op(GOOD), plan_records) + extra
 
 
-def run_init(msg: bytes) -> tuple[int, bytes]:
-    """Run nrx-init on one CONFIG message; (exit status, its first reply)."""
+def run_init(msg: bytes, go: bytes | None = None) -> tuple[int, bytes]:
+    """Run nrx-init on one CONFIG message (and `go` after it, else EOF); (exit status,
+    its first reply, b"" when it sent none)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, initproto.MAX_MSG + 65536)
         ours.send(msg)
+        if go is not None:
+            ours.send(go)
+        ours.shutdown(socket.SHUT_WR)
         try:
             pid = _spawn_helper(str(INIT_BIN), theirs.fileno())
         finally:
@@ -282,10 +286,31 @@ def test_plan_framing_is_bounded(tmp_path):
     for n in (0, mounts.MAX_OPS + 1):
         with pytest.raises(mounts.PlanError):
             mounts.check_plan([GOOD] * n)
-    code, reply = run_init(raw_config(str(tmp_path), one * mounts.MAX_OPS)
-                           + initproto._tlv(initproto.T_CGROUP_PROCS, b"/nonexistent/cgroup.procs"))
+    root = tmp_path / "s" / "root"
+    code, reply = run_init(raw_config(str(root), one * mounts.MAX_OPS),
+                           initproto.encode_go(["/nonexistent/cgroup.procs"]))
     assert code == 1 and b"malformed" not in reply and b"joining cgroup" in reply
-    assert not mounts.is_mountpoint(tmp_path)
+    assert not mounts.is_mountpoint(root)
+
+
+def test_no_pid1_without_a_go_naming_its_cgroups(tmp_path):
+    """nrx-init mounts the session tmpfs while the agent makes the cgroups, but clones no
+    PID 1 until a GO names at least one cgroup: on EOF (the agent gave up), an empty GO, a
+    GO with another tag, or another message instead, it sends no PID, unmounts the tmpfs
+    and exits non-zero."""
+    import struct
+
+    go = struct.pack("=I", initproto.MSG_GO)
+    cases = {"eof": None, "empty GO": go,
+             "GO with another tag": go + initproto._tlv(initproto.T_HOSTNAME, b"h"),
+             "CONFIG again": raw_config("/r", initproto.encode_op(GOOD))}
+    for case, msg in cases.items():
+        root = tmp_path / case.replace(" ", "-") / "root"
+        code, reply = run_init(raw_config(str(root), initproto.encode_op(GOOD)), msg)
+        assert code == 1, case
+        assert reply[:4] != struct.pack("=I", initproto.MSG_PID), case
+        assert reply == b"" if msg is None else b"malformed GO" in reply, case
+        assert root.is_dir() and not mounts.is_mountpoint(root), case
 
 
 @pytest.mark.parametrize("key", ["ro_binds", "usr_links"])

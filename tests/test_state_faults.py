@@ -84,8 +84,10 @@ def test_full_state_disk_destroys_proves_and_refuses_creates(tmp_path):
 
 
 def test_state_out_of_inodes_refuses_creates_and_keeps_proofs(tmp_path):
-    """With no inode left, a create is Unavailable (its proof could not be reserved) and
-    every live session is still destroyed with a verifying proof kept across a restart."""
+    """With no inode left, a create is Unavailable (its proof could not be reserved; the
+    sandbox built alongside is undone: no session directory, mount or process of it is
+    left) and every live session is still destroyed with a verifying proof kept across a
+    restart."""
     base = tmp_path / "a"
     with small_fs(base / "state", size="16m", inodes=256) as fs, AgentDaemon(base) as d:
         sids = [_create(d) for _ in range(4)]
@@ -93,6 +95,7 @@ def test_state_out_of_inodes_refuses_creates_and_keeps_proofs(tmp_path):
         with pytest.raises(Unavailable) as e:
             _create(d)
         assert "proof reservation" in e.value.message
+        assert sorted(p.name for p in (d.runtime_dir / "sessions").iterdir()) == sorted(sids)
         for sid in sids:
             res = d.call("session.destroy", {"session_id": sid})
             assert verifies(res) and not mounted(_root(d, sid))

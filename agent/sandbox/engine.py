@@ -1,10 +1,10 @@
 """The sandbox engine: the ordered plan that makes a session sandbox (SPEC 3) and the
 Sandbox object the rest of the agent uses (docs/design.md).
 
-create(): uid slot (userns) -> hostname (uts) -> cgroup (cgroups driver) -> seccomp BPF
--> mount point (mounts) -> nrx-init [joins the cgroup, mounts the tmpfs, clones PID 1 into
-user/mnt/uts/ipc/pid/net/cgroup namespaces, maps ids] -> pidfd, root fd, namespace inodes,
-OOM watcher.  Every step pushes its undo on a stack, so a failure undoes exactly what
+create(): uid slot (userns) -> hostname (uts) -> seccomp BPF -> nrx-init [makes the mount
+point, mounts the tmpfs] while a worker thread makes the cgroup (cgroups driver) -> GO ->
+nrx-init [joins the cgroup, clones PID 1 into user/mnt/uts/ipc/pid/net/cgroup namespaces,
+maps ids] -> pidfd, root fd, namespace inodes, OOM watcher.  Every step pushes its undo on a stack, so a failure undoes exactly what
 was done, newest first.
 """
 
@@ -42,6 +42,8 @@ SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
 O_PATH = 0o10000000
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# the namespaces PID 1's clone makes (the cgroup one it makes again in its setup)
+_CLONED_NAMESPACES = tuple(n for n in namespaces_mod.NAMESPACES if n != "cgroup")
 
 
 def unbound_mark(runtime_dir: Path, session_id: str) -> Path:
@@ -517,6 +519,50 @@ def _spawn_helper(path: str, control_fd: int) -> int:
     return pid
 
 
+class _Background:
+    """A blocking call started in a worker thread at once and awaited later: create()
+    starts the proof reservation and the cgroups this way right after it spawned
+    nrx-init, so the three run together (trio.to_thread.run_sync would wait for its
+    result at once, and start the thread only after a trip through the scheduler).  It takes a token of trio's default
+    thread limiter like to_thread does (bounded threads); `result()` is always awaited."""
+
+    def __init__(self, fn: Callable[[], Any], limiter: trio.CapacityLimiter) -> None:
+        self._done = trio.Event()
+        self._outcome: Any = None
+        self._limiter = limiter
+        token = trio.lowlevel.current_trio_token()
+
+        def finish(result: Any) -> None:  # in the trio thread
+            self._outcome = result
+            limiter.release_on_behalf_of(self)
+            self._done.set()
+
+        limiter.acquire_on_behalf_of_nowait(self)  # WouldBlock: the caller waits first
+        try:
+            trio.lowlevel.start_thread_soon(fn, lambda r: token.run_sync_soon(finish, r),
+                                            name="nrx-create")
+        except BaseException:  # no thread: nothing ran, the token goes back
+            limiter.release_on_behalf_of(self)
+            raise
+
+    @classmethod
+    async def start(cls, fn: Callable[[], Any]) -> _Background:
+        limiter = trio.to_thread.current_default_thread_limiter()
+        while True:
+            try:
+                return cls(fn, limiter)
+            except trio.WouldBlock:
+                await limiter.acquire()  # wait for a token, then hand it back and retry
+                limiter.release()
+
+    async def result(self) -> Any:
+        """The call's return value or exception; waits for it even when cancelled (what
+        it made must be known to be undone)."""
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+        return self._outcome.unwrap()
+
+
 class SandboxEngine:
     """Creates sandboxes; one per agent process."""
 
@@ -532,6 +578,10 @@ class SandboxEngine:
         self.live: dict[str, Sandbox] = {}
         self._log = log.get().bind(component="sandbox")
         self.binds, self.links = mounts.plan(sc)
+        # the same for every sandbox: built, checked and encoded once
+        self.plan_records = initproto.encode_plan(mounts.setup_plan(
+            self.binds, self.links, sandbox_id=userns.SANDBOX_ID))
+        mounts.sessions_root(self.runtime_dir)  # 0700; nrx-init makes each session's below
         for cls in cfg.classes.values():  # once per profile, at start: fail early
             self.bpf(cls.seccomp_profile)
 
@@ -551,9 +601,11 @@ class SandboxEngine:
                      prelude: Callable[[], object] | None = None) -> Sandbox:
         """A new sandbox.  `unbound` (the warm pool, issue 18): everything but the session
         identity; its PID 1 runs nothing until bind() gave it its hostname.  `prelude`: a
-        blocking call to make first, before any piece of the sandbox exists, in the same
-        worker-thread call as the cgroups (the session's proof reservation: one thread hop
-        instead of two); its exception ends the create with nothing made."""
+        blocking call (the session's proof reservation: its fsyncs wait on the disk) run
+        in a worker thread alongside the whole build; create returns only after it did,
+        so before the caller answers, and PID 1 runs nothing before an EXEC, which needs
+        that answer.  Its exception ends the create: everything built is undone (nothing
+        ran in it) and that exception is raised."""
         cfg, sc = self.cfg, self.cfg.sandbox
         if not _SESSION_ID_RE.match(session_id):
             raise SandboxError(f"invalid session id {session_id!r}: use [A-Za-z0-9_-], 1..64")
@@ -564,46 +616,45 @@ class SandboxEngine:
         bpf = self.bpf(cfg.classes[classification].seccomp_profile)
         undo = CleanupStack()
         t0 = time.monotonic()
+        started: list[_Background] = []  # the prelude's thread, once _spawn started it
         try:
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname
                         or uts.new_hostname(sc.hostname_prefix, self._hostnames()))
-            # mkdir of ~6 cgroup directories, their limit writes and the mount point's
-            # mkdir (which waits on the filesystem journal while proofs are fsynced):
-            # kernel work that blocked the event loop, i.e. every other session
+            # nrx-init makes the mount point (and a pooled sandbox's unbound mark) and
+            # mounts the tmpfs while a worker thread makes the prelude and the cgroups
             root = mounts.mount_path(self.runtime_dir, session_id)
-            cg = await trio.to_thread.run_sync(self._cgroup_and_root, session_id,
-                                               CgroupLimits.from_tier(t), root, prelude)
-            undo.push("cgroup", lambda: _remove_cgroup(cg))
             undo.push("session_dir", lambda: mounts.remove_session_dir(self.runtime_dir,
                                                                        session_id))
             undo.push("mount", lambda: mounts.detach(root))
-            if unbound:
-                os.close(os.open(unbound_mark(self.runtime_dir, session_id),
-                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             init_cfg = initproto.InitConfig(
                 hostname=hostname, root=str(root), tmpfs_size=tmpfs_bytes,
                 tmpfs_inodes=t.tmpfs_inodes, uid_base=ids.base, gid_base=ids.base,
-                map_size=ids.size, sandbox_id=userns.SANDBOX_ID,
-                mount_plan=mounts.setup_plan(self.binds, self.links,
-                                             sandbox_id=userns.SANDBOX_ID),
-                cgroup_procs=[str(p) for p in cg.procs_files()],
+                map_size=ids.size, sandbox_id=userns.SANDBOX_ID, plan_records=self.plan_records,
                 oom_score_adj=sc.sandbox_oom_score_adj, nofile=sc.rlimit_nofile,
                 fsize=sc.rlimit_fsize_bytes or tmpfs_bytes, seccomp_bpf=bpf,
                 attach_path=str(mounts.attach_path(self.runtime_dir, session_id)),
                 orphan_grace_ms=int(sc.orphan_grace_seconds * 1000), unbound=unbound)
-            pid, pidfd, control = await self._spawn(init_cfg, undo, cg)
+            limits = CgroupLimits.from_tier(t)
+            pid, pidfd, control, cg, (start, ns) = await self._spawn(
+                init_cfg, undo, lambda: self.cgroups.create(session_id, limits), prelude,
+                started)
             root_fd = os.open(root, O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             undo.push("root_fd", lambda: os.close(root_fd))
             sb = Sandbox(session_id=session_id, hostname=hostname, ids=ids, init_pid=pid,
                          pidfd=pidfd, control=control, root_mount_path=root, root_fd=root_fd,
-                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo)
+                         tmpfs_bytes=tmpfs_bytes, cgroup=cg, engine=self, cleanup=undo,
+                         init_starttime=start, namespaces=ns)
+            if started:  # done before create returns (before the caller answers)
+                await started.pop().result()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await undo.run(lambda name, e: self._log.error(
                     "create_undo_failed", session_id=session_id, step=name,
                     error=_err_text(e)))
+                if started:  # waited for, so the caller can undo it; its error first
+                    await started.pop().result()
             raise
         self.live[session_id] = sb
         self._log.info("sandbox_created", session_id=session_id, slot=ids.slot,
@@ -750,47 +801,66 @@ class SandboxEngine:
             raise
         return control, fields
 
-    def _cgroup_and_root(self, session_id: str, limits: CgroupLimits, root: Path,
-                         prelude: Callable[[], object] | None = None):
-        """The caller's prelude (create), then the session cgroups, then the mount point;
-        on failure of the latter the cgroups are removed again (the caller's undo list
-        does not have them yet)."""
-        if prelude is not None:
-            prelude()
-        cg = self.cgroups.create(session_id, limits)
-        try:
-            mounts.make_mount_point(root)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                cg.remove()
-            raise
-        return cg
-
     async def _spawn(self, init_cfg: initproto.InitConfig, undo: CleanupStack,
-                     cg: CgroupHandle) -> tuple:
-        """Run nrx-init with the control socket on fd 3; returns (pid, pidfd, control)."""
+                     make_cgroups: Callable[[], CgroupHandle],
+                     prelude: Callable[[], object] | None, started: list) -> tuple:
+        """Run nrx-init with the control socket on fd 3 and CONFIG, then start `prelude`
+        (the proof reservation, appended to `started`: the caller awaits it) and
+        `make_cgroups` (~5 cgroup mkdirs and limit writes: kernel work that would block
+        the event loop, i.e. every other session) in two worker threads; nrx-init makes
+        the mount point, mounts the tmpfs and binds the re-attach socket meanwhile.  Once
+        the cgroups exist, their thread sends GO naming them and nrx-init joins them and
+        clones PID 1.  When anything before GO fails, our end of the socket is shut,
+        nrx-init undoes its part and exits (reaped here before the caller's undo runs),
+        and the cgroups are removed by the undo.  Returns (pid, pidfd, control, cgroup,
+        (PID 1's start time, its namespace inodes))."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _size_control_socket(ours)
         control = _exec.Control(ours)
         undo.push("control", control.close)
-        try:
-            ours.send(init_cfg.encode())
-            fd = theirs.fileno()
-            if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
-                fd = os.dup(fd)
-                theirs.close()
-                theirs = socket.socket(fileno=fd)
-            helper = _spawn_helper(str(INIT_BIN), fd)
-        finally:
-            theirs.close()
-        helper_fd = os.pidfd_open(helper)
-        pid = pidfd = -1
+        cg: CgroupHandle | None = None
+        helper_fd = pid = pidfd = -1
+        identity: tuple[int, dict[str, int]] = (0, {})
+
+        def cgroups_then_go() -> tuple[CgroupHandle, bool]:
+            """The cgroups, then GO straight from this thread (no trip through the event
+            loop before nrx-init may clone); False when GO could not be sent here."""
+            made = make_cgroups()
+            try:
+                ours.send(initproto.encode_go([str(p) for p in made.procs_files()]))
+                return made, True
+            except OSError:  # would block, or nrx-init already failed (its ERROR is read)
+                return made, False
 
         def push_kill(pidfd: int) -> None:
-            undo.push("init", lambda: _kill_and_reap(pidfd, cg, control))
+            made = cg  # PID 1 is cloned only after GO, which follows the cgroups
+            assert made is not None
+            undo.push("init", lambda: _kill_and_reap(pidfd, made, control))
 
         try:
+            try:
+                ours.send(init_cfg.encode())  # CONFIG before the thread can send GO
+                fd = theirs.fileno()
+                if fd == 3:  # dup2(3, 3) would keep O_CLOEXEC
+                    fd = os.dup(fd)
+                    theirs.close()
+                    theirs = socket.socket(fileno=fd)
+                # spawned before the threads start: a thread running Python would hold the
+                # GIL this thread needs back after the spawn (up to the 5 ms switch interval)
+                helper_fd = os.pidfd_open(_spawn_helper(str(INIT_BIN), fd))
+            finally:
+                theirs.close()
+            if prelude is not None:
+                started.append(await _Background.start(prelude))
+            cgs = await _Background.start(cgroups_then_go)
+            # waited for whatever happens: what it made is undone
+            cg, go_sent = await cgs.result()
+            undo.push("cgroup", lambda: _remove_cgroup(cg))
             with trio.fail_after(self.cfg.timeouts.create_seconds):
+                if not go_sent:
+                    with contextlib.suppress(SandboxGone):  # it failed early: ERROR is read below
+                        await control.send(initproto.encode_go([str(p)
+                                                                for p in cg.procs_files()]))
                 try:
                     while True:
                         kind, fields = await control.recv()
@@ -798,7 +868,19 @@ class SandboxEngine:
                             pid = fields[0]
                             pidfd = os.pidfd_open(pid)
                             push_kill(pidfd)
+                            # while PID 1 sets up: what its clone fixed (an unreaped child's
+                            # pid is not reused); it makes its cgroup namespace in setup.  A
+                            # PID 1 that already failed has no namespaces left to read (its
+                            # ERROR follows): read at READY then
+                            with contextlib.suppress(OSError):
+                                identity = (namespaces_mod.starttime(pid),
+                                            namespaces_mod.inodes(pid, _CLONED_NAMESPACES))
                         elif kind == initproto.MSG_READY:
+                            if not identity[1]:
+                                identity = (namespaces_mod.starttime(pid),
+                                            namespaces_mod.inodes(pid, _CLONED_NAMESPACES))
+                            identity[1]["cgroup"] = namespaces_mod.inodes(pid, ("cgroup",))[
+                                "cgroup"]
                             break
                         elif kind == initproto.MSG_ERROR:
                             raise SandboxError(f"sandbox creation failed: {fields[0]}")
@@ -806,18 +888,22 @@ class SandboxEngine:
                     raise SandboxError("sandbox creation failed: nrx-init exited early "
                                        "without a message") from None
         finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(self.cfg.timeouts.create_seconds):
-                    await _reap(helper_fd)
-                os.close(helper_fd)
-                if pidfd < 0:
-                    # aborted before reading it: the helper sent the PID before exiting, so
-                    # the child can still be found (to kill and reap it) in the socket
-                    pid = _late_pid(ours)
-                    if pid > 0:
-                        pidfd = os.pidfd_open(pid)
-                        push_kill(pidfd)
-        return pid, pidfd, control
+            if helper_fd >= 0:
+                with trio.CancelScope(shield=True):
+                    if pidfd < 0:  # no GO, or no PID yet: nrx-init waiting for GO stops on EOF
+                        with contextlib.suppress(OSError):
+                            ours.shutdown(socket.SHUT_WR)
+                    with trio.move_on_after(self.cfg.timeouts.create_seconds):
+                        await _reap(helper_fd)
+                    os.close(helper_fd)
+                    if pidfd < 0 and cg is not None:
+                        # aborted before reading it: the helper sent the PID before exiting,
+                        # so the child can still be found (to kill and reap it) in the socket
+                        pid = _late_pid(ours)
+                        if pid > 0:
+                            pidfd = os.pidfd_open(pid)
+                            push_kill(pidfd)
+        return pid, pidfd, control, cg, identity
 
     def sweep_leftovers(self) -> dict:
         """Detach session mounts under our runtime dir and remove session cgroups under

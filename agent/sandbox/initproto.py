@@ -25,6 +25,7 @@ MSG_ATTACHED = 11
 MSG_ADOPTED = 12
 MSG_BIND = 13  # issue 18: a warm-pool sandbox takes its session's hostname
 MSG_BOUND = 14
+MSG_GO = 15  # issue 18: the cgroups exist (their cgroup.procs paths); clone PID 1 now
 
 T_HOSTNAME = 1
 T_ROOT = 2
@@ -73,9 +74,16 @@ def encode_op(op: SetupOp) -> bytes:
     return _tlv(T_MOUNT_OP, head + dest + op.arg)
 
 
+def encode_plan(ops: list[SetupOp]) -> bytes:
+    """The mount plan's T_MOUNT_OP records, checked (raises PlanError)."""
+    check_plan(ops)
+    return b"".join(encode_op(op) for op in ops)
+
+
 @dataclass
 class InitConfig:
-    """Everything nrx-init needs to build one sandbox."""
+    """Everything nrx-init needs to build one sandbox but its cgroups, which GO names
+    (`encode_go`: they are made while nrx-init starts)."""
 
     hostname: str
     root: str  # host path of the session tmpfs mount point
@@ -86,7 +94,7 @@ class InitConfig:
     map_size: int
     sandbox_id: int = 1000
     mount_plan: list[SetupOp] = field(default_factory=list)  # mounts.setup_plan
-    cgroup_procs: list[str] = field(default_factory=list)
+    plan_records: bytes | None = None  # or the plan already checked and encoded (encode_plan)
     oom_score_adj: int = 500
     nofile: int = 1024
     fsize: int = 0
@@ -110,9 +118,8 @@ class InitConfig:
             _u64(T_NOFILE, self.nofile),
             _u64(T_FSIZE, self.fsize),
         ]
-        check_plan(self.mount_plan)
-        parts += [encode_op(op) for op in self.mount_plan]
-        parts += [_tlv(T_CGROUP_PROCS, p.encode()) for p in self.cgroup_procs]
+        parts.append(self.plan_records if self.plan_records is not None
+                     else encode_plan(self.mount_plan))
         if self.attach_path and self.orphan_grace_ms:
             parts.append(_tlv(T_ATTACH_PATH, self.attach_path.encode()))
             parts.append(_u64(T_ORPHAN_GRACE_MS, self.orphan_grace_ms))
@@ -126,6 +133,15 @@ class InitConfig:
         if len(msg) > MAX_MSG:
             raise ValueError("init config too large")
         return msg
+
+
+def encode_go(cgroup_procs: list[str]) -> bytes:
+    """GO, after CONFIG: the session cgroups to join (their `cgroup.procs` paths, at least
+    one: nrx-init refuses a GO without); nrx-init then joins them and clones PID 1."""
+    if not cgroup_procs:
+        raise ValueError("GO names no cgroup: no sandbox is built outside its cgroups")
+    return struct.pack("=I", MSG_GO) + b"".join(_tlv(T_CGROUP_PROCS, p.encode())
+                                                 for p in cgroup_procs)
 
 
 def encode_exec(argv: list[str], env: dict[str, str], cwd: str, tag: bytes = b"") -> bytes:

@@ -8,9 +8,9 @@ import os
 NAMESPACES = ("user", "mnt", "uts", "ipc", "pid", "net", "cgroup")
 
 
-def inodes(pid: int) -> dict[str, int]:
-    """Namespace name -> inode number for process `pid`."""
-    return {ns: os.stat(f"/proc/{pid}/ns/{ns}").st_ino for ns in NAMESPACES}
+def inodes(pid: int, names: tuple[str, ...] = NAMESPACES) -> dict[str, int]:
+    """Namespace name -> inode number for process `pid` (of `names`)."""
+    return {ns: os.stat(f"/proc/{pid}/ns/{ns}").st_ino for ns in names}
 
 
 def starttime(pid: int) -> int:

@@ -1,6 +1,7 @@
-"""session.create's body after admission (SPEC 2): the proof's spool reservation first (a
-session that could not be proven never starts), then the sandbox, the session key and the
-journal row; a failure at any point leaves nothing half-made."""
+"""session.create's body after admission (SPEC 2): the proof's spool reservation (a
+session that could not be proven never starts: it is made, fsynced, before the answer),
+the sandbox, the session key and the journal row; a failure at any point leaves nothing
+half-made."""
 
 from __future__ import annotations
 
@@ -45,37 +46,48 @@ async def build_session(svc: Service, session_id: str, customer_id: str, tier: s
     now = time.time()
     start = trio.current_time()  # the TTL runs from created_at, not from sandbox ready
     created_at = iso_seconds(now)
-    # the proof's space and inode first: a session that could not be proven never starts.
-    # A warm member's was made ahead (no fsync, no thread here); a cold create's is made
-    # in the engine's first worker-thread call, before any piece of the sandbox exists
+    # the proof's space and inode: a session that could not be proven never starts.  A
+    # warm member's was made ahead (no fsync, no thread here); a cold create's is the
+    # engine's prelude: made in a worker thread alongside the sandbox's build (its two
+    # fsyncs wait on the disk), done before create returns, i.e. before the answer and so
+    # before anything runs in the sandbox; when it fails, the sandbox is undone
     header = {"customer_id": customer_id, "tier": tier, "classification": classification,
               "jurisdiction": jurisdiction, "created_at": created_at, "ttl_seconds": ttl}
     prelude = None
+    keys: list[SessionKey] = []  # the session key, once made
     try:
         if member is not None:
             await reserve_proof(svc.spool, member, session_id, header)
+            keys.append(SessionKey.generate(session_id))
         else:
             def prelude() -> None:
                 svc.spool.reserve(session_id, header)
+                # the session key too, off the event loop while the sandbox is built
+                keys.append(SessionKey.generate(session_id))
     except SpoolUnavailable as e:
         raise _unreservable(svc, session_id, e) from None
-    key = SessionKey.generate(session_id)
+
+    def forget_key() -> None:
+        for k in keys:
+            k.zeroize()
+
     try:
         sandbox = await bind_or_create(svc.pool, member, session_id, tier=tier,
                                        classification=classification, prelude=prelude)
-    except SpoolUnavailable as e:  # the cold reservation (nothing of the sandbox was made)
-        key.zeroize()
+    except SpoolUnavailable as e:  # the cold reservation (what was built is undone)
+        forget_key()
         raise _unreservable(svc, session_id, e) from None
     except SlotsExhausted:  # e.g. a health canary holds a slot
         svc.spool.release(session_id)
-        key.zeroize()
+        forget_key()
         raise Unavailable("node is at capacity (no free uid slot)") from None
     except Exception as e:
         svc.spool.release(session_id)
-        key.zeroize()
+        forget_key()
         svc._health_fault("eee", f"sandbox creation failed ({type(e).__name__}: {e})")
         _log.exception("sandbox_create_failed", session_id=session_id)
         raise InternalError(f"sandbox creation failed ({type(e).__name__})") from None
+    key = keys[0]
     record = SessionRecord(session_id=session_id, customer_id=customer_id, tier=tier,
                            classification=classification, jurisdiction=jurisdiction,
                            created_at=created_at)

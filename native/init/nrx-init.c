@@ -2,10 +2,12 @@
  *
  * The agent execs this with a SOCK_SEQPACKET socket on fd 3.  Steps, in order:
  *   1. read the CONFIG message;
- *   2. join the session cgroups (the sandbox inherits them; cgroup2 is entered by the
- *      clone itself) and set oom_score_adj;
- *   3. mount the session tmpfs at the host path (nosuid,nodev, size/inode limits,
- *      owned by the slot's host root) so the agent keeps a host view of it;
+ *   2. make the mount point and mount the session tmpfs at the host path (nosuid,nodev,
+ *      size/inode limits, owned by the slot's host root) so the agent keeps a host view
+ *      of it; the re-attach socket, the audit login uid, oom_score_adj;
+ *   3. wait for GO (the agent made the session cgroups and the proof reservation
+ *      meanwhile), then join the cgroups (the sandbox inherits them; cgroup2 is entered
+ *      by the clone itself);
  *   4. clone the sandbox PID 1 into new user/mnt/uts/ipc/pid/net/cgroup namespaces with
  *      CLONE_PARENT, so it is the agent's own child (pidfd, reaping);
  *   5. report its pid, write its uid/gid maps (only a parent may), release it, exit.
@@ -67,9 +69,9 @@ static int join_fast(const char *path, int *into_fd, const char **into_procs)
     memcpy(dir, path, len - sl);
     dir[len - sl] = 0;
     snprintf(tasks, sizeof(tasks), "%s/tasks", dir);
-    if (access(tasks, W_OK) == 0)
-        return write_file(tasks, "0\n");
-    if (*into_fd >= 0)
+    if (write_file(tasks, "0\n") == 0)
+        return 0;
+    if (errno != ENOENT || *into_fd >= 0) /* a v1 `tasks` that refused: cgroup.procs */
         return -1;
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
@@ -125,6 +127,52 @@ static int open_attach_socket(struct config *c)
         return -1;
     }
     c->attach_fd = fd;
+    return 0;
+}
+
+/* mkdir `path` and the two directories above it (`sessions/<id>/root`), 0700 (umask 0);
+ * one that exists already is used (the agent checks `sessions/` at start) */
+static int make_dirs(const char *path)
+{
+    char dir[4096];
+    if (strlen(path) >= sizeof(dir)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(dir, path);
+    char *cut[2] = {NULL, NULL};
+    for (int i = 0; i < 2; i++) {
+        char *slash = strrchr(dir, '/');
+        if (!slash || slash == dir) {
+            errno = EINVAL;
+            return -1;
+        }
+        *slash = 0;
+        cut[i] = slash;
+    }
+    for (int i = 1; i >= -1; i--) {
+        if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+            return -1;
+        if (i >= 0)
+            *cut[i] = '/';
+    }
+    return 0;
+}
+
+/* `<session dir>/unbound`, 0600, new: a warm-pool sandbox's (engine.unbound_mark) */
+static int make_unbound_mark(const char *root)
+{
+    char path[4200];
+    const char *slash = strrchr(root, '/');
+    if (!slash || snprintf(path, sizeof(path), "%.*s/unbound", (int)(slash - root), root)
+                      >= (int)sizeof(path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    close(fd);
     return 0;
 }
 
@@ -184,26 +232,13 @@ int main(void)
         return 2;
     }
 
-    /* Join the session cgroups without the kernel's global cgroup_threadgroup_rwsem:
-     * writing a pid to cgroup.procs takes it for writing, which waits for an RCU grace
-     * period (6-9 ms here, and it stalls every fork on the host meanwhile).  This helper
-     * is single-threaded, so "0" written to a v1 hierarchy's `tasks` file moves the whole
-     * process without that lock, and the one cgroup2 directory is entered by the sandbox
-     * PID 1 itself through clone3(CLONE_INTO_CGROUP) (read side only).  Anything else
-     * (no `tasks` file, a second cgroup2 directory, an old kernel) uses cgroup.procs. */
-    char self_pid[32];
-    snprintf(self_pid, sizeof(self_pid), "%d\n", (int)getpid());
-    int into_fd = -1;
-    const char *into_procs = NULL;
-    for (int i = 0; i < cfg.n_cgroups; i++) {
-        if (join_fast(cfg.cgroups[i], &into_fd, &into_procs) == 0)
-            continue;
-        if (write_file(cfg.cgroups[i], self_pid) < 0)
-            FAIL("joining cgroup %s: %s", cfg.cgroups[i], strerror(errno));
-    }
-    snprintf(text, sizeof(text), "%d\n", cfg.oom_score);
-    if (write_file("/proc/self/oom_score_adj", text) < 0)
-        FAIL("setting oom_score_adj: %s", strerror(errno));
+    /* The mount point (with the session directory above it, 0700 like `sessions/`; an
+     * existing one is used) and, for a warm-pool sandbox, the mark that says it never held
+     * a session (engine.unbound_mark) */
+    if (make_dirs(cfg.root) < 0)
+        FAIL("making the session mount point %s: %s", cfg.root, strerror(errno));
+    if (cfg.unbound && make_unbound_mark(cfg.root) < 0)
+        FAIL("marking the sandbox unbound: %s", strerror(errno));
 
     snprintf(text, sizeof(text), "size=%llu,nr_inodes=%llu,mode=0755,uid=%u,gid=%u",
              (unsigned long long)cfg.tmpfs_size, (unsigned long long)cfg.tmpfs_inodes,
@@ -223,9 +258,43 @@ int main(void)
     }
     if (seal_loginuid(cfg.uid_base + cfg.sandbox_id) < 0)
         FAIL("setting the audit login uid: %s", strerror(errno));
+    snprintf(text, sizeof(text), "%d\n", cfg.oom_score);
+    if (write_file("/proc/self/oom_score_adj", text) < 0)
+        FAIL("setting oom_score_adj: %s", strerror(errno));
 
     if (pipe2(release, O_CLOEXEC) < 0)
         FAIL("pipe: %s", strerror(errno));
+
+    /* Everything above needs nothing of the agent's; the cgroups do.  The agent makes them
+     * (and the session's proof reservation) while this ran, then sends GO with their
+     * paths: no PID 1 exists before both are done.  EOF: the agent gave up (the fail path
+     * undoes the tmpfs and the socket; nothing else of the sandbox exists yet). */
+    n = recv(CONTROL_FD, buf, sizeof(buf), 0);
+    if (n == 0)
+        goto fail;
+    if (n < 4)
+        FAIL("no GO from the agent: %s", n < 0 ? strerror(errno) : "short message");
+    memcpy(&type, buf, 4);
+    if (type != MSG_GO || parse_go(buf + 4, (size_t)n - 4, &cfg) < 0)
+        FAIL("nrx-init: malformed GO message");
+
+    /* Join the session cgroups without the kernel's global cgroup_threadgroup_rwsem:
+     * writing a pid to cgroup.procs takes it for writing, which waits for an RCU grace
+     * period (6-9 ms here, and it stalls every fork on the host meanwhile).  This helper
+     * is single-threaded, so "0" written to a v1 hierarchy's `tasks` file moves the whole
+     * process without that lock, and the one cgroup2 directory is entered by the sandbox
+     * PID 1 itself through clone3(CLONE_INTO_CGROUP) (read side only).  Anything else
+     * (no `tasks` file, a second cgroup2 directory, an old kernel) uses cgroup.procs. */
+    char self_pid[32];
+    snprintf(self_pid, sizeof(self_pid), "%d\n", (int)getpid());
+    int into_fd = -1;
+    const char *into_procs = NULL;
+    for (int i = 0; i < cfg.n_cgroups; i++) {
+        if (join_fast(cfg.cgroups[i], &into_fd, &into_procs) == 0)
+            continue;
+        if (write_file(cfg.cgroups[i], self_pid) < 0)
+            FAIL("joining cgroup %s: %s", cfg.cgroups[i], strerror(errno));
+    }
 
     /* fork-like clone (no new stack): the child continues below with a copy of memory */
     unsigned long ns_flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |

@@ -166,9 +166,6 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
                 return -1;
             c->n_ops++;
             break;
-        case T_CGROUP_PROCS:
-            if (c->n_cgroups < MAX_LIST) c->cgroups[c->n_cgroups++] = tlv_str(v, l);
-            break;
         case T_SECCOMP:
             /* a filter that cannot be kept is an error, never "no filter" */
             if (c->bpf || !l || l % sizeof(struct sock_filter) ||
@@ -189,3 +186,18 @@ int parse_config(const unsigned char *buf, size_t len, struct config *c)
     return 0;
 }
 
+
+int parse_go(const unsigned char *buf, size_t len, struct config *c)
+{
+    struct tlv_iter it = {buf, buf + len};
+    uint32_t tag, l;
+    const unsigned char *v;
+    int r;
+    while ((r = tlv_next(&it, &tag, &l, &v)) > 0) {
+        if (tag != T_CGROUP_PROCS || c->n_cgroups >= MAX_LIST ||
+            !(c->cgroups[c->n_cgroups] = tlv_str(v, l)))
+            return -1;
+        c->n_cgroups++;
+    }
+    return r < 0 || c->n_cgroups == 0 ? -1 : 0;
+}

@@ -33,6 +33,11 @@ enum msg_type {
     MSG_BIND = 13,     /* agent -> PID 1 of a pooled (T_UNBOUND) sandbox: TLV T_HOSTNAME, the
                         * session's identity (issue 18); accepted once, before any EXEC */
     MSG_BOUND = 14,    /* PID 1 -> agent: int32 0, or the errno of the step that failed */
+    MSG_GO = 15,       /* agent -> helper, after CONFIG: TLV T_CGROUP_PROCS (at least one),
+                        * the session cgroups, made by the agent while the helper made the
+                        * mount point, the tmpfs and the re-attach socket; only then does
+                        * the helper join them and clone PID 1 (issue 18).  EOF instead:
+                        * the agent gave up; the helper undoes its part and exits */
 };
 
 enum cfg_tag {
@@ -44,7 +49,7 @@ enum cfg_tag {
     T_GID_BASE = 6,     /* u32 */
     T_MAP_SIZE = 7,     /* u32 ids mapped */
     /* 8, 9: retired (read-only binds and links, now ops of the mount plan) */
-    T_CGROUP_PROCS = 10,/* string path of a cgroup.procs to join, repeated */
+    T_CGROUP_PROCS = 10,/* string path of a cgroup.procs to join, repeated (GO only) */
     T_OOM_SCORE = 11,   /* i32 */
     T_NOFILE = 12,      /* u64 */
     T_FSIZE = 13,       /* u64 (0 = unlimited) */
@@ -132,6 +137,9 @@ struct config {
  * empty mount plan, an unknown tag), -2 when it carries no usable seccomp filter (fail closed: the
  * sandbox is not built) */
 int parse_config(const unsigned char *buf, size_t len, struct config *c);
+/* the body of GO into c->cgroups: 0, or -1 when malformed (a tag other than
+ * T_CGROUP_PROCS, more than MAX_LIST of them, or none: no sandbox outside its cgroups) */
+int parse_go(const unsigned char *buf, size_t len, struct config *c);
 
 /* sandbox.c: runs in the cloned child; builds the root, returns 0 or -1 with a message sent */
 int setup_sandbox(struct config *c);

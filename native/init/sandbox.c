@@ -155,28 +155,67 @@ static const char *op_name(uint32_t kind)
     return kind < sizeof(names) / sizeof(*names) ? names[kind] : "?";
 }
 
-/* The mount plan, in order, from the new root (the cwd and `rootfd`).  The first op that
- * fails stops it: the agent is told the op's index, kind and errno (never a path). */
+/* `dest`'s parent directory inside the new root: its length in dest ("" for a top-level
+ * dest, whose parent is the root itself) */
+static size_t parent_len(const char *dest)
+{
+    return (size_t)(strrchr(dest, '/') - dest);
+}
+
+/* The mount plan, in order, from the new root (`rootfd`, the cwd on entry and on return).
+ * Each op runs with the cwd at its dest's parent, reached by open_parent; consecutive ops
+ * under the same parent (the /dev and /etc entries) reuse it, unless an op mounted on
+ * that parent or above it (the open directory would then still show what lies under the
+ * mount).  The first op that fails stops it: the agent is told the op's index, kind and
+ * errno (never a path). */
 static int apply_plan(const struct config *c, int rootfd)
 {
-    for (int i = 0; i < c->n_ops; i++) {
+    int cur = -1;                 /* the cwd's fd when it is not the root */
+    const char *cur_dest = "";    /* an op's dest whose parent the cwd is; "" = the root,
+                                   * NULL = reach the next op's parent again */
+    size_t cur_len = 0;
+    int r = 0, e = 0, i;
+    for (i = 0; i < c->n_ops; i++) {
         const struct mount_op *op = &c->ops[i];
-        const char *base;
-        int dfd = open_parent(rootfd, op->dest, &base);
-        int r = dfd < 0 || fchdir(dfd) < 0 ? -1 : apply_op(op, base);
-        int e = errno;
-        if (dfd >= 0)
-            close(dfd);
-        if (fchdir(rootfd) < 0 && r == 0) {
+        size_t plen = parent_len(op->dest), mlen = strlen(op->dest);
+        const char *base = op->dest + plen + 1;
+        if (!cur_dest || plen != cur_len || strncmp(op->dest, cur_dest, plen) != 0) {
+            int dfd = plen ? open_parent(rootfd, op->dest, &base) : rootfd;
+            if (dfd < 0 || fchdir(dfd) < 0) {
+                e = errno;
+                if (dfd >= 0 && dfd != rootfd)
+                    close(dfd);
+                r = -1;
+                break;
+            }
+            if (cur >= 0)
+                close(cur);
+            cur = dfd == rootfd ? -1 : dfd;
+            cur_dest = op->dest;
+            cur_len = plen;
+        }
+        if (apply_op(op, base) < 0) {
             e = errno;
             r = -1;
+            break;
         }
-        if (r < 0) {
-            const char *name = strerrorname_np(e);
-            send_text(CONTROL_FD, MSG_ERROR, "mount plan op %d (%s) failed: %s (%s)", i,
-                      op_name(op->kind), name ? name : "?", strerror(e));
-            return -1;
-        }
+        /* a mount on the cwd's directory or above it: reach it again, through the mount */
+        if ((op->kind == OP_BIND || op->kind == OP_PROC) && mlen <= cur_len &&
+            strncmp(cur_dest, op->dest, mlen) == 0 && (mlen == cur_len || cur_dest[mlen] == '/'))
+            cur_dest = NULL;
+    }
+    if (cur >= 0)
+        close(cur);
+    if (fchdir(rootfd) < 0 && r == 0) {
+        e = errno;
+        r = -1;
+        i = c->n_ops - 1;
+    }
+    if (r < 0) {
+        const char *name = strerrorname_np(e);
+        send_text(CONTROL_FD, MSG_ERROR, "mount plan op %d (%s) failed: %s (%s)", i,
+                  op_name(c->ops[i].kind), name ? name : "?", strerror(e));
+        return -1;
     }
     return 0;
 }
@@ -269,8 +308,12 @@ int setup_sandbox(struct config *c)
     /* PID 1 never execs, so its capability bounding set only matters to the commands it
      * starts: emptied once here, every command inherits it empty (fail closed: a sandbox
      * whose bounding set cannot be emptied runs nothing) */
-    for (int cap = 0; cap <= 63; cap++)
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+    for (int cap = 0; cap <= 63; cap++) {
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0)
+            continue;
+        if (errno != EINVAL || cap == 0)
             STEP_FAIL("dropping the capability bounding set: %s", strerror(errno));
+        break; /* beyond the kernel's last capability (they are numbered without gaps) */
+    }
     return 0;
 }
