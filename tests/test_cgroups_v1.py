@@ -332,7 +332,10 @@ def test_reclaim_rounds_release_an_empty_cgroups_page_cache(driver, tmp_path, na
             n, user, kernel = CgroupHandle.reclaim_rounds(h, 3)
         assert 1 <= n <= 3 and user == 0
         assert (user, kernel) == h.memory_after() or h.memory_after()[0] == 0
-        assert h.reclaim_rounds(3) == (0, 0, h.memory_after()[1])  # nothing left: no request
+        # nothing left: no request, or one when a kernel object was freed (RCU) between
+        # the look's two counter reads (usage read before, kmem after: a phantom user byte)
+        n2, user2, _ = h.reclaim_rounds(3)
+        assert user2 == 0 and n2 <= 1, (n2, user2)
     finally:
         h.remove()
 
