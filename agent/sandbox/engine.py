@@ -576,6 +576,7 @@ class SandboxEngine:
         self._compile = seccomp_compiler or _compile_seccomp
         self._bpf: dict[str, bytes] = {}
         self.live: dict[str, Sandbox] = {}
+        self._cgroups_prepared = False  # cgroups.prepare() ran (before the first spawn)
         self._log = log.get().bind(component="sandbox")
         self.binds, self.links = mounts.plan(sc)
         # the same for every sandbox: built, checked and encoded once
@@ -618,6 +619,9 @@ class SandboxEngine:
         t0 = time.monotonic()
         started: list[_Background] = []  # the prelude's thread, once _spawn started it
         try:
+            if not self._cgroups_prepared:  # v2: the agent in its leaf before any spawn
+                await trio.to_thread.run_sync(self.cgroups.prepare)
+                self._cgroups_prepared = True
             ids = self.slots.allocate()
             undo.push("slot", lambda: self._forget(session_id, ids.slot))
             hostname = (uts.placeholder(sc.hostname_prefix) if unbound else hostname

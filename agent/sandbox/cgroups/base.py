@@ -287,3 +287,10 @@ class CgroupDriver(abc.ABC):
 
     def enter_leaf(self) -> None:  # noqa: B027 - optional verb, v2 only
         """Move the agent into its own leaf (v2 "no internal processes"); v1: nothing."""
+
+    def prepare(self) -> None:  # noqa: B027 - optional verb, v2 only
+        """Make the agent's tree ready for sessions; the engine calls it once before it
+        spawns its first nrx-init, which is started before its session's cgroups exist:
+        on a delegated v2 tree a helper spawned while the agent still sits in the
+        delegated cgroup would stay there, and the "no internal processes" rule would
+        then refuse the controllers.  v1: nothing."""

@@ -250,6 +250,9 @@ class V2Driver(CgroupDriver):
                         "'no internal processes' rule)") if e.errno == errno.EBUSY else ""
                 raise CgroupError(f"cannot enable controllers in {d}: {e.strerror}{hint}") from None
 
+    def prepare(self) -> None:
+        self._ensure_tree()
+
     def _ensure_tree(self) -> None:
         if self._enabled:
             return
