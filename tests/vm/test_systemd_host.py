@@ -147,6 +147,28 @@ def test_status_shown_by_systemctl():
     assert show("StatusText")["StatusText"], "no STATUS= shown by systemctl"
 
 
+def _unit_holds_only(unit_cg: Path, main: str, timeout: float = 10.0) -> bool:
+    """The unit's cgroup holds the agent alone, once no sandbox is being made: a warm-pool
+    refill's nrx-init is spawned in the agent's cgroup and joins its session's cgroups in
+    the scope at GO, before any PID 1 exists (engine._spawn), so it may be seen there for
+    a moment; anything else, or anything staying, fails (with the comm of each pid)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [pid for p in unit_cg.rglob("cgroup.procs") for pid in p.read_text().split()]
+        if pids == [main]:
+            return True
+        comms = {}
+        for pid in pids:
+            try:
+                comms[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                comms[pid] = "?"
+        assert all(c == "nrx-init" for pid, c in comms.items() if pid != main), comms
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the unit's cgroup still holds {comms}")
+        time.sleep(0.05)
+
+
 def test_run_through_the_socket_and_cgroups_in_the_sandbox_scope(tmp_path):
     """A session run with the CLI on the unit's socket: its cgroup sits in the sandbox scope
     (a delegated transient scope next to the unit, +memory +pids +cpu enabled, its holder in
@@ -163,8 +185,7 @@ def test_run_through_the_socket_and_cgroups_in_the_sandbox_scope(tmp_path):
         found = scope / "nanorix-agent" / sid
         assert found.is_dir(), f"session cgroup not in {scope}"
         assert memory_cap(found) == 256 * 1024 * 1024
-        in_unit = [pid for p in unit_cg.rglob("cgroup.procs") for pid in p.read_text().split()]
-        assert in_unit == [main], in_unit  # the unit's cgroup holds the agent only
+        assert _unit_holds_only(unit_cg, main)  # the unit's cgroup holds the agent only
         assert len((scope / "holder" / "cgroup.procs").read_text().split()) == 1
         assert not (scope / "cgroup.procs").read_text().split()
         assert {"memory", "pids", "cpu"} <= set(
