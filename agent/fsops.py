@@ -53,6 +53,17 @@ class WipeResult:
         return [self.bytes / (ns / 1e9) / 2**30 if ns else 0.0 for ns in self.pass_ns]
 
 
+def read_small(path: str | os.PathLike) -> builtins.bytes:
+    """The whole of a small kernel file (a cgroup control file, /proc/swaps), read
+    unbuffered: open() would add a text wrapper and five syscalls (fstat, ioctl, lseek...)
+    to every read, and these are read on every exec or destruction."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return b"".join(iter(lambda: os.read(fd, 65536), b""))
+    finally:
+        os.close(fd)
+
+
 def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0,
             resolve: int = SAFE_RESOLVE) -> int:
     """openat2(2) with `resolve` (default never follow links, never leave dirfd).

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import fsops
+
 CPU_PERIOD_US = 100_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -60,16 +62,7 @@ def write_file(path: Path, value: str | int) -> None:
 
 
 def read_file(path: Path) -> str:
-    # os-level: a cgroup file is small, and open() would add a buffered text wrapper and
-    # five syscalls (fstat, ioctl, lseek...) to every read (an exec reads oom counts twice)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode()
+    return fsops.read_small(path).decode()  # unbuffered: an exec reads oom counts twice
 
 
 def read_keyed(path: Path) -> dict[str, int]:
