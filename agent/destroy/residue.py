@@ -66,6 +66,13 @@ def _ns_mask(names: Iterable[str]) -> int:
     return mask
 
 
+def _ok(rc: int) -> int:
+    """A native scan's result, or its negative errno raised as OSError."""
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
 def _u64s(values: list[int]):
     return _ffi.new("uint64_t[]", values or [0])
 
@@ -80,9 +87,7 @@ def processes_in_namespaces(inodes: Iterable[int],
     one of `inodes`."""
     inodes = sorted(set(inodes))
     procs, threads = _ffi.new("int *"), _ffi.new("int *")
-    rc = _lib.nrx_scan_ns(_u64s(inodes), len(inodes), _ns_mask(names), procs, threads)
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
+    _ok(_lib.nrx_scan_ns(_u64s(inodes), len(inodes), _ns_mask(names), procs, threads))
     return int(procs[0]), int(threads[0])
 
 
@@ -129,10 +134,7 @@ def processes_with_ids(uid_ranges: list[tuple[int, int]],
     """Processes with any thread whose real/effective/saved/fs uid or gid is in a range
     ([start, end))."""
     u, g = _flat(uid_ranges), _flat(gid_ranges)
-    n = _lib.nrx_scan_ids(_u64s(u), len(u), _u64s(g), len(g))
-    if n < 0:
-        raise OSError(-n, os.strerror(-n))
-    return int(n)
+    return _ok(_lib.nrx_scan_ids(_u64s(u), len(u), _u64s(g), len(g)))
 
 
 def processes_with_ids_fast(uid_ranges: list[tuple[int, int]],
@@ -147,9 +149,7 @@ def processes_with_ids_fast(uid_ranges: list[tuple[int, int]],
     # by a seccomp filter (EPERM), or a /proc of another PID namespace (EXDEV)
     if n in (-errno.ENOTTY, -errno.EINVAL, -errno.EXDEV, -errno.ENOSYS, -errno.EPERM):
         return processes_with_ids(uid_ranges, gid_ranges), "proc_status"
-    if n < 0:
-        raise OSError(-n, os.strerror(-n))
-    return int(n), "pidfd_info"
+    return _ok(n), "pidfd_info"
 
 
 def _tasks_with_ids(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, int]]):
@@ -273,11 +273,9 @@ def mounts_of(dev: str | None, ns_inodes_: Iterable[int] = (),
     and parsed by each destruction: in C (procscan.c, nrx_count_mounts_at)."""
     ns_inodes_ = sorted(set(ns_inodes_))
     out = _ffi.new("int[2]")
-    rc = _lib.nrx_count_mounts_at(os.fsencode(proc),
-                                  dev.encode() if dev is not None else _ffi.NULL,
-                                  _u64s(ns_inodes_), len(ns_inodes_), out, out + 1)
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
+    _ok(_lib.nrx_count_mounts_at(os.fsencode(proc),
+                                 dev.encode() if dev is not None else _ffi.NULL,
+                                 _u64s(ns_inodes_), len(ns_inodes_), out, out + 1))
     return int(out[0]), int(out[1])
 
 
@@ -370,18 +368,12 @@ class SuperblockWatch:
     kernel fact, with no mount namespace read."""
 
     def __init__(self, fd: int) -> None:
-        ifd = _lib.nrx_sb_watch(fd)
-        if ifd < 0:
-            raise OSError(-ifd, os.strerror(-ifd))
-        self.ifd = ifd
+        self.ifd = _ok(_lib.nrx_sb_watch(fd))
         self.seen = False
 
     def released(self) -> bool:
         if not self.seen:
-            r = _lib.nrx_sb_released(self.ifd)
-            if r < 0:
-                raise OSError(-r, os.strerror(-r))
-            self.seen = bool(r)
+            self.seen = bool(_ok(_lib.nrx_sb_released(self.ifd)))
         return self.seen
 
     def close(self) -> None:
@@ -395,10 +387,7 @@ TMPFS_MAGIC = 0x01021994  # statfs(2) f_type of a tmpfs
 
 def fs_magic(fd: int) -> int:
     """The f_type fstatfs(2) reports for the filesystem `fd` is on."""
-    r = _lib.nrx_fs_magic(fd)
-    if r < 0:
-        raise OSError(-r, os.strerror(-r))
-    return int(r)
+    return _ok(_lib.nrx_fs_magic(fd))
 
 
 def own_mounts_of(dev: str) -> int:
@@ -410,9 +399,7 @@ def own_mounts_of(dev: str) -> int:
     n = _lib.nrx_own_mounts_of_dev(major, minor)
     if n in (-errno.ENOSYS, -errno.EPERM):  # an older kernel, or a seccomp filter
         return sum(1 for m in read_mountinfo() if m.dev == dev)
-    if n < 0:
-        raise OSError(-n, os.strerror(-n))
-    return int(n)
+    return _ok(n)
 
 
 def dev_str(st_dev: int) -> str:

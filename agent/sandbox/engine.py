@@ -46,6 +46,11 @@ _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CLONED_NAMESPACES = tuple(n for n in namespaces_mod.NAMESPACES if n != "cgroup")
 
 
+def _cloned_identity(pid: int) -> tuple[int, dict[str, int]]:
+    """PID 1's start time and the inodes of the namespaces its clone made."""
+    return namespaces_mod.starttime(pid), namespaces_mod.inodes(pid, _CLONED_NAMESPACES)
+
+
 def unbound_mark(runtime_dir: Path, session_id: str) -> Path:
     """A file in a warm-pool sandbox's session directory until it is bound (issue 18):
     after a crash it tells the start's state check that this sandbox never held a session
@@ -877,12 +882,10 @@ class SandboxEngine:
                             # PID 1 that already failed has no namespaces left to read (its
                             # ERROR follows): read at READY then
                             with contextlib.suppress(OSError):
-                                identity = (namespaces_mod.starttime(pid),
-                                            namespaces_mod.inodes(pid, _CLONED_NAMESPACES))
+                                identity = _cloned_identity(pid)
                         elif kind == initproto.MSG_READY:
                             if not identity[1]:
-                                identity = (namespaces_mod.starttime(pid),
-                                            namespaces_mod.inodes(pid, _CLONED_NAMESPACES))
+                                identity = _cloned_identity(pid)
                             identity[1]["cgroup"] = namespaces_mod.inodes(pid, ("cgroup",))[
                                 "cgroup"]
                             break
