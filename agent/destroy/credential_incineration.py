@@ -156,5 +156,5 @@ def _in_uts(st: DestroyState, ev: dict, uts: int) -> int:
             return 0
         return residue.processes_in_namespaces([alive["uts"]], ("uts",))[0]
     finally:
-        for fd in fds:
+        for fd in fds.values():
             os.close(fd)

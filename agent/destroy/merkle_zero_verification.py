@@ -118,10 +118,10 @@ def _namespaces_left(st: DestroyState) -> _Left:
     alive, fds = handles.reopen()
     released = len(handles.handles) - len(alive)
     alive = {n: i for n, i in alive.items() if n in st.namespaces}
-    left = _Left(dict(alive), {n: i for n, i in alive.items() if n not in LINGERING}, fds,
-                 released=released)
+    left = _Left(dict(alive), {n: i for n, i in alive.items() if n not in LINGERING},
+                 list(fds.values()), released=released)
     if "pid" in alive:
-        fd = next((f for f in fds if os.fstat(f).st_ino == alive["pid"]), -1)
+        fd = fds.get("pid", -1)
         if fd >= 0 and residue.pid_namespace_emptied(fd):
             left.pid_emptied = True
             del left.walk["pid"]

@@ -323,20 +323,21 @@ class NsHandles:
             out[name] = bytes(_ffi.buffer(buf, n))
         return cls(out)
 
-    def reopen(self, names: Iterable[str] = NAMESPACES) -> tuple[dict[str, int], list[int]]:
-        """({name: inode} of the namespaces among `names` that still exist, fds pinning
-        them).  Only ESTALE counts as gone: any other error leaves the namespace to the
-        walk (without a pin: at worst a reused inode is found as residue, never the
+    def reopen(self, names: Iterable[str] = NAMESPACES
+               ) -> tuple[dict[str, int], dict[str, int]]:
+        """({name: inode} of the namespaces among `names` that still exist, {name: fd}
+        pinning them).  Only ESTALE counts as gone: any other error leaves the namespace
+        to the walk (without a pin: at worst a reused inode is found as residue, never the
         reverse)."""
         alive: dict[str, int] = {}
-        fds: list[int] = []
+        fds: dict[str, int] = {}
         for name in names:
             h = self.handles[name]
             fd = _lib.nrx_ns_open(h, len(h))
             if fd == -errno.ESTALE:
                 continue
             if fd >= 0:
-                fds.append(fd)
+                fds[name] = fd
                 alive[name] = os.fstat(fd).st_ino
             else:
                 alive[name] = int.from_bytes(h[-4:], "little")  # nsfs handle: ..., ns_inum
