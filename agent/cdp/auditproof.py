@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.cdp.canonical import canonical_json
-from agent.cdp.chain import STEPS
+from agent.cdp.chain import STEPS, encodings
 from agent.cdp.checks import Fail as _Fail
 from agent.cdp.checks import (
     Unverifiable,
@@ -101,10 +101,7 @@ def chain_512(evidence: Sequence[object], destroyed_at: str,
     (`encoded`: the same already in canonical JSON, as for chain.build_chain)."""
     if len(evidence) != len(STEPS_21):
         raise ValueError(f"expected {len(STEPS_21)} evidence objects, got {len(evidence)}")
-    if encoded is None:
-        encoded = [canonical_json(ev) for ev in evidence]
-    elif len(encoded) != len(evidence):
-        raise ValueError("one canonical encoding per evidence object")
+    encoded = encodings(evidence, encoded)
     prev = GENESIS_512
     out = []
     for (step, _sub, operation), (subsystem, method), data in zip(STEPS, STEPS_21, encoded,

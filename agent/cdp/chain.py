@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from agent.cdp.canonical import canonical_json
 
 __all__ = ["GENESIS", "PREFIX", "STEPS", "build_chain", "chain_step", "evidence_hash",
-           "hash_encoded", "signed_message"]
+           "encodings", "hash_encoded", "signed_message"]
 
 PREFIX = "sha256:"
 GENESIS = hashlib.sha256(b"").hexdigest()
@@ -30,6 +30,16 @@ STEPS: tuple[tuple[int, str, str], ...] = (
 def evidence_hash(evidence: object) -> str:
     """`sha256:` + hex SHA-256 of the canonical JSON of one evidence object."""
     return hash_encoded(canonical_json(evidence))
+
+
+def encodings(evidence: Sequence[object], encoded: Sequence[bytes] | None) -> Sequence[bytes]:
+    """`encoded` (each evidence object already in canonical JSON, as the pipeline sealed
+    it), checked to be one per object; or the objects serialised now when None."""
+    if encoded is None:
+        return [canonical_json(ev) for ev in evidence]
+    if len(encoded) != len(evidence):
+        raise ValueError("one canonical encoding per evidence object")
+    return encoded
 
 
 def hash_encoded(encoded: bytes) -> str:
@@ -54,10 +64,7 @@ def build_chain(evidence: Sequence[object],
     so they are not serialised again."""
     if len(evidence) != len(STEPS):
         raise ValueError(f"expected {len(STEPS)} evidence objects, got {len(evidence)}")
-    if encoded is None:
-        encoded = [canonical_json(ev) for ev in evidence]
-    elif len(encoded) != len(evidence):
-        raise ValueError("one canonical encoding per evidence object")
+    encoded = encodings(evidence, encoded)
     prev = GENESIS
     chain = []
     for (step, subsystem, operation), data in zip(STEPS, encoded, strict=True):
